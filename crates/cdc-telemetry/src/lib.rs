@@ -1,0 +1,30 @@
+//! Logging for the pipeline's services.
+//!
+//! [`init`] installs one `tracing` subscriber: the journald layer when the
+//! process runs under systemd (it sets `JOURNAL_STREAM` for units whose output
+//! goes to the journal), a plain terminal formatter otherwise. Both honour
+//! `RUST_LOG`, defaulting to `info`.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Installs the global subscriber. Call once, first thing in `main`.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                registry.with(journald).init();
+                return;
+            }
+            // Falling through keeps logs visible on stderr, which systemd also
+            // forwards to the journal, just without structured fields.
+            Err(err) => eprintln!("journald unavailable ({err}); logging to stderr"),
+        }
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
