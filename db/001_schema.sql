@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS likes (
 
 CREATE INDEX IF NOT EXISTS likes_tweet_id_idx ON likes (tweet_id);
 
+-- Long bios go out of line uncompressed, so that even repetitive text is
+-- TOASTed and the pipeline sees unchanged-TOAST placeholders on updates.
+ALTER TABLE users ALTER COLUMN bio SET STORAGE EXTERNAL;
+
 -- REPLICA IDENTITY decides what Debezium can put in an event's `before`.
 --
 -- users: DEFAULT (the primary key). Deletes carry only `id` in `before`, and

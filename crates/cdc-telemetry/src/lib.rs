@@ -1,4 +1,4 @@
-//! Logging for the pipeline's services.
+//! Logging and shutdown signals for the pipeline's services.
 //!
 //! [`init`] installs one `tracing` subscriber: the journald layer when the
 //! process runs under systemd (it sets `JOURNAL_STREAM` for units whose output
@@ -27,4 +27,18 @@ pub fn init() {
     registry
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+}
+
+/// Resolves on the first SIGTERM or SIGINT and sets `stop` to true, which
+/// the services watch to finish their current unit of work and exit 0.
+pub async fn shutdown_signal(stop: tokio::sync::watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested; finishing current work");
+    let _ = stop.send(true);
 }

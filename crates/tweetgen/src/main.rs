@@ -1,1 +1,41 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::sync::watch;
+use tweetgen::cli::Cli;
+use tweetgen::config::Config;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    cdc_telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("tweetgen: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::from_figment(cli.figment())?;
+    if cli.check_config {
+        config.database.resolve_password()?;
+        println!("configuration OK\n{config:#?}");
+        return Ok(());
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));
+    let summary = tweetgen::workload::run(&config, cli.limits(), cli.rate, stop_rx).await?;
+    tracing::info!(
+        batches = summary.batches,
+        rows = summary.rows,
+        reconnects = summary.reconnects,
+        secs = format!("{:.1}", summary.elapsed.as_secs_f64()),
+        rows_per_sec = summary.rows_per_sec() as u64,
+        "finished"
+    );
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! Configuration: defaults, then a TOML file, then `TWEETGEN_*` environment
+//! variables (`__` separates nesting, e.g. `TWEETGEN_DATABASE__HOST`), then
+//! command-line overrides. Unknown keys are errors so that a typo is caught,
+//! and every error names the offending key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot read `database.password_file` {path}")]
+    PasswordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub workload: WorkloadConfig,
+    pub load: LoadConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    /// Prefer `password_file` (a systemd credential); this is for the
+    /// environment (`TWEETGEN_DATABASE__PASSWORD`). Never a CLI flag.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    pub password_file: Option<PathBuf>,
+    /// How long to keep retrying an unreachable server before giving up.
+    pub connect_timeout_secs: u64,
+}
+
+/// The mix of one batch. Each tick writes one batch in one transaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadConfig {
+    pub interval_ms: u64,
+    pub new_users: u32,
+    pub new_tweets: u32,
+    /// Share of new tweets that reply to an existing tweet, 0..=1.
+    pub reply_ratio: f64,
+    pub likes: u32,
+    pub counter_updates: u32,
+    pub profile_edits: u32,
+    pub tweet_deletes: u32,
+    /// Share of new users whose bio is long enough to be TOASTed, 0..=1.
+    pub long_bio_ratio: f64,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadMethod {
+    Copy,
+    Insert,
+}
+
+/// Load mode, for benchmarks: bulk tweets at a target rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    pub method: LoadMethod,
+    /// Rows per statement (multi-row INSERT) or per COPY.
+    pub chunk_rows: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: DatabaseConfig {
+                host: "127.0.0.1".into(),
+                port: 5432,
+                dbname: "twitter".into(),
+                user: "tweetgen".into(),
+                password: None,
+                password_file: None,
+                connect_timeout_secs: 120,
+            },
+            workload: WorkloadConfig {
+                interval_ms: 5000,
+                new_users: 3,
+                new_tweets: 10,
+                reply_ratio: 0.3,
+                likes: 15,
+                counter_updates: 5,
+                profile_edits: 2,
+                tweet_deletes: 1,
+                long_bio_ratio: 0.1,
+                seed: None,
+            },
+            load: LoadConfig {
+                method: LoadMethod::Copy,
+                chunk_rows: 5000,
+            },
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Config::default().database
+    }
+}
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Config::default().workload
+    }
+}
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Config::default().load
+    }
+}
+
+impl Config {
+    /// Layers defaults, the optional TOML file and the environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("TWEETGEN_").split("__"))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let w = &self.workload;
+        if w.interval_ms == 0 {
+            return invalid("workload.interval_ms", "must be greater than 0");
+        }
+        if !(0.0..=1.0).contains(&w.reply_ratio) {
+            return invalid("workload.reply_ratio", "must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&w.long_bio_ratio) {
+            return invalid("workload.long_bio_ratio", "must be between 0 and 1");
+        }
+        if w.new_users
+            + w.new_tweets
+            + w.likes
+            + w.counter_updates
+            + w.profile_edits
+            + w.tweet_deletes
+            == 0
+        {
+            return invalid("workload", "every batch size is 0: nothing to write");
+        }
+        if self.load.chunk_rows == 0 {
+            return invalid("load.chunk_rows", "must be greater than 0");
+        }
+        if self.database.host.is_empty() {
+            return invalid("database.host", "must not be empty");
+        }
+        if self.database.password.is_some() && self.database.password_file.is_some() {
+            return invalid(
+                "database.password_file",
+                "is set together with database.password: set only one",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.workload.interval_ms)
+    }
+}
+
+impl DatabaseConfig {
+    /// The password, read from `password_file` when set. A trailing newline
+    /// in the file (as `echo` writes) is not part of the password.
+    pub fn resolve_password(&self) -> Result<Option<SecretString>, ConfigError> {
+        match (&self.password, &self.password_file) {
+            (_, Some(path)) => {
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Some(SecretString::from(raw.trim_end_matches(['\n', '\r']))))
+            }
+            (Some(p), None) => Ok(Some(SecretString::from(p.expose_secret()))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_toml_and_names_bad_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gen.toml", "[workload]\nnew_users = 7\nnew_tweets = 2\n")?;
+            jail.set_env("TWEETGEN_WORKLOAD__NEW_TWEETS", "9");
+            let c = Config::from_figment(Config::figment(Some(Path::new("gen.toml")))).unwrap();
+            assert_eq!((c.workload.new_users, c.workload.new_tweets), (7, 9));
+
+            jail.set_env("TWEETGEN_WORKLOAD__NEW_TWEETS", "many");
+            let err = Config::from_figment(Config::figment(Some(Path::new("gen.toml"))))
+                .unwrap_err()
+                .to_string();
+            assert!(err.to_lowercase().contains("workload.new_tweets"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gen.toml", "[workload]\nnew_tweeets = 3\n")?;
+            let err = Config::from_figment(Config::figment(Some(Path::new("gen.toml"))))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("new_tweeets"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_value_is_named() {
+        let mut c = Config::default();
+        c.workload.reply_ratio = 1.5;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("workload.reply_ratio"), "{err}");
+    }
+
+    #[test]
+    fn password_never_in_debug() {
+        let mut c = Config::default();
+        c.database.password = Some(SecretString::from("hunter2-secret"));
+        assert!(!format!("{c:?}").contains("hunter2-secret"));
+    }
+
+    #[test]
+    fn password_file_trailing_newline_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let db = DatabaseConfig {
+            password_file: Some(path),
+            ..DatabaseConfig::default()
+        };
+        let pw = db.resolve_password().unwrap().unwrap();
+        assert_eq!(pw.expose_secret(), "s3cret");
+    }
+}

@@ -1,0 +1,111 @@
+//! Recently seen row ids, so a batch can reply to, like, update and delete
+//! rows that exist without querying for them first.
+//!
+//! [`Pools`] is only changed from a committed [`BatchOutcome`], so a rolled
+//! back batch leaves no ids behind that PostgreSQL never stored.
+
+use std::collections::VecDeque;
+
+use tokio_postgres::Client;
+
+use crate::db::BatchOutcome;
+
+/// Bounds memory on long runs; older rows simply stop getting activity,
+/// much like old tweets do.
+const MAX_USERS: usize = 20_000;
+const MAX_TWEETS: usize = 50_000;
+
+#[derive(Debug, Default)]
+pub struct Pools {
+    users: VecDeque<(i64, String)>,
+    tweets: VecDeque<i64>,
+}
+
+impl Pools {
+    /// Loads the newest users and tweets, so a restarted generator keeps
+    /// building on what is there.
+    pub async fn load(client: &Client) -> Result<Pools, tokio_postgres::Error> {
+        let users = client
+            .query(
+                "SELECT id, username FROM users ORDER BY id DESC LIMIT $1",
+                &[&(MAX_USERS as i64)],
+            )
+            .await?;
+        let tweets = client
+            .query(
+                "SELECT id FROM tweets ORDER BY id DESC LIMIT $1",
+                &[&(MAX_TWEETS as i64)],
+            )
+            .await?;
+        Ok(Pools {
+            users: users.iter().rev().map(|r| (r.get(0), r.get(1))).collect(),
+            tweets: tweets.iter().rev().map(|r| r.get(0)).collect(),
+        })
+    }
+
+    pub fn user_ids(&self) -> Vec<i64> {
+        self.users.iter().map(|(id, _)| *id).collect()
+    }
+
+    pub fn usernames(&self) -> Vec<&str> {
+        self.users.iter().map(|(_, n)| n.as_str()).collect()
+    }
+
+    pub fn tweet_ids(&self) -> Vec<i64> {
+        self.tweets.iter().copied().collect()
+    }
+
+    pub fn apply(&mut self, outcome: &BatchOutcome) {
+        self.users.extend(outcome.users_inserted.iter().cloned());
+        while self.users.len() > MAX_USERS {
+            self.users.pop_front();
+        }
+        self.tweets.extend(&outcome.tweets_inserted);
+        if !outcome.tweets_deleted.is_empty() {
+            self.tweets
+                .retain(|id| !outcome.tweets_deleted.contains(id));
+        }
+        while self.tweets.len() > MAX_TWEETS {
+            self.tweets.pop_front();
+        }
+    }
+
+    pub fn add_users(&mut self, users: impl IntoIterator<Item = (i64, String)>) {
+        self.users.extend(users);
+        while self.users.len() > MAX_USERS {
+            self.users.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_adds_and_removes() {
+        let mut p = Pools::default();
+        p.apply(&BatchOutcome {
+            users_inserted: vec![(1, "a".into())],
+            tweets_inserted: vec![10, 11, 12],
+            ..Default::default()
+        });
+        p.apply(&BatchOutcome {
+            tweets_deleted: vec![11],
+            ..Default::default()
+        });
+        assert_eq!(p.user_ids(), vec![1]);
+        assert_eq!(p.tweet_ids(), vec![10, 12]);
+    }
+
+    #[test]
+    fn pools_are_bounded() {
+        let mut p = Pools::default();
+        p.apply(&BatchOutcome {
+            tweets_inserted: (0..(MAX_TWEETS as i64 + 10)).collect(),
+            ..Default::default()
+        });
+        assert_eq!(p.tweet_ids().len(), MAX_TWEETS);
+        assert_eq!(p.tweet_ids()[0], 10);
+    }
+}
