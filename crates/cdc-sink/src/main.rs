@@ -1,1 +1,35 @@
-fn main() {}
+use std::process::ExitCode;
+
+use cdc_sink::cli::Cli;
+use cdc_sink::config::SinkConfig;
+use cdc_sink::pipeline;
+use clap::Parser;
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    cdc_telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("cdc-sink: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = SinkConfig::from_figment(cli.figment())?;
+    if cli.check_config {
+        config.s3.resolve_secret()?;
+        println!("configuration OK\n{config:#?}");
+        return Ok(());
+    }
+    let store = pipeline::s3_store(&config.s3, config.give_up_after())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));
+    pipeline::run(&config, store, stop_rx).await?;
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Buffering: one open [`Segment`] per Kafka partition, and the
+//! [`RollPolicy`] that decides when it closes.
+//!
+//! A segment covers a contiguous offset range of one partition. Its rows are
+//! grouped by (schema, event date) into [`Group`]s, each of which becomes one
+//! Parquet file, so a schema change or a date change never fails a write: it
+//! just starts another file.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
+    Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
+    ListBuilder, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    TimestampMillisecondBuilder, make_builder,
+};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use chrono::NaiveDate;
+
+use crate::decode::{ChangeRow, Datum};
+use crate::schema::{ColumnType, TableSchema};
+
+/// When a segment closes: whichever limit is reached first.
+#[derive(Debug, Clone, Copy)]
+pub struct RollPolicy {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollReason {
+    Rows,
+    Bytes,
+    Age,
+}
+
+impl RollPolicy {
+    pub fn check(&self, rows: usize, bytes: usize, age: Duration) -> Option<RollReason> {
+        if rows >= self.max_rows {
+            Some(RollReason::Rows)
+        } else if bytes >= self.max_bytes {
+            Some(RollReason::Bytes)
+        } else if age >= self.max_age {
+            Some(RollReason::Age)
+        } else {
+            None
+        }
+    }
+}
+
+/// Rows of one schema and one event date.
+pub struct Group {
+    pub schema: Arc<TableSchema>,
+    pub schema_id: u64,
+    pub date: NaiveDate,
+    columns: Vec<Box<dyn ArrayBuilder>>,
+    op: StringBuilder,
+    commit_ts: TimestampMillisecondBuilder,
+    lsn: Int64Builder,
+    tx_id: Int64Builder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+    unchanged: ListBuilder<StringBuilder>,
+    rows: usize,
+}
+
+impl Group {
+    fn new(schema: Arc<TableSchema>, schema_id: u64, date: NaiveDate) -> Group {
+        let columns = schema
+            .columns
+            .iter()
+            .map(|c| make_builder(&c.ty.arrow(), 1024))
+            .collect();
+        Group {
+            schema,
+            schema_id,
+            date,
+            columns,
+            op: StringBuilder::new(),
+            commit_ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            lsn: Int64Builder::new(),
+            tx_id: Int64Builder::new(),
+            partition: Int32Builder::new(),
+            offset: Int64Builder::new(),
+            unchanged: ListBuilder::new(StringBuilder::new()),
+            rows: 0,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn append(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
+        for ((builder, col), value) in self.columns.iter_mut().zip(&self.schema.columns).zip(&row.values) {
+            append(builder.as_mut(), &col.ty, value);
+        }
+        self.op.append_value(row.op.code());
+        self.commit_ts.append_value(row.commit_ts_ms);
+        self.lsn.append_option(row.lsn);
+        self.tx_id.append_option(row.tx_id);
+        self.partition.append_value(partition);
+        self.offset.append_value(offset);
+        if row.unchanged.is_empty() {
+            self.unchanged.append_null();
+        } else {
+            for &i in &row.unchanged {
+                self.unchanged.values().append_value(&self.schema.columns[i].name);
+            }
+            self.unchanged.append(true);
+        }
+        self.rows += 1;
+    }
+
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let mut arrays: Vec<ArrayRef> = self.columns.iter_mut().map(|b| b.finish()).collect();
+        arrays.push(Arc::new(self.op.finish()));
+        arrays.push(Arc::new(self.commit_ts.finish()));
+        arrays.push(Arc::new(self.lsn.finish()));
+        arrays.push(Arc::new(self.tx_id.finish()));
+        arrays.push(Arc::new(self.partition.finish()));
+        arrays.push(Arc::new(self.offset.finish()));
+        arrays.push(Arc::new(self.unchanged.finish()));
+        RecordBatch::try_new(self.schema.arrow.clone(), arrays)
+    }
+}
+
+/// Appends one value. The decoder has already checked `value` against `ty`,
+/// and the builder was made from `ty`, so a mismatch here is a bug.
+fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
+    fn get<T: 'static>(b: &mut dyn ArrayBuilder) -> &mut T {
+        b.as_any_mut()
+            .downcast_mut::<T>()
+            .expect("builder made from this column type")
+    }
+    match (ty, value) {
+        (ColumnType::Bool, Datum::Bool(v)) => get::<BooleanBuilder>(builder).append_value(*v),
+        (ColumnType::Bool, _) => get::<BooleanBuilder>(builder).append_null(),
+        (ColumnType::Int8, Datum::Int(v)) => get::<Int8Builder>(builder).append_value(*v as i8),
+        (ColumnType::Int8, _) => get::<Int8Builder>(builder).append_null(),
+        (ColumnType::Int16, Datum::Int(v)) => get::<Int16Builder>(builder).append_value(*v as i16),
+        (ColumnType::Int16, _) => get::<Int16Builder>(builder).append_null(),
+        (ColumnType::Int32, Datum::Int(v)) => get::<Int32Builder>(builder).append_value(*v as i32),
+        (ColumnType::Int32, _) => get::<Int32Builder>(builder).append_null(),
+        (ColumnType::Int64, Datum::Int(v)) => get::<Int64Builder>(builder).append_value(*v),
+        (ColumnType::Int64, _) => get::<Int64Builder>(builder).append_null(),
+        (ColumnType::Float32, Datum::Float(v)) => {
+            get::<Float32Builder>(builder).append_value(*v as f32)
+        }
+        (ColumnType::Float32, _) => get::<Float32Builder>(builder).append_null(),
+        (ColumnType::Float64, Datum::Float(v)) => get::<Float64Builder>(builder).append_value(*v),
+        (ColumnType::Float64, _) => get::<Float64Builder>(builder).append_null(),
+        (ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal, Datum::Str(s)) => {
+            get::<StringBuilder>(builder).append_value(s)
+        }
+        (ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal, _) => {
+            get::<StringBuilder>(builder).append_null()
+        }
+        (ColumnType::Binary, Datum::Bytes(b)) => get::<BinaryBuilder>(builder).append_value(b),
+        (ColumnType::Binary, _) => get::<BinaryBuilder>(builder).append_null(),
+        (ColumnType::Decimal { .. }, Datum::Decimal(v)) => {
+            get::<Decimal128Builder>(builder).append_value(*v)
+        }
+        (ColumnType::Decimal { .. }, _) => get::<Decimal128Builder>(builder).append_null(),
+        (ColumnType::Date, Datum::Int(v)) => get::<Date32Builder>(builder).append_value(*v as i32),
+        (ColumnType::Date, _) => get::<Date32Builder>(builder).append_null(),
+        (ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp, Datum::Int(v)) => {
+            get::<TimestampMicrosecondBuilder>(builder).append_value(*v)
+        }
+        (ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp, _) => {
+            get::<TimestampMicrosecondBuilder>(builder).append_null()
+        }
+        (ColumnType::Time(_), Datum::Int(v)) => {
+            get::<Time64MicrosecondBuilder>(builder).append_value(*v)
+        }
+        (ColumnType::Time(_), _) => get::<Time64MicrosecondBuilder>(builder).append_null(),
+        (ColumnType::List(item), Datum::List(items)) => {
+            let list = get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder);
+            for it in items {
+                append(list.values().as_mut(), item, it);
+            }
+            list.append(true);
+        }
+        (ColumnType::List(_), _) => get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder).append(false),
+    }
+}
+
+/// The open buffer of one partition: offsets `first..=last`.
+pub struct Segment {
+    pub first: i64,
+    pub last: i64,
+    pub opened: Instant,
+    pub bytes: usize,
+    groups: Vec<Group>,
+}
+
+impl Segment {
+    pub fn new(offset: i64) -> Segment {
+        Segment {
+            first: offset,
+            last: offset,
+            opened: Instant::now(),
+            bytes: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.groups.iter().map(Group::rows).sum()
+    }
+
+    /// Extends the segment over `offset` without a row (a tombstone or a
+    /// quarantined message), so that committing it covers that offset.
+    pub fn cover(&mut self, offset: i64) {
+        self.last = self.last.max(offset);
+    }
+
+    pub fn push(&mut self, row: &ChangeRow, partition: i32, offset: i64, bytes: usize) {
+        let date = chrono::DateTime::from_timestamp_millis(row.commit_ts_ms)
+            .map(|t| t.date_naive())
+            .unwrap_or_default();
+        // Groups stay in first-seen order, which makes file numbering
+        // within a segment deterministic on replay.
+        let idx = match self
+            .groups
+            .iter()
+            .position(|g| g.schema_id == row.schema_id && g.date == date)
+        {
+            Some(i) => i,
+            None => {
+                self.groups.push(Group::new(row.schema.clone(), row.schema_id, date));
+                self.groups.len() - 1
+            }
+        };
+        self.groups[idx].append(row, partition, offset);
+        self.cover(offset);
+        self.bytes += bytes;
+    }
+
+    pub fn groups_mut(&mut self) -> &mut [Group] {
+        &mut self.groups
+    }
+
+    pub fn roll_reason(&self, policy: &RollPolicy) -> Option<RollReason> {
+        policy.check(self.rows(), self.bytes, self.opened.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_rolls_on_first_limit_reached() {
+        let p = RollPolicy {
+            max_rows: 10,
+            max_bytes: 100,
+            max_age: Duration::from_secs(10),
+        };
+        assert_eq!(p.check(9, 99, Duration::from_secs(9)), None);
+        assert_eq!(p.check(10, 0, Duration::ZERO), Some(RollReason::Rows));
+        assert_eq!(p.check(0, 100, Duration::ZERO), Some(RollReason::Bytes));
+        assert_eq!(p.check(0, 0, Duration::from_secs(10)), Some(RollReason::Age));
+    }
+
+    #[test]
+    fn cover_extends_without_rows() {
+        let mut s = Segment::new(5);
+        s.cover(9);
+        assert_eq!((s.first, s.last, s.rows()), (5, 9, 0));
+    }
+}

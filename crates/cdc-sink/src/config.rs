@@ -1,0 +1,305 @@
+//! Configuration: defaults, then a TOML file, then `CDC_SINK_*` environment
+//! variables (`__` separates nesting, e.g. `CDC_SINK_S3__BUCKET`). Unknown
+//! keys are errors and every error names its key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::RollPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot read `s3.secret_access_key_file` {path}")]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub output: OutputConfig,
+    pub flush: FlushConfig,
+    /// After this long without Kafka brokers or a successful S3 write, the
+    /// sink exits non-zero so that systemd restarts it.
+    pub give_up_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Extra librdkafka properties (TLS, SASL, tuning). Cannot override the
+    /// offset handling the exactly-once design depends on.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Empty for AWS; the MinIO URL otherwise.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    #[serde(skip_serializing)]
+    pub secret_access_key: Option<SecretString>,
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionCodec {
+    Zstd,
+    Snappy,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Key prefix inside the bucket; empty puts tables at the top.
+    pub prefix: String,
+    pub compression: CompressionCodec,
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_age_ms: u64,
+    /// All open segments together; past it the largest is flushed early.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            kafka: KafkaConfig {
+                brokers: "127.0.0.1:9092".into(),
+                group_id: "cdc-sink".into(),
+                topics: vec![
+                    "twitter.users".into(),
+                    "twitter.tweets".into(),
+                    "twitter.likes".into(),
+                ],
+                properties: BTreeMap::new(),
+            },
+            s3: S3Config {
+                endpoint: "http://127.0.0.1:9000".into(),
+                bucket: "lake".into(),
+                region: "us-east-1".into(),
+                access_key_id: String::new(),
+                secret_access_key: None,
+                secret_access_key_file: None,
+            },
+            output: OutputConfig {
+                prefix: String::new(),
+                compression: CompressionCodec::Zstd,
+                zstd_level: 3,
+            },
+            flush: FlushConfig {
+                max_rows: 200_000,
+                max_bytes: 64 * 1024 * 1024,
+                max_age_ms: 10_000,
+                max_buffered_bytes: 128 * 1024 * 1024,
+            },
+            give_up_after_secs: 120,
+        }
+    }
+}
+
+macro_rules! default_from_root {
+    ($($ty:ident => $field:ident),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                SinkConfig::default().$field
+            }
+        }
+    )*};
+}
+default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush);
+
+/// librdkafka properties the sink sets itself; overriding them would break
+/// exactly-once delivery.
+const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+];
+
+impl SinkConfig {
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(SinkConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("CDC_SINK_").split("__"))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<SinkConfig, ConfigError> {
+        let config: SinkConfig = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "must not be empty");
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return invalid("kafka.group_id", "must not be empty");
+        }
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics", "must name at least one topic");
+        }
+        if let Some(k) = self
+            .kafka
+            .properties
+            .keys()
+            .find(|k| RESERVED_KAFKA_PROPERTIES.contains(&k.as_str()))
+        {
+            return Err(ConfigError::Invalid {
+                key: "kafka.properties",
+                reason: format!("must not set `{k}`: the sink manages it"),
+            });
+        }
+        if self.s3.bucket.is_empty() {
+            return invalid("s3.bucket", "must not be empty");
+        }
+        if self.s3.secret_access_key.is_some() && self.s3.secret_access_key_file.is_some() {
+            return invalid(
+                "s3.secret_access_key_file",
+                "is set together with s3.secret_access_key: set only one",
+            );
+        }
+        if !(1..=22).contains(&self.output.zstd_level) {
+            return invalid("output.zstd_level", "must be between 1 and 22");
+        }
+        if self.flush.max_rows == 0 {
+            return invalid("flush.max_rows", "must be greater than 0");
+        }
+        if self.flush.max_bytes == 0 {
+            return invalid("flush.max_bytes", "must be greater than 0");
+        }
+        if self.flush.max_age_ms == 0 {
+            return invalid("flush.max_age_ms", "must be greater than 0");
+        }
+        if self.flush.max_buffered_bytes < self.flush.max_bytes {
+            return invalid("flush.max_buffered_bytes", "must be at least flush.max_bytes");
+        }
+        if self.give_up_after_secs == 0 {
+            return invalid("give_up_after_secs", "must be greater than 0");
+        }
+        Ok(())
+    }
+
+    pub fn roll_policy(&self) -> RollPolicy {
+        RollPolicy {
+            max_rows: self.flush.max_rows,
+            max_bytes: self.flush.max_bytes,
+            max_age: Duration::from_millis(self.flush.max_age_ms),
+        }
+    }
+
+    pub fn give_up_after(&self) -> Duration {
+        Duration::from_secs(self.give_up_after_secs)
+    }
+}
+
+impl S3Config {
+    pub fn resolve_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        match (&self.secret_access_key, &self.secret_access_key_file) {
+            (_, Some(path)) => {
+                let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(Some(SecretString::from(raw.trim_end_matches(['\n', '\r']))))
+            }
+            (Some(s), None) => Ok(Some(SecretString::from(s.expose_secret()))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        SinkConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn layers_and_bad_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "sink.toml",
+                "[flush]\nmax_age_ms = 2000\n[kafka]\ntopics = [\"a.b\"]\n",
+            )?;
+            jail.set_env("CDC_SINK_FLUSH__MAX_ROWS", "5");
+            let c = SinkConfig::from_figment(SinkConfig::figment(Some(Path::new("sink.toml")))).unwrap();
+            assert_eq!((c.flush.max_age_ms, c.flush.max_rows), (2000, 5));
+            assert_eq!(c.kafka.topics, vec!["a.b".to_string()]);
+
+            jail.set_env("CDC_SINK_FLUSH__MAX_ROWS", "lots");
+            let err = SinkConfig::from_figment(SinkConfig::figment(Some(Path::new("sink.toml"))))
+                .unwrap_err()
+                .to_string();
+            assert!(err.to_lowercase().contains("flush.max_rows"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_and_reserved_property_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("sink.toml", "[s3]\nbuckett = \"x\"\n")?;
+            let err = SinkConfig::from_figment(SinkConfig::figment(Some(Path::new("sink.toml"))))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("buckett"), "{err}");
+            Ok(())
+        });
+        let mut c = SinkConfig::default();
+        c.kafka
+            .properties
+            .insert("enable.auto.commit".into(), "true".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.properties") && err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn secret_never_in_debug() {
+        let mut c = SinkConfig::default();
+        c.s3.secret_access_key = Some(SecretString::from("minio-very-secret"));
+        assert!(!format!("{c:?}").contains("minio-very-secret"));
+    }
+}

@@ -1,0 +1,326 @@
+//! Kafka Connect schemas (as the JSON converter embeds them) and their Arrow
+//! counterparts.
+//!
+//! [`ConnectSchema`] is the wire form; [`ColumnType`] is what a column is to
+//! the sink, chosen from the Connect type and its logical name; and
+//! [`TableSchema`] is one table's columns plus the CDC metadata columns, with
+//! the Arrow schema that every Parquet file of that shape carries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use serde::Deserialize;
+
+/// A Connect schema node, as serialised by `JsonConverter` with
+/// `schemas.enable=true`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConnectSchema {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub optional: bool,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub field: Option<String>,
+    #[serde(default)]
+    pub fields: Vec<ConnectSchema>,
+    #[serde(default)]
+    pub items: Option<Box<ConnectSchema>>,
+    #[serde(default)]
+    pub parameters: HashMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SchemaError {
+    #[error("envelope schema has no `after` or `before` struct")]
+    NoRowStruct,
+    #[error("column `{column}`: unsupported Connect type `{kind}`")]
+    Unsupported { column: String, kind: String },
+    #[error("column `{column}`: decimal precision {precision} / scale {scale} out of range")]
+    DecimalRange {
+        column: String,
+        precision: u32,
+        scale: i64,
+    },
+}
+
+/// How one column is decoded and stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnType {
+    Bool,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Utf8,
+    /// Connect `bytes`, base64 in JSON.
+    Binary,
+    /// Connect `Decimal` (bytes, big-endian two's complement, base64 in
+    /// JSON; or a JSON number with `decimal.format=NUMERIC`).
+    Decimal { precision: u8, scale: i8 },
+    /// Days since the epoch (`io.debezium.time.Date`, Connect `Date`).
+    Date,
+    /// Microseconds since the epoch, UTC. `unit` says what the wire holds.
+    Timestamp(WireTime),
+    /// ISO-8601 string with offset (`io.debezium.time.ZonedTimestamp`).
+    ZonedTimestamp,
+    /// Microseconds since midnight. `unit` says what the wire holds.
+    Time(WireTime),
+    List(Box<ColumnType>),
+    /// `io.debezium.data.VariableScaleDecimal` (numeric without a declared
+    /// scale): a struct of scale and bytes, kept exactly as a decimal string.
+    VariableDecimal,
+    /// Nested structs and maps, kept as JSON text.
+    Json,
+}
+
+/// The unit of an integer time value on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireTime {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+impl WireTime {
+    /// Converts a wire value to microseconds (nanoseconds are truncated:
+    /// Parquet readers widely support µs, far fewer ns).
+    pub fn to_micros(self, v: i64) -> i64 {
+        match self {
+            WireTime::Millis => v.saturating_mul(1000),
+            WireTime::Micros => v,
+            WireTime::Nanos => v.div_euclid(1000),
+        }
+    }
+}
+
+impl ColumnType {
+    pub fn from_connect(column: &str, s: &ConnectSchema) -> Result<ColumnType, SchemaError> {
+        let name = s.name.as_deref().unwrap_or("");
+        let t = match (s.kind.as_str(), name) {
+            ("int32", "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date") => {
+                ColumnType::Date
+            }
+            ("int32", "io.debezium.time.Time" | "org.apache.kafka.connect.data.Time") => {
+                ColumnType::Time(WireTime::Millis)
+            }
+            ("int64", "io.debezium.time.MicroTime") => ColumnType::Time(WireTime::Micros),
+            ("int64", "io.debezium.time.NanoTime") => ColumnType::Time(WireTime::Nanos),
+            ("int64", "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
+                ColumnType::Timestamp(WireTime::Millis)
+            }
+            ("int64", "io.debezium.time.MicroTimestamp") => ColumnType::Timestamp(WireTime::Micros),
+            ("int64", "io.debezium.time.NanoTimestamp") => ColumnType::Timestamp(WireTime::Nanos),
+            ("string", "io.debezium.time.ZonedTimestamp") => ColumnType::ZonedTimestamp,
+            ("bytes", "org.apache.kafka.connect.data.Decimal") => {
+                let scale: i64 = s
+                    .parameters
+                    .get("scale")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                // Debezium omits the precision for numeric columns declared
+                // without one; 38 is the widest Decimal128.
+                let precision: u32 = s
+                    .parameters
+                    .get("connect.decimal.precision")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(38);
+                if !(1..=38).contains(&precision) || !(0..=38).contains(&scale) || scale > precision as i64 {
+                    return Err(SchemaError::DecimalRange {
+                        column: column.to_string(),
+                        precision,
+                        scale,
+                    });
+                }
+                ColumnType::Decimal {
+                    precision: precision as u8,
+                    scale: scale as i8,
+                }
+            }
+            ("struct", "io.debezium.data.VariableScaleDecimal") => ColumnType::VariableDecimal,
+            ("boolean", _) => ColumnType::Bool,
+            ("int8", _) => ColumnType::Int8,
+            ("int16", _) => ColumnType::Int16,
+            ("int32", _) => ColumnType::Int32,
+            ("int64", _) => ColumnType::Int64,
+            ("float" | "float32", _) => ColumnType::Float32,
+            ("double" | "float64", _) => ColumnType::Float64,
+            // Json, Uuid, Enum, Xml, ZonedTime, ... are all text.
+            ("string", _) => ColumnType::Utf8,
+            ("bytes", _) => ColumnType::Binary,
+            ("array", _) => {
+                let items = s.items.as_deref().ok_or_else(|| SchemaError::Unsupported {
+                    column: column.to_string(),
+                    kind: "array without items".into(),
+                })?;
+                ColumnType::List(Box::new(ColumnType::from_connect(column, items)?))
+            }
+            ("struct" | "map", _) => ColumnType::Json,
+            (other, _) => {
+                return Err(SchemaError::Unsupported {
+                    column: column.to_string(),
+                    kind: other.to_string(),
+                });
+            }
+        };
+        Ok(t)
+    }
+
+    pub fn arrow(&self) -> DataType {
+        match self {
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::Int8 => DataType::Int8,
+            ColumnType::Int16 => DataType::Int16,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float32 => DataType::Float32,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal => DataType::Utf8,
+            ColumnType::Binary => DataType::Binary,
+            ColumnType::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
+            ColumnType::Date => DataType::Date32,
+            ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")))
+            }
+            ColumnType::Time(_) => DataType::Time64(TimeUnit::Microsecond),
+            ColumnType::List(item) => {
+                DataType::List(Arc::new(Field::new("item", item.arrow(), true)))
+            }
+        }
+    }
+}
+
+/// Names of the CDC metadata columns appended after the table's own.
+pub mod meta {
+    /// `c` insert, `u` update, `d` delete, `r` snapshot read.
+    pub const OP: &str = "_cdc_op";
+    /// Source commit time (Debezium `source.ts_ms`), UTC.
+    pub const COMMIT_TS: &str = "_cdc_commit_ts";
+    pub const LSN: &str = "_cdc_lsn";
+    pub const TX_ID: &str = "_cdc_tx_id";
+    pub const KAFKA_PARTITION: &str = "_cdc_kafka_partition";
+    pub const KAFKA_OFFSET: &str = "_cdc_kafka_offset";
+    /// Columns whose value Debezium did not have (unchanged TOASTed values):
+    /// they are null in this row and should be carried over from the
+    /// previous version of the row.
+    pub const UNCHANGED: &str = "_cdc_unchanged_cols";
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+}
+
+/// One table shape: its columns in Connect order and the Arrow schema of
+/// the files written for it.
+#[derive(Debug)]
+pub struct TableSchema {
+    pub columns: Vec<Column>,
+    pub arrow: SchemaRef,
+}
+
+impl TableSchema {
+    /// Builds the table schema from a Debezium envelope schema.
+    pub fn from_envelope(envelope: &ConnectSchema) -> Result<TableSchema, SchemaError> {
+        let row = envelope
+            .fields
+            .iter()
+            .find(|f| f.field.as_deref() == Some("after"))
+            .or_else(|| envelope.fields.iter().find(|f| f.field.as_deref() == Some("before")))
+            .ok_or(SchemaError::NoRowStruct)?;
+        let mut columns = Vec::with_capacity(row.fields.len());
+        for f in &row.fields {
+            let name = f.field.clone().unwrap_or_default();
+            let ty = ColumnType::from_connect(&name, f)?;
+            columns.push(Column { name, ty });
+        }
+        // Every table column is nullable: a delete under REPLICA IDENTITY
+        // DEFAULT carries only the key, whatever the column's constraint.
+        let mut fields: Vec<Field> = columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow(), true))
+            .collect();
+        fields.extend(metadata_fields());
+        Ok(TableSchema {
+            columns,
+            arrow: Arc::new(Schema::new(fields)),
+        })
+    }
+}
+
+fn metadata_fields() -> [Field; 7] {
+    [
+        Field::new(meta::OP, DataType::Utf8, false),
+        Field::new(
+            meta::COMMIT_TS,
+            DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC"))),
+            false,
+        ),
+        Field::new(meta::LSN, DataType::Int64, true),
+        Field::new(meta::TX_ID, DataType::Int64, true),
+        Field::new(meta::KAFKA_PARTITION, DataType::Int32, false),
+        Field::new(meta::KAFKA_OFFSET, DataType::Int64, false),
+        Field::new(
+            meta::UNCHANGED,
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(json: &str) -> ColumnType {
+        let s: ConnectSchema = serde_json::from_str(json).unwrap();
+        ColumnType::from_connect("c", &s).unwrap()
+    }
+
+    #[test]
+    fn logical_types_map_to_arrow() {
+        assert_eq!(
+            col(r#"{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"6","connect.decimal.precision":"9"}}"#).arrow(),
+            DataType::Decimal128(9, 6)
+        );
+        assert_eq!(
+            col(r#"{"type":"string","name":"io.debezium.time.ZonedTimestamp"}"#).arrow(),
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")))
+        );
+        assert_eq!(
+            col(r#"{"type":"int64","name":"io.debezium.time.NanoTimestamp"}"#),
+            ColumnType::Timestamp(WireTime::Nanos)
+        );
+        assert_eq!(col(r#"{"type":"int32","name":"io.debezium.time.Date"}"#).arrow(), DataType::Date32);
+        assert_eq!(
+            col(r#"{"type":"array","items":{"type":"string"}}"#),
+            ColumnType::List(Box::new(ColumnType::Utf8))
+        );
+        assert_eq!(col(r#"{"type":"string","name":"io.debezium.data.Json"}"#), ColumnType::Utf8);
+        assert_eq!(col(r#"{"type":"int16"}"#), ColumnType::Int16);
+        assert_eq!(col(r#"{"type":"float"}"#), ColumnType::Float32);
+    }
+
+    #[test]
+    fn decimal_without_precision_is_widest() {
+        assert_eq!(
+            col(r#"{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}"#),
+            ColumnType::Decimal {
+                precision: 38,
+                scale: 2
+            }
+        );
+    }
+
+    #[test]
+    fn wire_time_converts_to_micros() {
+        assert_eq!(WireTime::Millis.to_micros(5), 5_000);
+        assert_eq!(WireTime::Nanos.to_micros(-1), -1);
+        assert_eq!(WireTime::Nanos.to_micros(1_999), 1);
+    }
+}

@@ -1,0 +1,155 @@
+//! The Kafka side: a consumer-group member whose offsets are only ever
+//! committed by hand, plus what it observes about rebalances and broker
+//! health.
+//!
+//! [`Source`] wraps the rdkafka `StreamConsumer`. Rebalances are reported as
+//! [`Rebalance`] events on a channel that the pipeline drains before every
+//! message, so buffers of revoked partitions are dropped before anything
+//! else happens.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance as RdRebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::commit::Tp;
+use crate::config::KafkaConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalance {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+pub struct SourceContext {
+    events: mpsc::UnboundedSender<Rebalance>,
+    /// Last time librdkafka reported a broker UP. A std mutex is fine: it
+    /// is held for one assignment and never across an await.
+    last_broker_up: Arc<Mutex<Instant>>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            *self.last_broker_up.lock().expect("not poisoned") = Instant::now();
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &RdRebalance<'_>) {
+        if let RdRebalance::Revoke(tpl) = rebalance {
+            let tps = partitions(tpl);
+            tracing::info!(partitions = ?tps, "partitions revoked");
+            let _ = self.events.send(Rebalance::Revoked(tps));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &RdRebalance<'_>) {
+        match rebalance {
+            RdRebalance::Assign(tpl) => {
+                let tps = partitions(tpl);
+                tracing::info!(partitions = ?tps, "partitions assigned");
+                let _ = self.events.send(Rebalance::Assigned(tps));
+            }
+            RdRebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            RdRebalance::Revoke(_) => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // The next commit supersedes this one; the lake is already
+            // correct, and a replay would only rewrite identical objects.
+            tracing::warn!(error = %e, offsets = ?partitions(offsets), "offset commit failed");
+        }
+    }
+}
+
+pub struct Source {
+    pub consumer: StreamConsumer<SourceContext>,
+    pub events: mpsc::UnboundedReceiver<Rebalance>,
+    last_broker_up: Arc<Mutex<Instant>>,
+}
+
+impl Source {
+    pub fn connect(cfg: &KafkaConfig) -> KafkaResult<Source> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let last_broker_up = Arc::new(Mutex::new(Instant::now()));
+        let context = SourceContext {
+            events: tx,
+            last_broker_up: last_broker_up.clone(),
+        };
+        let mut client = ClientConfig::new();
+        for (k, v) in &cfg.properties {
+            client.set(k, v);
+        }
+        client
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group_id)
+            // Offsets are committed by the pipeline after the objects are
+            // written, never by librdkafka on a timer.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("statistics.interval.ms", "5000")
+            // Bound what librdkafka prefetches, so memory stays bounded
+            // while the pipeline is busy writing.
+            .set_if_absent("queued.max.messages.kbytes", "16384")
+            .set_if_absent("fetch.max.bytes", "16777216")
+            .set_if_absent("session.timeout.ms", "30000")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        let consumer: StreamConsumer<SourceContext> = client.create_with_context(context)?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Source {
+            consumer,
+            events: rx,
+            last_broker_up,
+        })
+    }
+
+    pub fn broker_down_for(&self) -> Duration {
+        self.last_broker_up.lock().expect("not poisoned").elapsed()
+    }
+
+    /// Commits `offset` (the next to read) for one partition.
+    pub fn commit(&self, tp: &Tp, offset: i64, mode: CommitMode) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
+        self.consumer.commit(&tpl, mode)
+    }
+}
+
+trait SetIfAbsent {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetIfAbsent for ClientConfig {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
