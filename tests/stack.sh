@@ -128,6 +128,11 @@ pidfile() { echo "$STATE/run/$1.pid"; }
 running() { # running NAME: its recorded pid is alive
   local f pid
   f=$(pidfile "$1")
+  # PostgreSQL may have been restarted by pg_ctl (the tests do): trust its
+  # own postmaster.pid over ours.
+  if [ "$1" = postgres ] && [ -f "$STATE/postgres/postmaster.pid" ] && [ -d "$STATE/run" ]; then
+    head -n1 "$STATE/postgres/postmaster.pid" >"$f"
+  fi
   [ -f "$f" ] && pid=$(cat "$f") && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 

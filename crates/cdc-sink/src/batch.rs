@@ -95,7 +95,12 @@ impl Group {
     }
 
     fn append(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
-        for ((builder, col), value) in self.columns.iter_mut().zip(&self.schema.columns).zip(&row.values) {
+        for ((builder, col), value) in self
+            .columns
+            .iter_mut()
+            .zip(&self.schema.columns)
+            .zip(&row.values)
+        {
             append(builder.as_mut(), &col.ty, value);
         }
         self.op.append_value(row.op.code());
@@ -108,7 +113,9 @@ impl Group {
             self.unchanged.append_null();
         } else {
             for &i in &row.unchanged {
-                self.unchanged.values().append_value(&self.schema.columns[i].name);
+                self.unchanged
+                    .values()
+                    .append_value(&self.schema.columns[i].name);
             }
             self.unchanged.append(true);
         }
@@ -184,7 +191,9 @@ fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
             }
             list.append(true);
         }
-        (ColumnType::List(_), _) => get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder).append(false),
+        (ColumnType::List(_), _) => {
+            get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder).append(false)
+        }
     }
 }
 
@@ -231,7 +240,8 @@ impl Segment {
         {
             Some(i) => i,
             None => {
-                self.groups.push(Group::new(row.schema.clone(), row.schema_id, date));
+                self.groups
+                    .push(Group::new(row.schema.clone(), row.schema_id, date));
                 self.groups.len() - 1
             }
         };
@@ -263,7 +273,10 @@ mod tests {
         assert_eq!(p.check(9, 99, Duration::from_secs(9)), None);
         assert_eq!(p.check(10, 0, Duration::ZERO), Some(RollReason::Rows));
         assert_eq!(p.check(0, 100, Duration::ZERO), Some(RollReason::Bytes));
-        assert_eq!(p.check(0, 0, Duration::from_secs(10)), Some(RollReason::Age));
+        assert_eq!(
+            p.check(0, 0, Duration::from_secs(10)),
+            Some(RollReason::Age)
+        );
     }
 
     #[test]

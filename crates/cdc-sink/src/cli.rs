@@ -10,7 +10,11 @@ use figment::providers::Serialized;
 use crate::config::SinkConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "cdc-sink", version, about = "Streams Debezium change events from Kafka into Parquet on S3, exactly once")]
+#[command(
+    name = "cdc-sink",
+    version,
+    about = "Streams Debezium change events from Kafka into Parquet on S3, exactly once"
+)]
 pub struct Cli {
     /// TOML config file; `CDC_SINK_*` environment variables override it.
     #[arg(long, short, env = "CDC_SINK_CONFIG")]

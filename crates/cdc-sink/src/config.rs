@@ -45,6 +45,10 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
     pub topics: Vec<String>,
+    /// Static group membership (`group.instance.id`): a restarted sink with
+    /// the same id gets its partitions back at once instead of waiting for
+    /// the session of its dead predecessor to time out. Use the host name.
+    pub instance_id: Option<String>,
     /// Extra librdkafka properties (TLS, SASL, tuning). Cannot override the
     /// offset handling the exactly-once design depends on.
     pub properties: BTreeMap<String, String>,
@@ -101,6 +105,7 @@ impl Default for SinkConfig {
                     "twitter.tweets".into(),
                     "twitter.likes".into(),
                 ],
+                instance_id: None,
                 properties: BTreeMap::new(),
             },
             s3: S3Config {
@@ -144,6 +149,7 @@ const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.auto.commit",
     "enable.auto.offset.store",
     "group.id",
+    "group.instance.id",
     "bootstrap.servers",
 ];
 
@@ -211,7 +217,10 @@ impl SinkConfig {
             return invalid("flush.max_age_ms", "must be greater than 0");
         }
         if self.flush.max_buffered_bytes < self.flush.max_bytes {
-            return invalid("flush.max_buffered_bytes", "must be at least flush.max_bytes");
+            return invalid(
+                "flush.max_buffered_bytes",
+                "must be at least flush.max_bytes",
+            );
         }
         if self.give_up_after_secs == 0 {
             return invalid("give_up_after_secs", "must be greater than 0");
@@ -236,10 +245,11 @@ impl S3Config {
     pub fn resolve_secret(&self) -> Result<Option<SecretString>, ConfigError> {
         match (&self.secret_access_key, &self.secret_access_key_file) {
             (_, Some(path)) => {
-                let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-                    path: path.clone(),
-                    source,
-                })?;
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                        path: path.clone(),
+                        source,
+                    })?;
                 Ok(Some(SecretString::from(raw.trim_end_matches(['\n', '\r']))))
             }
             (Some(s), None) => Ok(Some(SecretString::from(s.expose_secret()))),
@@ -249,6 +259,8 @@ impl S3Config {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -265,7 +277,8 @@ mod tests {
                 "[flush]\nmax_age_ms = 2000\n[kafka]\ntopics = [\"a.b\"]\n",
             )?;
             jail.set_env("CDC_SINK_FLUSH__MAX_ROWS", "5");
-            let c = SinkConfig::from_figment(SinkConfig::figment(Some(Path::new("sink.toml")))).unwrap();
+            let c = SinkConfig::from_figment(SinkConfig::figment(Some(Path::new("sink.toml"))))
+                .unwrap();
             assert_eq!((c.flush.max_age_ms, c.flush.max_rows), (2000, 5));
             assert_eq!(c.kafka.topics, vec!["a.b".to_string()]);
 
@@ -293,7 +306,10 @@ mod tests {
             .properties
             .insert("enable.auto.commit".into(), "true".into());
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("kafka.properties") && err.contains("enable.auto.commit"), "{err}");
+        assert!(
+            err.contains("kafka.properties") && err.contains("enable.auto.commit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -171,11 +171,13 @@ impl Decoder {
                 unchanged.push(i);
                 values.push(Datum::Null);
             } else {
-                values.push(to_datum(&col.ty, v).map_err(|expected| DecodeError::Mismatch {
-                    column: col.name.clone(),
-                    expected,
-                    found: truncate(v.to_string(), 80),
-                })?);
+                values.push(
+                    to_datum(&col.ty, v).map_err(|expected| DecodeError::Mismatch {
+                        column: col.name.clone(),
+                        expected,
+                        found: truncate(v.to_string(), 80),
+                    })?,
+                );
             }
         }
         Ok(Decoded::Row(ChangeRow {
@@ -246,7 +248,10 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
         ColumnType::Float32 | ColumnType::Float64 => {
             v.as_f64().map(Datum::Float).ok_or_else(expected)
         }
-        ColumnType::Utf8 => v.as_str().map(|s| Datum::Str(s.to_string())).ok_or_else(expected),
+        ColumnType::Utf8 => v
+            .as_str()
+            .map(|s| Datum::Str(s.to_string()))
+            .ok_or_else(expected),
         ColumnType::Json => Ok(Datum::Str(v.to_string())),
         ColumnType::Binary => v
             .as_str()
@@ -369,7 +374,10 @@ mod tests {
 
     #[test]
     fn placeholder_detection() {
-        assert!(is_unavailable(&ColumnType::Utf8, &Value::String(UNAVAILABLE.into())));
+        assert!(is_unavailable(
+            &ColumnType::Utf8,
+            &Value::String(UNAVAILABLE.into())
+        ));
         assert!(is_unavailable(
             &ColumnType::Binary,
             &Value::String(BASE64.encode(UNAVAILABLE))
@@ -378,7 +386,10 @@ mod tests {
             &ColumnType::List(Box::new(ColumnType::Utf8)),
             &serde_json::json!([UNAVAILABLE])
         ));
-        assert!(!is_unavailable(&ColumnType::Utf8, &Value::String("bio".into())));
+        assert!(!is_unavailable(
+            &ColumnType::Utf8,
+            &Value::String("bio".into())
+        ));
     }
 
     #[test]
@@ -395,7 +406,10 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut d = Decoder::new();
-        assert!(matches!(d.decode(Some(b"{not json")), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            d.decode(Some(b"{not json")),
+            Err(DecodeError::Json(_))
+        ));
         assert!(matches!(
             d.decode(Some(br#"{"payload":{"op":"c"}}"#)),
             Err(DecodeError::Envelope(_))

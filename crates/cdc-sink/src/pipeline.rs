@@ -54,7 +54,10 @@ pub struct Stats {
 
 /// Builds the S3 (MinIO) store. object_store retries each request with
 /// backoff for up to `retry_for`; past that the error reaches the pipeline.
-pub fn s3_store(cfg: &S3Config, retry_for: Duration) -> Result<Arc<dyn ObjectStore>, PipelineError> {
+pub fn s3_store(
+    cfg: &S3Config,
+    retry_for: Duration,
+) -> Result<Arc<dyn ObjectStore>, PipelineError> {
     let mut b = AmazonS3Builder::new()
         .with_bucket_name(&cfg.bucket)
         .with_region(&cfg.region)
@@ -187,7 +190,9 @@ impl Sink {
         self.stats.messages += 1;
 
         if !self.segments.contains_key(&tp) && self.offsets.needs_intent_check(&tp) {
-            let intent = self.with_retry(|w| w.read_intent(&tp.0, tp.1, offset)).await?;
+            let intent = self
+                .with_retry(|w| w.read_intent(&tp.0, tp.1, offset))
+                .await?;
             if let Some(i) = intent {
                 tracing::info!(topic = %tp.0, partition = tp.1, first = i.first, last = i.last,
                     "replaying a segment recorded before a restart");
@@ -219,7 +224,9 @@ impl Sink {
                 segment.cover(offset);
                 let error = err.to_string();
                 let path = self
-                    .with_retry(|w| w.quarantine(&tp.0, tp.1, offset, msg.key(), msg.payload(), &error))
+                    .with_retry(|w| {
+                        w.quarantine(&tp.0, tp.1, offset, msg.key(), msg.payload(), &error)
+                    })
                     .await?;
                 self.stats.quarantined += 1;
                 tracing::warn!(topic = %tp.0, partition = tp.1, offset, %error, quarantined_at = %path,
@@ -268,7 +275,12 @@ impl Sink {
     }
 
     /// Writes the segment of `tp`, then commits past it.
-    async fn flush(&mut self, source: &Source, tp: &Tp, mode: CommitMode) -> Result<(), PipelineError> {
+    async fn flush(
+        &mut self,
+        source: &Source,
+        tp: &Tp,
+        mode: CommitMode,
+    ) -> Result<(), PipelineError> {
         let Some(mut segment) = self.segments.remove(tp) else {
             return Ok(());
         };

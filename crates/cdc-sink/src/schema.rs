@@ -61,7 +61,10 @@ pub enum ColumnType {
     Binary,
     /// Connect `Decimal` (bytes, big-endian two's complement, base64 in
     /// JSON; or a JSON number with `decimal.format=NUMERIC`).
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// Days since the epoch (`io.debezium.time.Date`, Connect `Date`).
     Date,
     /// Microseconds since the epoch, UTC. `unit` says what the wire holds.
@@ -129,7 +132,10 @@ impl ColumnType {
                     .get("connect.decimal.precision")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(38);
-                if !(1..=38).contains(&precision) || !(0..=38).contains(&scale) || scale > precision as i64 {
+                if !(1..=38).contains(&precision)
+                    || !(0..=38).contains(&scale)
+                    || scale > precision as i64
+                {
                     return Err(SchemaError::DecimalRange {
                         column: column.to_string(),
                         precision,
@@ -231,7 +237,12 @@ impl TableSchema {
             .fields
             .iter()
             .find(|f| f.field.as_deref() == Some("after"))
-            .or_else(|| envelope.fields.iter().find(|f| f.field.as_deref() == Some("before")))
+            .or_else(|| {
+                envelope
+                    .fields
+                    .iter()
+                    .find(|f| f.field.as_deref() == Some("before"))
+            })
             .ok_or(SchemaError::NoRowStruct)?;
         let mut columns = Vec::with_capacity(row.fields.len());
         for f in &row.fields {
@@ -296,12 +307,18 @@ mod tests {
             col(r#"{"type":"int64","name":"io.debezium.time.NanoTimestamp"}"#),
             ColumnType::Timestamp(WireTime::Nanos)
         );
-        assert_eq!(col(r#"{"type":"int32","name":"io.debezium.time.Date"}"#).arrow(), DataType::Date32);
+        assert_eq!(
+            col(r#"{"type":"int32","name":"io.debezium.time.Date"}"#).arrow(),
+            DataType::Date32
+        );
         assert_eq!(
             col(r#"{"type":"array","items":{"type":"string"}}"#),
             ColumnType::List(Box::new(ColumnType::Utf8))
         );
-        assert_eq!(col(r#"{"type":"string","name":"io.debezium.data.Json"}"#), ColumnType::Utf8);
+        assert_eq!(
+            col(r#"{"type":"string","name":"io.debezium.data.Json"}"#),
+            ColumnType::Utf8
+        );
         assert_eq!(col(r#"{"type":"int16"}"#), ColumnType::Int16);
         assert_eq!(col(r#"{"type":"float"}"#), ColumnType::Float32);
     }
@@ -309,7 +326,9 @@ mod tests {
     #[test]
     fn decimal_without_precision_is_widest() {
         assert_eq!(
-            col(r#"{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}"#),
+            col(
+                r#"{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}"#
+            ),
             ColumnType::Decimal {
                 precision: 38,
                 scale: 2

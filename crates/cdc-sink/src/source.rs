@@ -115,10 +115,20 @@ impl Source {
             .set("statistics.interval.ms", "5000")
             // Bound what librdkafka prefetches, so memory stays bounded
             // while the pipeline is busy writing.
-            .set_if_absent("queued.max.messages.kbytes", "16384")
-            .set_if_absent("fetch.max.bytes", "16777216")
-            .set_if_absent("session.timeout.ms", "30000")
             .set_log_level(RDKafkaLogLevel::Warning);
+        for (key, value) in [
+            ("queued.max.messages.kbytes", "16384"),
+            ("fetch.max.bytes", "16777216"),
+            // A crashed sink's partitions move on after 10 s, not 45 s.
+            ("session.timeout.ms", "10000"),
+        ] {
+            if client.get(key).is_none() {
+                client.set(key, value);
+            }
+        }
+        if let Some(id) = &cfg.instance_id {
+            client.set("group.instance.id", id);
+        }
         let consumer: StreamConsumer<SourceContext> = client.create_with_context(context)?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -138,18 +148,5 @@ impl Source {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
         self.consumer.commit(&tpl, mode)
-    }
-}
-
-trait SetIfAbsent {
-    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
-}
-
-impl SetIfAbsent for ClientConfig {
-    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self {
-        if self.get(key).is_none() {
-            self.set(key, value);
-        }
-        self
     }
 }

@@ -188,7 +188,10 @@ impl Writer {
             return Ok(());
         }
         self.store
-            .put(&segment.intent_key, PutPayload::from(segment.intent.clone()))
+            .put(
+                &segment.intent_key,
+                PutPayload::from(segment.intent.clone()),
+            )
             .await?;
         let puts = segment
             .files
@@ -225,9 +228,9 @@ impl Writer {
 
 fn writer_properties(output: &OutputConfig) -> WriterProperties {
     let compression = match output.compression {
-        CompressionCodec::Zstd => Compression::ZSTD(
-            ZstdLevel::try_new(output.zstd_level).unwrap_or_default(),
-        ),
+        CompressionCodec::Zstd => {
+            Compression::ZSTD(ZstdLevel::try_new(output.zstd_level).unwrap_or_default())
+        }
         CompressionCodec::Snappy => Compression::SNAPPY,
         CompressionCodec::None => Compression::UNCOMPRESSED,
     };

@@ -245,10 +245,10 @@ pub async fn write_batch(
     // very transaction would never be seen by CDC as a row at all.
     let mut doomed: Vec<i64> = Vec::new();
     for _ in 0..mix.tweet_deletes {
-        if let Some(id) = faker.pick(&known_tweets) {
-            if !doomed.contains(&id) {
-                doomed.push(id);
-            }
+        if let Some(id) = faker.pick(&known_tweets)
+            && !doomed.contains(&id)
+        {
+            doomed.push(id);
         }
     }
     if !doomed.is_empty() {

@@ -225,10 +225,10 @@ impl Faker {
             }
         }
         let mut mentions: Vec<String> = Vec::new();
-        if !mentionable.is_empty() && (reply_to.is_some() || self.chance(0.2)) {
-            if let Some(name) = self.pick(mentionable) {
-                mentions.push(name.to_string());
-            }
+        if (reply_to.is_some() || self.chance(0.2))
+            && let Some(name) = self.pick(mentionable)
+        {
+            mentions.push(name.to_string());
         }
         let mut body = String::new();
         for m in &mentions {

@@ -13,6 +13,7 @@ use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError, is_transient};
@@ -57,6 +58,8 @@ struct Session<'a> {
     config: &'a Config,
     password: Option<SecretString>,
     client: Option<Client>,
+    /// Connections replaced after the first one.
+    reconnects: u64,
 }
 
 impl Session<'_> {
@@ -65,6 +68,9 @@ impl Session<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<&mut Client, DbError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            if self.client.is_some() {
+                self.reconnects += 1;
+            }
             self.client =
                 Some(db::connect(&self.config.database, self.password.as_ref(), shutdown).await?);
         }
@@ -72,15 +78,12 @@ impl Session<'_> {
     }
 
     /// Decides what a failed write means: retry on a new connection, or stop.
-    fn on_error(
-        &mut self,
-        err: tokio_postgres::Error,
-        summary: &mut Summary,
-    ) -> Result<(), RunError> {
+    fn on_error(&mut self, err: tokio_postgres::Error) -> Result<(), RunError> {
         if is_transient(&err) {
             tracing::warn!(error = %err, "connection lost mid-batch; the batch was rolled back and will be retried");
-            self.client = None;
-            summary.reconnects += 1;
+            if self.client.take().is_some() {
+                self.reconnects += 1;
+            }
             Ok(())
         } else {
             Err(RunError::Batch(err))
@@ -105,6 +108,7 @@ pub async fn run(
         config,
         password: config.database.resolve_password()?,
         client: None,
+        reconnects: 0,
     };
     let mut faker = Faker::new(config.workload.seed, config.workload.long_bio_ratio);
     let mut pools = loop {
@@ -115,7 +119,7 @@ pub async fn run(
         };
         match Pools::load(client).await {
             Ok(p) => break p,
-            Err(e) => session.on_error(e, &mut Summary::default())?,
+            Err(e) => session.on_error(e)?,
         }
     };
     let started = Instant::now();
@@ -148,6 +152,7 @@ pub async fn run(
         }
     };
     summary.elapsed = started.elapsed();
+    summary.reconnects = session.reconnects;
     match result {
         Ok(()) | Err(RunError::Db(DbError::Shutdown)) => Ok(summary),
         Err(e) => Err(e),
@@ -174,6 +179,7 @@ async fn run_batches(
             _ = ticker.tick() => {}
         }
         // Retry the same tick until it commits or the error is not transient.
+        let mut stale_retries = 0;
         loop {
             let client = session.client(shutdown).await?;
             match db::write_batch(client, faker, pools, &mix).await {
@@ -184,7 +190,21 @@ async fn run_batches(
                     tracing::debug!(?outcome, "batch committed");
                     break;
                 }
-                Err(err) => session.on_error(err, summary)?,
+                Err(err)
+                    if err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+                        && stale_retries < 3 =>
+                {
+                    // Another writer deleted a row our pools still hold.
+                    // The batch rolled back; refresh the pools and redo it.
+                    stale_retries += 1;
+                    tracing::debug!(error = %err, "pools were stale, reloading");
+                    let client = session.client(shutdown).await?;
+                    match Pools::load(client).await {
+                        Ok(fresh) => *pools = fresh,
+                        Err(e) => session.on_error(e)?,
+                    }
+                }
+                Err(err) => session.on_error(err)?,
             }
         }
         if last_report.elapsed() >= Duration::from_secs(30) {
@@ -220,7 +240,7 @@ async fn run_load(
         .await;
         match inserted {
             Ok(ids) => pools.add_users(ids),
-            Err(e) => session.on_error(e, summary)?,
+            Err(e) => session.on_error(e)?,
         }
     }
     let authors = pools.user_ids();
@@ -253,7 +273,7 @@ async fn run_load(
                     summary.batches += 1;
                     break;
                 }
-                Err(err) => session.on_error(err, summary)?,
+                Err(err) => session.on_error(err)?,
             }
         }
         if rate > 0 {

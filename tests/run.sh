@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs prerequisites, brings the local stack up (a
+# no-op when it already runs) and runs every cargo test in the workspace,
+# including those that talk to PostgreSQL, Kafka, Connect and MinIO.
+# The stack is left running; `tests/stack.sh down` stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
+bash tests/prereqs.sh
+bash tests/stack.sh up
+eval "$(bash tests/stack.sh env)"
+cargo test --workspace --locked "$@"
