@@ -1,0 +1,53 @@
+# The project's packages: both Rust binaries in one build, and the Debezium
+# PostgreSQL connector plugin from the same Maven Central tarball (and sha256)
+# that tests/stack.sh uses locally.
+{pkgs}: let
+  inherit (pkgs) lib;
+  cargoToml = lib.importTOML ../Cargo.toml;
+  plugin = lib.importJSON ../debezium/plugin.json;
+in {
+  cdc-lake = pkgs.rustPlatform.buildRustPackage {
+    pname = "cdc-lake";
+    inherit (cargoToml.workspace.package) version;
+    src = lib.fileset.toSource {
+      root = ../.;
+      fileset = lib.fileset.unions [
+        ../Cargo.toml
+        ../Cargo.lock
+        ../crates
+        ../db
+      ];
+    };
+    cargoLock.lockFile = ../Cargo.lock;
+    # rdkafka builds its bundled librdkafka with cmake (feature cmake-build).
+    nativeBuildInputs = [pkgs.cmake pkgs.pkg-config];
+    buildInputs = [pkgs.curl pkgs.zlib pkgs.openssl];
+    # The default feature `stack-tests` enables the tests that need the live
+    # stack; the sandbox has none, so only the unit tests run here.
+    buildNoDefaultFeatures = true;
+    checkNoDefaultFeatures = true;
+    meta = {
+      description = "Change data capture from PostgreSQL to Parquet on S3 (tweetgen, cdc-sink)";
+      license = lib.licenses.asl20;
+      mainProgram = "cdc-sink";
+    };
+  };
+
+  debezium-connector-postgres = pkgs.stdenvNoCC.mkDerivation {
+    pname = plugin.artifactId;
+    inherit (plugin) version;
+    src = pkgs.fetchurl {
+      url = "mirror://maven/${lib.replaceStrings ["."] ["/"] plugin.groupId}/${plugin.artifactId}/${plugin.version}/${plugin.artifactId}-${plugin.version}-${plugin.classifier}.${plugin.type}";
+      inherit (plugin) sha256;
+    };
+    dontUnpack = true;
+    installPhase = ''
+      mkdir -p $out/share/kafka-connect
+      tar -xzf $src -C $out/share/kafka-connect
+    '';
+    meta = {
+      description = "Debezium PostgreSQL connector, as a Kafka Connect plugin directory";
+      license = lib.licenses.asl20;
+    };
+  };
+}

@@ -1,0 +1,93 @@
+# services.cdc-sink: Debezium change events from Kafka to Parquet on S3.
+self: {
+  config,
+  lib,
+  pkgs,
+  ...
+}: let
+  cfg = config.services.cdc-sink;
+  format = pkgs.formats.toml {};
+  configFile =
+    pkgs.runCommand "cdc-sink.toml" {
+      raw = format.generate "cdc-sink-unchecked.toml" cfg.settings;
+    } ''
+      ${lib.getExe' cfg.package "cdc-sink"} --config "$raw" --check-config > /dev/null
+      cp "$raw" "$out"
+    '';
+  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
+in {
+  options.services.cdc-sink = {
+    enable = lib.mkEnableOption "the CDC Parquet sink";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = self.packages.${pkgs.stdenv.hostPlatform.system}.cdc-lake;
+      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.cdc-lake";
+      description = "Package providing the `cdc-sink` binary.";
+    };
+
+    settings = lib.mkOption {
+      type = format.type;
+      default = {};
+      example = {
+        kafka.brokers = "kafka1:9092,kafka2:9092";
+        s3 = {
+          endpoint = "https://s3.example.org";
+          bucket = "lake";
+          access_key_id = "cdc-sink";
+        };
+        flush.max_age_ms = 10000;
+      };
+      description = ''
+        cdc-sink configuration, rendered to TOML (see the README for every
+        key). Checked with `cdc-sink --check-config` at build time. Never put
+        the S3 secret here: use {option}`services.cdc-sink.secretAccessKeyFile`.
+      '';
+    };
+
+    secretAccessKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/secrets/cdc-sink-s3-secret";
+      description = ''
+        File holding the S3 secret access key, outside the Nix store. It is
+        handed to the service with systemd's `LoadCredential`.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !inStore cfg.secretAccessKeyFile;
+        message = "services.cdc-sink.secretAccessKeyFile must not be in the Nix store.";
+      }
+      {
+        assertion = !(cfg.settings ? s3 && cfg.settings.s3 ? secret_access_key);
+        message = "services.cdc-sink.settings.s3.secret_access_key would land in the Nix store: use secretAccessKeyFile.";
+      }
+    ];
+
+    # Static group membership: a restarted sink gets its partitions back at
+    # once instead of after the dead session times out.
+    services.cdc-sink.settings.kafka.instance_id = lib.mkDefault config.networking.hostName;
+
+    systemd.services.cdc-sink = {
+      description = "Debezium to Parquet sink (cdc-sink)";
+      wantedBy = ["multi-user.target"];
+      wants = ["network-online.target"];
+      after = ["network-online.target" "apache-kafka.service" "minio.service"];
+      environment = lib.mkIf (cfg.secretAccessKeyFile != null) {
+        CDC_SINK_S3__SECRET_ACCESS_KEY_FILE = "%d/s3-secret";
+      };
+      serviceConfig =
+        import ./hardening.nix
+        // {
+          ExecStart = lib.escapeShellArgs [(lib.getExe' cfg.package "cdc-sink") "--config" configFile];
+          LoadCredential = lib.optional (cfg.secretAccessKeyFile != null) "s3-secret:${cfg.secretAccessKeyFile}";
+          # SIGTERM flushes every open segment and commits; give it time.
+          TimeoutStopSec = 120;
+        };
+    };
+  };
+}

@@ -1,0 +1,185 @@
+# services.debezium: a Kafka Connect distributed worker with the Debezium
+# PostgreSQL connector on its plugin.path, and a oneshot that registers the
+# connector from debezium/*.json idempotently (PUT /connectors/NAME/config).
+self: {
+  config,
+  lib,
+  pkgs,
+  ...
+}: let
+  cfg = config.services.debezium;
+  ours = self.packages.${pkgs.stdenv.hostPlatform.system};
+  properties = pkgs.formats.javaProperties {};
+  workerProperties = properties.generate "connect-distributed.properties" cfg.settings;
+  log4j = pkgs.writeText "connect-log4j2.properties" ''
+    rootLogger.level=INFO
+    rootLogger.appenderRef.stdout.ref=STDOUT
+    appender.stdout.type=Console
+    appender.stdout.name=STDOUT
+    appender.stdout.layout.type=PatternLayout
+    appender.stdout.layout.pattern=%p %m (%c)%n
+    logger.reflections.name=org.reflections
+    logger.reflections.level=ERROR
+  '';
+  restUrl = "http://127.0.0.1:${toString cfg.restPort}";
+  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
+in {
+  options.services.debezium = {
+    enable = lib.mkEnableOption "Kafka Connect with the Debezium PostgreSQL connector";
+
+    kafkaPackage = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.apacheKafka_4_1;
+      defaultText = lib.literalExpression "pkgs.apacheKafka_4_1";
+      description = "Kafka distribution whose Connect runtime runs the worker.";
+    };
+
+    plugin = lib.mkOption {
+      type = lib.types.package;
+      default = ours.debezium-connector-postgres;
+      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.debezium-connector-postgres";
+      description = "Connector plugin; its share/kafka-connect is the plugin.path.";
+    };
+
+    restPort = lib.mkOption {
+      type = lib.types.port;
+      default = 8083;
+      description = "Port of the Connect REST API (bound to 127.0.0.1).";
+    };
+
+    heapSize = lib.mkOption {
+      type = lib.types.str;
+      default = "768m";
+      description = "JVM maximum heap of the worker.";
+    };
+
+    settings = lib.mkOption {
+      type = properties.type;
+      default = {};
+      description = ''
+        Extra Connect worker properties, merged over the defaults (one broker:
+        every replication factor is 1).
+      '';
+    };
+
+    connectorName = lib.mkOption {
+      type = lib.types.str;
+      default = "twitter-postgres";
+      description = "Name the connector is registered under.";
+    };
+
+    connectorConfig = lib.mkOption {
+      type = lib.types.path;
+      default = ../debezium/twitter-postgres.json;
+      description = ''
+        Connector configuration JSON. Its `database.password` should stay
+        `''${env:DEBEZIUM_DB_PASSWORD}`, which the worker resolves from
+        {option}`services.debezium.databasePasswordFile`.
+      '';
+    };
+
+    connectorOverrides = lib.mkOption {
+      type = lib.types.attrsOf lib.types.str;
+      default = {};
+      example = {"database.hostname" = "db.example.org";};
+      description = "Keys replaced in the connector JSON at registration.";
+    };
+
+    databasePasswordFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "File with the PostgreSQL password of the Debezium role, outside the Nix store.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !inStore cfg.databasePasswordFile;
+        message = "services.debezium.databasePasswordFile must not be in the Nix store.";
+      }
+    ];
+
+    services.debezium.settings = lib.mapAttrs (_: lib.mkDefault) {
+      "bootstrap.servers" = "127.0.0.1:9092";
+      "group.id" = "cdc-lake-connect";
+      "listeners" = "http://127.0.0.1:${toString cfg.restPort}";
+      "rest.advertised.host.name" = "127.0.0.1";
+      "key.converter" = "org.apache.kafka.connect.json.JsonConverter";
+      "value.converter" = "org.apache.kafka.connect.json.JsonConverter";
+      "config.storage.topic" = "connect-configs";
+      "offset.storage.topic" = "connect-offsets";
+      "status.storage.topic" = "connect-status";
+      "config.storage.replication.factor" = "1";
+      "offset.storage.replication.factor" = "1";
+      "status.storage.replication.factor" = "1";
+      "offset.flush.interval.ms" = "5000";
+      "plugin.path" = "${cfg.plugin}/share/kafka-connect";
+      "config.providers" = "env";
+      "config.providers.env.class" = "org.apache.kafka.common.config.provider.EnvVarConfigProvider";
+    };
+
+    systemd.services.kafka-connect = {
+      description = "Kafka Connect worker with Debezium";
+      wantedBy = ["multi-user.target"];
+      after = ["apache-kafka.service" "network-online.target"];
+      wants = ["apache-kafka.service" "network-online.target"];
+      # The password reaches the JVM through its environment, read from the
+      # credential at start; it is never in the store or on a command line.
+      script = ''
+        ${lib.optionalString (cfg.databasePasswordFile != null) ''
+          DEBEZIUM_DB_PASSWORD=$(cat "$CREDENTIALS_DIRECTORY/db-password")
+          export DEBEZIUM_DB_PASSWORD
+        ''}
+        exec ${cfg.kafkaPackage.passthru.jre}/bin/java -Xms256m -Xmx${cfg.heapSize} \
+          -Dlog4j2.configurationFile=${log4j} \
+          -cp "${cfg.kafkaPackage}/libs/*" \
+          org.apache.kafka.connect.cli.ConnectDistributed ${workerProperties}
+      '';
+      serviceConfig = {
+        DynamicUser = true;
+        LoadCredential = lib.optional (cfg.databasePasswordFile != null) "db-password:${cfg.databasePasswordFile}";
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = [""];
+        Restart = "on-failure";
+        RestartSec = 10;
+        SuccessExitStatus = "0 143";
+      };
+    };
+
+    systemd.services.debezium-connector = {
+      description = "Register the Debezium connector with Kafka Connect";
+      wantedBy = ["multi-user.target"];
+      after = ["kafka-connect.service" "postgresql.service"];
+      requires = ["kafka-connect.service"];
+      path = [pkgs.curl pkgs.jq];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        DynamicUser = true;
+        Restart = "on-failure";
+        RestartSec = 10;
+      };
+      script = ''
+        for _ in $(seq 120); do
+          curl -fsS ${restUrl}/connectors >/dev/null && break
+          sleep 1
+        done
+        body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} '. + $o' ${cfg.connectorConfig})
+        curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
+          ${restUrl}/connectors/${cfg.connectorName}/config >/dev/null
+        for _ in $(seq 120); do
+          state=$(curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status \
+            | jq -r '[.connector.state] + [.tasks[].state] | unique | join(",")') || true
+          [ "$state" = RUNNING ] && exit 0
+          sleep 1
+        done
+        echo "connector not RUNNING: $state" >&2
+        exit 1
+      '';
+    };
+  };
+}

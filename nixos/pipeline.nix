@@ -1,0 +1,250 @@
+# services.cdc-lake: the whole pipeline on one host. PostgreSQL 15 with
+# logical replication, Kafka 4.1 in KRaft mode, Kafka Connect with Debezium,
+# MinIO with the lake bucket, the generator and the sink.
+#
+# Credentials are generated at first boot into `secretsDir` (root-only) and
+# handed to each service as a systemd credential; none is in the Nix store.
+self: {
+  config,
+  lib,
+  pkgs,
+  ...
+}: let
+  cfg = config.services.cdc-lake;
+  secrets = cfg.secretsDir;
+  pg = config.services.postgresql.package;
+in {
+  imports = [
+    self.nixosModules.tweetgen
+    self.nixosModules.cdc-sink
+    self.nixosModules.debezium
+  ];
+
+  options.services.cdc-lake = {
+    enable = lib.mkEnableOption "the complete CDC lake pipeline with its demo workload";
+
+    secretsDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/cdc-lake/secrets";
+      description = ''
+        Where first boot generates the PostgreSQL, MinIO and S3 credentials
+        (mode 0700, root). Existing files are kept.
+      '';
+    };
+
+    bucket = lib.mkOption {
+      type = lib.types.str;
+      default = "lake";
+      description = "MinIO bucket that receives the Parquet files.";
+    };
+
+    kafkaClusterId = lib.mkOption {
+      type = lib.types.str;
+      default = "cdclakeKRaftCluster01";
+      description = "KRaft cluster id (22 characters of base64) used to format the log dir.";
+    };
+
+    generator.enable = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Whether to run the demo workload generator.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    # MinIO upstream is no longer maintained and nixos-26.05 marks it
+    # insecure. This allows exactly that package, for a local demo lake;
+    # point the sink at another S3 for anything else.
+    nixpkgs.config.allowInsecurePredicate = pkg: lib.getName pkg == "minio";
+
+    systemd.services.cdc-lake-secrets = {
+      description = "Generate the CDC lake credentials on first boot";
+      wantedBy = ["multi-user.target"];
+      before = ["postgresql.service" "minio.service" "kafka-connect.service" "tweetgen.service" "cdc-sink.service"];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        UMask = "0077";
+      };
+      path = [pkgs.openssl pkgs.coreutils];
+      script = ''
+        mkdir -p ${secrets}
+        chmod 0700 ${secrets}
+        gen() { [ -s "${secrets}/$1" ] || openssl rand -hex 24 > "${secrets}/$1"; }
+        gen tweetgen-db-password
+        gen debezium-db-password
+        gen minio-root-password
+        if [ ! -s ${secrets}/minio-root.env ]; then
+          printf 'MINIO_ROOT_USER=cdclake\nMINIO_ROOT_PASSWORD=%s\n' "$(cat ${secrets}/minio-root-password)" \
+            > ${secrets}/minio-root.env
+        fi
+      '';
+    };
+
+    services.postgresql = {
+      enable = true;
+      package = pkgs.postgresql_15;
+      settings = {
+        wal_level = "logical";
+        max_replication_slots = 8;
+        max_wal_senders = 8;
+        max_slot_wal_keep_size = "2GB";
+      };
+      ensureDatabases = ["twitter"];
+      ensureUsers = [
+        {name = "tweetgen";}
+        {
+          name = "debezium";
+          ensureClauses.replication = true;
+        }
+      ];
+      authentication = ''
+        host twitter     tweetgen 127.0.0.1/32 scram-sha-256
+        host twitter     debezium 127.0.0.1/32 scram-sha-256
+        host replication debezium 127.0.0.1/32 scram-sha-256
+      '';
+    };
+
+    # Schema, grants and publication from db/, and the role passwords from
+    # the generated credentials; every statement is idempotent.
+    systemd.services.cdc-lake-db = {
+      description = "Apply the CDC lake schema and role passwords";
+      wantedBy = ["multi-user.target"];
+      after = ["postgresql-setup.service" "cdc-lake-secrets.service"];
+      requires = ["postgresql-setup.service" "cdc-lake-secrets.service"];
+      before = ["tweetgen.service" "debezium-connector.service"];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        User = "postgres";
+        LoadCredential = [
+          "tweetgen:${secrets}/tweetgen-db-password"
+          "debezium:${secrets}/debezium-db-password"
+        ];
+      };
+      path = [pg];
+      script = ''
+        psql -v ON_ERROR_STOP=1 -d twitter \
+          -v tg="$(cat "$CREDENTIALS_DIRECTORY/tweetgen")" \
+          -v dz="$(cat "$CREDENTIALS_DIRECTORY/debezium")" <<'SQL'
+        ALTER ROLE tweetgen PASSWORD :'tg';
+        ALTER ROLE debezium PASSWORD :'dz';
+        SQL
+        for f in ${../db}/*.sql; do
+          psql -v ON_ERROR_STOP=1 -d twitter -f "$f"
+        done
+      '';
+    };
+
+    services.apache-kafka = {
+      enable = true;
+      package = pkgs.apacheKafka_4_1;
+      clusterId = cfg.kafkaClusterId;
+      formatLogDirs = true;
+      formatLogDirsIgnoreFormatted = true;
+      jvmOptions = ["-Xms256m" "-Xmx512m"];
+      settings = {
+        "node.id" = 1;
+        "process.roles" = ["broker" "controller"];
+        "controller.quorum.voters" = "1@127.0.0.1:9093";
+        "controller.listener.names" = ["CONTROLLER"];
+        "listeners" = ["PLAINTEXT://127.0.0.1:9092" "CONTROLLER://127.0.0.1:9093"];
+        # 127.0.0.1 is also right for a host client through the VM's
+        # forwarded port 9092.
+        "advertised.listeners" = ["PLAINTEXT://127.0.0.1:9092"];
+        "listener.security.protocol.map" = ["CONTROLLER:PLAINTEXT" "PLAINTEXT:PLAINTEXT"];
+        "inter.broker.listener.name" = "PLAINTEXT";
+        "log.dirs" = ["/var/lib/apache-kafka"];
+        "num.partitions" = 3;
+        "offsets.topic.replication.factor" = 1;
+        "transaction.state.log.replication.factor" = 1;
+        "transaction.state.log.min.isr" = 1;
+        "share.coordinator.state.topic.replication.factor" = 1;
+        "share.coordinator.state.topic.min.isr" = 1;
+        "group.initial.rebalance.delay.ms" = 0;
+      };
+    };
+    systemd.services.apache-kafka.serviceConfig = {
+      StateDirectory = "apache-kafka";
+      Restart = "on-failure";
+    };
+
+    services.minio = {
+      enable = true;
+      listenAddress = "127.0.0.1:9000";
+      consoleAddress = "127.0.0.1:9001";
+      region = "us-east-1";
+      rootCredentialsFile = "${secrets}/minio-root.env";
+    };
+    systemd.services.minio = {
+      after = ["cdc-lake-secrets.service"];
+      requires = ["cdc-lake-secrets.service"];
+    };
+
+    systemd.services.cdc-lake-bucket = {
+      description = "Create the lake bucket in MinIO";
+      wantedBy = ["multi-user.target"];
+      after = ["minio.service"];
+      requires = ["minio.service"];
+      before = ["cdc-sink.service"];
+      path = [pkgs.curl];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        LoadCredential = "minio:${secrets}/minio-root-password";
+      };
+      script = ''
+        for _ in $(seq 60); do
+          curl -fsS http://127.0.0.1:9000/minio/health/live && break
+          sleep 1
+        done
+        code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT \
+          --aws-sigv4 "aws:amz:us-east-1:s3" \
+          --user "cdclake:$(cat "$CREDENTIALS_DIRECTORY/minio")" \
+          http://127.0.0.1:9000/${cfg.bucket})
+        case $code in 200|409) ;; *) echo "bucket creation failed: HTTP $code" >&2; exit 1 ;; esac
+      '';
+    };
+
+    services.debezium = {
+      enable = true;
+      databasePasswordFile = "${secrets}/debezium-db-password";
+    };
+    systemd.services.kafka-connect.after = ["cdc-lake-secrets.service"];
+    systemd.services.debezium-connector = {
+      after = ["cdc-lake-db.service"];
+      requires = ["cdc-lake-db.service"];
+    };
+
+    services.tweetgen = lib.mkIf cfg.generator.enable {
+      enable = true;
+      passwordFile = "${secrets}/tweetgen-db-password";
+      settings.database = {
+        host = "127.0.0.1";
+        user = "tweetgen";
+      };
+    };
+    systemd.services.tweetgen = lib.mkIf cfg.generator.enable {
+      after = ["cdc-lake-db.service"];
+      requires = ["cdc-lake-db.service"];
+    };
+
+    services.cdc-sink = {
+      enable = true;
+      # MinIO's root user; a dedicated S3 user is better outside a demo.
+      secretAccessKeyFile = "${secrets}/minio-root-password";
+      settings = {
+        kafka.brokers = "127.0.0.1:9092";
+        s3 = {
+          endpoint = "http://127.0.0.1:9000";
+          inherit (cfg) bucket;
+          access_key_id = "cdclake";
+        };
+      };
+    };
+    systemd.services.cdc-sink = {
+      after = ["cdc-lake-bucket.service" "debezium-connector.service"];
+      requires = ["cdc-lake-bucket.service"];
+    };
+  };
+}

@@ -1,0 +1,53 @@
+# The demo VM behind `nix run .#vm`: the whole pipeline, sized for two JVMs,
+# with every service port forwarded to the same port on the host.
+{lib, ...}: {
+  services.cdc-lake.enable = true;
+
+  networking.hostName = "cdc-lake";
+  system.stateVersion = "26.05";
+
+  # A root file system so the configuration also evaluates outside the VM.
+  boot.loader.grub.enable = false;
+  fileSystems."/" = {
+    device = "/dev/disk/by-label/nixos";
+    fsType = "ext4";
+  };
+
+  services.getty.autologinUser = "root";
+  users.users.root.initialHashedPassword = lib.mkDefault "";
+
+  virtualisation.vmVariant = {
+    virtualisation = {
+      memorySize = 6144;
+      cores = 4;
+      diskSize = 8192;
+      graphics = false;
+      forwardPorts =
+        map (port: {
+          from = "host";
+          host = {inherit port;};
+          guest = {inherit port;};
+        }) [
+          5432 # PostgreSQL
+          8083 # Kafka Connect REST
+          9000 # MinIO S3 API
+          9001 # MinIO console
+          9092 # Kafka
+        ];
+    };
+    # Forwarded connections arrive from the user-mode network, not loopback:
+    # listen there too (the VM has no other network).
+    services.minio.listenAddress = lib.mkForce ":9000";
+    services.minio.consoleAddress = lib.mkForce ":9001";
+    services.apache-kafka.settings.listeners = lib.mkForce [
+      "PLAINTEXT://0.0.0.0:9092"
+      "CONTROLLER://127.0.0.1:9093"
+    ];
+    services.debezium.settings.listeners = "http://0.0.0.0:8083";
+    networking.firewall.allowedTCPPorts = [5432 8083 9000 9001 9092];
+    services.postgresql.enableTCPIP = true;
+    services.postgresql.authentication = ''
+      host twitter tweetgen 10.0.2.0/24 scram-sha-256
+    '';
+  };
+}
