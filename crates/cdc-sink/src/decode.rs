@@ -345,7 +345,7 @@ fn format_decimal(unscaled: i128, scale: u32) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -414,5 +414,180 @@ mod tests {
             d.decode(Some(br#"{"payload":{"op":"c"}}"#)),
             Err(DecodeError::Envelope(_))
         ));
+    }
+
+    /// Real events captured from the local stack by tests/capture-fixtures.sh.
+    pub(crate) const TYPE_ZOO: &str = include_str!("../tests/fixtures/type_zoo.jsonl");
+    pub(crate) const TWITTER: &str = include_str!("../tests/fixtures/twitter.jsonl");
+
+    fn decode_all(d: &mut Decoder, corpus: &str) -> Vec<Decoded> {
+        corpus
+            .lines()
+            .map(|l| d.decode(Some(l.as_bytes())).expect(l))
+            .collect()
+    }
+
+    fn rows(decoded: Vec<Decoded>) -> Vec<ChangeRow> {
+        decoded
+            .into_iter()
+            .filter_map(|d| match d {
+                Decoded::Row(r) => Some(r),
+                Decoded::Tombstone => None,
+            })
+            .collect()
+    }
+
+    fn value<'a>(row: &'a ChangeRow, column: &str) -> &'a Datum {
+        let i = row
+            .schema
+            .columns
+            .iter()
+            .position(|c| c.name == column)
+            .unwrap();
+        &row.values[i]
+    }
+
+    #[test]
+    fn every_type_decodes_from_real_events() {
+        let mut d = Decoder::new();
+        let all = decode_all(&mut d, TYPE_ZOO);
+        assert_eq!(
+            all.iter()
+                .filter(|x| matches!(x, Decoded::Tombstone))
+                .count(),
+            1
+        );
+        let rows = rows(all);
+        let full = rows
+            .iter()
+            .find(|r| r.op == Op::Create && value(r, "id") == &Datum::Int(1))
+            .expect("the fully populated insert");
+        assert_eq!(value(full, "small"), &Datum::Int(-7));
+        assert_eq!(value(full, "medium"), &Datum::Int(123_456));
+        assert_eq!(value(full, "real_num"), &Datum::Float(1.5));
+        assert_eq!(value(full, "double_num"), &Datum::Float(-2.25e10));
+        assert_eq!(value(full, "flag"), &Datum::Bool(true));
+        assert_eq!(value(full, "label"), &Datum::Str("héllo".into()));
+        assert_eq!(value(full, "note"), &Datum::Str("multi\nline".into()));
+        // numeric(10,3) 12345.678
+        assert_eq!(value(full, "price"), &Datum::Decimal(12_345_678));
+        assert_eq!(
+            value(full, "free_numeric"),
+            &Datum::Str("3.14159265358979".into())
+        );
+        // 2024-02-29 is day 19782 of the epoch.
+        assert_eq!(value(full, "day"), &Datum::Int(19_782));
+        assert_eq!(value(full, "at_time"), &Datum::Int(47_655_123_456));
+        assert_eq!(value(full, "local_ts"), &Datum::Int(1_709_212_455_654_321));
+        // 13:14:15.654321+02 is 11:14:15.654321Z.
+        assert_eq!(value(full, "zoned_ts"), &Datum::Int(1_709_205_255_654_321));
+        assert_eq!(
+            value(full, "blob"),
+            &Datum::Bytes(vec![0xde, 0xad, 0xbe, 0xef])
+        );
+        assert_eq!(
+            value(full, "tags"),
+            &Datum::List(vec![
+                Datum::Str("a".into()),
+                Datum::Str("b,c".into()),
+                Datum::Str("日本".into())
+            ])
+        );
+        assert_eq!(
+            value(full, "scores"),
+            &Datum::List(vec![Datum::Int(1), Datum::Int(2), Datum::Int(3)])
+        );
+        assert_eq!(
+            value(full, "doc"),
+            &Datum::Str(r#"{"k": [1, {"x": null}]}"#.into())
+        );
+        assert_eq!(
+            value(full, "uid"),
+            &Datum::Str("6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10".into())
+        );
+        assert!(full.lsn.is_some() && full.tx_id.is_some() && full.commit_ts_ms > 0);
+
+        let nulls = rows
+            .iter()
+            .find(|r| r.op == Op::Create && value(r, "id") == &Datum::Int(2))
+            .unwrap();
+        assert_eq!(value(nulls, "price"), &Datum::Decimal(-1));
+        assert_eq!(value(nulls, "free_numeric"), &Datum::Str("-42".into()));
+        assert_eq!(value(nulls, "tags"), &Datum::List(vec![]));
+        assert_eq!(value(nulls, "label"), &Datum::Null);
+
+        let update = rows.iter().find(|r| r.op == Op::Update).unwrap();
+        assert_eq!(value(update, "price"), &Datum::Decimal(99_999_999));
+        assert_eq!(value(update, "flag"), &Datum::Bool(false));
+    }
+
+    #[test]
+    fn deletes_use_the_before_image() {
+        let mut d = Decoder::new();
+        let rows = rows(decode_all(&mut d, TYPE_ZOO));
+        let delete = rows.iter().find(|r| r.op == Op::Delete).unwrap();
+        // REPLICA IDENTITY DEFAULT: the key only.
+        assert_eq!(value(delete, "id"), &Datum::Int(2));
+        assert_eq!(value(delete, "price"), &Datum::Null);
+
+        let rows = super::tests::rows(decode_all(&mut d, TWITTER));
+        let tweet_delete = rows.iter().find(|r| r.op == Op::Delete).unwrap();
+        // tweets is REPLICA IDENTITY FULL: the whole old row.
+        assert_eq!(
+            value(tweet_delete, "body"),
+            &Datum::Str("fixture tweet #cdc".into())
+        );
+        assert_eq!(value(tweet_delete, "latitude"), &Datum::Decimal(52_520_008));
+    }
+
+    #[test]
+    fn schema_change_is_a_new_schema_not_an_error() {
+        let mut d = Decoder::new();
+        let rows = rows(decode_all(&mut d, TYPE_ZOO));
+        let after_change = rows
+            .iter()
+            .find(|r| r.schema.columns.iter().any(|c| c.name == "added_later"))
+            .expect("an event with the added column");
+        assert_eq!(
+            value(after_change, "added_later"),
+            &Datum::Str("new".into())
+        );
+        let ids: std::collections::HashSet<u64> = rows.iter().map(|r| r.schema_id).collect();
+        assert_eq!(ids.len(), 2, "one schema before and one after ALTER TABLE");
+        assert_eq!(d.schema_count(), 2);
+    }
+
+    #[test]
+    fn unchanged_toast_is_marked_not_written() {
+        let mut d = Decoder::new();
+        let rows = rows(decode_all(&mut d, TWITTER));
+        let update = rows
+            .iter()
+            .find(|r| r.op == Op::Update)
+            .expect("the update that left the bio alone");
+        let bio = update
+            .schema
+            .columns
+            .iter()
+            .position(|c| c.name == "bio")
+            .unwrap();
+        assert_eq!(update.unchanged, vec![bio]);
+        assert_eq!(update.values[bio], Datum::Null);
+        let insert = rows
+            .iter()
+            .find(|r| r.op == Op::Create && r.schema.columns.iter().any(|c| c.name == "username"))
+            .unwrap();
+        assert!(matches!(value(insert, "bio"), Datum::Str(s) if s.len() > 2000));
+        assert_eq!(value(insert, "reputation"), &Datum::Decimal(8_725));
+    }
+
+    #[test]
+    fn a_value_that_breaks_its_schema_is_rejected() {
+        let line = TYPE_ZOO.lines().find(|l| l.contains("héllo")).unwrap();
+        let broken = line.replacen("\"medium\":123456", "\"medium\":\"many\"", 1);
+        let err = Decoder::new().decode(Some(broken.as_bytes())).unwrap_err();
+        assert!(err.to_string().contains("`medium`"), "{err}");
+        let overflow = line.replacen("\"small\":-7", "\"small\":70000", 1);
+        assert!(Decoder::new().decode(Some(overflow.as_bytes())).is_err());
     }
 }

@@ -275,4 +275,192 @@ mod tests {
             "_quarantine/twitter.users/p001/00000000000000000007.json"
         );
     }
+
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray, Decimal128Array};
+    use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+    use object_store::memory::InMemory;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use crate::batch::Segment;
+    use crate::config::SinkConfig;
+    use crate::decode::{Decoded, Decoder};
+
+    fn segment_from(corpus: &str) -> Segment {
+        let mut d = Decoder::new();
+        let mut seg = Segment::new(0);
+        for (offset, line) in corpus.lines().enumerate() {
+            match d.decode(Some(line.as_bytes())).unwrap() {
+                Decoded::Row(r) => seg.push(&r, 0, offset as i64, line.len()),
+                Decoded::Tombstone => seg.cover(offset as i64),
+            }
+        }
+        seg
+    }
+
+    async fn read_back(store: &InMemory, key: &Path) -> Vec<RecordBatch> {
+        let bytes = store.get(key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&bytes[..4], b"PAR1");
+        ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn segment_round_trips_through_parquet() {
+        let store = Arc::new(InMemory::new());
+        let writer = Writer::new(store.clone(), &SinkConfig::default().output);
+        let mut seg = segment_from(crate::decode::tests::TYPE_ZOO);
+        let encoded = writer
+            .encode_segment("fixtures.public.type_zoo", 0, &mut seg)
+            .unwrap();
+        writer.put_segment(&encoded).await.unwrap();
+
+        // Two schemas (before and after ALTER TABLE ... ADD COLUMN), one date.
+        assert_eq!(encoded.files.len(), 2);
+        let (first_key, first_rows, _) = &encoded.files[0];
+        assert!(
+            first_key.as_ref().starts_with("type_zoo/date=2026-"),
+            "{first_key}"
+        );
+        assert!(
+            first_key
+                .as_ref()
+                .ends_with("-p000-00000000000000000000-00000000000000000005-0.parquet")
+        );
+        assert_eq!(*first_rows, 4);
+
+        let batches = read_back(&store, first_key).await;
+        let batch = &batches[0];
+        let schema = batch.schema();
+        let utc_us = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        assert_eq!(
+            schema.field_with_name("zoned_ts").unwrap().data_type(),
+            &utc_us
+        );
+        assert_eq!(
+            schema.field_with_name("local_ts").unwrap().data_type(),
+            &utc_us
+        );
+        assert_eq!(
+            schema.field_with_name("price").unwrap().data_type(),
+            &DataType::Decimal128(10, 3)
+        );
+        assert_eq!(
+            schema
+                .field_with_name("_cdc_commit_ts")
+                .unwrap()
+                .data_type(),
+            &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+        );
+        let ids = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let row = (0..batch.num_rows()).find(|&i| ids.value(i) == 1).unwrap();
+        let zoned = batch
+            .column_by_name("zoned_ts")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(zoned.value(row), 1_709_205_255_654_321);
+        let price = batch
+            .column_by_name("price")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .unwrap();
+        assert_eq!(price.value_as_string(row), "12345.678");
+        let tags = batch
+            .column_by_name("tags")
+            .unwrap()
+            .as_list::<i32>()
+            .value(row);
+        assert_eq!(tags.as_string::<i32>().value(2), "日本");
+
+        // The intent records the range for a replay.
+        let intent = writer
+            .read_intent("fixtures.public.type_zoo", 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(intent, Some(Intent { first: 0, last: 5 }));
+
+        let (second_key, _, _) = &encoded.files[1];
+        let after = read_back(&store, second_key).await;
+        assert!(after[0].schema().field_with_name("added_later").is_ok());
+    }
+
+    #[tokio::test]
+    async fn unchanged_toast_becomes_null_and_is_listed() {
+        let store = Arc::new(InMemory::new());
+        let writer = Writer::new(store.clone(), &SinkConfig::default().output);
+        let users: String = crate::decode::tests::TWITTER
+            .lines()
+            .filter(|l| l.contains("\"table\":\"users\""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut seg = segment_from(&users);
+        let encoded = writer.encode_segment("twitter.users", 1, &mut seg).unwrap();
+        writer.put_segment(&encoded).await.unwrap();
+        let batch = &read_back(&store, &encoded.files[0].0).await[0];
+        let ops = batch.column_by_name("_cdc_op").unwrap().as_string::<i32>();
+        let bio = batch.column_by_name("bio").unwrap();
+        let unchanged = batch
+            .column_by_name("_cdc_unchanged_cols")
+            .unwrap()
+            .as_list::<i32>();
+        let update = (0..batch.num_rows())
+            .find(|&i| ops.value(i) == "u")
+            .unwrap();
+        assert!(
+            bio.is_null(update),
+            "the placeholder is never written as data"
+        );
+        assert_eq!(unchanged.value(update).as_string::<i32>().value(0), "bio");
+        let insert = (0..batch.num_rows())
+            .find(|&i| ops.value(i) == "c")
+            .unwrap();
+        assert!(unchanged.is_null(insert));
+        assert!(!bio.is_null(insert));
+    }
+
+    #[tokio::test]
+    async fn rewriting_a_segment_is_idempotent() {
+        let store = Arc::new(InMemory::new());
+        let writer = Writer::new(store.clone(), &SinkConfig::default().output);
+        let first = writer
+            .encode_segment(
+                "t.type_zoo",
+                0,
+                &mut segment_from(crate::decode::tests::TYPE_ZOO),
+            )
+            .unwrap();
+        let again = writer
+            .encode_segment(
+                "t.type_zoo",
+                0,
+                &mut segment_from(crate::decode::tests::TYPE_ZOO),
+            )
+            .unwrap();
+        writer.put_segment(&first).await.unwrap();
+        writer.put_segment(&again).await.unwrap();
+        let keys: Vec<_> = first.files.iter().map(|f| f.0.clone()).collect();
+        assert_eq!(
+            keys,
+            again.files.iter().map(|f| f.0.clone()).collect::<Vec<_>>()
+        );
+        for ((_, _, a), (_, _, b)) in first.files.iter().zip(&again.files) {
+            assert_eq!(a, b, "same rows, same bytes");
+        }
+        use futures::TryStreamExt;
+        let listed: Vec<_> = store.list(None).try_collect().await.unwrap();
+        assert_eq!(
+            listed.len(),
+            keys.len() + 1,
+            "the files and one intent, nothing more"
+        );
+    }
 }

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Captures real Debezium change events from the running local stack into
+# crates/cdc-sink/tests/fixtures/, for the sink's decode unit tests.
+#
+#   type_zoo.jsonl  every column type the lake carries, inserts, updates,
+#                   a delete and its tombstone, then an added column
+#   twitter.jsonl   events of the demo tables, including an unchanged-TOAST
+#                   placeholder and REPLICA IDENTITY FULL deletes
+#
+# Each line is one Kafka message value; an empty line is a tombstone. The
+# capture uses its own database, publication, slot and connector, removed
+# afterwards. Run `tests/stack.sh up` first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash tests/stack.sh env)"
+out=crates/cdc-sink/tests/fixtures
+mkdir -p "$out"
+su() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -h "$STACK_PG_SUPERUSER_SOCKET" -p "$PGPORT" -U postgres "$@"; }
+
+# A fresh topic prefix per capture: topics of earlier captures stay behind.
+prefix=fixtures$(date +%s)
+curl -s -X DELETE "$STACK_CONNECT_URL/connectors/fixtures-postgres" >/dev/null || true
+sleep 3
+su -d postgres -c "DROP DATABASE IF EXISTS fixtures WITH (FORCE)" \
+  -c "SELECT pg_drop_replication_slot('fixtures_slot') FROM pg_replication_slots WHERE slot_name = 'fixtures_slot'" \
+  -c "CREATE DATABASE fixtures" >/dev/null
+su -d fixtures <<'SQL'
+CREATE TABLE type_zoo (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    small        smallint,
+    medium       integer,
+    real_num     real,
+    double_num   double precision,
+    flag         boolean,
+    label        varchar(40),
+    note         text,
+    price        numeric(10,3),
+    free_numeric numeric,
+    day          date,
+    at_time      time,
+    local_ts     timestamp,
+    zoned_ts     timestamptz,
+    blob         bytea,
+    tags         text[],
+    scores       integer[],
+    doc          jsonb,
+    uid          uuid
+);
+GRANT CONNECT ON DATABASE fixtures TO debezium;
+GRANT SELECT ON type_zoo TO debezium;
+CREATE PUBLICATION fixtures_pub FOR TABLE type_zoo;
+SQL
+
+body=$(jq --arg prefix "$prefix" '. + {
+  "database.dbname": "fixtures", "topic.prefix": $prefix,
+  "table.include.list": "public.type_zoo", "publication.name": "fixtures_pub",
+  "slot.name": "fixtures_slot", "snapshot.mode": "no_data"}' debezium/twitter-postgres.json)
+curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
+  "$STACK_CONNECT_URL/connectors/fixtures-postgres/config" >/dev/null
+for _ in $(seq 60); do
+  state=$(curl -fsS "$STACK_CONNECT_URL/connectors/fixtures-postgres/status" 2>/dev/null | jq -r '[.tasks[].state] | join(",")' || true)
+  [ "$state" = RUNNING ] && break
+  sleep 1
+done
+sleep 3
+
+su -d fixtures <<'SQL'
+INSERT INTO type_zoo (small, medium, real_num, double_num, flag, label, note, price, free_numeric,
+                      day, at_time, local_ts, zoned_ts, blob, tags, scores, doc, uid)
+VALUES (-7, 123456, 1.5, -2.25e10, true, 'héllo', 'multi
+line', 12345.678, 3.14159265358979, '2024-02-29', '13:14:15.123456', '2024-02-29 13:14:15.654321',
+        '2024-02-29 13:14:15.654321+02', '\xdeadbeef', '{"a","b,c","日本"}', '{1,2,3}',
+        '{"k": [1, {"x": null}]}', '6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10'),
+       (NULL, NULL, NULL, NULL, NULL, NULL, NULL, -0.001, -42, NULL, NULL, NULL, NULL, NULL, '{}', NULL, NULL, NULL);
+UPDATE type_zoo SET price = 99999.999, flag = false WHERE id = 1;
+DELETE FROM type_zoo WHERE id = 2;
+ALTER TABLE type_zoo ADD COLUMN added_later text DEFAULT 'new';
+INSERT INTO type_zoo (small, label) VALUES (1, 'after the schema change');
+SQL
+sleep 5
+kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$prefix.public.type_zoo" -o beginning -e -q -f '%s\n' >"$out/type_zoo.jsonl"
+
+# Demo tables: a user with a TOASTed bio, an update that leaves the bio
+# alone (placeholder), a tweet and its delete under REPLICA IDENTITY FULL.
+psql -X -q -v ON_ERROR_STOP=1 "host=$PGHOST port=$PGPORT dbname=twitter user=tweetgen password=$TWEETGEN_DATABASE__PASSWORD" <<'SQL'
+INSERT INTO users (username, display_name, bio, reputation)
+VALUES ('fixture_user', 'Fixture User', repeat('A long bio that is stored out of line. ', 120), 87.25)
+ON CONFLICT (username) DO UPDATE SET bio = EXCLUDED.bio;
+UPDATE users SET followers_count = followers_count + 1 WHERE username = 'fixture_user';
+INSERT INTO tweets (user_id, body, lang, hashtags, latitude, longitude)
+SELECT id, 'fixture tweet #cdc', 'en', '{cdc}', 52.520008, 13.404954 FROM users WHERE username = 'fixture_user';
+DELETE FROM tweets WHERE body = 'fixture tweet #cdc';
+SQL
+sleep 5
+: >"$out/twitter.jsonl"
+for t in twitter.users twitter.tweets; do
+  kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$t" -o beginning -e -q -f '%s\n' \
+    | grep -e fixture_user -e 'fixture tweet' -e '^$' | grep -v '^$' >>"$out/twitter.jsonl" || true
+done
+
+curl -fsS -X DELETE "$STACK_CONNECT_URL/connectors/fixtures-postgres" >/dev/null
+sleep 2
+su -d postgres -c "SELECT pg_drop_replication_slot('fixtures_slot') FROM pg_replication_slots WHERE slot_name = 'fixtures_slot'" >/dev/null
+echo "captured: $(wc -l <"$out/type_zoo.jsonl") type_zoo events, $(wc -l <"$out/twitter.jsonl") twitter events"
