@@ -1,1 +1,69 @@
-fn main() {}
+//! Decode, Arrow and Parquet throughput on one core, on real Debezium
+//! messages (with their schemas) captured from the local stack.
+//!
+//! `cargo bench -p cdc-sink --bench decode`
+
+use std::hint::black_box;
+
+use cdc_sink::batch::Segment;
+use cdc_sink::config::SinkConfig;
+use cdc_sink::decode::{Decoded, Decoder};
+use cdc_sink::write::Writer;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+/// The demo tables' events, repeated to a corpus of `n` messages.
+fn corpus(n: usize) -> Vec<Vec<u8>> {
+    let lines: Vec<&str> = include_str!("../tests/fixtures/twitter.jsonl")
+        .lines()
+        .chain(include_str!("../tests/fixtures/type_zoo.jsonl").lines())
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines
+        .iter()
+        .cycle()
+        .take(n)
+        .map(|l| l.as_bytes().to_vec())
+        .collect()
+}
+
+fn decode_only(c: &mut Criterion) {
+    let msgs = corpus(10_000);
+    let bytes: usize = msgs.iter().map(Vec::len).sum();
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function(format!("{} msgs, {} MiB", msgs.len(), bytes >> 20), |b| {
+        let mut d = Decoder::new();
+        b.iter(|| {
+            for m in &msgs {
+                black_box(d.decode(Some(m)).unwrap());
+            }
+        })
+    });
+    g.finish();
+}
+
+fn decode_arrow_parquet(c: &mut Criterion) {
+    let msgs = corpus(10_000);
+    let writer = Writer::new(
+        std::sync::Arc::new(object_store::memory::InMemory::new()),
+        &SinkConfig::default().output,
+    );
+    let mut g = c.benchmark_group("decode+arrow+parquet(zstd)");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function("10k msgs", |b| {
+        let mut d = Decoder::new();
+        b.iter(|| {
+            let mut seg = Segment::new(0);
+            for (i, m) in msgs.iter().enumerate() {
+                if let Decoded::Row(r) = d.decode(Some(m)).unwrap() {
+                    seg.push(&r, 0, i as i64, m.len());
+                }
+            }
+            black_box(writer.encode_segment("twitter.users", 0, &mut seg).unwrap());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode_only, decode_arrow_parquet);
+criterion_main!(benches);

@@ -124,9 +124,15 @@ struct Source {
     tx_id: Option<i64>,
 }
 
+/// Schemas kept for the byte-prefix fast path: a handful of tables, each
+/// with a schema or two in flight.
+const MAX_PREFIXES: usize = 32;
+
 #[derive(Default)]
 pub struct Decoder {
     schemas: HashMap<u64, Arc<TableSchema>>,
+    /// Raw schema JSON of recently seen schemas, most recent last.
+    prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
 }
 
 impl Decoder {
@@ -144,17 +150,30 @@ impl Decoder {
         let Some(bytes) = value.filter(|b| !b.is_empty()) else {
             return Ok(Decoded::Tombstone);
         };
-        let envelope: Envelope<'_> = serde_json::from_slice(bytes)?;
-        let payload = match envelope.payload {
-            Some(p) if p.get() != "null" => p,
-            _ => return Ok(Decoded::Tombstone),
+        // Fast path: the JSON converter writes `{"schema":S,"payload":P}`, and
+        // S repeats verbatim. When S is byte-for-byte a schema already parsed
+        // (and validated), only P is parsed. Anything else takes the general
+        // path, which validates the whole message.
+        let (schema_id, schema, payload) = match self.known_prefix(bytes) {
+            Some((id, schema, payload)) => (id, schema, payload),
+            None => {
+                let envelope: Envelope<'_> = serde_json::from_slice(bytes)?;
+                let payload = match envelope.payload {
+                    Some(p) if p.get() != "null" => p.get().as_bytes(),
+                    _ => return Ok(Decoded::Tombstone),
+                };
+                let raw_schema = envelope
+                    .schema
+                    .filter(|s| s.get() != "null")
+                    .ok_or(DecodeError::Envelope("no schema (is schemas.enable=true?)"))?;
+                let (id, schema) = self.schema(raw_schema.get())?;
+                (id, schema, payload)
+            }
         };
-        let raw_schema = envelope
-            .schema
-            .filter(|s| s.get() != "null")
-            .ok_or(DecodeError::Envelope("no schema (is schemas.enable=true?)"))?;
-        let (schema_id, schema) = self.schema(raw_schema.get())?;
-        let payload: Payload = serde_json::from_str(payload.get())?;
+        if payload == b"null" {
+            return Ok(Decoded::Tombstone);
+        }
+        let payload: Payload = serde_json::from_slice(payload)?;
         let (op, image) = match payload.op.as_str() {
             "c" => (Op::Create, payload.after),
             "u" => (Op::Update, payload.after),
@@ -202,7 +221,31 @@ impl Decoder {
         let connect: ConnectSchema = serde_json::from_str(raw)?;
         let table = Arc::new(TableSchema::from_envelope(&connect)?);
         self.schemas.insert(id, table.clone());
+        if self.prefixes.len() >= MAX_PREFIXES {
+            self.prefixes.remove(0);
+        }
+        self.prefixes
+            .push((raw.as_bytes().to_vec(), id, table.clone()));
         Ok((id, table))
+    }
+
+    /// Matches `{"schema":<known schema>,"payload":` and returns the payload
+    /// bytes; the most recently matched schema is tried first.
+    fn known_prefix<'a>(&mut self, bytes: &'a [u8]) -> Option<(u64, Arc<TableSchema>, &'a [u8])> {
+        const HEAD: &[u8] = b"{\"schema\":";
+        const MID: &[u8] = b",\"payload\":";
+        let rest = bytes.strip_prefix(HEAD)?;
+        let body = rest.strip_suffix(b"}")?;
+        let hit = self
+            .prefixes
+            .iter()
+            .rposition(|(raw, _, _)| body.starts_with(raw) && body[raw.len()..].starts_with(MID))?;
+        let (raw, id, schema) = &self.prefixes[hit];
+        let payload = &body[raw.len() + MID.len()..];
+        let found = (*id, schema.clone(), payload);
+        let last = self.prefixes.len() - 1;
+        self.prefixes.swap(hit, last);
+        Some(found)
     }
 }
 
@@ -589,5 +632,31 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("`medium`"), "{err}");
         let overflow = line.replacen("\"small\":-7", "\"small\":70000", 1);
         assert!(Decoder::new().decode(Some(overflow.as_bytes())).is_err());
+    }
+
+    #[test]
+    fn fast_path_matches_full_parse_and_still_validates() {
+        let line = TYPE_ZOO.lines().find(|l| l.contains("héllo")).unwrap();
+        let mut warm = Decoder::new();
+        warm.decode(Some(line.as_bytes())).unwrap(); // learns the schema
+        assert!(
+            warm.known_prefix(line.as_bytes()).is_some(),
+            "second sight takes the fast path"
+        );
+        let fast = rows(vec![warm.decode(Some(line.as_bytes())).unwrap()]);
+        let slow = rows(vec![Decoder::new().decode(Some(line.as_bytes())).unwrap()]);
+        assert_eq!(fast[0].values, slow[0].values);
+        assert_eq!(fast[0].schema_id, slow[0].schema_id);
+
+        let corrupt = line.replacen("\"payload\":{", "\"payload\":{{", 1);
+        assert!(matches!(
+            warm.decode(Some(corrupt.as_bytes())),
+            Err(DecodeError::Json(_))
+        ));
+        let null_payload = format!("{}null}}", &line[..line.find("\"payload\":").unwrap() + 10]);
+        assert!(matches!(
+            warm.decode(Some(null_payload.as_bytes())),
+            Ok(Decoded::Tombstone)
+        ));
     }
 }
