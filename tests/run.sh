@@ -8,5 +8,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
 bash tests/prereqs.sh
 bash tests/stack.sh up
+# The end-to-end tests compare the lake with PostgreSQL: no other writer.
+bash tests/stack.sh stop-pipeline
 eval "$(bash tests/stack.sh env)"
 cargo test --workspace --locked "$@"

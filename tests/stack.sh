@@ -8,6 +8,8 @@
 #   tests/stack.sh down      stop exactly what `up` started, by pid
 #   tests/stack.sh status    one line per component
 #   tests/stack.sh env       print the variables the tests and services read
+#   tests/stack.sh pipeline  `up`, then build and start tweetgen and cdc-sink
+#   tests/stack.sh stop-pipeline  stop those two, leave the servers up
 #
 # Supervision is hand-written (pid files and readiness probes) rather than
 # process-compose: four processes with strict start order and real readiness
@@ -399,6 +401,27 @@ cmd_up() {
   cmd_status
 }
 
+cmd_pipeline() {
+  cmd_up
+  log "building tweetgen and cdc-sink (release)"
+  local target=${CARGO_TARGET_DIR:-$CACHE/target}
+  (cd "$ROOT" && CARGO_TARGET_DIR=$target cargo build --release --locked -q) \
+    || die "cargo build failed"
+  eval "$(cmd_env)"
+  local name
+  for name in tweetgen cdc-sink; do
+    if running "$name"; then
+      log "$name already running"
+    else
+      spawn "$name" "$STATE/logs/$name.log" "$target/release/$name"
+      sleep 1
+      running "$name" || fail_with_log "$name" "$STATE/logs/$name.log" "$name exited at start"
+    fi
+  done
+  log "pipeline running: rows flow from PostgreSQL to s3://$BUCKET (logs in $STATE/logs)"
+  cmd_status
+}
+
 stop_pid() { # stop_pid NAME
   local f pid i
   f=$(pidfile "$1")
@@ -415,6 +438,8 @@ stop_pid() { # stop_pid NAME
 
 cmd_down() {
   # Reverse start order, each by its own pid, so a half-started stack stops too.
+  stop_pid tweetgen
+  stop_pid cdc-sink
   stop_pid connect
   stop_pid kafka
   stop_pid minio
@@ -441,6 +466,10 @@ cmd_status() {
   report postgres "postgresql://127.0.0.1:$PG_PORT/twitter" "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
   report kafka "127.0.0.1:$KAFKA_PORT" kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3
   report connect "http://127.0.0.1:$CONNECT_PORT (connector $CONNECTOR)" connector_running
+  if [ -f "$(pidfile tweetgen)" ] || [ -f "$(pidfile cdc-sink)" ]; then
+    report tweetgen "writing to twitter" true
+    report cdc-sink "Kafka -> s3://$BUCKET" true
+  fi
   report minio "http://127.0.0.1:$MINIO_PORT, console http://127.0.0.1:$MINIO_CONSOLE_PORT, bucket $BUCKET" \
     curl -fsS "http://127.0.0.1:$MINIO_PORT/minio/health/live"
   return $rc
@@ -462,5 +491,7 @@ case ${1:-} in
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 {install|up|down|status|env}" >&2; exit 2 ;;
+  pipeline) cmd_pipeline ;;
+  stop-pipeline) stop_pid tweetgen; stop_pid cdc-sink ;;
+  *) echo "usage: $0 {install|up|down|status|env|pipeline|stop-pipeline}" >&2; exit 2 ;;
 esac

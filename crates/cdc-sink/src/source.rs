@@ -118,6 +118,10 @@ impl Source {
             .set_log_level(RDKafkaLogLevel::Warning);
         for (key, value) in [
             ("queued.max.messages.kbytes", "16384"),
+            // librdkafka waits this long before fetching again once the
+            // queue above was full; its default of 1 s made a drain wait
+            // more than it worked (about 10k rows/s instead of 100k).
+            ("fetch.queue.backoff.ms", "10"),
             ("fetch.max.bytes", "16777216"),
             // A crashed sink's partitions move on after 10 s, not 45 s.
             ("session.timeout.ms", "10000"),

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Benchmark: drain a pre-filled topic of change events into MinIO.
+#
+#   tests/bench/drain.sh [EVENTS]   (default 1,000,000)
+#
+# Fills twitter.tweets through the real path (tweetgen load mode ->
+# PostgreSQL -> Debezium -> Kafka) until the topic holds EVENTS more
+# events, then starts cdc-sink with a fresh consumer group (so it reads the
+# whole topic) and a fresh prefix, and measures the time until every
+# partition is committed, plus the sink's peak RSS (VmHWM).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+events=${1:-1000000}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
+cargo build --release --locked -q
+cargo build --release --locked -q -p cdc-sink --example committed
+eval "$(bash tests/stack.sh env)"
+topic=twitter.tweets
+total() { # sum of high watermarks of $topic
+  for p in 0 1 2; do
+    kcat -b "$CDC_SINK_KAFKA__BROKERS" -Q -t "$topic:$p:-1" 2>/dev/null | awk '{print $NF}'
+  done | awk '{s += $1} END {print s + 0}'
+}
+before=$(total)
+if [ "$before" -lt "$events" ]; then
+  need=$((events - before))
+  echo "filling $topic with $need more events (now $before)"
+  start=$(date +%s)
+  "$CARGO_TARGET_DIR/release/tweetgen" --rate 0 --load-method copy --batches $(((need + 4999) / 5000)) >/dev/null 2>&1
+  while [ "$(total)" -lt "$events" ]; do sleep 2; done
+  echo "filled in $(( $(date +%s) - start ))s (PostgreSQL + Debezium)"
+fi
+target=$(total)
+echo "draining $target events from $topic"
+
+run=drain-$(date +%s)
+export CDC_SINK_KAFKA__TOPICS="[\"$topic\"]" CDC_SINK_KAFKA__GROUP_ID=$run CDC_SINK_OUTPUT__PREFIX=$run
+start=$(date +%s.%N)
+"$CARGO_TARGET_DIR/release/cdc-sink" >"/tmp/$run.log" 2>&1 &
+pid=$!
+peak=0
+while :; do
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+  [ "${hwm:-0}" -gt "$peak" ] && peak=$hwm
+  committed=$("$CARGO_TARGET_DIR/release/examples/committed" "$CDC_SINK_KAFKA__BROKERS" "$run" "$topic" 2>/dev/null || echo 0)
+  [ "$committed" -ge "$target" ] && break
+  kill -0 $pid 2>/dev/null || { echo "sink died:"; tail -20 "/tmp/$run.log"; exit 1; }
+  sleep 1
+done
+end=$(date +%s.%N)
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+[ "$hwm" -gt "$peak" ] && peak=$hwm
+kill -TERM $pid; wait $pid || true
+secs=$(echo "$end - $start" | bc)
+printf 'drained %d events in %.1fs = %.0f rows/s, peak RSS %d MiB\n' \
+  "$target" "$secs" "$(echo "$target / $secs" | bc -l)" $((peak / 1024))
