@@ -8,7 +8,7 @@
   ours = self.packages.${pkgs.stdenv.hostPlatform.system};
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [../Cargo.toml ../Cargo.lock ../crates ../db ../.rustfmt.toml];
+    fileset = lib.fileset.unions [../crates ../.rustfmt.toml];
   };
   vmTests = lib.optionalAttrs pkgs.stdenv.hostPlatform.isx86_64 {
     pipeline-e2e = pkgs.testers.runNixOSTest (import ../tests/nixos-pipeline.nix self);
@@ -33,10 +33,10 @@ in
 
     rustfmt =
       pkgs.runCommand "cdc-lake-rustfmt" {
-        nativeBuildInputs = [pkgs.cargo pkgs.rustfmt];
+        nativeBuildInputs = [pkgs.rustfmt pkgs.findutils];
       } ''
         cd ${src}
-        cargo fmt --all -- --check
+        find crates -name '*.rs' -print0 | xargs -0 rustfmt --check --edition 2024
         touch $out
       '';
   }

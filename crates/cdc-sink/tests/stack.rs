@@ -95,13 +95,24 @@ fn watermarks(c: &BaseConsumer, topics: &[&str]) -> BTreeMap<(String, i32), i64>
 /// key, value).
 type Raw = (String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
 fn read_all(until: &BTreeMap<(String, i32), i64>) -> Vec<Raw> {
+    read_range(&BTreeMap::new(), until)
+}
+
+/// Messages from `from` (the beginning where absent) up to `until`.
+fn read_range(
+    from: &BTreeMap<(String, i32), i64>,
+    until: &BTreeMap<(String, i32), i64>,
+) -> Vec<Raw> {
     let c = kafka_consumer(&format!("reader-{}", unique()));
     let mut tpl = TopicPartitionList::new();
-    for ((t, p), _) in until.iter() {
-        tpl.add_partition_offset(t, *p, Offset::Beginning).unwrap();
+    let mut total = 0;
+    for (tp, high) in until.iter() {
+        let low = from.get(tp).copied().unwrap_or(0);
+        total += high - low;
+        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(low))
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
-    let total: i64 = until.values().sum();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while (out.len() as i64) < total {
@@ -130,8 +141,26 @@ fn sink_config(prefix: &str, group: &str) -> SinkConfig {
     cfg
 }
 
+/// A running sink, killed if a failing test leaves it behind.
+struct SinkProcess(Option<Child>);
+
+impl SinkProcess {
+    fn take(mut self) -> Child {
+        self.0.take().expect("running")
+    }
+}
+
+impl Drop for SinkProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts the real sink binary with its own group and prefix.
-fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> Child {
+fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> SinkProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-sink"));
     cmd.env("CDC_SINK_OUTPUT__PREFIX", prefix)
         .env("CDC_SINK_KAFKA__GROUP_ID", group)
@@ -142,10 +171,11 @@ fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> Child {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("start cdc-sink")
+    SinkProcess(Some(cmd.spawn().expect("start cdc-sink")))
 }
 
-fn terminate(mut child: Child) {
+fn terminate(sink: SinkProcess) {
+    let mut child = sink.take();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -317,30 +347,42 @@ fn published(raw: &[Raw]) -> Vec<(String, String, String, i64)> {
     out
 }
 
-/// Latest state per key from the lake's change history.
-fn latest_state(rows: &mut [LakeRow]) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+/// Latest state per key from the lake's change history; `None` for a key
+/// whose last change is a delete. An unchanged-TOAST column whose earlier
+/// value lies before the window is dropped from the row (it cannot be known).
+fn latest_state(
+    rows: &mut [LakeRow],
+) -> BTreeMap<String, Option<BTreeMap<String, Option<String>>>> {
     // One key always lands in one partition, so offset order is change order.
     rows.sort_by_key(|r| (r.partition, r.offset));
-    let mut state: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
+    let mut state: BTreeMap<String, Option<BTreeMap<String, Option<String>>>> = BTreeMap::new();
     for r in rows.iter() {
         if r.op == "d" {
-            state.remove(&r.key);
+            state.insert(r.key.clone(), None);
             continue;
         }
         let mut values = r.values.clone();
         for c in &r.unchanged {
-            let prev = state.get(&r.key).and_then(|p| p.get(c).cloned()).flatten();
-            values.insert(c.clone(), prev);
+            match state
+                .get(&r.key)
+                .and_then(|p| p.as_ref())
+                .and_then(|p| p.get(c))
+            {
+                Some(prev) => values.insert(c.clone(), prev.clone()),
+                None => values.remove(c),
+            };
         }
-        state.insert(r.key.clone(), values);
+        state.insert(r.key.clone(), Some(values));
     }
     state
 }
 
-/// The same canonical text, computed by PostgreSQL.
+/// The same canonical text, computed by PostgreSQL, for the rows whose
+/// key is in `keys` (keys as the lake writes them: "1" or "3,17").
 async fn pg_state(
     pg: &tokio_postgres::Client,
     table: &str,
+    keys: &[&String],
 ) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
     let cols = pg
         .query(
@@ -363,15 +405,35 @@ async fn pg_state(
         });
         names.push(name);
     }
-    let sql = format!("SELECT {} FROM {table}", exprs.join(", "));
+    let key_cols = primary_key(table);
+    let parts: Vec<Vec<i64>> = (0..key_cols.len())
+        .map(|i| {
+            keys.iter()
+                .map(|k| k.split(',').nth(i).unwrap().parse().unwrap())
+                .collect()
+        })
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {table} WHERE ({}) IN (SELECT * FROM unnest({}))",
+        exprs.join(", "),
+        key_cols.join(", "),
+        (1..=key_cols.len())
+            .map(|i| format!("${i}::bigint[]"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = parts
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
     let mut out = BTreeMap::new();
-    for row in pg.query(&sql, &[]).await.unwrap() {
+    for row in pg.query(&sql, &params).await.unwrap() {
         let values: BTreeMap<String, Option<String>> = names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.clone(), row.get::<_, Option<String>>(i)))
             .collect();
-        let key = primary_key(table)
+        let key = key_cols
             .iter()
             .map(|k| values[*k].clone().unwrap())
             .collect::<Vec<_>>()
@@ -397,6 +459,35 @@ async fn run_generator(batches: u64) -> tweetgen::workload::Summary {
         .unwrap()
 }
 
+/// Inserts users until partition 0 of twitter.users holds events, so that
+/// tests reading existing events also work on a brand-new stack.
+async fn ensure_user_events() {
+    let _lock = PG_WRITERS.lock().await;
+    let pg = pg().await;
+    let c = kafka_consumer("ensure");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let marks = watermarks(&c, &["twitter.users"]);
+        if marks
+            .get(&("twitter.users".to_string(), 0))
+            .is_some_and(|&h| h > 0)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no events reached twitter.users partition 0"
+        );
+        pg.execute(
+            "INSERT INTO users (username, display_name) VALUES ($1, 'Seed')",
+            &[&format!("seed_{}", unique())],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Waits until Debezium has published a row committed now, so that every
 /// earlier transaction is in Kafka too (Debezium publishes in commit order).
 async fn published_barrier(pg: &tokio_postgres::Client) -> BTreeMap<(String, i32), i64> {
@@ -408,11 +499,11 @@ async fn published_barrier(pg: &tokio_postgres::Client) -> BTreeMap<(String, i32
     .await
     .unwrap();
     let c = kafka_consumer(&format!("barrier-{}", unique()));
-    c.subscribe(&["twitter.users"]).unwrap();
+    // Assigned, not subscribed: a group subscription would reset to the
+    // latest offset and could miss the barrier.
     let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition_offset("twitter.users", p, Offset::OffsetTail(50))
-            .unwrap();
+    for ((t, p), _) in watermarks(&c, &["twitter.users"]) {
+        tpl.add_partition_offset(&t, p, Offset::Beginning).unwrap();
     }
     c.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -492,12 +583,24 @@ async fn end_to_end_exactly_once_across_kill_9() {
     let _lock = PG_WRITERS.lock().await;
     let pg = pg().await;
 
+    // The test covers the changes it causes: the group starts at today's
+    // end of each topic, however much history the stack already holds.
+    let start = watermarks(&kafka_consumer("e2e"), &TOPICS);
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in &start {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
+    }
+    kafka_consumer(&group)
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+
     let mut sink = spawn_sink(&prefix, &group, &[]);
     let generator = tokio::spawn(run_generator(40));
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        sink.kill().unwrap(); // SIGKILL
-        sink.wait().unwrap();
+        let mut killed = sink.take();
+        killed.kill().unwrap(); // SIGKILL
+        killed.wait().unwrap();
         sink = spawn_sink(&prefix, &group, &[]);
     }
     let summary = generator.await.unwrap();
@@ -513,7 +616,7 @@ async fn end_to_end_exactly_once_across_kill_9() {
 
     // 1. Exactly the published changes: same multiset, so no loss and no
     //    duplicates, even across the kills.
-    let expected = published(&read_all(&until));
+    let expected = published(&read_range(&start, &until));
     let mut got: Vec<(String, String, String, i64)> = lake
         .iter()
         .flat_map(|(t, rows)| {
@@ -543,11 +646,20 @@ async fn end_to_end_exactly_once_across_kill_9() {
     // 2. Latest state per key equals PostgreSQL, column by column.
     for table in ["users", "tweets", "likes"] {
         let lake_state = latest_state(lake.get_mut(table).expect("table in lake"));
-        let pg_state = pg_state(&pg, table).await;
-        assert_eq!(lake_state.len(), pg_state.len(), "{table}: row count");
-        for (key, row) in &pg_state {
-            assert_eq!(lake_state.get(key), Some(row), "{table} key {key}");
+        let keys: Vec<&String> = lake_state.keys().collect();
+        let pg_state = pg_state(&pg, table, &keys).await;
+        for (key, row) in &lake_state {
+            match (row, pg_state.get(key)) {
+                (None, None) => {}
+                (Some(lake_row), Some(pg_row)) => {
+                    for (col, v) in lake_row {
+                        assert_eq!(Some(v), pg_row.get(col), "{table} key {key} column {col}");
+                    }
+                }
+                (l, p) => panic!("{table} key {key}: lake {l:?}, PostgreSQL {p:?}"),
+            }
         }
+        assert!(!lake_state.is_empty(), "{table}: no changes in the lake");
     }
 
     // 3. Nothing was quarantined.
@@ -572,6 +684,7 @@ async fn malformed_messages_are_quarantined_not_lost() {
     let group = format!("q-{run}");
 
     // A real Debezium event to copy, taken from the users topic.
+    ensure_user_events().await;
     let all = read_all(&watermarks(&kafka_consumer("q"), &["twitter.users"]));
     let good = all
         .iter()
@@ -649,6 +762,7 @@ async fn replay_after_crash_follows_the_recorded_intent() {
     let run = unique();
     let prefix = format!("intent-{run}");
     let group = format!("intent-{run}");
+    ensure_user_events().await;
     let until = watermarks(&kafka_consumer("intent"), &["twitter.users"]);
     let first_row = read_all(&until)
         .into_iter()
@@ -697,6 +811,77 @@ async fn replay_after_crash_follows_the_recorded_intent() {
         assert!(
             p0.iter().any(|k| k.contains(&next)),
             "segment after the intent missing: {p0:?}"
+        );
+    }
+}
+
+/// Runs the sink until it exits on its own; panics if it is still running
+/// after `limit`.
+fn exit_within(sink: SinkProcess, limit: Duration) -> std::process::ExitStatus {
+    let mut child = sink.take();
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("sink still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Without a reachable broker the sink retries for `give_up_after_secs`,
+/// then exits non-zero so that systemd restarts it.
+#[test]
+fn kafka_unreachable_exits_non_zero_after_the_deadline() {
+    let run = unique();
+    let sink = spawn_sink(
+        &format!("down-{run}"),
+        &format!("down-{run}"),
+        &[
+            ("CDC_SINK_KAFKA__BROKERS", "127.0.0.1:1"),
+            ("CDC_SINK_GIVE_UP_AFTER_SECS", "4"),
+        ],
+    );
+    let started = Instant::now();
+    let status = exit_within(sink, Duration::from_secs(60));
+    assert!(!status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "gave up too early"
+    );
+}
+
+/// With S3 unreachable the first object request is retried until the
+/// deadline, then the sink exits non-zero without committing anything.
+#[test]
+fn s3_unreachable_exits_non_zero_without_committing() {
+    let run = unique();
+    let group = format!("s3down-{run}");
+    let sink = spawn_sink(
+        &format!("s3down-{run}"),
+        &group,
+        &[
+            ("CDC_SINK_KAFKA__TOPICS", "[\"twitter.users\"]"),
+            ("CDC_SINK_S3__ENDPOINT", "http://127.0.0.1:1"),
+            ("CDC_SINK_GIVE_UP_AFTER_SECS", "4"),
+        ],
+    );
+    let status = exit_within(sink, Duration::from_secs(90));
+    assert!(!status.success(), "{status}");
+    let c = kafka_consumer(&group);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition("twitter.users", p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    for e in committed.elements() {
+        assert!(
+            !matches!(e.offset(), Offset::Offset(o) if o > 0),
+            "committed {:?} although nothing was written",
+            e.offset()
         );
     }
 }

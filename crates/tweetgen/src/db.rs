@@ -312,6 +312,21 @@ pub const TWEET_COLUMNS: &[&str] = &[
     "longitude",
 ];
 
+/// A tweet's values in [`TWEET_COLUMNS`] order, for INSERT and COPY alike.
+pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 9] {
+    [
+        &t.user_id,
+        &t.reply_to_id,
+        &t.body,
+        &t.lang,
+        &t.hashtags,
+        &t.mentions,
+        &t.sensitive,
+        &t.latitude,
+        &t.longitude,
+    ]
+}
+
 pub async fn insert_users(
     tx: &Transaction<'_>,
     users: &[NewUser],
@@ -352,20 +367,7 @@ pub async fn insert_tweets(
         return Ok(Vec::new());
     }
     let sql = multi_row_insert("tweets", TWEET_COLUMNS, tweets.len(), "RETURNING id");
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(tweets.len() * 9);
-    for t in tweets {
-        params.extend_from_slice(&[
-            &t.user_id,
-            &t.reply_to_id,
-            &t.body,
-            &t.lang,
-            &t.hashtags,
-            &t.mentions,
-            &t.sensitive,
-            &t.latitude,
-            &t.longitude,
-        ]);
-    }
+    let params: Vec<&(dyn ToSql + Sync)> = tweets.iter().flat_map(tweet_params).collect();
     let rows = tx.query(&sql, &params).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

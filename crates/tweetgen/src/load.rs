@@ -7,10 +7,10 @@ use std::pin::pin;
 
 use tokio_postgres::Client;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 
 use crate::config::LoadMethod;
-use crate::db::{TWEET_COLUMNS, insert_tweets};
+use crate::db::{TWEET_COLUMNS, insert_tweets, tweet_params};
 use crate::model::NewTweet;
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
@@ -44,18 +44,7 @@ pub async fn write_chunk(
             let sink = tx.copy_in(&sql).await?;
             let mut writer = pin!(BinaryCopyInWriter::new(sink, TWEET_TYPES));
             for t in tweets {
-                let row: [&(dyn ToSql + Sync); 9] = [
-                    &t.user_id,
-                    &t.reply_to_id,
-                    &t.body,
-                    &t.lang,
-                    &t.hashtags,
-                    &t.mentions,
-                    &t.sensitive,
-                    &t.latitude,
-                    &t.longitude,
-                ];
-                writer.as_mut().write(&row).await?;
+                writer.as_mut().write(&tweet_params(t)).await?;
             }
             writer.finish().await?
         }
