@@ -11,4 +11,4 @@ bash tests/stack.sh up
 # The end-to-end tests compare the lake with PostgreSQL: no other writer.
 bash tests/stack.sh stop-pipeline
 eval "$(bash tests/stack.sh env)"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

@@ -94,6 +94,15 @@ impl Offsets {
         }
     }
 
+    /// Drops a pending intent none of whose offsets arrived (they were
+    /// compacted away); the next segment looks for a chained one.
+    pub fn expire_intent(&mut self, tp: &Tp) {
+        if let Some(p) = self.parts.get_mut(tp) {
+            p.intent_last = None;
+            p.check_intent = true;
+        }
+    }
+
     pub fn boundary(&self, tp: &Tp, offset: i64) -> Boundary {
         boundary(self.parts.get(tp).and_then(|p| p.intent_last), offset)
     }
@@ -166,6 +175,17 @@ mod tests {
         // Normal flushes do not trigger lookups.
         assert!(!o.needs_intent_check(&tp()));
         assert_eq!(o.committed(&tp()), Some(301));
+    }
+
+    #[test]
+    fn an_intent_whose_offsets_are_gone_expires() {
+        let mut o = Offsets::default();
+        o.assign(tp());
+        o.set_intent(&tp(), 10, Some(20));
+        assert_eq!(o.boundary(&tp(), 25), Boundary::RollThenAppend);
+        o.expire_intent(&tp());
+        assert_eq!(o.boundary(&tp(), 25), Boundary::Append);
+        assert!(o.needs_intent_check(&tp()));
     }
 
     #[test]

@@ -189,6 +189,15 @@ impl Sink {
         }
         self.stats.messages += 1;
 
+        if self.offsets.boundary(&tp, offset) == Boundary::RollThenAppend {
+            // The replayed range ended at an offset that no longer exists:
+            // close what was replayed (or forget the intent if nothing was).
+            if self.segments.contains_key(&tp) {
+                self.flush(source, &tp, CommitMode::Async).await?;
+            } else {
+                self.offsets.expire_intent(&tp);
+            }
+        }
         if !self.segments.contains_key(&tp) && self.offsets.needs_intent_check(&tp) {
             let intent = self
                 .with_retry(|w| w.read_intent(&tp.0, tp.1, offset))
@@ -200,10 +209,6 @@ impl Sink {
             self.offsets.set_intent(&tp, offset, intent.map(|i| i.last));
         }
         let boundary = self.offsets.boundary(&tp, offset);
-        if boundary == Boundary::RollThenAppend {
-            self.flush(source, &tp, CommitMode::Async).await?;
-            self.offsets.set_intent(&tp, offset, None);
-        }
 
         let decoded = self.decoder.decode(msg.payload());
         let segment = self

@@ -544,10 +544,21 @@ async fn smoke_insert_shows_up_as_debezium_event() {
     )
     .await
     .unwrap();
+    // The topic appears with Debezium's first event on a brand-new stack.
     let c = kafka_consumer(&format!("smoke-{}", unique()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let now = loop {
+        let now = watermarks(&c, &["twitter.tweets"]);
+        if !now.is_empty() {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "twitter.tweets never appeared");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let mut tpl = TopicPartitionList::new();
-    for ((t, p), high) in &before {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*high))
+    for tp in now.keys() {
+        let from = before.get(tp).copied().unwrap_or(0);
+        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(from))
             .unwrap();
     }
     c.assign(&tpl).unwrap();
@@ -590,9 +601,13 @@ async fn end_to_end_exactly_once_across_kill_9() {
     for ((t, p), o) in &start {
         tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
     }
-    kafka_consumer(&group)
-        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
-        .unwrap();
+    // On a brand-new stack the topics may not exist yet: then the group
+    // starts at the beginning, which is the start of the window too.
+    if tpl.count() > 0 {
+        kafka_consumer(&group)
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    }
 
     let mut sink = spawn_sink(&prefix, &group, &[]);
     let generator = tokio::spawn(run_generator(40));
