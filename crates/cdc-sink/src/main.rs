@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            // Once, with its causes; systemd puts stderr in the journal too.
             eprintln!("cdc-sink: {err:#}");
             ExitCode::FAILURE
         }

@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            // Once, with its causes; systemd puts stderr in the journal too.
             eprintln!("tweetgen: {err:#}");
             ExitCode::FAILURE
         }
