@@ -11,8 +11,8 @@
     fileset = lib.fileset.unions [../crates ../.rustfmt.toml];
   };
   vmTests = lib.optionalAttrs pkgs.stdenv.hostPlatform.isx86_64 {
-    pipeline-e2e = pkgs.testers.runNixOSTest (import ../tests/nixos-pipeline.nix self);
-    sink-restart = pkgs.testers.runNixOSTest (import ../tests/nixos-sink-restart.nix self);
+    pipeline-e2e = pkgs.testers.runNixOSTest (import ../tests/nixos-pipeline.nix {inherit self pkgs;});
+    sink-restart = pkgs.testers.runNixOSTest (import ../tests/nixos-sink-restart.nix {inherit self pkgs;});
   };
 in
   vmTests

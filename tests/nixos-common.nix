@@ -20,7 +20,18 @@ in {
     environment.systemPackages = [python kafka pkgs.postgresql_15];
   };
 
-  s3ls = "python3 -c 'import boto3,sys; s3=boto3.client(\"s3\",endpoint_url=\"http://127.0.0.1:9000\",aws_access_key_id=\"cdclake\",aws_secret_access_key=open(\"/var/lib/cdc-lake/secrets/minio-root-password\").read().strip(),region_name=\"us-east-1\"); [print(o[\"Key\"]) for o in s3.list_objects_v2(Bucket=\"lake\",Prefix=sys.argv[1]).get(\"Contents\",[])]'";
+  # Lists object keys under a prefix; a store path, so that the Python test
+  # script can embed the command without quoting trouble.
+  s3ls = let
+    script = pkgs.writeText "s3ls.py" ''
+      import sys, boto3
+      secret = open("/var/lib/cdc-lake/secrets/minio-root-password").read().strip()
+      s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:9000", aws_access_key_id="cdclake",
+                        aws_secret_access_key=secret, region_name="us-east-1")
+      for o in s3.list_objects_v2(Bucket="lake", Prefix=sys.argv[1]).get("Contents", []):
+          print(o["Key"])
+    '';
+  in "python3 ${script}";
 
   prelude = ''
     def start_and_wait():

@@ -1,9 +1,15 @@
 # NixOS VM test: the pipeline module boots, the generator's rows reach the
 # lake as Parquet, and the lake's latest state matches PostgreSQL.
-self: {pkgs, ...}: let
+{
+  self,
+  pkgs,
+}: let
   common = import ./nixos-common.nix {inherit self pkgs;};
 in {
   name = "cdc-lake-pipeline";
+  # The pipeline module allows the (insecure) minio package by name, which
+  # needs the node to evaluate its own nixpkgs config.
+  node.pkgsReadOnly = false;
   nodes.machine = common.node;
   testScript = ''
     ${common.prelude}

@@ -1,9 +1,15 @@
 # NixOS VM test: the sink is killed with SIGKILL twice mid-stream; systemd
 # restarts it, and the lake still has no loss and no duplicates.
-self: {pkgs, ...}: let
+{
+  self,
+  pkgs,
+}: let
   common = import ./nixos-common.nix {inherit self pkgs;};
 in {
   name = "cdc-lake-sink-restart";
+  # The pipeline module allows the (insecure) minio package by name, which
+  # needs the node to evaluate its own nixpkgs config.
+  node.pkgsReadOnly = false;
   nodes.machine = common.node;
   testScript = ''
     ${common.prelude}
