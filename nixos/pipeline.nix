@@ -198,10 +198,10 @@ in {
           curl -fsS http://127.0.0.1:9000/minio/health/live && break
           sleep 1
         done
-        code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT \
-          --aws-sigv4 "aws:amz:us-east-1:s3" \
-          --user "cdclake:$(cat "$CREDENTIALS_DIRECTORY/minio")" \
-          http://127.0.0.1:9000/${cfg.bucket})
+        # The secret reaches curl on stdin (-K -), never on its command line.
+        code=$(printf 'user = "cdclake:%s"\n' "$(cat "$CREDENTIALS_DIRECTORY/minio")" \
+          | curl -s -K - -o /dev/null -w '%{http_code}' -X PUT \
+            --aws-sigv4 "aws:amz:us-east-1:s3" http://127.0.0.1:9000/${cfg.bucket})
         case $code in 200|409) ;; *) echo "bucket creation failed: HTTP $code" >&2; exit 1 ;; esac
       '';
     };

@@ -24,7 +24,9 @@ def pg_count(table: str) -> int:
     return int(out.stdout.strip())
 
 
-def main(endpoint: str, bucket: str, secret: str) -> None:
+def main(endpoint: str, bucket: str, secret_file: str) -> None:
+    with open(secret_file) as f:
+        secret = f.read().strip()
     s3 = boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id="cdclake",
         aws_secret_access_key=secret, region_name="us-east-1",

@@ -53,8 +53,8 @@ in {
             timeout=300,
         )
         print(machine.succeed(
-            "cd /tmp && sudo -u postgres python3 ${./lake_check.py} http://127.0.0.1:9000 lake "
-            "$(cat /var/lib/cdc-lake/secrets/minio-root-password)"
+            "install -m 0400 -o postgres /var/lib/cdc-lake/secrets/minio-root-password /tmp/minio-pw && "
+            "cd /tmp && sudo -u postgres python3 ${./lake_check.py} http://127.0.0.1:9000 lake /tmp/minio-pw"
         ))
   '';
 }

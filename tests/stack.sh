@@ -381,9 +381,10 @@ start_minio() {
   wait_for minio "$logf" 60 curl -fsS "http://127.0.0.1:$MINIO_PORT/minio/health/live"
   # Create the bucket with a SigV4-signed PUT; 409 means it already exists.
   local code
-  code=$(curl -s -o "$STATE/logs/bucket.xml" -w '%{http_code}' -X PUT \
-    --aws-sigv4 "aws:amz:us-east-1:s3" --user "$MINIO_USER:$MINIO_PASSWORD" \
-    "http://127.0.0.1:$MINIO_PORT/$BUCKET")
+  # Credentials go to curl on stdin (-K -), never on its command line.
+  code=$(printf 'user = "%s:%s"\n' "$MINIO_USER" "$MINIO_PASSWORD" | curl -s -K - \
+    -o "$STATE/logs/bucket.xml" -w '%{http_code}' -X PUT \
+    --aws-sigv4 "aws:amz:us-east-1:s3" "http://127.0.0.1:$MINIO_PORT/$BUCKET")
   case $code in
     200 | 409) ;;
     *) die "creating bucket $BUCKET failed (HTTP $code): $(cat "$STATE/logs/bucket.xml")" ;;
