@@ -250,3 +250,23 @@ fn wrong_password_is_a_clear_error_and_never_logged() {
         "password leaked: {all}"
     );
 }
+
+#[test]
+fn unreachable_database_is_retried_then_a_clear_error() {
+    let _shared = STACK.blocking_read();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
+        .args(["--batches", "1", "--port", "1"])
+        .env("TWEETGEN_DATABASE__CONNECT_TIMEOUT_SECS", "3")
+        .env("TWEETGEN_DATABASE__PASSWORD", "irrelevant")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up before the deadline"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PostgreSQL unreachable, retrying"), "{err}");
+    assert!(err.contains("still unreachable after 3s"), "{err}");
+}
