@@ -50,8 +50,6 @@ struct PartitionState {
     check_intent: bool,
     /// The segment being replayed must end here.
     intent_last: Option<i64>,
-    /// The highest offset committed (the next offset to read).
-    committed: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -118,17 +116,12 @@ impl Offsets {
     /// same crash, so the next segment looks again.
     pub fn flushed(&mut self, tp: &Tp, last: i64) -> i64 {
         let next = commit_offset(last);
-        if let Some(p) = self.parts.get_mut(tp) {
-            if p.intent_last.take().is_some() {
-                p.check_intent = true;
-            }
-            p.committed = Some(p.committed.map_or(next, |c| c.max(next)));
+        if let Some(p) = self.parts.get_mut(tp)
+            && p.intent_last.take().is_some()
+        {
+            p.check_intent = true;
         }
         next
-    }
-
-    pub fn committed(&self, tp: &Tp) -> Option<i64> {
-        self.parts.get(tp).and_then(|p| p.committed)
     }
 }
 
@@ -174,7 +167,6 @@ mod tests {
         assert_eq!(o.flushed(&tp(), 300), 301);
         // Normal flushes do not trigger lookups.
         assert!(!o.needs_intent_check(&tp()));
-        assert_eq!(o.committed(&tp()), Some(301));
     }
 
     #[test]

@@ -130,10 +130,6 @@ impl Writer {
         }
     }
 
-    pub fn prefix(&self) -> &Path {
-        &self.prefix
-    }
-
     pub async fn read_intent(
         &self,
         topic: &str,

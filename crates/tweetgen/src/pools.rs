@@ -56,10 +56,7 @@ impl Pools {
     }
 
     pub fn apply(&mut self, outcome: &BatchOutcome) {
-        self.users.extend(outcome.users_inserted.iter().cloned());
-        while self.users.len() > MAX_USERS {
-            self.users.pop_front();
-        }
+        self.add_users(outcome.users_inserted.iter().cloned());
         self.tweets.extend(&outcome.tweets_inserted);
         if !outcome.tweets_deleted.is_empty() {
             self.tweets
