@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The test command: installs prerequisites, brings the local stack up (a
-# no-op when it already runs) and runs every cargo test in the workspace,
+# The test command: brings the local stack up (installing prerequisites;
+# a no-op when it already runs) and runs every cargo test in the workspace,
 # including those that talk to PostgreSQL, Kafka, Connect and MinIO.
 # The stack is left running; `tests/stack.sh down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
-bash tests/prereqs.sh
 bash tests/stack.sh up
 # The end-to-end tests compare the lake with PostgreSQL: no other writer.
 bash tests/stack.sh stop-pipeline

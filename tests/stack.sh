@@ -54,19 +54,9 @@ MINIO=$CACHE/bin/minio
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 
-need() { # need COMMAND PACKAGE
-  command -v "$1" >/dev/null 2>&1 || die "'$1' not found: install the Debian package '$2' (apt-get install $2)"
-}
-
 check_prereqs() {
-  need java openjdk-17-jre-headless
-  need mvn maven
-  need go "golang (Go >= 1.24; Debian 12's golang-go is too old, use a newer Go)"
-  need curl curl
-  need jq jq
-  need kcat kcat
-  need psql postgresql-client-15
-  [ -x "$PG_BIN/initdb" ] || die "$PG_BIN/initdb not found: install the Debian package 'postgresql-15'"
+  # Installs missing Debian packages when root, otherwise names them.
+  bash "$ROOT/tests/prereqs.sh" || die "prerequisites missing (see above)"
   local jv
   jv=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1)
   [ "${jv:-0}" -ge 17 ] || die "Kafka 4.1 needs Java 17 or newer, found '$jv': install openjdk-17-jre-headless"
