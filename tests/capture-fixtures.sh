@@ -44,7 +44,22 @@ CREATE TABLE type_zoo (
     tags         text[],
     scores       integer[],
     doc          jsonb,
-    uid          uuid
+    uid          uuid,
+    -- values a lake must keep that plain JSON cannot spell
+    special_real   real,
+    special_double double precision,
+    edge_ts      timestamptz,
+    edge_local   timestamp,
+    span         interval,
+    addr         inet,
+    plain_json   json,
+    uids         uuid[],
+    amounts      numeric(6,2)[],
+    flags        boolean[],
+    days         date[],
+    moments      timestamptz[],
+    blobs        bytea[],
+    spot         point
 );
 GRANT CONNECT ON DATABASE fixtures TO debezium;
 GRANT SELECT ON type_zoo TO debezium;
@@ -73,6 +88,13 @@ line', 12345.678, 3.14159265358979, '2024-02-29', '13:14:15.123456', '2024-02-29
         '{"k": [1, {"x": null}]}', '6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10'),
        (NULL, NULL, NULL, NULL, NULL, NULL, NULL, -0.001, -42, NULL, NULL, NULL, NULL, NULL, '{}', NULL, NULL, NULL);
 UPDATE type_zoo SET price = 99999.999, flag = false WHERE id = 1;
+UPDATE type_zoo SET special_real = 'NaN', special_double = 'Infinity', edge_ts = 'infinity',
+       edge_local = '-infinity', span = '1 year 2 months 3 days 04:05:06.789', addr = '192.168.10.0/24',
+       plain_json = '{"a": 1}', uids = '{6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10}', amounts = '{1.25,-3.50,NULL}',
+       flags = '{true,false}', days = '{2024-02-29}', moments = '{"2024-02-29 13:14:15+00"}',
+       blobs = '{"\\x00ff"}', spot = '(1.5,-2.5)' WHERE id = 1;
+UPDATE type_zoo SET special_real = '-Infinity', special_double = 'NaN', edge_ts = '-infinity',
+       span = '-2 days 00:00:01' WHERE id = 1;
 DELETE FROM type_zoo WHERE id = 2;
 ALTER TABLE type_zoo ADD COLUMN added_later text DEFAULT 'new';
 INSERT INTO type_zoo (small, label) VALUES (1, 'after the schema change');

@@ -3,8 +3,8 @@
 //!
 //! A segment covers a contiguous offset range of one partition. Its rows are
 //! grouped by (schema, event date) into [`Group`]s, each of which becomes one
-//! Parquet file, so a schema change or a date change never fails a write: it
-//! just starts another file.
+//! Parquet file in the table's `date=` partition, so a schema change or a
+//! date change never fails a write: it just starts another file.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use arrow::array::{
     ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
     Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
-    ListBuilder, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
-    TimestampMillisecondBuilder, make_builder,
+    ListBuilder, StringBuilder, TimestampMicrosecondBuilder, make_builder,
 };
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
 use crate::decode::{ChangeRow, Datum};
+use crate::lake::DataFile;
 use crate::schema::{ColumnType, TableSchema};
 
 /// When a segment closes: whichever limit is reached first.
@@ -58,7 +58,7 @@ pub struct Group {
     pub date: NaiveDate,
     columns: Vec<Box<dyn ArrayBuilder>>,
     op: StringBuilder,
-    commit_ts: TimestampMillisecondBuilder,
+    commit_ts: TimestampMicrosecondBuilder,
     lsn: Int64Builder,
     tx_id: Int64Builder,
     partition: Int32Builder,
@@ -80,7 +80,7 @@ impl Group {
             date,
             columns,
             op: StringBuilder::new(),
-            commit_ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             lsn: Int64Builder::new(),
             tx_id: Int64Builder::new(),
             partition: Int32Builder::new(),
@@ -104,7 +104,8 @@ impl Group {
             append(builder.as_mut(), &col.ty, value);
         }
         self.op.append_value(row.op.code());
-        self.commit_ts.append_value(row.commit_ts_ms);
+        self.commit_ts
+            .append_value(row.commit_ts_ms.saturating_mul(1000));
         self.lsn.append_option(row.lsn);
         self.tx_id.append_option(row.tx_id);
         self.partition.append_value(partition);
@@ -160,12 +161,20 @@ fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
         (ColumnType::Float32, _) => get::<Float32Builder>(builder).append_null(),
         (ColumnType::Float64, Datum::Float(v)) => get::<Float64Builder>(builder).append_value(*v),
         (ColumnType::Float64, _) => get::<Float64Builder>(builder).append_null(),
-        (ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal, Datum::Str(s)) => {
-            get::<StringBuilder>(builder).append_value(s)
-        }
-        (ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal, _) => {
-            get::<StringBuilder>(builder).append_null()
-        }
+        (
+            ColumnType::Utf8
+            | ColumnType::Json
+            | ColumnType::VariableDecimal
+            | ColumnType::WideDecimal { .. },
+            Datum::Str(s),
+        ) => get::<StringBuilder>(builder).append_value(s),
+        (
+            ColumnType::Utf8
+            | ColumnType::Json
+            | ColumnType::VariableDecimal
+            | ColumnType::WideDecimal { .. },
+            _,
+        ) => get::<StringBuilder>(builder).append_null(),
         (ColumnType::Binary, Datum::Bytes(b)) => get::<BinaryBuilder>(builder).append_value(b),
         (ColumnType::Binary, _) => get::<BinaryBuilder>(builder).append_null(),
         (ColumnType::Decimal { .. }, Datum::Decimal(v)) => {
@@ -174,16 +183,14 @@ fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
         (ColumnType::Decimal { .. }, _) => get::<Decimal128Builder>(builder).append_null(),
         (ColumnType::Date, Datum::Int(v)) => get::<Date32Builder>(builder).append_value(*v as i32),
         (ColumnType::Date, _) => get::<Date32Builder>(builder).append_null(),
-        (ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp, Datum::Int(v)) => {
+        (ColumnType::LocalTimestamp(_) | ColumnType::ZonedTimestamp, Datum::Int(v)) => {
             get::<TimestampMicrosecondBuilder>(builder).append_value(*v)
         }
-        (ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp, _) => {
+        (ColumnType::LocalTimestamp(_) | ColumnType::ZonedTimestamp, _) => {
             get::<TimestampMicrosecondBuilder>(builder).append_null()
         }
-        (ColumnType::Time(_), Datum::Int(v)) => {
-            get::<Time64MicrosecondBuilder>(builder).append_value(*v)
-        }
-        (ColumnType::Time(_), _) => get::<Time64MicrosecondBuilder>(builder).append_null(),
+        (ColumnType::Time(_), Datum::Int(v)) => get::<Int64Builder>(builder).append_value(*v),
+        (ColumnType::Time(_), _) => get::<Int64Builder>(builder).append_null(),
         (ColumnType::List(item), Datum::List(items)) => {
             let list = get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder);
             for it in items {
@@ -250,8 +257,17 @@ impl Segment {
         self.bytes += bytes;
     }
 
-    pub fn groups_mut(&mut self) -> &mut [Group] {
-        &mut self.groups
+    /// The segment's rows as record batches, one per group.
+    pub fn into_files(self) -> Result<Vec<DataFile>, ArrowError> {
+        self.groups
+            .into_iter()
+            .map(|mut g| {
+                Ok(DataFile {
+                    date: g.date,
+                    batch: g.finish()?,
+                })
+            })
+            .collect()
     }
 
     pub fn roll_reason(&self, policy: &RollPolicy) -> Option<RollReason> {

@@ -34,6 +34,7 @@ pub struct SinkConfig {
     pub s3: S3Config,
     pub output: OutputConfig,
     pub flush: FlushConfig,
+    pub lake: LakeConfig,
     /// After this long without Kafka brokers or a successful S3 write, the
     /// sink exits non-zero so that systemd restarts it.
     pub give_up_after_secs: u64,
@@ -44,7 +45,12 @@ pub struct SinkConfig {
 pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
+    /// Topic names, or patterns starting with `^` (librdkafka regex
+    /// subscription): a new table's topic is picked up on its own.
     pub topics: Vec<String>,
+    /// How often topic metadata is refreshed, so that a topic created after
+    /// the sink subscribed starts landing within one flush interval.
+    pub metadata_refresh_ms: u64,
     /// Static group membership (`group.instance.id`): a restarted sink with
     /// the same id gets its partitions back at once instead of waiting for
     /// the session of its dead predecessor to time out. Use the host name.
@@ -71,6 +77,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
             .field("topics", &self.topics)
+            .field("metadata_refresh_ms", &self.metadata_refresh_ms)
             .field("instance_id", &self.instance_id)
             .field("properties", &properties)
             .finish()
@@ -117,17 +124,53 @@ pub struct FlushConfig {
     pub max_buffered_bytes: usize,
 }
 
+/// Delta table upkeep: set as table properties when the sink creates a
+/// table, and used by `cdc-sink upkeep`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// A checkpoint every this many commits (`delta.checkpointInterval`).
+    pub checkpoint_interval: u64,
+    /// Log entries older than this are removed after a checkpoint
+    /// (`delta.logRetentionDuration`); time travel reaches this far back.
+    pub log_retention_hours: u64,
+    /// Files no longer referenced (compacted away, or written by an attempt
+    /// that never committed) are deleted by vacuum once this old.
+    pub vacuum_retention_hours: u64,
+    /// Compaction rewrites a date partition once it has this many files.
+    pub compact_min_files: usize,
+    /// Compacted files are about this large.
+    pub compact_target_bytes: usize,
+}
+
+impl LakeConfig {
+    pub fn table_properties(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (
+                "delta.checkpointInterval".into(),
+                self.checkpoint_interval.to_string(),
+            ),
+            (
+                "delta.logRetentionDuration".into(),
+                format!("interval {} hours", self.log_retention_hours),
+            ),
+            ("delta.enableExpiredLogCleanup".into(), "true".into()),
+            (
+                "delta.deletedFileRetentionDuration".into(),
+                format!("interval {} hours", self.vacuum_retention_hours),
+            ),
+        ])
+    }
+}
+
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
             kafka: KafkaConfig {
                 brokers: "127.0.0.1:9092".into(),
                 group_id: "cdc-sink".into(),
-                topics: vec![
-                    "twitter.users".into(),
-                    "twitter.tweets".into(),
-                    "twitter.likes".into(),
-                ],
+                topics: vec![r"^twitter\..*".into()],
+                metadata_refresh_ms: 5_000,
                 instance_id: None,
                 properties: BTreeMap::new(),
             },
@@ -150,6 +193,13 @@ impl Default for SinkConfig {
                 max_age_ms: 10_000,
                 max_buffered_bytes: 128 * 1024 * 1024,
             },
+            lake: LakeConfig {
+                checkpoint_interval: 100,
+                log_retention_hours: 168,
+                vacuum_retention_hours: 168,
+                compact_min_files: 20,
+                compact_target_bytes: 128 * 1024 * 1024,
+            },
             give_up_after_secs: 120,
         }
     }
@@ -164,7 +214,7 @@ macro_rules! default_from_root {
         }
     )*};
 }
-default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush);
+default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush, LakeConfig => lake);
 
 /// librdkafka properties the sink sets itself; overriding them would break
 /// exactly-once delivery.
@@ -174,6 +224,7 @@ const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "group.id",
     "group.instance.id",
     "bootstrap.servers",
+    "isolation.level",
 ];
 
 impl SinkConfig {
@@ -205,7 +256,16 @@ impl SinkConfig {
             return invalid("kafka.group_id", "must not be empty");
         }
         if self.kafka.topics.is_empty() {
-            return invalid("kafka.topics", "must name at least one topic");
+            return invalid("kafka.topics", "must name at least one topic or pattern");
+        }
+        if self.kafka.metadata_refresh_ms == 0 {
+            return invalid("kafka.metadata_refresh_ms", "must be greater than 0");
+        }
+        if self.lake.checkpoint_interval == 0 {
+            return invalid("lake.checkpoint_interval", "must be greater than 0");
+        }
+        if self.lake.compact_min_files < 2 {
+            return invalid("lake.compact_min_files", "must be at least 2");
         }
         if let Some(k) = self
             .kafka

@@ -5,7 +5,12 @@
 //! cost is the payload alone. [`Decoder::decode`] yields a [`Decoded`]: a
 //! tombstone to skip, or a [`ChangeRow`] whose values already match the
 //! schema, so appending it to a batch cannot fail half-way.
+//!
+//! Only a Kafka null value is a tombstone. Anything else that is not a
+//! Debezium envelope (`{}`, `[]`, `{"payload":null}`, an empty value) is an
+//! error, and the pipeline quarantines it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
 
@@ -30,6 +35,8 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("not a Debezium envelope: {0}")]
     Envelope(&'static str),
+    #[error("not a Debezium envelope: {0}")]
+    Shape(String),
     #[error("unsupported schema: {0}")]
     Schema(#[from] SchemaError),
     #[error("column `{column}` does not match its declared schema ({expected}): {found}")]
@@ -105,12 +112,17 @@ struct Envelope<'a> {
     payload: Option<&'a RawValue>,
 }
 
+/// A row image, each value still raw JSON: it is converted once its
+/// column type is known, so a `decimal.format=NUMERIC` number is read from
+/// its digits and never passes through f64.
+type Image<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+
 #[derive(Deserialize)]
-struct Payload {
-    #[serde(default)]
-    before: Option<Map<String, Value>>,
-    #[serde(default)]
-    after: Option<Map<String, Value>>,
+struct Payload<'a> {
+    #[serde(borrow, default)]
+    before: Option<Image<'a>>,
+    #[serde(borrow, default)]
+    after: Option<Image<'a>>,
     source: Source,
     op: String,
 }
@@ -147,9 +159,14 @@ impl Decoder {
 
     /// Decodes one Kafka message value; `None` is a Kafka tombstone.
     pub fn decode(&mut self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-        let Some(bytes) = value.filter(|b| !b.is_empty()) else {
+        let Some(bytes) = value else {
             return Ok(Decoded::Tombstone);
         };
+        if bytes.is_empty() {
+            return Err(DecodeError::Envelope(
+                "empty value (a tombstone is a null value, not an empty one)",
+            ));
+        }
         // Fast path: the JSON converter writes `{"schema":S,"payload":P}`, and
         // S repeats verbatim. When S is byte-for-byte a schema already parsed
         // (and validated), only P is parsed. Anything else takes the general
@@ -157,23 +174,30 @@ impl Decoder {
         let (schema_id, schema, payload) = match self.known_prefix(bytes) {
             Some((id, schema, payload)) => (id, schema, payload),
             None => {
-                let envelope: Envelope<'_> = serde_json::from_slice(bytes)?;
-                let payload = match envelope.payload {
-                    Some(p) if p.get() != "null" => p.get().as_bytes(),
-                    _ => return Ok(Decoded::Tombstone),
-                };
+                let envelope = parse_envelope(bytes)?;
                 let raw_schema = envelope
                     .schema
                     .filter(|s| s.get() != "null")
-                    .ok_or(DecodeError::Envelope("no schema (is schemas.enable=true?)"))?;
+                    .ok_or(DecodeError::Envelope("no `schema` (is schemas.enable=true?)"))?;
+                let payload = envelope
+                    .payload
+                    .ok_or(DecodeError::Envelope("no `payload`"))?;
                 let (id, schema) = self.schema(raw_schema.get())?;
-                (id, schema, payload)
+                (id, schema, payload.get().as_bytes())
             }
         };
         if payload == b"null" {
-            return Ok(Decoded::Tombstone);
+            return Err(DecodeError::Envelope(
+                "`payload` is null, but the Kafka value is not (a tombstone has a null value)",
+            ));
         }
-        let payload: Payload = serde_json::from_slice(payload)?;
+        let payload: Payload<'_> = serde_json::from_slice(payload).map_err(|e| {
+            if e.is_data() {
+                DecodeError::Shape(format!("`payload` is not a change event: {e}"))
+            } else {
+                DecodeError::Json(e)
+            }
+        })?;
         let (op, image) = match payload.op.as_str() {
             "c" => (Op::Create, payload.after),
             "u" => (Op::Update, payload.after),
@@ -185,18 +209,22 @@ impl Decoder {
         let mut values = Vec::with_capacity(schema.columns.len());
         let mut unchanged = Vec::new();
         for (i, col) in schema.columns.iter().enumerate() {
-            let v = image.get(&col.name).unwrap_or(&Value::Null);
-            if is_unavailable(&col.ty, v) {
+            let raw = image.get(col.name.as_str()).map_or("null", |r| r.get());
+            let mismatch = |expected: String| DecodeError::Mismatch {
+                column: col.name.clone(),
+                expected,
+                found: truncate(raw.to_string(), 80),
+            };
+            if let Some(d) = exact_number(&col.ty, raw) {
+                values.push(d.map_err(mismatch)?);
+                continue;
+            }
+            let v: Value = serde_json::from_str(raw).map_err(DecodeError::Json)?;
+            if is_unavailable(&col.ty, &v) {
                 unchanged.push(i);
                 values.push(Datum::Null);
             } else {
-                values.push(
-                    to_datum(&col.ty, v).map_err(|expected| DecodeError::Mismatch {
-                        column: col.name.clone(),
-                        expected,
-                        found: truncate(v.to_string(), 80),
-                    })?,
-                );
+                values.push(to_datum(&col.ty, &v).map_err(mismatch)?);
             }
         }
         Ok(Decoded::Row(ChangeRow {
@@ -218,8 +246,14 @@ impl Decoder {
         if let Some(s) = self.schemas.get(&id) {
             return Ok((id, s.clone()));
         }
-        let connect: ConnectSchema = serde_json::from_str(raw)?;
+        let connect: ConnectSchema = serde_json::from_str(raw)
+            .map_err(|e| DecodeError::Shape(format!("`schema` is not a Connect schema: {e}")))?;
         let table = Arc::new(TableSchema::from_envelope(&connect)?);
+        if !table.fallbacks.is_empty() {
+            // Once per distinct schema: the decoder parses each only once.
+            tracing::warn!(columns = ?table.fallbacks, schema = %connect.name.as_deref().unwrap_or("?"),
+                "columns of a kind the sink does not know are kept as JSON text");
+        }
         self.schemas.insert(id, table.clone());
         if self.prefixes.len() >= MAX_PREFIXES {
             self.prefixes.remove(0);
@@ -246,6 +280,75 @@ impl Decoder {
         let last = self.prefixes.len() - 1;
         self.prefixes.swap(hit, last);
         Some(found)
+    }
+}
+
+/// Parses the outer envelope, telling "not JSON" apart from "JSON of the
+/// wrong shape" so that the quarantine record says what was wrong.
+fn parse_envelope(bytes: &[u8]) -> Result<Envelope<'_>, DecodeError> {
+    // serde would read a struct from an array too: `[]` must not pass.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(DecodeError::Shape(
+                "JSON, but not an object with `schema` and `payload`".into(),
+            )),
+            Err(e) => Err(DecodeError::Json(e)),
+        };
+    }
+    match serde_json::from_slice::<Envelope<'_>>(bytes) {
+        Ok(e) => Ok(e),
+        Err(e) if e.is_data() => Err(DecodeError::Shape(format!(
+            "JSON, but not an object with `schema` and `payload`: {e}"
+        ))),
+        Err(e) => Err(DecodeError::Json(e)),
+    }
+}
+
+/// `decimal.format=NUMERIC` writes decimals as JSON numbers; they are read
+/// from their digits here, before anything could round them through f64.
+fn exact_number(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
+    let numeric = raw.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+    match ty {
+        ColumnType::Decimal { precision, scale } if numeric => Some(
+            parse_decimal(raw, *scale as u32)
+                .ok_or_else(|| format!("{ty:?}"))
+                .and_then(|u| checked_precision(u, *precision, ty)),
+        ),
+        ColumnType::WideDecimal { scale } if numeric => Some(
+            parse_decimal_text(raw, *scale)
+                .map(Datum::Str)
+                .ok_or_else(|| format!("{ty:?}")),
+        ),
+        _ => None,
+    }
+}
+
+fn checked_precision(unscaled: i128, precision: u8, ty: &ColumnType) -> Result<Datum, String> {
+    if unscaled.unsigned_abs() >= 10u128.pow(precision as u32) {
+        return Err(format!("{ty:?} (value exceeds the precision)"));
+    }
+    Ok(Datum::Decimal(unscaled))
+}
+
+/// PostgreSQL `infinity`/`-infinity` for `timestamp`, as the JDBC driver
+/// (and so Debezium) encodes them, whatever the unit.
+const PG_TIMESTAMP_INFINITY: i64 = 9_223_372_036_825_200_000;
+const PG_TIMESTAMP_NEG_INFINITY: i64 = -9_223_372_036_832_400_000;
+/// Where `infinity` and `-infinity` land: the largest and smallest
+/// timestamps every Delta reader accepts (9999-12-31T23:59:59.999999 and
+/// 0001-01-01T00:00:00), documented in the README.
+pub const TIMESTAMP_INFINITY_MICROS: i64 = 253_402_300_799_999_999;
+pub const TIMESTAMP_NEG_INFINITY_MICROS: i64 = -62_135_596_800_000_000;
+
+fn float(v: &Value) -> Option<f64> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        _ => v.as_f64(),
     }
 }
 
@@ -288,9 +391,7 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
         ColumnType::Int16 => int(i16::MIN as i64, i16::MAX as i64),
         ColumnType::Int32 | ColumnType::Date => int(i32::MIN as i64, i32::MAX as i64),
         ColumnType::Int64 => int(i64::MIN, i64::MAX),
-        ColumnType::Float32 | ColumnType::Float64 => {
-            v.as_f64().map(Datum::Float).ok_or_else(expected)
-        }
+        ColumnType::Float32 | ColumnType::Float64 => float(v).map(Datum::Float).ok_or_else(expected),
         ColumnType::Utf8 => v
             .as_str()
             .map(|s| Datum::Str(s.to_string()))
@@ -301,36 +402,57 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
             .and_then(|s| BASE64.decode(s).ok())
             .map(Datum::Bytes)
             .ok_or_else(expected),
-        ColumnType::Decimal { precision, scale } => {
+        ColumnType::Decimal { precision, .. } => {
+            // A NUMERIC-format number never gets here (see `exact_number`),
+            // except inside an array, where serde_json has already read it.
             let unscaled = match v {
                 Value::String(s) => BASE64.decode(s).ok().and_then(|b| i128_from_be(&b)),
-                Value::Number(n) => parse_decimal(&n.to_string(), *scale as u32),
+                Value::Number(n) => match ty {
+                    ColumnType::Decimal { scale, .. } => {
+                        parse_decimal(&n.to_string(), *scale as u32)
+                    }
+                    _ => None,
+                },
                 _ => None,
             }
             .ok_or_else(expected)?;
-            if unscaled.unsigned_abs() >= 10u128.pow(*precision as u32) {
-                return Err(format!("{} (value exceeds the precision)", expected()));
-            }
-            Ok(Datum::Decimal(unscaled))
+            checked_precision(unscaled, *precision, ty)
         }
-        ColumnType::Timestamp(unit) | ColumnType::Time(unit) => v
+        ColumnType::WideDecimal { scale } => v
+            .as_str()
+            .and_then(|s| BASE64.decode(s).ok())
+            .map(|b| Datum::Str(big_decimal_text(&b, *scale)))
+            .ok_or_else(expected),
+        ColumnType::LocalTimestamp(unit) => v
+            .as_i64()
+            .map(|n| match n {
+                PG_TIMESTAMP_INFINITY => Datum::Int(TIMESTAMP_INFINITY_MICROS),
+                PG_TIMESTAMP_NEG_INFINITY => Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS),
+                n => Datum::Int(unit.to_micros(n)),
+            })
+            .ok_or_else(expected),
+        ColumnType::Time(unit) => v
             .as_i64()
             .map(|n| Datum::Int(unit.to_micros(n)))
             .ok_or_else(expected),
-        ColumnType::ZonedTimestamp => v
-            .as_str()
-            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-            .map(|t| Datum::Int(t.timestamp_micros()))
-            .ok_or_else(expected),
+        ColumnType::ZonedTimestamp => match v.as_str() {
+            Some("infinity") => Ok(Datum::Int(TIMESTAMP_INFINITY_MICROS)),
+            Some("-infinity") => Ok(Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS)),
+            Some(s) => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| Datum::Int(t.timestamp_micros()))
+                .map_err(|_| expected()),
+            None => Err(expected()),
+        },
         ColumnType::VariableDecimal => {
             let scale = v.get("scale").and_then(Value::as_u64);
-            let unscaled = v
+            let bytes = v
                 .get("value")
                 .and_then(Value::as_str)
-                .and_then(|s| BASE64.decode(s).ok())
-                .and_then(|b| i128_from_be(&b));
-            match (scale, unscaled) {
-                (Some(scale), Some(u)) => Ok(Datum::Str(format_decimal(u, scale as u32))),
+                .and_then(|s| BASE64.decode(s).ok());
+            match (scale, bytes) {
+                (Some(scale), Some(b)) if !b.is_empty() => {
+                    Ok(Datum::Str(big_decimal_text(&b, scale as u32)))
+                }
                 _ => Err(expected()),
             }
         }
@@ -374,6 +496,74 @@ fn parse_decimal(s: &str, scale: u32) -> Option<i128> {
     }
     n = n.checked_mul(10i128.checked_pow(scale - frac.len() as u32)?)?;
     Some(if neg { -n } else { n })
+}
+
+/// Like [`parse_decimal`] for any number of digits: the exact decimal text
+/// at `scale`, or `None` if digits would be dropped.
+fn parse_decimal_text(s: &str, scale: u32) -> Option<String> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || frac.len() > scale as usize || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let pad = "0".repeat(scale as usize - frac.len());
+    let sign = if neg { "-" } else { "" };
+    Some(if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}{pad}")
+    })
+}
+
+/// Big-endian two's complement of any length to exact decimal text.
+fn big_decimal_text(bytes: &[u8], scale: u32) -> String {
+    if let Some(u) = i128_from_be(bytes) {
+        return format_decimal(u, scale);
+    }
+    let negative = bytes[0] & 0x80 != 0;
+    // Magnitude: two's complement negated when negative.
+    let mut mag: Vec<u8> = if negative {
+        let mut m: Vec<u8> = bytes.iter().map(|b| !b).collect();
+        for b in m.iter_mut().rev() {
+            let (v, carry) = b.overflowing_add(1);
+            *b = v;
+            if !carry {
+                break;
+            }
+        }
+        m
+    } else {
+        bytes.to_vec()
+    };
+    // Repeated division by 10 on the base-256 digits.
+    let mut digits = Vec::new();
+    while mag.iter().any(|&b| b != 0) {
+        let mut rem = 0u32;
+        for b in mag.iter_mut() {
+            let cur = (rem << 8) | *b as u32;
+            *b = (cur / 10) as u8;
+            rem = cur % 10;
+        }
+        digits.push(b'0' + rem as u8);
+    }
+    while digits.len() <= scale as usize {
+        digits.push(b'0');
+    }
+    digits.reverse();
+    let text = String::from_utf8(digits).expect("ASCII digits");
+    let (int, frac) = text.split_at(text.len() - scale as usize);
+    let sign = if negative { "-" } else { "" };
+    if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 fn format_decimal(unscaled: i128, scale: u32) -> String {
@@ -436,17 +626,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn empty_and_null_values_are_tombstones() {
-        let mut d = Decoder::new();
-        assert!(matches!(d.decode(None), Ok(Decoded::Tombstone)));
-        assert!(matches!(d.decode(Some(b"")), Ok(Decoded::Tombstone)));
-        assert!(matches!(
-            d.decode(Some(br#"{"schema":null,"payload":null}"#)),
-            Ok(Decoded::Tombstone)
-        ));
-    }
-
-    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut d = Decoder::new();
         assert!(matches!(
@@ -466,7 +645,8 @@ pub(crate) mod tests {
     fn decode_all(d: &mut Decoder, corpus: &str) -> Vec<Decoded> {
         corpus
             .lines()
-            .map(|l| d.decode(Some(l.as_bytes())).expect(l))
+            // An empty fixture line stands for a Kafka null value.
+            .map(|l| d.decode(Some(l.as_bytes()).filter(|b| !b.is_empty())).expect(l))
             .collect()
     }
 
@@ -654,9 +834,96 @@ pub(crate) mod tests {
             Err(DecodeError::Json(_))
         ));
         let null_payload = format!("{}null}}", &line[..line.find("\"payload\":").unwrap() + 10]);
-        assert!(matches!(
-            warm.decode(Some(null_payload.as_bytes())),
-            Ok(Decoded::Tombstone)
-        ));
+        let err = warm.decode(Some(null_payload.as_bytes())).unwrap_err();
+        assert!(err.to_string().contains("`payload` is null"), "{err}");
+    }
+
+    #[test]
+    fn special_values_land_instead_of_quarantining_the_row() {
+        let mut d = Decoder::new();
+        let rows = rows(decode_all(&mut d, TYPE_ZOO));
+        let special: Vec<&ChangeRow> = rows
+            .iter()
+            .filter(|r| r.op == Op::Update && value(r, "span") != &Datum::Null)
+            .collect();
+        assert_eq!(special.len(), 2, "two updates with special values");
+        let (a, b) = (special[0], special[1]);
+        assert!(matches!(value(a, "special_real"), Datum::Float(f) if f.is_nan()));
+        assert_eq!(value(a, "special_double"), &Datum::Float(f64::INFINITY));
+        assert_eq!(value(b, "special_real"), &Datum::Float(f64::NEG_INFINITY));
+        assert_eq!(value(a, "edge_ts"), &Datum::Int(TIMESTAMP_INFINITY_MICROS));
+        assert_eq!(value(b, "edge_ts"), &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS));
+        assert_eq!(value(a, "edge_local"), &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS));
+        // interval.handling.mode=string: ISO 8601 with the months kept.
+        assert_eq!(value(a, "span"), &Datum::Str("P1Y2M3DT4H5M6.789S".into()));
+        assert_eq!(value(b, "span"), &Datum::Str("P0Y0M-2DT0H0M1S".into()));
+        assert_eq!(value(a, "addr"), &Datum::Str("192.168.10.0/24".into()));
+        assert_eq!(value(a, "plain_json"), &Datum::Str(r#"{"a": 1}"#.into()));
+        assert_eq!(
+            value(a, "amounts"),
+            &Datum::List(vec![Datum::Decimal(125), Datum::Decimal(-350), Datum::Null])
+        );
+        assert_eq!(
+            value(a, "flags"),
+            &Datum::List(vec![Datum::Bool(true), Datum::Bool(false)])
+        );
+        assert_eq!(value(a, "days"), &Datum::List(vec![Datum::Int(19_782)]));
+        assert_eq!(
+            value(a, "blobs"),
+            &Datum::List(vec![Datum::Bytes(vec![0x00, 0xff])])
+        );
+        assert!(matches!(value(a, "spot"), Datum::Str(s) if s.contains("\"x\":1.5")));
+    }
+
+    #[test]
+    fn only_a_null_value_is_a_tombstone() {
+        let mut d = Decoder::new();
+        assert!(matches!(d.decode(None), Ok(Decoded::Tombstone)));
+        for (input, says) in [
+            (&b""[..], "empty value"),
+            (b"{}", "no `schema`"),
+            (b"[]", "not an object"),
+            (br#"{"payload":null}"#, "no `schema`"),
+            (br#"{"schema":null,"payload":null}"#, "no `schema`"),
+            (br#"{"schema":{"type":"struct","fields":[]},"payload":null}"#, "`payload`"),
+            (b"42", "not an object"),
+            (b"{not json", "not valid JSON"),
+        ] {
+            let err = d.decode(Some(input)).unwrap_err().to_string();
+            assert!(err.contains(says), "{}: {err}", String::from_utf8_lossy(input));
+        }
+        let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(900_000));
+        let err = d.decode(Some(big.as_bytes())).unwrap_err().to_string();
+        assert!(err.contains("no `schema`"), "{err}");
+    }
+
+    #[test]
+    fn numeric_format_decimals_are_exact() {
+        let ty = ColumnType::Decimal { precision: 20, scale: 4 };
+        assert_eq!(
+            exact_number(&ty, "1234567890123.4567"),
+            Some(Ok(Datum::Decimal(12_345_678_901_234_567)))
+        );
+        assert!(matches!(exact_number(&ty, "1.23456"), Some(Err(_))));
+        let wide = ColumnType::WideDecimal { scale: 2 };
+        assert_eq!(
+            exact_number(&wide, "-123456789012345678901234567890123456789012.5"),
+            Some(Ok(Datum::Str("-123456789012345678901234567890123456789012.50".into())))
+        );
+    }
+
+    #[test]
+    fn wide_decimals_from_bytes_are_exact() {
+        // 2^127 does not fit an i128.
+        let mut b = vec![0u8; 17];
+        b[1] = 0x80;
+        assert_eq!(big_decimal_text(&b, 0), "170141183460469231731687303715884105728");
+        let neg: Vec<u8> = {
+            // -(2^127) - 1 in 17 bytes of two's complement.
+            let mut m = b.clone();
+            m.iter_mut().for_each(|x| *x = !*x);
+            m
+        };
+        assert_eq!(big_decimal_text(&neg, 3), "-170141183460469231731687303715884105.729");
     }
 }

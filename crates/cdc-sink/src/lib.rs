@@ -1,20 +1,23 @@
-//! `cdc-sink`: Debezium change events from Kafka to Parquet on S3, exactly
-//! once.
+//! `cdc-sink`: Debezium change events from Kafka to Delta Lake tables on S3,
+//! exactly once.
 //!
-//! The flow, one module per job: [`source`] consumes Kafka with manual
-//! offsets; [`decode`] turns Debezium JSON into typed rows using the
-//! [`schema`] carried in each message; [`batch`] buffers rows per partition
-//! and rolls segments by rows, bytes or age; [`write`] encodes Parquet and
-//! puts it under deterministic keys; [`commit`] does the offset arithmetic
-//! that makes replays idempotent; [`pipeline`] is the loop that ties them
-//! together; [`config`] and [`cli`] configure it.
+//! The flow, one module per job: [`source`] consumes Kafka; [`position`]
+//! decides which offsets may enter the lake; [`decode`] turns Debezium JSON
+//! into typed rows using the [`schema`] carried in each message; [`batch`]
+//! buffers rows per partition and rolls segments by rows, bytes or age;
+//! [`lake`] writes Parquet ([`encode`]) and commits it to Delta with the
+//! partitions' offsets in the same transaction; [`quarantine`] keeps what
+//! cannot be read; [`pipeline`] is the loop that ties them together; [`config`] and [`cli`]
+//! configure it.
 
 pub mod batch;
 pub mod cli;
-pub mod commit;
 pub mod config;
 pub mod decode;
+pub mod encode;
+pub mod lake;
 pub mod pipeline;
+pub mod position;
+pub mod quarantine;
 pub mod schema;
 pub mod source;
-pub mod write;

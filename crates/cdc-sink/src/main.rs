@@ -27,9 +27,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("configuration OK\n{config:#?}");
         return Ok(());
     }
-    let store = pipeline::s3_store(&config.s3, config.give_up_after())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));
-    pipeline::run(&config, store, stop_rx).await?;
+    pipeline::run(&config, stop_rx).await?;
     Ok(())
 }

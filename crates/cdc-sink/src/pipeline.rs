@@ -2,26 +2,30 @@
 //!
 //! [`run`] owns every piece of state and a single `select!` over shutdown, a
 //! one-second tick (age-based flushes, health) and the next Kafka message.
-//! Writes happen inline, so while a segment is being uploaded nothing more
-//! is consumed: that is the backpressure which keeps memory bounded.
+//! Writes happen inline, so while a flush is being uploaded nothing more is
+//! consumed: that is the backpressure which keeps memory bounded.
+//!
+//! A flush takes the due segments, groups them by table and commits each
+//! table once ([`Lake::commit`]); partitions whose segment had no rows
+//! (tombstones, quarantined messages) need no Delta commit: replaying them
+//! rewrites nothing. Kafka offsets are committed afterwards, for lag tools.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use backon::{ExponentialBuilder, Retryable};
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
-use secrecy::ExposeSecret;
 use tokio::sync::watch;
 
 use crate::batch::{RollPolicy, Segment};
-use crate::commit::{Boundary, Offsets, Tp};
-use crate::config::{ConfigError, S3Config, SinkConfig};
+use crate::config::{ConfigError, SinkConfig};
 use crate::decode::{Decoded, Decoder};
+use crate::encode::writer_properties;
+use crate::lake::{Lake, LakeError, PartitionWrite, table_of};
+use crate::position::{Admit, Positions, Tp};
+use crate::quarantine::{Quarantine, s3_store};
 use crate::source::{Rebalance, Source};
-use crate::write::{WriteError, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -29,13 +33,17 @@ pub enum PipelineError {
     Config(#[from] ConfigError),
     #[error("kafka")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("object store set-up")]
-    Store(#[from] object_store::Error),
-    #[error("writing to the object store failed for {secs}s; giving up")]
-    Write {
+    #[error("the lake failed for {secs}s; giving up")]
+    Lake {
         secs: u64,
         #[source]
-        source: WriteError,
+        source: LakeError,
+    },
+    #[error("quarantining a message failed for {secs}s; giving up")]
+    Quarantine {
+        secs: u64,
+        #[source]
+        source: object_store::Error,
     },
     #[error("no Kafka broker reachable for {0}s; giving up")]
     KafkaDown(u64),
@@ -47,63 +55,86 @@ pub struct Stats {
     pub messages: u64,
     pub rows: u64,
     pub files: u64,
+    pub commits: u64,
     pub tombstones: u64,
     pub quarantined: u64,
+    pub skipped: u64,
+    pub fenced: u64,
     pub segments_dropped: u64,
-}
-
-/// Builds the S3 (MinIO) store. object_store retries each request with
-/// backoff for up to `retry_for`; past that the error reaches the pipeline.
-pub fn s3_store(
-    cfg: &S3Config,
-    retry_for: Duration,
-) -> Result<Arc<dyn ObjectStore>, PipelineError> {
-    let mut b = AmazonS3Builder::new()
-        .with_bucket_name(&cfg.bucket)
-        .with_region(&cfg.region)
-        .with_access_key_id(&cfg.access_key_id)
-        .with_retry(object_store::RetryConfig {
-            max_retries: usize::MAX,
-            retry_timeout: retry_for,
-            backoff: object_store::BackoffConfig::default(),
-        });
-    if let Some(secret) = cfg.resolve_secret()? {
-        b = b.with_secret_access_key(secret.expose_secret());
-    }
-    if !cfg.endpoint.is_empty() {
-        b = b
-            .with_endpoint(&cfg.endpoint)
-            .with_allow_http(cfg.endpoint.starts_with("http://"))
-            .with_virtual_hosted_style_request(false);
-    }
-    Ok(Arc::new(b.build()?))
 }
 
 struct Sink {
     decoder: Decoder,
     segments: HashMap<Tp, Segment>,
-    offsets: Offsets,
-    writer: Writer,
+    positions: Positions,
+    lake: Lake,
+    quarantine: Quarantine,
     policy: RollPolicy,
     max_buffered: usize,
     give_up: Duration,
     stats: Stats,
 }
 
+/// Retries `f` with capped exponential backoff while its error may pass,
+/// for at most `give_up` in total.
+async fn with_retry<T, E, Fut>(
+    give_up: Duration,
+    retryable: impl Fn(&E) -> bool,
+    f: impl FnMut() -> Fut,
+) -> Result<T, (u64, E)>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error,
+{
+    let started = Instant::now();
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_total_delay(Some(give_up))
+        .without_max_times();
+    f.retry(backoff)
+        .when(|e| retryable(e))
+        .notify(|e, after| tracing::warn!(error = %chain(e), retry_in = ?after, "request failed, retrying"))
+        .await
+        .map_err(|e| (started.elapsed().as_secs(), e))
+}
+
+/// An error and its causes on one line, for logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 pub async fn run(
     cfg: &SinkConfig,
-    store: Arc<dyn ObjectStore>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
+    let give_up = cfg.give_up_after();
+    let lake = Lake::new(
+        &cfg.s3,
+        &cfg.output.prefix,
+        &cfg.kafka.group_id,
+        writer_properties(&cfg.output),
+        &cfg.lake,
+    )
+    .map_err(|source| PipelineError::Lake { secs: 0, source })?;
+    let quarantine = Quarantine::new(s3_store(&cfg.s3, give_up)?, &cfg.output.prefix);
     let mut source = Source::connect(&cfg.kafka)?;
     let mut sink = Sink {
         decoder: Decoder::new(),
         segments: HashMap::new(),
-        offsets: Offsets::default(),
-        writer: Writer::new(store, &cfg.output),
+        positions: Positions::default(),
+        lake,
+        quarantine,
         policy: cfg.roll_policy(),
         max_buffered: cfg.flush.max_buffered_bytes,
-        give_up: cfg.give_up_after(),
+        give_up,
         stats: Stats::default(),
     };
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket, "sink started");
@@ -140,13 +171,11 @@ pub async fn run(
             }
         }
     }
-    // Drain: everything buffered is written and committed synchronously.
+    // Drain: everything buffered is committed, then Kafka's offsets.
     tracing::info!("shutting down: flushing open segments");
     sink.apply_rebalances(&mut source);
-    let tps: Vec<Tp> = sink.segments.keys().cloned().collect();
-    for tp in tps {
-        sink.flush(&source, &tp, CommitMode::Sync).await?;
-    }
+    let all: Vec<Tp> = sink.segments.keys().cloned().collect();
+    sink.flush(&source, all, CommitMode::Sync).await?;
     tracing::info!(stats = ?sink.stats, "sink stopped");
     Ok(sink.stats)
 }
@@ -157,22 +186,39 @@ impl Sink {
             match ev {
                 Rebalance::Revoked(tps) => {
                     for tp in tps {
-                        // The new owner replays from the committed offset;
-                        // writing this buffer now could race with it.
+                        // The new owner resumes from the lake; writing this
+                        // buffer now would only be fenced.
                         if self.segments.remove(&tp).is_some() {
                             self.stats.segments_dropped += 1;
                         }
-                        self.offsets.revoke(&tp);
+                        self.positions.revoke(&tp);
                     }
                 }
                 Rebalance::Assigned(tps) => {
                     for tp in tps {
                         self.segments.remove(&tp);
-                        self.offsets.assign(tp);
+                        self.positions.assign(tp);
                     }
                 }
             }
         }
+    }
+
+    /// Reads the lake's version of every partition of `table` whose
+    /// position is not known yet.
+    async fn learn_positions(&mut self, table: &str, tp: &Tp) -> Result<(), PipelineError> {
+        let tps = vec![tp.clone()];
+        let lake = &self.lake;
+        let versions = with_retry(self.give_up, LakeError::is_retryable, || {
+            lake.positions(table, &tps)
+        })
+        .await
+        .map_err(|(secs, source)| PipelineError::Lake { secs, source })?;
+        if let Some(p) = self.positions.get_mut(tp) {
+            tracing::info!(partition = %tp, lake_version = ?versions[0], "position read from the lake");
+            p.learn(versions[0]);
+        }
+        Ok(())
     }
 
     async fn on_message(
@@ -180,35 +226,36 @@ impl Sink {
         source: &Source,
         msg: rdkafka::message::OwnedMessage,
     ) -> Result<(), PipelineError> {
-        let tp: Tp = (msg.topic().to_string(), msg.partition());
+        let tp = Tp::new(msg.topic(), msg.partition());
         let offset = msg.offset();
-        if !self.offsets.is_assigned(&tp) {
-            // A message fetched before a revoke was processed; its new owner
-            // will read it again.
-            return Ok(());
+        loop {
+            // A message fetched before a revoke was processed has no
+            // position: its new owner reads it again.
+            let Some(position) = self.positions.get_mut(&tp) else {
+                return Ok(());
+            };
+            match position.admit(offset) {
+                Admit::Accept => break,
+                Admit::Skip => {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                }
+                Admit::SeekTo(to) => {
+                    tracing::info!(partition = %tp, from = offset, to, "seeking to the lake's position");
+                    if let Err(e) = source.seek(&tp, to) {
+                        // Start over: the next message asks again.
+                        tracing::warn!(partition = %tp, error = %e, "seek failed");
+                        position.fence();
+                    }
+                    return Ok(());
+                }
+                Admit::NeedsLakeVersion => {
+                    let table = table_of(&tp.topic).to_string();
+                    self.learn_positions(&table, &tp).await?;
+                }
+            }
         }
         self.stats.messages += 1;
-
-        if self.offsets.boundary(&tp, offset) == Boundary::RollThenAppend {
-            // The replayed range ended at an offset that no longer exists:
-            // close what was replayed (or forget the intent if nothing was).
-            if self.segments.contains_key(&tp) {
-                self.flush(source, &tp, CommitMode::Async).await?;
-            } else {
-                self.offsets.expire_intent(&tp);
-            }
-        }
-        if !self.segments.contains_key(&tp) && self.offsets.needs_intent_check(&tp) {
-            let intent = self
-                .with_retry(|w| w.read_intent(&tp.0, tp.1, offset))
-                .await?;
-            if let Some(i) = intent {
-                tracing::info!(topic = %tp.0, partition = tp.1, first = i.first, last = i.last,
-                    "replaying a segment recorded before a restart");
-            }
-            self.offsets.set_intent(&tp, offset, intent.map(|i| i.last));
-        }
-        let boundary = self.offsets.boundary(&tp, offset);
 
         let decoded = self.decoder.decode(msg.payload());
         let segment = self
@@ -218,7 +265,7 @@ impl Sink {
         match decoded {
             Ok(Decoded::Row(row)) => {
                 let size = msg.payload().map_or(0, <[u8]>::len);
-                segment.push(&row, tp.1, offset, size);
+                segment.push(&row, tp.partition, offset, size);
                 self.stats.rows += 1;
             }
             Ok(Decoded::Tombstone) => {
@@ -228,35 +275,29 @@ impl Sink {
             Err(err) => {
                 segment.cover(offset);
                 let error = err.to_string();
-                let path = self
-                    .with_retry(|w| {
-                        w.quarantine(&tp.0, tp.1, offset, msg.key(), msg.payload(), &error)
-                    })
-                    .await?;
+                let q = &self.quarantine;
+                let path = with_retry(self.give_up, |_| true, || {
+                    q.put(&tp, offset, msg.key(), msg.payload(), &error)
+                })
+                .await
+                .map_err(|(secs, source)| PipelineError::Quarantine { secs, source })?;
                 self.stats.quarantined += 1;
-                tracing::warn!(topic = %tp.0, partition = tp.1, offset, %error, quarantined_at = %path,
+                tracing::warn!(partition = %tp, offset, %error, quarantined_at = %path,
                     "malformed change event quarantined");
             }
         }
 
-        let replaying = self.offsets.replaying(&tp);
-        let roll = match boundary {
-            Boundary::AppendThenRoll => true,
-            _ if replaying => false,
-            _ => self.segments[&tp].roll_reason(&self.policy).is_some(),
-        };
-        if roll {
-            self.flush(source, &tp, CommitMode::Async).await?;
+        if self.segments[&tp].roll_reason(&self.policy).is_some() {
+            self.flush(source, vec![tp], CommitMode::Async).await?;
         } else if self.buffered_bytes() > self.max_buffered {
-            // Memory bound: flush the largest segment that is not replaying.
+            // Memory bound: flush the largest segment.
             let largest = self
                 .segments
                 .iter()
-                .filter(|(tp, _)| !self.offsets.replaying(tp))
                 .max_by_key(|(_, s)| s.bytes)
                 .map(|(tp, _)| tp.clone());
             if let Some(tp) = largest {
-                self.flush(source, &tp, CommitMode::Async).await?;
+                self.flush(source, vec![tp], CommitMode::Async).await?;
             }
         }
         Ok(())
@@ -270,67 +311,82 @@ impl Sink {
         let due: Vec<Tp> = self
             .segments
             .iter()
-            .filter(|(tp, s)| !self.offsets.replaying(tp) && s.roll_reason(&self.policy).is_some())
+            .filter(|(_, s)| s.roll_reason(&self.policy).is_some())
             .map(|(tp, _)| tp.clone())
             .collect();
-        for tp in due {
-            self.flush(source, &tp, CommitMode::Async).await?;
-        }
-        Ok(())
+        self.flush(source, due, CommitMode::Async).await
     }
 
-    /// Writes the segment of `tp`, then commits past it.
+    /// Commits the segments of `tps`: one Delta transaction per table, then
+    /// Kafka's offsets.
     async fn flush(
         &mut self,
         source: &Source,
-        tp: &Tp,
+        tps: Vec<Tp>,
         mode: CommitMode,
     ) -> Result<(), PipelineError> {
-        let Some(mut segment) = self.segments.remove(tp) else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        let encoded = self
-            .writer
-            .encode_segment(&tp.0, tp.1, &mut segment)
-            .map_err(|source| PipelineError::Write { secs: 0, source })?;
-        // Putting a segment is idempotent, so retrying it whole is safe.
-        self.with_retry(|w| w.put_segment(&encoded)).await?;
-        let files = &encoded.files;
-        self.stats.files += files.len() as u64;
-        let next = self.offsets.flushed(tp, segment.last);
-        source.commit(tp, next, mode)?;
-        tracing::debug!(topic = %tp.0, partition = tp.1, first = segment.first, last = segment.last,
-            rows = segment.rows(), files = files.len(), ms = started.elapsed().as_millis() as u64, "segment flushed");
+        let mut by_table: BTreeMap<String, Vec<PartitionWrite>> = BTreeMap::new();
+        let mut kafka = Vec::new();
+        for tp in tps {
+            let Some(segment) = self.segments.remove(&tp) else {
+                continue;
+            };
+            let Some(position) = self.positions.get(&tp) else {
+                continue;
+            };
+            let last = segment.last;
+            if segment.rows() == 0 {
+                kafka.push((tp, last + 1));
+                continue;
+            }
+            let write = PartitionWrite {
+                expected: position.expected_version(),
+                last,
+                files: segment.into_files().map_err(|e| PipelineError::Lake {
+                    secs: 0,
+                    source: e.into(),
+                })?,
+                tp,
+            };
+            by_table
+                .entry(table_of(&write.tp.topic).to_string())
+                .or_default()
+                .push(write);
+        }
+        for (table, writes) in by_table {
+            let started = Instant::now();
+            let lake = &self.lake;
+            let outcome = with_retry(self.give_up, LakeError::is_retryable, || {
+                lake.commit(&table, &writes)
+            })
+            .await
+            .map_err(|(secs, source)| PipelineError::Lake { secs, source })?;
+            for (tp, last) in &outcome.committed {
+                if let Some(p) = self.positions.get_mut(tp) {
+                    p.committed(*last);
+                }
+                kafka.push((tp.clone(), last + 1));
+            }
+            for tp in &outcome.fenced {
+                // Whatever is buffered past the fenced segment is dropped
+                // too: the position is read again from the lake.
+                self.segments.remove(tp);
+                if let Some(p) = self.positions.get_mut(tp) {
+                    p.fence();
+                }
+                self.stats.fenced += 1;
+            }
+            if outcome.version.is_some() {
+                self.stats.commits += 1;
+                self.stats.files += outcome.files as u64;
+            }
+            tracing::debug!(%table, version = ?outcome.version, files = outcome.files, rows = outcome.rows,
+                bytes = outcome.bytes, ms = started.elapsed().as_millis() as u64, "committed");
+        }
+        if let Err(e) = source.commit(&kafka, mode) {
+            // Only lag reporting suffers: the lake has the positions.
+            tracing::warn!(error = %e, "committing Kafka offsets failed");
+        }
         Ok(())
     }
-
-    async fn with_retry<'a, T, F, Fut>(&'a self, f: F) -> Result<T, PipelineError>
-    where
-        F: Fn(&'a Writer) -> Fut,
-        Fut: std::future::Future<Output = Result<T, WriteError>>,
-    {
-        let started = Instant::now();
-        loop {
-            match f(&self.writer).await {
-                Ok(v) => return Ok(v),
-                Err(e) if started.elapsed() < self.give_up && is_retryable(&e) => {
-                    tracing::warn!(error = %e, "object store request failed, retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(source) => {
-                    return Err(PipelineError::Write {
-                        secs: started.elapsed().as_secs(),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Store errors may pass (object_store already retried transport errors
-/// for a while); encoding errors will not.
-fn is_retryable(e: &WriteError) -> bool {
-    matches!(e, WriteError::Store(_))
 }

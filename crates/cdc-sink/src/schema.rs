@@ -36,8 +36,6 @@ pub struct ConnectSchema {
 pub enum SchemaError {
     #[error("envelope schema has no `after` or `before` struct")]
     NoRowStruct,
-    #[error("column `{column}`: unsupported Connect type `{kind}`")]
-    Unsupported { column: String, kind: String },
     #[error("column `{column}`: decimal precision {precision} / scale {scale} out of range")]
     DecimalRange {
         column: String,
@@ -47,6 +45,10 @@ pub enum SchemaError {
 }
 
 /// How one column is decoded and stored.
+///
+/// Delta Lake has no TIME and no INTERVAL type and decimals stop at 38
+/// digits, so a few kinds land as a neighbouring type every reader knows;
+/// the README lists each choice.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColumnType {
     Bool,
@@ -54,6 +56,8 @@ pub enum ColumnType {
     Int16,
     Int32,
     Int64,
+    /// `real`/`double`, including NaN and ±Infinity (which the JSON
+    /// converter spells as strings).
     Float32,
     Float64,
     Utf8,
@@ -65,19 +69,27 @@ pub enum ColumnType {
         precision: u8,
         scale: i8,
     },
+    /// A Connect `Decimal` wider than 38 digits: kept exactly, as text.
+    WideDecimal {
+        scale: u32,
+    },
     /// Days since the epoch (`io.debezium.time.Date`, Connect `Date`).
     Date,
-    /// Microseconds since the epoch, UTC. `unit` says what the wire holds.
-    Timestamp(WireTime),
-    /// ISO-8601 string with offset (`io.debezium.time.ZonedTimestamp`).
+    /// `timestamp` (no time zone): a wall-clock time, stored as Delta
+    /// `timestamp_ntz` in µs. `unit` says what the wire holds.
+    LocalTimestamp(WireTime),
+    /// `timestamptz`: an ISO-8601 string with offset
+    /// (`io.debezium.time.ZonedTimestamp`), stored as a UTC instant in µs.
     ZonedTimestamp,
-    /// Microseconds since midnight. `unit` says what the wire holds.
+    /// `time`: microseconds since midnight as a plain `long` (Delta has no
+    /// TIME type). `unit` says what the wire holds.
     Time(WireTime),
     List(Box<ColumnType>),
     /// `io.debezium.data.VariableScaleDecimal` (numeric without a declared
     /// scale): a struct of scale and bytes, kept exactly as a decimal string.
     VariableDecimal,
-    /// Nested structs and maps, kept as JSON text.
+    /// Nested structs and maps, and any kind this mapper does not know:
+    /// kept as their JSON text.
     Json,
 }
 
@@ -91,7 +103,7 @@ pub enum WireTime {
 
 impl WireTime {
     /// Converts a wire value to microseconds (nanoseconds are truncated:
-    /// Parquet readers widely support µs, far fewer ns).
+    /// Delta timestamps are µs).
     pub fn to_micros(self, v: i64) -> i64 {
         match self {
             WireTime::Millis => v.saturating_mul(1000),
@@ -114,10 +126,14 @@ impl ColumnType {
             ("int64", "io.debezium.time.MicroTime") => ColumnType::Time(WireTime::Micros),
             ("int64", "io.debezium.time.NanoTime") => ColumnType::Time(WireTime::Nanos),
             ("int64", "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
-                ColumnType::Timestamp(WireTime::Millis)
+                ColumnType::LocalTimestamp(WireTime::Millis)
             }
-            ("int64", "io.debezium.time.MicroTimestamp") => ColumnType::Timestamp(WireTime::Micros),
-            ("int64", "io.debezium.time.NanoTimestamp") => ColumnType::Timestamp(WireTime::Nanos),
+            ("int64", "io.debezium.time.MicroTimestamp") => {
+                ColumnType::LocalTimestamp(WireTime::Micros)
+            }
+            ("int64", "io.debezium.time.NanoTimestamp") => {
+                ColumnType::LocalTimestamp(WireTime::Nanos)
+            }
             ("string", "io.debezium.time.ZonedTimestamp") => ColumnType::ZonedTimestamp,
             ("bytes", "org.apache.kafka.connect.data.Decimal") => {
                 let scale: i64 = s
@@ -132,19 +148,22 @@ impl ColumnType {
                     .get("connect.decimal.precision")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(38);
-                if !(1..=38).contains(&precision)
-                    || !(0..=38).contains(&scale)
-                    || scale > precision as i64
-                {
+                if !(0..=1000).contains(&scale) {
                     return Err(SchemaError::DecimalRange {
                         column: column.to_string(),
                         precision,
                         scale,
                     });
                 }
-                ColumnType::Decimal {
-                    precision: precision as u8,
-                    scale: scale as i8,
+                if (1..=38).contains(&precision) && scale <= precision as i64 {
+                    ColumnType::Decimal {
+                        precision: precision as u8,
+                        scale: scale as i8,
+                    }
+                } else {
+                    ColumnType::WideDecimal {
+                        scale: scale as u32,
+                    }
                 }
             }
             ("struct", "io.debezium.data.VariableScaleDecimal") => ColumnType::VariableDecimal,
@@ -158,22 +177,27 @@ impl ColumnType {
             // Json, Uuid, Enum, Xml, ZonedTime, ... are all text.
             ("string", _) => ColumnType::Utf8,
             ("bytes", _) => ColumnType::Binary,
-            ("array", _) => {
-                let items = s.items.as_deref().ok_or_else(|| SchemaError::Unsupported {
-                    column: column.to_string(),
-                    kind: "array without items".into(),
-                })?;
-                ColumnType::List(Box::new(ColumnType::from_connect(column, items)?))
-            }
-            ("struct" | "map", _) => ColumnType::Json,
-            (other, _) => {
-                return Err(SchemaError::Unsupported {
-                    column: column.to_string(),
-                    kind: other.to_string(),
-                });
-            }
+            ("array", _) => match s.items.as_deref() {
+                Some(items) => ColumnType::List(Box::new(ColumnType::from_connect(column, items)?)),
+                None => ColumnType::Json,
+            },
+            // Structs and maps are JSON on purpose; anything else is a kind
+            // this mapper does not know, kept as its JSON text rather than
+            // failing the table (`TableSchema::fallbacks` names it).
+            _ => ColumnType::Json,
         };
         Ok(t)
+    }
+
+    /// Whether this is the JSON-text fallback for a kind the mapper does not
+    /// know (structs and maps are JSON by design, not by fallback).
+    fn is_fallback(s: &ConnectSchema) -> bool {
+        match s.kind.as_str() {
+            "boolean" | "int8" | "int16" | "int32" | "int64" | "float" | "float32" | "double"
+            | "float64" | "string" | "bytes" | "struct" | "map" => false,
+            "array" => s.items.as_deref().is_none_or(ColumnType::is_fallback),
+            _ => true,
+        }
     }
 
     pub fn arrow(&self) -> DataType {
@@ -185,14 +209,16 @@ impl ColumnType {
             ColumnType::Int64 => DataType::Int64,
             ColumnType::Float32 => DataType::Float32,
             ColumnType::Float64 => DataType::Float64,
-            ColumnType::Utf8 | ColumnType::Json | ColumnType::VariableDecimal => DataType::Utf8,
+            ColumnType::Utf8
+            | ColumnType::Json
+            | ColumnType::VariableDecimal
+            | ColumnType::WideDecimal { .. } => DataType::Utf8,
             ColumnType::Binary => DataType::Binary,
             ColumnType::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
             ColumnType::Date => DataType::Date32,
-            ColumnType::Timestamp(_) | ColumnType::ZonedTimestamp => {
-                DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")))
-            }
-            ColumnType::Time(_) => DataType::Time64(TimeUnit::Microsecond),
+            ColumnType::LocalTimestamp(_) => DataType::Timestamp(TimeUnit::Microsecond, None),
+            ColumnType::ZonedTimestamp => utc_micros(),
+            ColumnType::Time(_) => DataType::Int64,
             ColumnType::List(item) => {
                 DataType::List(Arc::new(Field::new("item", item.arrow(), true)))
             }
@@ -200,11 +226,16 @@ impl ColumnType {
     }
 }
 
+/// Delta's `timestamp`: µs, adjusted to UTC.
+pub fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")))
+}
+
 /// Names of the CDC metadata columns appended after the table's own.
 pub mod meta {
     /// `c` insert, `u` update, `d` delete, `r` snapshot read.
     pub const OP: &str = "_cdc_op";
-    /// Source commit time (Debezium `source.ts_ms`), UTC.
+    /// Source commit time (Debezium `source.ts_ms`), UTC, µs.
     pub const COMMIT_TS: &str = "_cdc_commit_ts";
     pub const LSN: &str = "_cdc_lsn";
     pub const TX_ID: &str = "_cdc_tx_id";
@@ -214,6 +245,8 @@ pub mod meta {
     /// they are null in this row and should be carried over from the
     /// previous version of the row.
     pub const UNCHANGED: &str = "_cdc_unchanged_cols";
+    /// The Delta partition column: the UTC date of the source commit.
+    pub const DATE: &str = "date";
 }
 
 #[derive(Debug, Clone)]
@@ -223,11 +256,14 @@ pub struct Column {
 }
 
 /// One table shape: its columns in Connect order and the Arrow schema of
-/// the files written for it.
+/// the files written for it (the Delta table adds the `date` partition
+/// column, which lives in the file path, not in the file).
 #[derive(Debug)]
 pub struct TableSchema {
     pub columns: Vec<Column>,
     pub arrow: SchemaRef,
+    /// Columns of a kind the mapper does not know, kept as JSON text.
+    pub fallbacks: Vec<String>,
 }
 
 impl TableSchema {
@@ -245,9 +281,13 @@ impl TableSchema {
             })
             .ok_or(SchemaError::NoRowStruct)?;
         let mut columns = Vec::with_capacity(row.fields.len());
+        let mut fallbacks = Vec::new();
         for f in &row.fields {
             let name = f.field.clone().unwrap_or_default();
             let ty = ColumnType::from_connect(&name, f)?;
+            if ColumnType::is_fallback(f) {
+                fallbacks.push(name.clone());
+            }
             columns.push(Column { name, ty });
         }
         // Every table column is nullable: a delete under REPLICA IDENTITY
@@ -260,6 +300,7 @@ impl TableSchema {
         Ok(TableSchema {
             columns,
             arrow: Arc::new(Schema::new(fields)),
+            fallbacks,
         })
     }
 }
@@ -267,11 +308,7 @@ impl TableSchema {
 fn metadata_fields() -> [Field; 7] {
     [
         Field::new(meta::OP, DataType::Utf8, false),
-        Field::new(
-            meta::COMMIT_TS,
-            DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC"))),
-            false,
-        ),
+        Field::new(meta::COMMIT_TS, utc_micros(), false),
         Field::new(meta::LSN, DataType::Int64, true),
         Field::new(meta::TX_ID, DataType::Int64, true),
         Field::new(meta::KAFKA_PARTITION, DataType::Int32, false),
@@ -305,7 +342,16 @@ mod tests {
         );
         assert_eq!(
             col(r#"{"type":"int64","name":"io.debezium.time.NanoTimestamp"}"#),
-            ColumnType::Timestamp(WireTime::Nanos)
+            ColumnType::LocalTimestamp(WireTime::Nanos)
+        );
+        assert_eq!(
+            col(r#"{"type":"int64","name":"io.debezium.time.MicroTimestamp"}"#).arrow(),
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            "timestamp without time zone stays a wall-clock time"
+        );
+        assert_eq!(
+            col(r#"{"type":"int64","name":"io.debezium.time.MicroTime"}"#).arrow(),
+            DataType::Int64
         );
         assert_eq!(
             col(r#"{"type":"int32","name":"io.debezium.time.Date"}"#).arrow(),
@@ -334,6 +380,30 @@ mod tests {
                 scale: 2
             }
         );
+    }
+
+    #[test]
+    fn wide_decimals_are_exact_text() {
+        assert_eq!(
+            col(
+                r#"{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"4","connect.decimal.precision":"50"}}"#
+            ),
+            ColumnType::WideDecimal { scale: 4 }
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_fall_back_to_json_text() {
+        let envelope: ConnectSchema = serde_json::from_str(
+            r#"{"type":"struct","fields":[{"type":"struct","field":"after","fields":[
+                {"type":"int64","field":"id"},
+                {"type":"geography2","field":"odd"},
+                {"type":"struct","field":"pt","fields":[]}]}]}"#,
+        )
+        .unwrap();
+        let t = TableSchema::from_envelope(&envelope).unwrap();
+        assert_eq!(t.columns[1].ty, ColumnType::Json);
+        assert_eq!(t.fallbacks, vec!["odd".to_string()], "structs are JSON by design");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! [`Source`] wraps the rdkafka `StreamConsumer`. Rebalances are reported as
 //! [`Rebalance`] events on a channel that the pipeline drains before every
 //! message, so buffers of revoked partitions are dropped before anything
-//! else happens.
+//! else happens. Kafka's committed offsets are written for lag tools only:
+//! where a partition resumes is decided by the lake (see `position`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::commit::Tp;
+use crate::position::Tp;
 use crate::config::KafkaConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub struct SourceContext {
 fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
     tpl.elements()
         .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
+        .map(|e| Tp::new(e.topic(), e.partition()))
         .collect()
 }
 
@@ -78,8 +79,8 @@ impl ConsumerContext for SourceContext {
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            // The next commit supersedes this one; the lake is already
-            // correct, and a replay would only rewrite identical objects.
+            // The next commit supersedes this one. Kafka's offsets only
+            // report lag: the lake's own log says where to resume.
             tracing::warn!(error = %e, offsets = ?partitions(offsets), "offset commit failed");
         }
     }
@@ -106,8 +107,8 @@ impl Source {
         client
             .set("bootstrap.servers", &cfg.brokers)
             .set("group.id", &cfg.group_id)
-            // Offsets are committed by the pipeline after the objects are
-            // written, never by librdkafka on a timer.
+            // Offsets are committed by the pipeline after the Delta commit,
+            // never by librdkafka on a timer.
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -130,6 +131,14 @@ impl Source {
                 client.set(key, value);
             }
         }
+        // A topic created after subscribing (a newly captured table) is
+        // seen at the next metadata refresh; librdkafka's default is 5 min.
+        if client.get("topic.metadata.refresh.interval.ms").is_none() {
+            client.set(
+                "topic.metadata.refresh.interval.ms",
+                cfg.metadata_refresh_ms.to_string(),
+            );
+        }
         if let Some(id) = &cfg.instance_id {
             client.set("group.instance.id", id);
         }
@@ -147,10 +156,30 @@ impl Source {
         self.last_broker_up.lock().expect("not poisoned").elapsed()
     }
 
-    /// Commits `offset` (the next to read) for one partition.
-    pub fn commit(&self, tp: &Tp, offset: i64, mode: CommitMode) -> KafkaResult<()> {
+    /// Commits `offset` (the next to read) for each partition, for lag
+    /// tools: nothing in the sink reads these back.
+    pub fn commit(&self, offsets: &[(Tp, i64)], mode: CommitMode) -> KafkaResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
+        for (tp, offset) in offsets {
+            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+        }
         self.consumer.commit(&tpl, mode)
+    }
+
+    /// Sends the consumer of one partition to `offset`. librdkafka discards
+    /// whatever it had fetched before the seek.
+    pub fn seek(&self, tp: &Tp, offset: i64) -> KafkaResult<()> {
+        // librdkafka refuses a seek to an absolute 0 on some versions;
+        // the beginning is the same place.
+        let to = if offset == 0 {
+            Offset::Beginning
+        } else {
+            Offset::Offset(offset)
+        };
+        self.consumer
+            .seek(&tp.topic, tp.partition, to, Duration::from_secs(10))
     }
 }

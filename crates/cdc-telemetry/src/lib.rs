@@ -3,7 +3,8 @@
 //! [`init`] installs one `tracing` subscriber: the journald layer when the
 //! process runs under systemd (it sets `JOURNAL_STREAM` for units whose output
 //! goes to the journal), a plain terminal formatter otherwise. Both honour
-//! `RUST_LOG`, defaulting to `info`.
+//! `RUST_LOG`, defaulting to `info` for our crates and `warn` for delta-rs
+//! and its kernel, which log every snapshot load at INFO.
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -11,7 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,deltalake_core=warn,deltalake_aws=warn,buoyant_kernel=warn,delta_kernel=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         match tracing_journald::layer() {

@@ -1,0 +1,600 @@
+//! The lake: one Delta Lake table per captured table, written with delta-rs.
+//!
+//! A flush is one Delta transaction per table ([`Lake::commit`]): its
+//! Parquet files are put first under fresh names, then a single commit adds
+//! them together with one `txn` action per Kafka partition it covers
+//! (`app_id` = `cdc-sink:<group>:<topic>:<partition>`, `version` = the last
+//! offset it holds). Readers see all of a flush or none of it, and the
+//! table itself records how far each partition has landed, so a restarted
+//! sink asks the table ([`Lake::positions`]) instead of trusting Kafka.
+//!
+//! Commits are optimistic: delta-rs writes the next log entry with an S3
+//! conditional put (If-None-Match), so two writers can never both create
+//! version N. Before committing, each partition's `txn` version must still
+//! be the one this sink last saw; if another writer moved it (a rebalance
+//! during a long upload, a frozen sink that woke up), that partition is
+//! [fenced](CommitOutcome::fenced): its files stay unreferenced (vacuum
+//! removes them) and its position is read again. delta-rs' conflict checker
+//! covers the window between that check and the put: a concurrent commit
+//! carrying the same `app_id` fails ours.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use chrono::NaiveDate;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{
+    Action, Add, MetadataExt, Protocol, StructField, StructType, Transaction,
+};
+use deltalake::protocol::{DeltaOperation, OutputMode, SaveMode};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use secrecy::ExposeSecret;
+use url::Url;
+
+use crate::config::{LakeConfig, S3Config};
+use crate::encode::encode;
+use crate::position::Tp;
+use crate::schema::meta;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("Delta table `{table}`")]
+    Delta {
+        table: String,
+        #[source]
+        source: DeltaTableError,
+    },
+    #[error("building a record batch failed")]
+    Arrow(#[from] ArrowError),
+    #[error("encoding Parquet failed")]
+    Parquet(#[from] ParquetError),
+    #[error("object store request failed")]
+    Store(#[from] object_store::Error),
+    #[error("lake location `{0}` is not a valid URL")]
+    Location(String),
+}
+
+impl LakeError {
+    /// Storage and commit errors may pass; encoding errors, and a table
+    /// this writer cannot write, will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LakeError::Delta { source, .. } => !matches!(
+                source,
+                DeltaTableError::Transaction {
+                    source: TransactionError::UnsupportedTableFeatures(_)
+                        | TransactionError::TableFeaturesRequired(_)
+                        | TransactionError::DeltaTableAppendOnly
+                } | DeltaTableError::SchemaMismatch { .. }
+                    | DeltaTableError::InvalidTableLocation(_)
+            ),
+            LakeError::Store(_) => true,
+            LakeError::Arrow(_) | LakeError::Parquet(_) | LakeError::Location(_) => false,
+        }
+    }
+}
+
+/// One Parquet file's worth of rows: one schema, one commit date.
+pub struct DataFile {
+    pub date: NaiveDate,
+    pub batch: RecordBatch,
+}
+
+/// What one partition contributes to a table commit.
+pub struct PartitionWrite {
+    pub tp: Tp,
+    /// The last offset of this write (the `txn` version it records).
+    pub last: i64,
+    /// The `txn` version the table must still hold (see `position`).
+    pub expected: Option<i64>,
+    pub files: Vec<DataFile>,
+}
+
+#[derive(Debug, Default)]
+pub struct CommitOutcome {
+    /// The table version written, if anything was committed.
+    pub version: Option<i64>,
+    /// Partitions committed, with their last offset.
+    pub committed: Vec<(Tp, i64)>,
+    /// Partitions another writer had advanced: nothing of theirs landed.
+    pub fenced: Vec<Tp>,
+    pub files: usize,
+    pub rows: usize,
+    pub bytes: usize,
+}
+
+pub struct Lake {
+    root: Url,
+    storage: HashMap<String, String>,
+    group_id: String,
+    props: WriterProperties,
+    /// Properties of tables this sink creates (checkpoint interval, log
+    /// retention).
+    table_properties: BTreeMap<String, String>,
+    /// Open tables, each at the version last read. A tokio mutex: it is
+    /// held across the awaits of one commit, which also keeps two commits
+    /// of this sink from racing each other.
+    tables: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+}
+
+/// The `txn` application id of one partition within one consumer group.
+pub fn app_id(group_id: &str, tp: &Tp) -> String {
+    format!("cdc-sink:{group_id}:{}:{}", tp.topic, tp.partition)
+}
+
+/// `table` is the last dot-separated part of the topic (`twitter.tweets`
+/// is `tweets`).
+pub fn table_of(topic: &str) -> &str {
+    topic.rsplit('.').next().unwrap_or(topic)
+}
+
+/// delta-rs storage options for S3 (or MinIO). They hold the secret key,
+/// so they are never logged.
+pub fn storage_options(s3: &S3Config) -> Result<HashMap<String, String>, crate::config::ConfigError> {
+    let mut o = HashMap::from([
+        ("AWS_REGION".to_string(), s3.region.clone()),
+        ("AWS_ACCESS_KEY_ID".to_string(), s3.access_key_id.clone()),
+    ]);
+    if let Some(secret) = s3.resolve_secret()? {
+        o.insert(
+            "AWS_SECRET_ACCESS_KEY".into(),
+            secret.expose_secret().to_string(),
+        );
+    }
+    if !s3.endpoint.is_empty() {
+        o.insert("AWS_ENDPOINT_URL".into(), s3.endpoint.clone());
+        o.insert(
+            "AWS_ALLOW_HTTP".into(),
+            s3.endpoint.starts_with("http://").to_string(),
+        );
+        o.insert("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(), "false".into());
+    }
+    Ok(o)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Lake {
+    pub fn new(
+        s3: &S3Config,
+        prefix: &str,
+        group_id: &str,
+        props: WriterProperties,
+        lake: &LakeConfig,
+    ) -> Result<Lake, LakeError> {
+        deltalake::aws::register_handlers(None);
+        let prefix = prefix.trim_matches('/');
+        let root = if prefix.is_empty() {
+            format!("s3://{}/", s3.bucket)
+        } else {
+            format!("s3://{}/{prefix}/", s3.bucket)
+        };
+        let root = Url::parse(&root).map_err(|_| LakeError::Location(root.clone()))?;
+        let storage = storage_options(s3).map_err(|e| LakeError::Location(e.to_string()))?;
+        Ok(Lake {
+            root,
+            storage,
+            group_id: group_id.to_string(),
+            props,
+            table_properties: lake.table_properties(),
+            tables: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn table_url(&self, table: &str) -> Url {
+        self.root
+            .join(&format!("{table}/"))
+            .expect("a table name is a valid URL path segment")
+    }
+
+    fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> LakeError + '_ {
+        move |source| LakeError::Delta {
+            table: table.to_string(),
+            source,
+        }
+    }
+
+    /// The table, refreshed to its latest version; `None` if it does not
+    /// exist yet.
+    async fn open<'t>(
+        &self,
+        tables: &'t mut HashMap<String, DeltaTable>,
+        table: &str,
+        create_with: Option<&Schema>,
+    ) -> Result<Option<&'t mut DeltaTable>, LakeError> {
+        let err = Self::delta_err(table);
+        if !tables.contains_key(table) {
+            let t = DeltaTableBuilder::from_url(self.table_url(table))
+                .map_err(&err)?
+                .with_storage_options(self.storage.clone())
+                .build()
+                .map_err(&err)?;
+            if !t.verify_deltatable_existence().await.map_err(&err)? {
+                match create_with {
+                    Some(schema) => self.create(table, &t, schema).await?,
+                    None => return Ok(None),
+                }
+            }
+            tables.insert(table.to_string(), t);
+        }
+        let t = tables.get_mut(table).expect("inserted above");
+        if t.version().is_none() {
+            t.load().await.map_err(&err)?;
+        } else {
+            t.update_state().await.map_err(&err)?;
+        }
+        Ok(Some(t))
+    }
+
+    /// Creates the table (partitioned by `date`) if no writer has yet.
+    ///
+    /// Version 0 is committed directly rather than through delta-rs'
+    /// `CreateBuilder`, which would list every legacy writer feature of
+    /// writer version 7 (invariants among them, which delta-rs only writes
+    /// with DataFusion); the protocol here lists exactly what the sink
+    /// uses.
+    async fn create(
+        &self,
+        table: &str,
+        t: &DeltaTable,
+        file_schema: &Schema,
+    ) -> Result<(), LakeError> {
+        let err = Self::delta_err(table);
+        let schema = table_schema(file_schema).map_err(&err)?;
+        let metadata = deltalake::kernel::new_metadata(
+            &schema,
+            [meta::DATE],
+            self.table_properties.iter(),
+        )
+        .map_err(|e| err(e.into()))?
+        .with_name(table.to_string())
+        .map_err(|e| err(e.into()))?;
+        let protocol = protocol();
+        let operation = DeltaOperation::Create {
+            mode: SaveMode::ErrorIfExists,
+            location: self.table_url(table),
+            protocol: protocol.clone(),
+            metadata: metadata.clone(),
+        };
+        let created = CommitBuilder::default()
+            .with_actions(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
+            .build(None, t.log_store(), operation)
+            .await;
+        match created {
+            Ok(_) => tracing::info!(table, "created Delta table"),
+            // Another sink created it first: that is fine, it is opened next.
+            Err(DeltaTableError::VersionAlreadyExists(_)) => {}
+            Err(e) => return Err(err(e)),
+        }
+        Ok(())
+    }
+
+    /// The `txn` version of each partition in `table`: the last offset the
+    /// lake holds for it.
+    pub async fn positions(
+        &self,
+        table: &str,
+        tps: &[Tp],
+    ) -> Result<Vec<Option<i64>>, LakeError> {
+        let group = &self.group_id;
+        let mut tables = self.tables.lock().await;
+        let Some(t) = self.open(&mut tables, table, None).await? else {
+            return Ok(vec![None; tps.len()]);
+        };
+        let err = Self::delta_err(table);
+        let state = t.snapshot().map_err(&err)?;
+        let mut out = Vec::with_capacity(tps.len());
+        for tp in tps {
+            out.push(
+                state
+                    .transaction_version(t.log_store().as_ref(), app_id(group, tp))
+                    .await
+                    .map_err(&err)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes the files of `writes` and commits them, with one `txn` per
+    /// partition, in one Delta transaction. Safe to call again with the
+    /// same writes after an error: files get new names, and a commit that
+    /// did land shows up as a moved `txn` version (fenced), never twice.
+    pub async fn commit(
+        &self,
+        table: &str,
+        writes: &[PartitionWrite],
+    ) -> Result<CommitOutcome, LakeError> {
+        let mut outcome = CommitOutcome::default();
+        let err = Self::delta_err(table);
+        let Some(first) = writes.iter().flat_map(|w| &w.files).next() else {
+            return Ok(outcome);
+        };
+        let mut tables = self.tables.lock().await;
+        let group = &self.group_id;
+        let t = self
+            .open(&mut tables, table, Some(&first.batch.schema()))
+            .await?
+            .ok_or_else(|| LakeError::Location(self.table_url(table).to_string()))?;
+
+        // Fencing: a partition whose txn version moved is not ours to write.
+        let state = t.snapshot().map_err(&err)?.clone();
+        let mut ours = Vec::with_capacity(writes.len());
+        for w in writes {
+            let found = state
+                .transaction_version(t.log_store().as_ref(), app_id(group, &w.tp))
+                .await
+                .map_err(&err)?;
+            if found == w.expected {
+                ours.push(w);
+            } else {
+                tracing::warn!(partition = %w.tp, expected = ?w.expected, found = ?found,
+                    "another writer advanced this partition; dropping this sink's copy");
+                outcome.fenced.push(w.tp.clone());
+            }
+        }
+        if ours.is_empty() {
+            return Ok(outcome);
+        }
+
+        // Schema: the table's, grown by any column a file brings.
+        let current: StructType = state.schema().as_ref().clone();
+        let mut evolved = current.clone();
+        let store = t.log_store().object_store(None);
+        let mut actions = Vec::new();
+        for w in &ours {
+            for file in &w.files {
+                let batch = conform(file.batch.clone(), &mut evolved).map_err(&err)?;
+                let bytes = encode(&batch, &self.props)?;
+                let path = format!(
+                    "{}={}/part-{}.parquet",
+                    meta::DATE,
+                    file.date.format("%Y-%m-%d"),
+                    uuid::Uuid::new_v4()
+                );
+                let size = bytes.len();
+                store
+                    .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+                    .await?;
+                outcome.files += 1;
+                outcome.rows += batch.num_rows();
+                outcome.bytes += size;
+                actions.push(Action::Add(Add {
+                    path,
+                    partition_values: HashMap::from([(
+                        meta::DATE.to_string(),
+                        Some(file.date.format("%Y-%m-%d").to_string()),
+                    )]),
+                    size: size as i64,
+                    modification_time: now_ms(),
+                    data_change: true,
+                    stats: Some(format!(r#"{{"numRecords":{}}}"#, batch.num_rows())),
+                    ..Default::default()
+                }));
+            }
+        }
+        if evolved != current {
+            // Tables this sink creates support timestamp_ntz from the start
+            // (see `protocol`), so a new column never needs a protocol change.
+            let metadata = state
+                .metadata()
+                .clone()
+                .with_schema(&evolved)
+                .map_err(|e| err(e.into()))?;
+            actions.push(Action::Metadata(metadata));
+            tracing::info!(table, "table schema evolved");
+        }
+        let now = now_ms();
+        for w in &ours {
+            actions.push(Action::Txn(Transaction::new_with_last_update(
+                app_id(group, &w.tp),
+                w.last,
+                Some(now),
+            )));
+        }
+        let operation = DeltaOperation::StreamingUpdate {
+            output_mode: OutputMode::Append,
+            query_id: format!("cdc-sink:{group}"),
+            epoch_id: now,
+        };
+        let result = CommitBuilder::from(CommitProperties::default())
+            .with_actions(actions)
+            .build(Some(state.snapshot()), t.log_store(), operation)
+            .await;
+        match result {
+            Ok(done) => {
+                outcome.version = Some(done.version() as i64);
+                outcome.committed = ours.iter().map(|w| (w.tp.clone(), w.last)).collect();
+                Ok(outcome)
+            }
+            // A concurrent commit carried one of our app ids: none of ours
+            // landed (maybe our own earlier attempt did; re-reading the
+            // position sorts that out either way).
+            Err(DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(c),
+            }) => {
+                tracing::warn!(conflict = %c, "commit lost to a concurrent writer");
+                outcome.fenced.extend(ours.iter().map(|w| w.tp.clone()));
+                outcome.files = 0;
+                outcome.rows = 0;
+                outcome.bytes = 0;
+                Ok(outcome)
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+}
+
+/// Reader 3 / writer 7 with `timestampNtz`, so that `timestamp` columns
+/// (wall-clock times, no zone) can be added at any time. kernel keeps its
+/// constructor private; the JSON form is the protocol's own definition.
+fn protocol() -> Protocol {
+    serde_json::from_value(serde_json::json!({
+        "minReaderVersion": 3,
+        "minWriterVersion": 7,
+        "readerFeatures": ["timestampNtz"],
+        "writerFeatures": ["timestampNtz"],
+    }))
+    .expect("a valid protocol action")
+}
+
+/// The Delta schema of a new table: the file's columns plus `date`.
+fn table_schema(file_schema: &Schema) -> Result<StructType, DeltaTableError> {
+    let mut fields: Vec<Field> = file_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(meta::DATE, DataType::Date32, true));
+    let s: StructType = (&Schema::new(fields)).try_into_kernel()?;
+    Ok(s)
+}
+
+/// Makes `batch` fit the table schema, growing `table` where it must:
+/// - a column the table lacks is added (nullable);
+/// - a column whose type the table holds wider is cast up, losslessly;
+/// - a column whose type cannot be held losslessly in the table's (a
+///   narrowed or changed type) goes to a new column `<name>__<type>`, so
+///   no value is ever rounded or dropped.
+fn conform(batch: RecordBatch, table: &mut StructType) -> Result<RecordBatch, DeltaTableError> {
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    let mut added: Vec<StructField> = Vec::new();
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let incoming: StructField = field.as_ref().try_into_kernel()?;
+        let incoming = StructField::nullable(incoming.name(), incoming.data_type().clone());
+        match table.field(field.name()) {
+            None => {
+                added.push(incoming);
+                fields.push(field.as_ref().clone());
+                columns.push(column.clone());
+            }
+            Some(existing) if existing.data_type() == incoming.data_type() => {
+                fields.push(field.as_ref().clone());
+                columns.push(column.clone());
+            }
+            Some(existing) => {
+                let target = to_arrow(existing)?;
+                if widens(field.data_type(), target.data_type()) {
+                    columns.push(arrow::compute::cast(column, target.data_type())?);
+                    fields.push(target.with_nullable(true));
+                } else {
+                    let name = format!("{}__{}", field.name(), type_suffix(&incoming));
+                    let renamed = field.as_ref().clone().with_name(&name);
+                    if table.field(&name).is_none() && !added.iter().any(|f| f.name() == &name) {
+                        added.push(StructField::nullable(&name, incoming.data_type().clone()));
+                    }
+                    fields.push(renamed);
+                    columns.push(column.clone());
+                }
+            }
+        }
+    }
+    if !added.is_empty() {
+        *table = StructType::try_new(table.fields().cloned().chain(added))?;
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)) as SchemaRef,
+        columns,
+    )?)
+}
+
+/// Whether every value of `from` is exactly representable in `to`.
+fn widens(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    match (from, to) {
+        (Int8, Int16 | Int32 | Int64) | (Int16, Int32 | Int64) | (Int32, Int64) => true,
+        (Float32, Float64) => true,
+        (Int8 | Int16 | Int32, Float64) => true,
+        (Decimal128(p1, s1), Decimal128(p2, s2)) => s2 >= s1 && (*p2 as i16 - *s2 as i16) >= (*p1 as i16 - *s1 as i16),
+        (Date32, Timestamp(_, None)) => true,
+        _ => false,
+    }
+}
+
+fn type_suffix(field: &StructField) -> String {
+    field
+        .data_type()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn to_arrow(field: &StructField) -> Result<Field, DeltaTableError> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+    Ok(TryIntoArrow::<Field>::try_into_arrow(field)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, Int64Array, StringArray};
+
+    fn batch(fields: Vec<Field>, cols: Vec<arrow::array::ArrayRef>) -> RecordBatch {
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    #[test]
+    fn app_ids_name_group_topic_and_partition() {
+        assert_eq!(
+            app_id("cdc-sink", &Tp::new("twitter.users", 2)),
+            "cdc-sink:cdc-sink:twitter.users:2"
+        );
+        assert_eq!(table_of("twitter.tweets"), "tweets");
+    }
+
+    #[test]
+    fn schema_grows_and_never_narrows() {
+        let base = batch(
+            vec![Field::new("id", DataType::Int64, true)],
+            vec![Arc::new(Int64Array::from(vec![1]))],
+        );
+        let mut table = table_schema(&base.schema()).unwrap();
+
+        // An added column is added.
+        let more = batch(
+            vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("note", DataType::Utf8, true),
+            ],
+            vec![
+                Arc::new(Int64Array::from(vec![2])),
+                Arc::new(StringArray::from(vec!["x"])),
+            ],
+        );
+        conform(more, &mut table).unwrap();
+        assert!(table.field("note").is_some());
+
+        // A narrower type is cast up to the table's.
+        let narrow = batch(
+            vec![Field::new("id", DataType::Int32, true)],
+            vec![Arc::new(Int32Array::from(vec![3]))],
+        );
+        let out = conform(narrow, &mut table).unwrap();
+        assert_eq!(out.schema().field(0).data_type(), &DataType::Int64);
+
+        // A type the table cannot hold goes to its own column.
+        let changed = batch(
+            vec![Field::new("id", DataType::Utf8, true)],
+            vec![Arc::new(StringArray::from(vec!["4a"]))],
+        );
+        let out = conform(changed, &mut table).unwrap();
+        assert_eq!(out.schema().field(0).name(), "id__string");
+        assert!(table.field("id__string").is_some());
+        assert!(table.field(meta::DATE).is_some());
+    }
+}

@@ -1,0 +1,233 @@
+//! Where each assigned partition stands: the one type that decides which
+//! Kafka messages may enter the lake.
+//!
+//! The lake is the source of truth. Every Delta commit carries, per Kafka
+//! partition it covers, a `txn` action whose version is the last offset it
+//! holds. A [`Position`] starts [`Unknown`](State::Unknown) on assignment,
+//! learns that version from the table before it admits anything, and from
+//! then on admits each offset at most once:
+//! - an offset at or below the lake's version is already there: skipped;
+//! - the first message after assignment must be exactly version + 1, or the
+//!   consumer is sent there (Kafka's committed offsets are only a lag
+//!   report and may be behind or ahead);
+//! - a commit must find the version it was built on, or another writer got
+//!   there first ([`Position::expected_version`]); the caller then discards
+//!   its work and calls [`Position::fence`], which starts over.
+//!
+//! Call sites never compare offsets themselves.
+
+use std::collections::HashMap;
+
+/// A topic and partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tp {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl Tp {
+    pub fn new(topic: impl Into<String>, partition: i32) -> Tp {
+        Tp {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl std::fmt::Display for Tp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// What to do with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Buffer it: it is the next offset this partition needs.
+    Accept,
+    /// Drop it: the lake already has it, or it precedes a pending seek.
+    Skip,
+    /// Drop it and move the consumer to this offset.
+    SeekTo(i64),
+    /// The lake's version must be read before anything is admitted.
+    NeedsLakeVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Assigned; the lake has not been asked yet.
+    Unknown,
+    /// The lake's version is known; nothing admitted since.
+    Known,
+    /// The consumer was sent to `target`; older offsets still in flight are
+    /// dropped.
+    Seeking { target: i64 },
+    /// Offsets below `next` have been admitted (or are in the lake).
+    Streaming { next: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    state: State,
+    /// The last offset the lake holds for this partition (its `txn`
+    /// version), as of the last read or our last commit.
+    lake: Option<i64>,
+}
+
+impl Position {
+    fn new() -> Position {
+        Position {
+            state: State::Unknown,
+            lake: None,
+        }
+    }
+
+    /// Records the version read from the table.
+    pub fn learn(&mut self, lake: Option<i64>) {
+        self.lake = lake;
+        self.state = State::Known;
+    }
+
+    pub fn admit(&mut self, offset: i64) -> Admit {
+        match self.state {
+            State::Unknown => Admit::NeedsLakeVersion,
+            State::Known => match self.lake {
+                // Nothing of this partition in the lake: whatever Kafka
+                // starts with (committed offset or reset) is the start.
+                None => self.accept(offset),
+                Some(v) if offset == v + 1 => self.accept(offset),
+                Some(v) if offset <= v => {
+                    // Kafka's committed offset lags the lake: read on
+                    // through what is already there.
+                    self.state = State::Streaming { next: v + 1 };
+                    Admit::Skip
+                }
+                Some(v) => {
+                    self.state = State::Seeking { target: v + 1 };
+                    Admit::SeekTo(v + 1)
+                }
+            },
+            State::Seeking { target } if offset < target => Admit::Skip,
+            // After a seek, the first offset at or past the target starts
+            // the stream; past it means the log start moved (retention or
+            // DeleteRecords) and those offsets are gone from Kafka.
+            State::Seeking { .. } => self.accept(offset),
+            State::Streaming { next } if offset < next => Admit::Skip,
+            State::Streaming { .. } => self.accept(offset),
+        }
+    }
+
+    fn accept(&mut self, offset: i64) -> Admit {
+        self.state = State::Streaming { next: offset + 1 };
+        Admit::Accept
+    }
+
+    /// The `txn` version a commit of this partition must find in the table:
+    /// anything else means another writer has committed since.
+    pub fn expected_version(&self) -> Option<i64> {
+        self.lake
+    }
+
+    /// A commit holding offsets up to `last` landed.
+    pub fn committed(&mut self, last: i64) {
+        debug_assert!(self.lake.is_none_or(|v| last > v));
+        self.lake = Some(last);
+    }
+
+    /// Another writer advanced this partition: everything buffered was
+    /// dropped, and the position is read again from the lake.
+    pub fn fence(&mut self) {
+        *self = Position::new();
+    }
+}
+
+/// The positions of the partitions this sink is assigned.
+#[derive(Debug, Default)]
+pub struct Positions {
+    parts: HashMap<Tp, Position>,
+}
+
+impl Positions {
+    pub fn assign(&mut self, tp: Tp) {
+        self.parts.insert(tp, Position::new());
+    }
+
+    pub fn revoke(&mut self, tp: &Tp) {
+        self.parts.remove(tp);
+    }
+
+    pub fn get_mut(&mut self, tp: &Tp) -> Option<&mut Position> {
+        self.parts.get_mut(tp)
+    }
+
+    pub fn get(&self, tp: &Tp) -> Option<&Position> {
+        self.parts.get(tp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(lake: Option<i64>) -> Position {
+        let mut p = Position::new();
+        p.learn(lake);
+        p
+    }
+
+    #[test]
+    fn nothing_is_admitted_before_the_lake_is_read() {
+        let mut p = Position::new();
+        assert_eq!(p.admit(0), Admit::NeedsLakeVersion);
+        p.learn(None);
+        assert_eq!(p.admit(7), Admit::Accept, "an empty lake takes Kafka's start");
+        assert_eq!(p.admit(7), Admit::Skip, "never the same offset twice");
+        assert_eq!(p.admit(8), Admit::Accept);
+    }
+
+    #[test]
+    fn kafka_behind_the_lake_reads_through() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(5), Admit::Skip);
+        assert_eq!(p.admit(10), Admit::Skip);
+        assert_eq!(p.admit(11), Admit::Accept);
+    }
+
+    #[test]
+    fn kafka_ahead_of_the_lake_seeks_back() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(20), Admit::SeekTo(11));
+        assert_eq!(p.admit(10), Admit::Skip);
+        assert_eq!(p.admit(11), Admit::Accept);
+        assert_eq!(p.admit(12), Admit::Accept);
+    }
+
+    #[test]
+    fn a_log_start_past_the_target_is_accepted_once() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(30), Admit::SeekTo(11));
+        // Offsets 11..25 were deleted: the seek lands on 25.
+        assert_eq!(p.admit(25), Admit::Accept);
+        assert_eq!(p.admit(25), Admit::Skip);
+    }
+
+    #[test]
+    fn exactly_the_next_offset_starts_at_once() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(11), Admit::Accept);
+        assert_eq!(p.expected_version(), Some(10));
+        p.committed(11);
+        assert_eq!(p.expected_version(), Some(11));
+    }
+
+    #[test]
+    fn fencing_starts_over_from_the_lake() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(11), Admit::Accept);
+        p.fence();
+        assert_eq!(p.admit(12), Admit::NeedsLakeVersion);
+        p.learn(Some(40));
+        assert_eq!(p.admit(12), Admit::Skip);
+        assert_eq!(p.admit(41), Admit::Accept);
+    }
+}

@@ -1,0 +1,128 @@
+//! Messages that cannot be read, kept whole next to the tables.
+//!
+//! Each goes to `_quarantine/<topic>/p<partition>/<offset>.json` with its
+//! raw key and value (base64) and the reason. The key is a function of the
+//! offset, so quarantining the same message again after a replay rewrites
+//! the same object.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, S3Config};
+use crate::position::Tp;
+
+/// What is kept of a message that could not be decoded: everything needed
+/// to replay it by hand once the cause is fixed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub error: String,
+    /// The key and value exactly as received, base64 encoded.
+    pub key_base64: Option<String>,
+    pub value_base64: Option<String>,
+}
+
+pub fn quarantine_key(prefix: &Path, tp: &Tp, offset: i64) -> Path {
+    prefix
+        .clone()
+        .join("_quarantine")
+        .join(tp.topic.as_str())
+        .join(format!("p{:03}", tp.partition))
+        .join(format!("{offset:020}.json"))
+}
+
+/// The bucket, through object_store, which retries each request with
+/// backoff for up to `retry_for`.
+pub fn s3_store(cfg: &S3Config, retry_for: Duration) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_access_key_id(&cfg.access_key_id)
+        .with_retry(object_store::RetryConfig {
+            max_retries: usize::MAX,
+            retry_timeout: retry_for,
+            backoff: object_store::BackoffConfig::default(),
+        });
+    if let Some(secret) = cfg.resolve_secret()? {
+        b = b.with_secret_access_key(secret.expose_secret());
+    }
+    if !cfg.endpoint.is_empty() {
+        b = b
+            .with_endpoint(&cfg.endpoint)
+            .with_allow_http(cfg.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    let store = b.build().map_err(|e| ConfigError::Invalid {
+        key: "s3",
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(store))
+}
+
+pub struct Quarantine {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+}
+
+impl Quarantine {
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Quarantine {
+        Quarantine {
+            store,
+            prefix: Path::from(prefix.trim_matches('/')),
+        }
+    }
+
+    pub async fn put(
+        &self,
+        tp: &Tp,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        error: &str,
+    ) -> Result<Path, object_store::Error> {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let record = QuarantineRecord {
+            topic: tp.topic.clone(),
+            partition: tp.partition,
+            offset,
+            error: error.to_string(),
+            key_base64: key.map(b64),
+            value_base64: value.map(b64),
+        };
+        let path = quarantine_key(&self.prefix, tp, offset);
+        let body = serde_json::to_vec_pretty(&record).expect("serialisable");
+        self.store.put(&path, PutPayload::from(body)).await?;
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    #[tokio::test]
+    async fn quarantine_keeps_raw_bytes_under_the_offset() {
+        let store = Arc::new(InMemory::new());
+        let q = Quarantine::new(store.clone(), "");
+        let tp = Tp::new("twitter.users", 1);
+        let path = q.put(&tp, 7, Some(b"k"), Some(b"{}"), "why").await.unwrap();
+        assert_eq!(
+            path.as_ref(),
+            "_quarantine/twitter.users/p001/00000000000000000007.json"
+        );
+        let got = store.get(&path).await.unwrap().bytes().await.unwrap();
+        let rec: QuarantineRecord = serde_json::from_slice(&got).unwrap();
+        assert_eq!(rec.value_base64.as_deref(), Some("e30="));
+        assert_eq!(rec.error, "why");
+    }
+}
