@@ -22,23 +22,18 @@ self: {
     logger.reflections.level=ERROR
   '';
   restUrl = "http://127.0.0.1:${toString cfg.restPort}";
-  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
 in {
   options.services.debezium = {
     enable = lib.mkEnableOption "Kafka Connect with the Debezium PostgreSQL connector";
 
-    kafkaPackage = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.apacheKafka_4_1;
-      defaultText = lib.literalExpression "pkgs.apacheKafka_4_1";
-      description = "Kafka distribution whose Connect runtime runs the worker.";
+    kafkaPackage = lib.mkPackageOption pkgs "Kafka" {
+      default = "apacheKafka_4_1";
+      extraDescription = "Its Connect runtime runs the worker.";
     };
 
-    plugin = lib.mkOption {
-      type = lib.types.package;
-      default = ours.debezium-connector-postgres;
-      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.debezium-connector-postgres";
-      description = "Connector plugin; its share/kafka-connect is the plugin.path.";
+    plugin = lib.mkPackageOption ours "debezium-connector-postgres" {
+      pkgsText = "cdc-lake.packages.\${system}";
+      extraDescription = "Its share/kafka-connect is the worker's plugin.path.";
     };
 
     restPort = lib.mkOption {
@@ -86,20 +81,13 @@ in {
     };
 
     databasePasswordFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr (import ./secret-file.nix lib);
       default = null;
       description = "File with the PostgreSQL password of the Debezium role, outside the Nix store.";
     };
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = !inStore cfg.databasePasswordFile;
-        message = "services.debezium.databasePasswordFile must not be in the Nix store.";
-      }
-    ];
-
     services.debezium.settings = lib.mapAttrs (_: lib.mkDefault) {
       "bootstrap.servers" = "127.0.0.1:9092";
       "group.id" = "cdc-lake-connect";

@@ -4,6 +4,13 @@
 #
 # Credentials are generated at first boot into `secretsDir` (root-only) and
 # handed to each service as a systemd credential; none is in the Nix store.
+#
+# MinIO is marked insecure in nixos-26.05 (upstream stopped maintaining it).
+# This module does not touch nixpkgs.config: that would break every host that
+# passes its own pkgs (nixpkgs.pkgs) and would replace the host's predicate.
+# The host permits the package itself, e.g. with
+#   nixpkgs.config.permittedInsecurePackages = [ "minio-<version>" ];
+# as the VM (nixos/vm.nix) and the tests (nix/checks.nix) do by name.
 self: {
   config,
   lib,
@@ -52,11 +59,6 @@ in {
   };
 
   config = lib.mkIf cfg.enable {
-    # MinIO upstream is no longer maintained and nixos-26.05 marks it
-    # insecure. This allows exactly that package, for a local demo lake;
-    # point the sink at another S3 for anything else.
-    nixpkgs.config.allowInsecurePredicate = pkg: lib.getName pkg == "minio";
-
     systemd.services.cdc-lake-secrets = {
       description = "Generate the CDC lake credentials on first boot";
       wantedBy = ["multi-user.target"];
