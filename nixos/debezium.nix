@@ -151,6 +151,11 @@ in {
         Restart = "on-failure";
         RestartSec = 10;
       };
+      # RUNNING only counts once the task list is non-empty: right after
+      # the PUT the connector is RUNNING with no task started yet. A FAILED
+      # connector or task (say PostgreSQL was not ready, or an earlier boot
+      # left it FAILED) stays FAILED until restarted, so restart the failed
+      # parts a few times before giving up to systemd's Restart=.
       script = ''
         for _ in $(seq 120); do
           curl -fsS ${restUrl}/connectors >/dev/null && break
@@ -159,11 +164,31 @@ in {
         body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} '. + $o' ${cfg.connectorConfig})
         curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
           ${restUrl}/connectors/${cfg.connectorName}/config >/dev/null
-        for _ in $(seq 120); do
-          state=$(curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status \
-            | jq -r '[.connector.state] + [.tasks[].state] | unique | join(",")') || true
-          [ "$state" = RUNNING ] && exit 0
-          sleep 1
+        restarts=0
+        state=
+        for _ in $(seq 240); do
+          state=$(curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status | jq -r '
+            ([.connector.state] + [.tasks[].state]) as $s
+            | if ($s | index("FAILED")) then "FAILED"
+              elif (.tasks | length) > 0 and ($s | all(. == "RUNNING")) then "RUNNING"
+              else "waiting: " + ($s | join(",")) end') || state=unreachable
+          case $state in
+            RUNNING) exit 0 ;;
+            FAILED)
+              if [ "$restarts" -ge 3 ]; then
+                curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status \
+                  | jq -r '[.connector.trace, .tasks[].trace] | map(select(.)) | .[0]' | head -n 20 >&2
+                echo "connector still FAILED after $restarts restarts" >&2
+                exit 1
+              fi
+              restarts=$((restarts + 1))
+              echo "connector FAILED, restarting its failed parts ($restarts)" >&2
+              curl -fsS -X POST \
+                "${restUrl}/connectors/${cfg.connectorName}/restart?includeTasks=true&onlyFailed=true" >/dev/null || true
+              sleep 5
+              ;;
+            *) sleep 1 ;;
+          esac
         done
         echo "connector not RUNNING: $state" >&2
         exit 1

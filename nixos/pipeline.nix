@@ -20,6 +20,14 @@ self: {
   cfg = config.services.cdc-lake;
   secrets = cfg.secretsDir;
   pg = config.services.postgresql.package;
+  kafkaLog4j2 = pkgs.writeText "kafka-log4j2.properties" ''
+    rootLogger.level=INFO
+    rootLogger.appenderRef.stdout.ref=STDOUT
+    appender.stdout.type=Console
+    appender.stdout.name=STDOUT
+    appender.stdout.layout.type=PatternLayout
+    appender.stdout.layout.pattern=%p %m (%c)%n
+  '';
 in {
   imports = [
     self.nixosModules.tweetgen
@@ -46,9 +54,15 @@ in {
     };
 
     kafkaClusterId = lib.mkOption {
-      type = lib.types.str;
-      default = "cdclakeKRaftCluster01";
-      description = "KRaft cluster id (22 characters of base64) used to format the log dir.";
+      type = lib.types.strMatching "[A-Za-z0-9_-]{22}";
+      # Made by `kafka-storage.sh random-uuid` (Kafka 4.1.1). A fixed default
+      # is fine for a single-broker demo: the id only has to be stable.
+      default = "PzJnTVlKQziRX9gc9_QGRQ";
+      description = ''
+        KRaft cluster id used to format the log dir on first start, as printed
+        by `kafka-storage.sh random-uuid` (a UUID in URL-safe base64). An
+        already formatted log dir keeps the id it was formatted with.
+      '';
     };
 
     generator.enable = lib.mkOption {
@@ -144,7 +158,10 @@ in {
       clusterId = cfg.kafkaClusterId;
       formatLogDirs = true;
       formatLogDirsIgnoreFormatted = true;
-      jvmOptions = ["-Xms256m" "-Xmx512m"];
+      # Kafka 4 logs through log4j2 and ignores the log4j-1 option the
+      # nixpkgs module passes; without its own configuration log4j2 falls
+      # back to ERROR only.
+      jvmOptions = ["-Xms256m" "-Xmx512m" "-Dlog4j2.configurationFile=${kafkaLog4j2}"];
       settings = {
         "node.id" = 1;
         "process.roles" = ["broker" "controller"];
@@ -169,6 +186,9 @@ in {
     systemd.services.apache-kafka.serviceConfig = {
       StateDirectory = "apache-kafka";
       Restart = "on-failure";
+      # The default 100 ms would exhaust the start limit (5 starts in 10 s)
+      # within a second of a crash loop and leave the broker down for good.
+      RestartSec = 5;
     };
 
     services.minio = {
@@ -190,10 +210,18 @@ in {
       requires = ["minio.service"];
       before = ["cdc-sink.service"];
       path = [pkgs.curl];
+      # MinIO may take longer than one attempt's minute on a cold, loaded
+      # boot: retry until it answers instead of failing for good.
+      unitConfig.StartLimitIntervalSec = 0;
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
         LoadCredential = "minio:${secrets}/minio-root-password";
+        Restart = "on-failure";
+        RestartSec = 5;
+        # Retry without passing through "failed", so units ordered after
+        # this one wait for the outcome instead of seeing a failure.
+        RestartMode = "direct";
       };
       script = ''
         for _ in $(seq 60); do
@@ -244,9 +272,12 @@ in {
         };
       };
     };
+    # Wants, not Requires: a bucket unit that failed or restarts must not
+    # stop the sink; without the bucket the sink fails and systemd restarts
+    # it until the bucket exists.
     systemd.services.cdc-sink = {
       after = ["cdc-lake-bucket.service" "debezium-connector.service"];
-      requires = ["cdc-lake-bucket.service"];
+      wants = ["cdc-lake-bucket.service"];
     };
   };
 }
