@@ -124,14 +124,40 @@ in {
           -cp "${cfg.kafkaPackage}/libs/*" \
           org.apache.kafka.connect.cli.ConnectDistributed ${workerProperties}
       '';
+      # The sandbox of our Rust services (hardening.nix) minus what a JVM
+      # cannot live with: MemoryDenyWriteExecute (the JIT writes and then
+      # executes code), ~@resources (the JVM raises RLIMIT_NOFILE with
+      # setrlimit at start) and ProcSubset=pid (it reads /proc/meminfo and
+      # /proc/cpuinfo to size itself).
       serviceConfig = {
         DynamicUser = true;
         LoadCredential = lib.optional (cfg.databasePasswordFile != null) "db-password:${cfg.databasePasswordFile}";
         ProtectSystem = "strict";
         ProtectHome = true;
         PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateMounts = true;
         NoNewPrivileges = true;
         CapabilityBoundingSet = [""];
+        AmbientCapabilities = [""];
+        SystemCallFilter = ["@system-service" "~@privileged"];
+        # A call outside the filter fails with EPERM instead of killing the
+        # JVM outright: HotSpot probes for optional syscalls and falls back.
+        SystemCallErrorNumber = "EPERM";
+        SystemCallArchitectures = "native";
+        RestrictAddressFamilies = ["AF_INET" "AF_INET6" "AF_UNIX"];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        UMask = "0077";
         Restart = "on-failure";
         RestartSec = 10;
         SuccessExitStatus = "0 143";
