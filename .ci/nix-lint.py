@@ -188,9 +188,9 @@ def check_port_forwards(files):
 
 def check_readme_modules(readme, flake, test):
     text = open(readme).read()
-    m = re.search(r"Importing the modules into a host:\s*```nix\n(.*?)```", text, re.S)
+    m = re.search(r"Importing the modules into a host\b.*?```nix\n(.*?)```", text, re.S)
     if not m:
-        print(f"  {readme}: no host example (```nix after 'Importing the modules into a host:')", file=sys.stderr)
+        print(f"  {readme}: no host example (```nix after 'Importing the modules into a host')", file=sys.stderr)
         return False
     example = m.group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".nix") as tmp:
