@@ -14,16 +14,14 @@ self: {
       ${lib.getExe' cfg.package "cdc-sink"} --config "$raw" --check-config > /dev/null
       cp "$raw" "$out"
     '';
-  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
+  ours = self.packages.${pkgs.stdenv.hostPlatform.system};
 in {
   options.services.cdc-sink = {
     enable = lib.mkEnableOption "the CDC Parquet sink";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.cdc-lake;
-      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.cdc-lake";
-      description = "Package providing the `cdc-sink` binary.";
+    package = lib.mkPackageOption ours "cdc-lake" {
+      pkgsText = "cdc-lake.packages.\${system}";
+      extraDescription = "It provides the `cdc-sink` binary.";
     };
 
     settings = lib.mkOption {
@@ -46,7 +44,7 @@ in {
     };
 
     secretAccessKeyFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr (import ./secret-file.nix lib);
       default = null;
       example = "/run/secrets/cdc-sink-s3-secret";
       description = ''
@@ -58,10 +56,6 @@ in {
 
   config = lib.mkIf cfg.enable {
     assertions = [
-      {
-        assertion = !inStore cfg.secretAccessKeyFile;
-        message = "services.cdc-sink.secretAccessKeyFile must not be in the Nix store.";
-      }
       {
         assertion = !(cfg.settings ? s3 && cfg.settings.s3 ? secret_access_key);
         message = "services.cdc-sink.settings.s3.secret_access_key would land in the Nix store: use secretAccessKeyFile.";

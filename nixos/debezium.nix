@@ -22,23 +22,18 @@ self: {
     logger.reflections.level=ERROR
   '';
   restUrl = "http://127.0.0.1:${toString cfg.restPort}";
-  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
 in {
   options.services.debezium = {
     enable = lib.mkEnableOption "Kafka Connect with the Debezium PostgreSQL connector";
 
-    kafkaPackage = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.apacheKafka_4_1;
-      defaultText = lib.literalExpression "pkgs.apacheKafka_4_1";
-      description = "Kafka distribution whose Connect runtime runs the worker.";
+    kafkaPackage = lib.mkPackageOption pkgs "Kafka" {
+      default = "apacheKafka_4_1";
+      extraDescription = "Its Connect runtime runs the worker.";
     };
 
-    plugin = lib.mkOption {
-      type = lib.types.package;
-      default = ours.debezium-connector-postgres;
-      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.debezium-connector-postgres";
-      description = "Connector plugin; its share/kafka-connect is the plugin.path.";
+    plugin = lib.mkPackageOption ours "debezium-connector-postgres" {
+      pkgsText = "cdc-lake.packages.\${system}";
+      extraDescription = "Its share/kafka-connect is the worker's plugin.path.";
     };
 
     restPort = lib.mkOption {
@@ -86,20 +81,13 @@ in {
     };
 
     databasePasswordFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr (import ./secret-file.nix lib);
       default = null;
       description = "File with the PostgreSQL password of the Debezium role, outside the Nix store.";
     };
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = !inStore cfg.databasePasswordFile;
-        message = "services.debezium.databasePasswordFile must not be in the Nix store.";
-      }
-    ];
-
     services.debezium.settings = lib.mapAttrs (_: lib.mkDefault) {
       "bootstrap.servers" = "127.0.0.1:9092";
       "group.id" = "cdc-lake-connect";
@@ -136,14 +124,40 @@ in {
           -cp "${cfg.kafkaPackage}/libs/*" \
           org.apache.kafka.connect.cli.ConnectDistributed ${workerProperties}
       '';
+      # The sandbox of our Rust services (hardening.nix) minus what a JVM
+      # cannot live with: MemoryDenyWriteExecute (the JIT writes and then
+      # executes code), ~@resources (the JVM raises RLIMIT_NOFILE with
+      # setrlimit at start) and ProcSubset=pid (it reads /proc/meminfo and
+      # /proc/cpuinfo to size itself).
       serviceConfig = {
         DynamicUser = true;
         LoadCredential = lib.optional (cfg.databasePasswordFile != null) "db-password:${cfg.databasePasswordFile}";
         ProtectSystem = "strict";
         ProtectHome = true;
         PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateMounts = true;
         NoNewPrivileges = true;
         CapabilityBoundingSet = [""];
+        AmbientCapabilities = [""];
+        SystemCallFilter = ["@system-service" "~@privileged"];
+        # A call outside the filter fails with EPERM instead of killing the
+        # JVM outright: HotSpot probes for optional syscalls and falls back.
+        SystemCallErrorNumber = "EPERM";
+        SystemCallArchitectures = "native";
+        RestrictAddressFamilies = ["AF_INET" "AF_INET6" "AF_UNIX"];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        UMask = "0077";
         Restart = "on-failure";
         RestartSec = 10;
         SuccessExitStatus = "0 143";
@@ -163,6 +177,11 @@ in {
         Restart = "on-failure";
         RestartSec = 10;
       };
+      # RUNNING only counts once the task list is non-empty: right after
+      # the PUT the connector is RUNNING with no task started yet. A FAILED
+      # connector or task (say PostgreSQL was not ready, or an earlier boot
+      # left it FAILED) stays FAILED until restarted, so restart the failed
+      # parts a few times before giving up to systemd's Restart=.
       script = ''
         for _ in $(seq 120); do
           curl -fsS ${restUrl}/connectors >/dev/null && break
@@ -171,11 +190,31 @@ in {
         body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} '. + $o' ${cfg.connectorConfig})
         curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
           ${restUrl}/connectors/${cfg.connectorName}/config >/dev/null
-        for _ in $(seq 120); do
-          state=$(curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status \
-            | jq -r '[.connector.state] + [.tasks[].state] | unique | join(",")') || true
-          [ "$state" = RUNNING ] && exit 0
-          sleep 1
+        restarts=0
+        state=
+        for _ in $(seq 240); do
+          state=$(curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status | jq -r '
+            ([.connector.state] + [.tasks[].state]) as $s
+            | if ($s | index("FAILED")) then "FAILED"
+              elif (.tasks | length) > 0 and ($s | all(. == "RUNNING")) then "RUNNING"
+              else "waiting: " + ($s | join(",")) end') || state=unreachable
+          case $state in
+            RUNNING) exit 0 ;;
+            FAILED)
+              if [ "$restarts" -ge 3 ]; then
+                curl -fsS ${restUrl}/connectors/${cfg.connectorName}/status \
+                  | jq -r '[.connector.trace, .tasks[].trace] | map(select(.)) | .[0]' | head -n 20 >&2
+                echo "connector still FAILED after $restarts restarts" >&2
+                exit 1
+              fi
+              restarts=$((restarts + 1))
+              echo "connector FAILED, restarting its failed parts ($restarts)" >&2
+              curl -fsS -X POST \
+                "${restUrl}/connectors/${cfg.connectorName}/restart?includeTasks=true&onlyFailed=true" >/dev/null || true
+              sleep 5
+              ;;
+            *) sleep 1 ;;
+          esac
         done
         echo "connector not RUNNING: $state" >&2
         exit 1

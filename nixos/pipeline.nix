@@ -4,6 +4,13 @@
 #
 # Credentials are generated at first boot into `secretsDir` (root-only) and
 # handed to each service as a systemd credential; none is in the Nix store.
+#
+# MinIO is marked insecure in nixos-26.05 (upstream stopped maintaining it).
+# This module does not touch nixpkgs.config: that would break every host that
+# passes its own pkgs (nixpkgs.pkgs) and would replace the host's predicate.
+# The host permits the package itself, e.g. with
+#   nixpkgs.config.permittedInsecurePackages = [ "minio-<version>" ];
+# as the VM (nixos/vm.nix) and the tests (nix/checks.nix) do by name.
 self: {
   config,
   lib,
@@ -13,6 +20,14 @@ self: {
   cfg = config.services.cdc-lake;
   secrets = cfg.secretsDir;
   pg = config.services.postgresql.package;
+  kafkaLog4j2 = pkgs.writeText "kafka-log4j2.properties" ''
+    rootLogger.level=INFO
+    rootLogger.appenderRef.stdout.ref=STDOUT
+    appender.stdout.type=Console
+    appender.stdout.name=STDOUT
+    appender.stdout.layout.type=PatternLayout
+    appender.stdout.layout.pattern=%p %m (%c)%n
+  '';
 in {
   imports = [
     self.nixosModules.tweetgen
@@ -39,9 +54,15 @@ in {
     };
 
     kafkaClusterId = lib.mkOption {
-      type = lib.types.str;
-      default = "cdclakeKRaftCluster01";
-      description = "KRaft cluster id (22 characters of base64) used to format the log dir.";
+      type = lib.types.strMatching "[A-Za-z0-9_-]{22}";
+      # Made by `kafka-storage.sh random-uuid` (Kafka 4.1.1). A fixed default
+      # is fine for a single-broker demo: the id only has to be stable.
+      default = "PzJnTVlKQziRX9gc9_QGRQ";
+      description = ''
+        KRaft cluster id used to format the log dir on first start, as printed
+        by `kafka-storage.sh random-uuid` (a UUID in URL-safe base64). An
+        already formatted log dir keeps the id it was formatted with.
+      '';
     };
 
     generator.enable = lib.mkOption {
@@ -52,11 +73,6 @@ in {
   };
 
   config = lib.mkIf cfg.enable {
-    # MinIO upstream is no longer maintained and nixos-26.05 marks it
-    # insecure. This allows exactly that package, for a local demo lake;
-    # point the sink at another S3 for anything else.
-    nixpkgs.config.allowInsecurePredicate = pkg: lib.getName pkg == "minio";
-
     systemd.services.cdc-lake-secrets = {
       description = "Generate the CDC lake credentials on first boot";
       wantedBy = ["multi-user.target"];
@@ -142,7 +158,10 @@ in {
       clusterId = cfg.kafkaClusterId;
       formatLogDirs = true;
       formatLogDirsIgnoreFormatted = true;
-      jvmOptions = ["-Xms256m" "-Xmx512m"];
+      # Kafka 4 logs through log4j2 and ignores the log4j-1 option the
+      # nixpkgs module passes; without its own configuration log4j2 falls
+      # back to ERROR only.
+      jvmOptions = ["-Xms256m" "-Xmx512m" "-Dlog4j2.configurationFile=${kafkaLog4j2}"];
       settings = {
         "node.id" = 1;
         "process.roles" = ["broker" "controller"];
@@ -167,6 +186,9 @@ in {
     systemd.services.apache-kafka.serviceConfig = {
       StateDirectory = "apache-kafka";
       Restart = "on-failure";
+      # The default 100 ms would exhaust the start limit (5 starts in 10 s)
+      # within a second of a crash loop and leave the broker down for good.
+      RestartSec = 5;
     };
 
     services.minio = {
@@ -188,10 +210,18 @@ in {
       requires = ["minio.service"];
       before = ["cdc-sink.service"];
       path = [pkgs.curl];
+      # MinIO may take longer than one attempt's minute on a cold, loaded
+      # boot: retry until it answers instead of failing for good.
+      unitConfig.StartLimitIntervalSec = 0;
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
         LoadCredential = "minio:${secrets}/minio-root-password";
+        Restart = "on-failure";
+        RestartSec = 5;
+        # Retry without passing through "failed", so units ordered after
+        # this one wait for the outcome instead of seeing a failure.
+        RestartMode = "direct";
       };
       script = ''
         for _ in $(seq 60); do
@@ -242,9 +272,12 @@ in {
         };
       };
     };
+    # Wants, not Requires: a bucket unit that failed or restarts must not
+    # stop the sink; without the bucket the sink fails and systemd restarts
+    # it until the bucket exists.
     systemd.services.cdc-sink = {
       after = ["cdc-lake-bucket.service" "debezium-connector.service"];
-      requires = ["cdc-lake-bucket.service"];
+      wants = ["cdc-lake-bucket.service"];
     };
   };
 }

@@ -15,16 +15,14 @@ self: {
       ${lib.getExe' cfg.package "tweetgen"} --config "$raw" --check-config > /dev/null
       cp "$raw" "$out"
     '';
-  inStore = p: p != null && lib.hasPrefix builtins.storeDir (toString p);
+  ours = self.packages.${pkgs.stdenv.hostPlatform.system};
 in {
   options.services.tweetgen = {
     enable = lib.mkEnableOption "the tweetgen Twitter workload generator";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.cdc-lake;
-      defaultText = lib.literalExpression "cdc-lake.packages.\${system}.cdc-lake";
-      description = "Package providing the `tweetgen` binary.";
+    package = lib.mkPackageOption ours "cdc-lake" {
+      pkgsText = "cdc-lake.packages.\${system}";
+      extraDescription = "It provides the `tweetgen` binary.";
     };
 
     settings = lib.mkOption {
@@ -45,7 +43,7 @@ in {
     };
 
     passwordFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr (import ./secret-file.nix lib);
       default = null;
       example = "/run/secrets/tweetgen-db-password";
       description = ''
@@ -64,10 +62,6 @@ in {
 
   config = lib.mkIf cfg.enable {
     assertions = [
-      {
-        assertion = !inStore cfg.passwordFile;
-        message = "services.tweetgen.passwordFile must not be in the Nix store (it is world-readable there).";
-      }
       {
         assertion = !(cfg.settings ? database && cfg.settings.database ? password);
         message = "services.tweetgen.settings.database.password would land in the Nix store: use passwordFile.";

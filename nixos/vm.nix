@@ -1,6 +1,15 @@
 # The demo VM behind `nix run .#vm`: the whole pipeline, sized for two JVMs,
-# with every service port forwarded to the same port on the host.
+# with every service port forwarded to the same port on the host's loopback.
+#
+# This is the one configuration under nixos/ that is not a reusable module,
+# so it is also the one that may configure nixpkgs (.ci/nix-check checks).
 {lib, ...}: {
+  nixpkgs.hostPlatform = "x86_64-linux";
+  # MinIO upstream is no longer maintained and nixos-26.05 marks it
+  # insecure. This demo permits exactly that package, by name; a host reusing
+  # the modules decides for itself (see the README).
+  nixpkgs.config.allowInsecurePredicate = pkg: lib.getName pkg == "minio";
+
   services.cdc-lake.enable = true;
 
   networking.hostName = "cdc-lake";
@@ -13,19 +22,27 @@
     fsType = "ext4";
   };
 
-  services.getty.autologinUser = "root";
-  users.users.root.initialHashedPassword = lib.mkDefault "";
-
   virtualisation.vmVariant = {
+    # Convenience for a throwaway VM only: nixosConfigurations.vm itself,
+    # were it ever deployed, gets neither autologin nor an empty password.
+    services.getty.autologinUser = "root";
+    users.users.root.initialHashedPassword = lib.mkDefault "";
+
     virtualisation = {
       memorySize = 6144;
       cores = 4;
       diskSize = 8192;
       graphics = false;
+      # host.address defaults to every interface of the host, which would
+      # put Kafka, the unauthenticated Connect REST API, PostgreSQL and
+      # MinIO on the LAN. Loopback only.
       forwardPorts =
         map (port: {
           from = "host";
-          host = {inherit port;};
+          host = {
+            address = "127.0.0.1";
+            inherit port;
+          };
           guest = {inherit port;};
         }) [
           5432 # PostgreSQL
@@ -36,7 +53,8 @@
         ];
     };
     # Forwarded connections arrive from the user-mode network, not loopback:
-    # listen there too (the VM has no other network).
+    # listen there too (the VM has no other network, and the host side is
+    # bound to 127.0.0.1 above).
     services.minio.listenAddress = lib.mkForce ":9000";
     services.minio.consoleAddress = lib.mkForce ":9001";
     services.apache-kafka.settings.listeners = lib.mkForce [

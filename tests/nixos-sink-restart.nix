@@ -7,17 +7,34 @@
   common = import ./nixos-common.nix {inherit self pkgs;};
 in {
   name = "cdc-lake-sink-restart";
-  # The pipeline module allows the (insecure) minio package by name, which
-  # needs the node to evaluate its own nixpkgs config.
-  node.pkgsReadOnly = false;
   nodes.machine = common.node;
   testScript = ''
     ${common.prelude}
-    start_and_wait()
+
+
+    def sink_show(prop):
+        return machine.succeed(
+            f"systemctl show --property={prop} --value cdc-sink.service"
+        ).strip()
+
+
+    start_and_wait(machine)
+    landed = 0
     for _ in range(2):
-        machine.sleep(7)
+        # Kill only once this run of the sink has landed a new object, so
+        # the kill hits a sink that is busy, not one still starting.
+        wait_for_more_objects(machine, "tweets/", landed)
+        landed = object_count(machine, "tweets/")
+        pid, restarts = sink_show("MainPID"), int(sink_show("NRestarts"))
         machine.succeed("systemctl kill --signal=KILL cdc-sink.service")
-        machine.wait_until_succeeds("systemctl is-active cdc-sink.service", timeout=60)
-    settle_and_check()
+        # `is-active` alone can still answer for the killed process before
+        # systemd has reaped it: require exactly one restart, and a new PID.
+        machine.wait_until_succeeds(
+            f"test $(systemctl show --property=NRestarts --value cdc-sink.service) -eq {restarts + 1} && "
+            "pid=$(systemctl show --property=MainPID --value cdc-sink.service) && "
+            f"test $pid -ne 0 && test $pid -ne {pid} && systemctl is-active cdc-sink.service",
+            timeout=60,
+        )
+    settle_and_check(machine)
   '';
 }
