@@ -18,8 +18,8 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
 
@@ -171,21 +171,21 @@ impl Decoder {
         // S repeats verbatim. When S is byte-for-byte a schema already parsed
         // (and validated), only P is parsed. Anything else takes the general
         // path, which validates the whole message.
-        let (schema_id, schema, payload) = match self.known_prefix(bytes) {
-            Some((id, schema, payload)) => (id, schema, payload),
-            None => {
-                let envelope = parse_envelope(bytes)?;
-                let raw_schema = envelope
-                    .schema
-                    .filter(|s| s.get() != "null")
-                    .ok_or(DecodeError::Envelope("no `schema` (is schemas.enable=true?)"))?;
-                let payload = envelope
-                    .payload
-                    .ok_or(DecodeError::Envelope("no `payload`"))?;
-                let (id, schema) = self.schema(raw_schema.get())?;
-                (id, schema, payload.get().as_bytes())
-            }
-        };
+        let (schema_id, schema, payload) =
+            match self.known_prefix(bytes) {
+                Some((id, schema, payload)) => (id, schema, payload),
+                None => {
+                    let envelope = parse_envelope(bytes)?;
+                    let raw_schema = envelope.schema.filter(|s| s.get() != "null").ok_or(
+                        DecodeError::Envelope("no `schema` (is schemas.enable=true?)"),
+                    )?;
+                    let payload = envelope
+                        .payload
+                        .ok_or(DecodeError::Envelope("no `payload`"))?;
+                    let (id, schema) = self.schema(raw_schema.get())?;
+                    (id, schema, payload.get().as_bytes())
+                }
+            };
         if payload == b"null" {
             return Err(DecodeError::Envelope(
                 "`payload` is null, but the Kafka value is not (a tombstone has a null value)",
@@ -391,7 +391,9 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
         ColumnType::Int16 => int(i16::MIN as i64, i16::MAX as i64),
         ColumnType::Int32 | ColumnType::Date => int(i32::MIN as i64, i32::MAX as i64),
         ColumnType::Int64 => int(i64::MIN, i64::MAX),
-        ColumnType::Float32 | ColumnType::Float64 => float(v).map(Datum::Float).ok_or_else(expected),
+        ColumnType::Float32 | ColumnType::Float64 => {
+            float(v).map(Datum::Float).ok_or_else(expected)
+        }
         ColumnType::Utf8 => v
             .as_str()
             .map(|s| Datum::Str(s.to_string()))
@@ -646,7 +648,10 @@ pub(crate) mod tests {
         corpus
             .lines()
             // An empty fixture line stands for a Kafka null value.
-            .map(|l| d.decode(Some(l.as_bytes()).filter(|b| !b.is_empty())).expect(l))
+            .map(|l| {
+                d.decode(Some(l.as_bytes()).filter(|b| !b.is_empty()))
+                    .expect(l)
+            })
             .collect()
     }
 
@@ -852,8 +857,14 @@ pub(crate) mod tests {
         assert_eq!(value(a, "special_double"), &Datum::Float(f64::INFINITY));
         assert_eq!(value(b, "special_real"), &Datum::Float(f64::NEG_INFINITY));
         assert_eq!(value(a, "edge_ts"), &Datum::Int(TIMESTAMP_INFINITY_MICROS));
-        assert_eq!(value(b, "edge_ts"), &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS));
-        assert_eq!(value(a, "edge_local"), &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS));
+        assert_eq!(
+            value(b, "edge_ts"),
+            &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS)
+        );
+        assert_eq!(
+            value(a, "edge_local"),
+            &Datum::Int(TIMESTAMP_NEG_INFINITY_MICROS)
+        );
         // interval.handling.mode=string: ISO 8601 with the months kept.
         assert_eq!(value(a, "span"), &Datum::Str("P1Y2M3DT4H5M6.789S".into()));
         assert_eq!(value(b, "span"), &Datum::Str("P0Y0M-2DT0H0M1S".into()));
@@ -885,12 +896,19 @@ pub(crate) mod tests {
             (b"[]", "not an object"),
             (br#"{"payload":null}"#, "no `schema`"),
             (br#"{"schema":null,"payload":null}"#, "no `schema`"),
-            (br#"{"schema":{"type":"struct","fields":[]},"payload":null}"#, "`payload`"),
+            (
+                br#"{"schema":{"type":"struct","fields":[]},"payload":null}"#,
+                "`payload`",
+            ),
             (b"42", "not an object"),
             (b"{not json", "not valid JSON"),
         ] {
             let err = d.decode(Some(input)).unwrap_err().to_string();
-            assert!(err.contains(says), "{}: {err}", String::from_utf8_lossy(input));
+            assert!(
+                err.contains(says),
+                "{}: {err}",
+                String::from_utf8_lossy(input)
+            );
         }
         let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(900_000));
         let err = d.decode(Some(big.as_bytes())).unwrap_err().to_string();
@@ -899,7 +917,10 @@ pub(crate) mod tests {
 
     #[test]
     fn numeric_format_decimals_are_exact() {
-        let ty = ColumnType::Decimal { precision: 20, scale: 4 };
+        let ty = ColumnType::Decimal {
+            precision: 20,
+            scale: 4,
+        };
         assert_eq!(
             exact_number(&ty, "1234567890123.4567"),
             Some(Ok(Datum::Decimal(12_345_678_901_234_567)))
@@ -908,7 +929,9 @@ pub(crate) mod tests {
         let wide = ColumnType::WideDecimal { scale: 2 };
         assert_eq!(
             exact_number(&wide, "-123456789012345678901234567890123456789012.5"),
-            Some(Ok(Datum::Str("-123456789012345678901234567890123456789012.50".into())))
+            Some(Ok(Datum::Str(
+                "-123456789012345678901234567890123456789012.50".into()
+            )))
         );
     }
 
@@ -917,13 +940,19 @@ pub(crate) mod tests {
         // 2^127 does not fit an i128.
         let mut b = vec![0u8; 17];
         b[1] = 0x80;
-        assert_eq!(big_decimal_text(&b, 0), "170141183460469231731687303715884105728");
+        assert_eq!(
+            big_decimal_text(&b, 0),
+            "170141183460469231731687303715884105728"
+        );
         let neg: Vec<u8> = {
             // -(2^127) - 1 in 17 bytes of two's complement.
             let mut m = b.clone();
             m.iter_mut().for_each(|x| *x = !*x);
             m
         };
-        assert_eq!(big_decimal_text(&neg, 3), "-170141183460469231731687303715884105.729");
+        assert_eq!(
+            big_decimal_text(&neg, 3),
+            "-170141183460469231731687303715884105.729"
+        );
     }
 }

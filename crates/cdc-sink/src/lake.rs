@@ -28,9 +28,7 @@ use arrow::error::ArrowError;
 use chrono::NaiveDate;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{
-    Action, Add, MetadataExt, Protocol, StructField, StructType, Transaction,
-};
+use deltalake::kernel::{Action, Add, MetadataExt, Protocol, StructField, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use object_store::path::Path;
@@ -124,6 +122,11 @@ pub struct Lake {
     /// held across the awaits of one commit, which also keeps two commits
     /// of this sink from racing each other.
     tables: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+    /// Fault injection for the crash tests: a pause between putting a
+    /// flush's files and committing them, which widens the window a SIGKILL
+    /// must hit to leave written-but-uncommitted files. Set only by
+    /// `CDC_LAKE_FAULT_COMMIT_DELAY_MS`; never in production.
+    fault_commit_delay: Option<std::time::Duration>,
 }
 
 /// The `txn` application id of one partition within one consumer group.
@@ -139,7 +142,9 @@ pub fn table_of(topic: &str) -> &str {
 
 /// delta-rs storage options for S3 (or MinIO). They hold the secret key,
 /// so they are never logged.
-pub fn storage_options(s3: &S3Config) -> Result<HashMap<String, String>, crate::config::ConfigError> {
+pub fn storage_options(
+    s3: &S3Config,
+) -> Result<HashMap<String, String>, crate::config::ConfigError> {
     let mut o = HashMap::from([
         ("AWS_REGION".to_string(), s3.region.clone()),
         ("AWS_ACCESS_KEY_ID".to_string(), s3.access_key_id.clone()),
@@ -191,6 +196,10 @@ impl Lake {
             props,
             table_properties: lake.table_properties(),
             tables: tokio::sync::Mutex::new(HashMap::new()),
+            fault_commit_delay: std::env::var("CDC_LAKE_FAULT_COMMIT_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
         })
     }
 
@@ -254,14 +263,11 @@ impl Lake {
     ) -> Result<(), LakeError> {
         let err = Self::delta_err(table);
         let schema = table_schema(file_schema).map_err(&err)?;
-        let metadata = deltalake::kernel::new_metadata(
-            &schema,
-            [meta::DATE],
-            self.table_properties.iter(),
-        )
-        .map_err(|e| err(e.into()))?
-        .with_name(table.to_string())
-        .map_err(|e| err(e.into()))?;
+        let metadata =
+            deltalake::kernel::new_metadata(&schema, [meta::DATE], self.table_properties.iter())
+                .map_err(|e| err(e.into()))?
+                .with_name(table.to_string())
+                .map_err(|e| err(e.into()))?;
         let protocol = protocol();
         let operation = DeltaOperation::Create {
             mode: SaveMode::ErrorIfExists,
@@ -284,11 +290,7 @@ impl Lake {
 
     /// The `txn` version of each partition in `table`: the last offset the
     /// lake holds for it.
-    pub async fn positions(
-        &self,
-        table: &str,
-        tps: &[Tp],
-    ) -> Result<Vec<Option<i64>>, LakeError> {
+    pub async fn positions(&self, table: &str, tps: &[Tp]) -> Result<Vec<Option<i64>>, LakeError> {
         let group = &self.group_id;
         let mut tables = self.tables.lock().await;
         let Some(t) = self.open(&mut tables, table, None).await? else {
@@ -395,6 +397,10 @@ impl Lake {
                 .map_err(|e| err(e.into()))?;
             actions.push(Action::Metadata(metadata));
             tracing::info!(table, "table schema evolved");
+        }
+        tracing::debug!(table, files = outcome.files, "files uploaded; committing");
+        if let Some(pause) = self.fault_commit_delay {
+            tokio::time::sleep(pause).await;
         }
         let now = now_ms();
         for w in &ours {
@@ -519,7 +525,9 @@ fn widens(from: &DataType, to: &DataType) -> bool {
         (Int8, Int16 | Int32 | Int64) | (Int16, Int32 | Int64) | (Int32, Int64) => true,
         (Float32, Float64) => true,
         (Int8 | Int16 | Int32, Float64) => true,
-        (Decimal128(p1, s1), Decimal128(p2, s2)) => s2 >= s1 && (*p2 as i16 - *s2 as i16) >= (*p1 as i16 - *s1 as i16),
+        (Decimal128(p1, s1), Decimal128(p2, s2)) => {
+            s2 >= s1 && (*p2 as i16 - *s2 as i16) >= (*p1 as i16 - *s1 as i16)
+        }
         (Date32, Timestamp(_, None)) => true,
         _ => false,
     }

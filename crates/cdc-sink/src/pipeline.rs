@@ -276,9 +276,11 @@ impl Sink {
                 segment.cover(offset);
                 let error = err.to_string();
                 let q = &self.quarantine;
-                let path = with_retry(self.give_up, |_| true, || {
-                    q.put(&tp, offset, msg.key(), msg.payload(), &error)
-                })
+                let path = with_retry(
+                    self.give_up,
+                    |_| true,
+                    || q.put(&tp, offset, msg.key(), msg.payload(), &error),
+                )
                 .await
                 .map_err(|(secs, source)| PipelineError::Quarantine { secs, source })?;
                 self.stats.quarantined += 1;

@@ -180,7 +180,11 @@ mod tests {
         let mut p = Position::new();
         assert_eq!(p.admit(0), Admit::NeedsLakeVersion);
         p.learn(None);
-        assert_eq!(p.admit(7), Admit::Accept, "an empty lake takes Kafka's start");
+        assert_eq!(
+            p.admit(7),
+            Admit::Accept,
+            "an empty lake takes Kafka's start"
+        );
         assert_eq!(p.admit(7), Admit::Skip, "never the same offset twice");
         assert_eq!(p.admit(8), Admit::Accept);
     }

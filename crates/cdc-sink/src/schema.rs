@@ -403,7 +403,11 @@ mod tests {
         .unwrap();
         let t = TableSchema::from_envelope(&envelope).unwrap();
         assert_eq!(t.columns[1].ty, ColumnType::Json);
-        assert_eq!(t.fallbacks, vec!["odd".to_string()], "structs are JSON by design");
+        assert_eq!(
+            t.fallbacks,
+            vec!["odd".to_string()],
+            "structs are JSON by design"
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::position::Tp;
 use crate::config::KafkaConfig;
+use crate::position::Tp;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalance {

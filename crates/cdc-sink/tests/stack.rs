@@ -1,23 +1,26 @@
 //! Integration tests against the real local stack (`tests/stack.sh up`):
 //! PostgreSQL, Debezium on Kafka Connect, Kafka and MinIO. Nothing is
 //! mocked; with the stack down these tests fail with a message saying so.
+//!
+//! The lake is always read back through the Delta log by independent
+//! readers (the `deltalake` Python package and DuckDB's delta extension,
+//! `tests/lake_read.py`), never by the sink's own code.
 #![cfg(feature = "stack-tests")]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Int64Type};
-use arrow::util::display::array_value_to_string;
 use cdc_sink::config::SinkConfig;
-use cdc_sink::pipeline::s3_store;
+use cdc_sink::position::Tp;
+use cdc_sink::quarantine::{QuarantineRecord, quarantine_key, s3_store};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -141,18 +144,49 @@ fn sink_config(prefix: &str, group: &str) -> SinkConfig {
     cfg
 }
 
-/// A running sink, killed if a failing test leaves it behind.
-struct SinkProcess(Option<Child>);
+fn store() -> Arc<dyn ObjectStore> {
+    s3_store(&sink_config("", "x").s3, Duration::from_secs(30)).unwrap()
+}
+
+/// A running sink, killed if a failing test leaves it behind. Its log goes
+/// to a file, so that fault tests can see which path a kill interrupted.
+struct SinkProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
 
 impl SinkProcess {
     fn take(mut self) -> Child {
-        self.0.take().expect("running")
+        self.child.take().expect("running")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Lines of the log that contain `needle`.
+    fn count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    fn kill_9(self) {
+        let mut c = self.take();
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
 }
 
 impl Drop for SinkProcess {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -161,30 +195,51 @@ impl Drop for SinkProcess {
 
 /// Starts the real sink binary with its own group and prefix.
 fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> SinkProcess {
+    let log = std::env::temp_dir().join(format!("cdc-sink-{group}-{}.log", unique()));
+    let file = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-sink"));
     cmd.env("CDC_SINK_OUTPUT__PREFIX", prefix)
         .env("CDC_SINK_KAFKA__GROUP_ID", group)
         .env("CDC_SINK_FLUSH__MAX_AGE_MS", "1000")
         .env("CDC_SINK_KAFKA__INSTANCE_ID", format!("{group}-sink"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null());
+        .env("RUST_LOG", "info,cdc_sink=debug")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    SinkProcess(Some(cmd.spawn().expect("start cdc-sink")))
+    SinkProcess {
+        child: Some(cmd.spawn().expect("start cdc-sink")),
+        log,
+    }
 }
 
 fn terminate(sink: SinkProcess) {
+    let log = sink.log.clone();
     let mut child = sink.take();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    signal(child.id(), "-TERM");
     let status = child.wait().unwrap();
-    assert!(status.success(), "sink exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "sink exited with {status} after SIGTERM:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
-/// Waits until `group` has committed every partition up to `until`.
+fn signal(pid: u32, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Waits until `group` has committed every partition up to `until`. The
+/// sink commits Kafka only after the lake, so this is a "done" signal; the
+/// assertions then read the lake itself.
 async fn wait_committed(group: &str, until: &BTreeMap<(String, i32), i64>) {
     let c = kafka_consumer(group);
     let mut tpl = TopicPartitionList::new();
@@ -219,31 +274,213 @@ async fn wait_committed(group: &str, until: &BTreeMap<(String, i32), i64>) {
     }
 }
 
-async fn read_parquet(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<(String, RecordBatch)> {
-    let keys: Vec<Path> = store
-        .list(Some(&Path::from(prefix)))
-        .map_ok(|m| m.location)
-        .try_collect()
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for key in keys.iter().filter(|k| k.as_ref().ends_with(".parquet")) {
-        let bytes = store.get(key).await.unwrap().bytes().await.unwrap();
-        assert_eq!(&bytes[..4], b"PAR1", "{key} is not Parquet");
-        let table = key
-            .as_ref()
-            .trim_start_matches(prefix)
-            .trim_start_matches('/');
-        let table = table.split('/').next().unwrap().to_string();
-        for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            out.push((table.clone(), batch.unwrap()));
+/// Sets `group`'s committed offsets. The broker refuses while a member is
+/// registered, and a stopped sink's static membership lasts until its
+/// session times out (10 s), so this retries for a while.
+fn commit_offsets(group: &str, offsets: &BTreeMap<(String, i32), i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in offsets {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match kafka_consumer(group).commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("commit for {group} refused ({e}); retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!("could not set {group}'s offsets: {e}"),
         }
     }
-    out
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
+        .create()
+        .unwrap()
+}
+
+async fn create_topic(topic: &str, partitions: i32) {
+    let res = admin()
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("Kafka of the local stack is not reachable (tests/stack.sh up)");
+    for r in res {
+        r.unwrap();
+    }
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
+        .create()
+        .unwrap()
+}
+
+async fn send(p: &FutureProducer, topic: &str, partition: i32, value: Option<&[u8]>) -> i64 {
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(partition);
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    let delivery = p.send(rec, Duration::from_secs(10)).await.unwrap();
+    delivery.offset
+}
+
+/// A real Debezium change event of `twitter.users`, made to carry `id` (and
+/// the op `c`), so that tests can produce as many distinct rows as they
+/// need into topics of their own.
+struct EventTemplate(Value);
+
+impl EventTemplate {
+    async fn new() -> EventTemplate {
+        ensure_user_events().await;
+        let all = read_all(&watermarks(&kafka_consumer("tpl"), &["twitter.users"]));
+        let v = all
+            .iter()
+            .rev()
+            .filter_map(|(_, _, _, _, v)| v.as_ref())
+            .map(|v| serde_json::from_slice::<Value>(v).unwrap())
+            .find(|v| v["payload"]["op"] == "c")
+            .expect("twitter.users holds an insert");
+        EventTemplate(v)
+    }
+
+    fn event(&self, id: i64) -> Vec<u8> {
+        let mut v = self.0.clone();
+        v["payload"]["after"]["id"] = id.into();
+        v["payload"]["after"]["username"] = format!("row{id}").into();
+        v["payload"]["source"]["lsn"] = id.into();
+        serde_json::to_vec(&v).unwrap()
+    }
+}
+
+/// One change row, read back through the Delta log by an independent
+/// reader (`tests/lake_read.py`).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct LakeRow {
+    table: String,
+    values: BTreeMap<String, Option<String>>,
+    op: String,
+    lsn: Option<i64>,
+    partition: i32,
+    offset: i64,
+    unchanged: Vec<String>,
+}
+
+impl LakeRow {
+    fn key(&self) -> String {
+        primary_key(&self.table)
+            .iter()
+            .map(|k| self.values[*k].clone().expect("key column set"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn reader_python() -> String {
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/readers.sh"
+        ))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("tests/readers.sh");
+    assert!(out.status.success(), "installing the lake readers failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn lake_read(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(reader_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/lake_read.py"
+        ))
+        .args(args)
+        .output()
+        .expect("run tests/lake_read.py");
+    assert!(
+        out.status.success(),
+        "lake_read.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every change row of `tables`, as `reader` sees them.
+fn lake_rows(reader: &str, prefix: &str, tables: &[&str]) -> Vec<LakeRow> {
+    let mut args = vec!["rows", "--reader", reader, "--prefix", prefix];
+    args.extend(tables);
+    lake_read(&args)
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect()
+}
+
+/// The files `table`'s log holds, and the `txn` version of each app id.
+struct TableState {
+    files: BTreeSet<String>,
+    txn: BTreeMap<String, Option<i64>>,
+}
+
+fn table_state(prefix: &str, table: &str, app_ids: &[String]) -> TableState {
+    let mut args = vec!["state", "--prefix", prefix];
+    for a in app_ids {
+        args.extend(["--app-id", a.as_str()]);
+    }
+    args.push(table);
+    let v = lake_read(&args).remove(0);
+    TableState {
+        files: v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect(),
+        txn: serde_json::from_value(v["txn"].clone()).unwrap(),
+    }
+}
+
+/// Parquet objects under a table's directory, as s3:// URIs.
+async fn parquet_objects(prefix: &str, table: &str) -> BTreeSet<String> {
+    let bucket = env("CDC_SINK_S3__BUCKET");
+    store()
+        .list(Some(&Path::from(format!("{prefix}/{table}"))))
+        .map_ok(|m| format!("s3://{bucket}/{}", m.location))
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.ends_with(".parquet"))
+        .collect()
+}
+
+/// (partition, offset) of every row of one topic; asserts none appears
+/// twice. Rows of several tables are checked table by table.
+fn offsets_once(rows: &[LakeRow]) -> BTreeSet<(i32, i64)> {
+    let mut seen = BTreeSet::new();
+    for r in rows {
+        assert!(
+            seen.insert((r.table.clone(), r.partition, r.offset)),
+            "{} offset {}/{} is in the lake twice",
+            r.table,
+            r.partition,
+            r.offset
+        );
+    }
+    seen.into_iter().map(|(_, p, o)| (p, o)).collect()
 }
 
 fn primary_key(table: &str) -> &'static [&'static str] {
@@ -251,76 +488,6 @@ fn primary_key(table: &str) -> &'static [&'static str] {
         "likes" => &["user_id", "tweet_id"],
         _ => &["id"],
     }
-}
-
-/// Canonical text of one cell: timestamps as epoch microseconds, the rest
-/// as Arrow displays them (decimals with their scale, lists as `[a, b]`).
-fn cell(col: &dyn Array, row: usize) -> Option<String> {
-    if col.is_null(row) {
-        return None;
-    }
-    if let DataType::Timestamp(..) = col.data_type() {
-        let micros = cast(&col.slice(row, 1), &DataType::Int64).unwrap();
-        return Some(micros.as_primitive::<Int64Type>().value(0).to_string());
-    }
-    Some(array_value_to_string(col, row).unwrap())
-}
-
-/// One change as the lake has it.
-struct LakeRow {
-    key: String,
-    op: String,
-    lsn: i64,
-    partition: i32,
-    offset: i64,
-    values: BTreeMap<String, Option<String>>,
-    unchanged: Vec<String>,
-}
-
-fn lake_rows(batches: &[(String, RecordBatch)]) -> HashMap<String, Vec<LakeRow>> {
-    let mut out: HashMap<String, Vec<LakeRow>> = HashMap::new();
-    for (table, b) in batches {
-        let schema = b.schema();
-        let col = |name: &str| b.column(schema.index_of(name).unwrap()).clone();
-        for r in 0..b.num_rows() {
-            let mut values = BTreeMap::new();
-            for (i, f) in schema.fields().iter().enumerate() {
-                if !f.name().starts_with("_cdc_") {
-                    values.insert(f.name().clone(), cell(b.column(i).as_ref(), r));
-                }
-            }
-            let key = primary_key(table)
-                .iter()
-                .map(|k| values[*k].clone().expect("key column set"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let unchanged_col = col("_cdc_unchanged_cols");
-            let unchanged = if unchanged_col.is_null(r) {
-                Vec::new()
-            } else {
-                let l = unchanged_col.as_list::<i32>().value(r);
-                (0..l.len())
-                    .map(|i| array_value_to_string(&l, i).unwrap())
-                    .collect()
-            };
-            out.entry(table.clone()).or_default().push(LakeRow {
-                key,
-                op: cell(col("_cdc_op").as_ref(), r).unwrap(),
-                lsn: cell(col("_cdc_lsn").as_ref(), r).unwrap().parse().unwrap(),
-                partition: cell(col("_cdc_kafka_partition").as_ref(), r)
-                    .unwrap()
-                    .parse()
-                    .unwrap(),
-                offset: cell(col("_cdc_kafka_offset").as_ref(), r)
-                    .unwrap()
-                    .parse()
-                    .unwrap(),
-                values,
-                unchanged,
-            });
-        }
-    }
-    out
 }
 
 /// (table, key, op, lsn) of every change event Debezium published.
@@ -349,7 +516,8 @@ fn published(raw: &[Raw]) -> Vec<(String, String, String, i64)> {
 
 /// Latest state per key from the lake's change history; `None` for a key
 /// whose last change is a delete. An unchanged-TOAST column whose earlier
-/// value lies before the window is dropped from the row (it cannot be known).
+/// value lies before the window is dropped from the row (it cannot be
+/// known). `date` is the lake's partition column, not a PostgreSQL one.
 fn latest_state(
     rows: &mut [LakeRow],
 ) -> BTreeMap<String, Option<BTreeMap<String, Option<String>>>> {
@@ -357,14 +525,16 @@ fn latest_state(
     rows.sort_by_key(|r| (r.partition, r.offset));
     let mut state: BTreeMap<String, Option<BTreeMap<String, Option<String>>>> = BTreeMap::new();
     for r in rows.iter() {
+        let key = r.key();
         if r.op == "d" {
-            state.insert(r.key.clone(), None);
+            state.insert(key, None);
             continue;
         }
         let mut values = r.values.clone();
+        values.remove("date");
         for c in &r.unchanged {
             match state
-                .get(&r.key)
+                .get(&key)
                 .and_then(|p| p.as_ref())
                 .and_then(|p| p.get(c))
             {
@@ -372,9 +542,33 @@ fn latest_state(
                 None => values.remove(c),
             };
         }
-        state.insert(r.key.clone(), Some(values));
+        state.insert(key, Some(values));
     }
     state
+}
+
+/// Asserts the lake's latest state of every key it holds equals
+/// PostgreSQL's, column by column (a deleted key is gone from both).
+async fn assert_latest_state_matches(
+    pg: &tokio_postgres::Client,
+    table: &str,
+    rows: &mut [LakeRow],
+) {
+    let lake_state = latest_state(rows);
+    assert!(!lake_state.is_empty(), "{table}: no changes in the lake");
+    let keys: Vec<&String> = lake_state.keys().collect();
+    let pg_state = pg_state(pg, table, &keys).await;
+    for (key, row) in &lake_state {
+        match (row, pg_state.get(key)) {
+            (None, None) => {}
+            (Some(lake_row), Some(pg_row)) => {
+                for (col, v) in lake_row {
+                    assert_eq!(Some(v), pg_row.get(col), "{table} key {key} column {col}");
+                }
+            }
+            (l, p) => panic!("{table} key {key}: lake {l:?}, PostgreSQL {p:?}"),
+        }
+    }
 }
 
 /// The same canonical text, computed by PostgreSQL, for the rows whose
@@ -396,11 +590,16 @@ async fn pg_state(
     let mut names = Vec::new();
     for c in &cols {
         let (name, ty): (String, String) = (c.get(0), c.get(1));
+        // The lake's documented forms: timestamps as epoch µs with
+        // ±infinity at 9999-12-31T23:59:59.999999 / 0001-01-01, arrays as
+        // [a, b] with NULL spelled out.
         exprs.push(match ty.as_str() {
-            "timestamp with time zone" => {
-                format!("(extract(epoch from {name}) * 1000000)::bigint::text")
-            }
-            "ARRAY" => format!("'[' || array_to_string({name}, ', ') || ']'"),
+            "timestamp with time zone" | "timestamp without time zone" => format!(
+                "CASE WHEN {name} = 'infinity' THEN '253402300799999999' \
+                 WHEN {name} = '-infinity' THEN '-62135596800000000' \
+                 ELSE (extract(epoch from {name}) * 1000000)::bigint::text END"
+            ),
+            "ARRAY" => format!("'[' || array_to_string({name}, ', ', 'NULL') || ']'"),
             _ => format!("{name}::text"),
         });
         names.push(name);
@@ -583,11 +782,29 @@ async fn smoke_insert_shows_up_as_debezium_event() {
     }
 }
 
-/// The generator writes, the sink is killed -9 twice mid-stream and
-/// restarted, and the lake still holds every published change exactly once
-/// and the same latest state as PostgreSQL.
+/// Waits until the sink's log has `n` lines containing `needle`.
+async fn wait_log(sink: &SinkProcess, needle: &str, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while sink.count(needle) < n {
+        assert!(
+            Instant::now() < deadline,
+            "sink never logged {needle:?} {n} times:\n{}",
+            sink.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const UPLOADED: &str = "files uploaded; committing";
+
+/// The generator writes while the sink is SIGKILLed five times, each time
+/// right after it logged that a flush's files are uploaded and before the
+/// commit (a fault hook holds that window open for 1.5 s). Then: the
+/// abandoned files exist in S3 but not in the Delta log; both independent
+/// readers see exactly the published changes, no Kafka offset twice, and the
+/// latest state of every key equals PostgreSQL.
 #[tokio::test(flavor = "multi_thread")]
-async fn end_to_end_exactly_once_across_kill_9() {
+async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     let run = unique();
     let prefix = format!("e2e-{run}");
     let group = format!("e2e-{run}");
@@ -595,90 +812,80 @@ async fn end_to_end_exactly_once_across_kill_9() {
     let pg = pg().await;
 
     // The test covers the changes it causes: the group starts at today's
-    // end of each topic, however much history the stack already holds.
+    // end of each topic, however much history the stack already holds. On
+    // a brand-new stack the topics may not exist yet: then the group starts
+    // at the beginning, which is the start of the window too.
     let start = watermarks(&kafka_consumer("e2e"), &TOPICS);
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in &start {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
-    }
-    // On a brand-new stack the topics may not exist yet: then the group
-    // starts at the beginning, which is the start of the window too.
-    if tpl.count() > 0 {
-        kafka_consumer(&group)
-            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
-            .unwrap();
-    }
+    commit_offsets(&group, &start);
 
-    let mut sink = spawn_sink(&prefix, &group, &[]);
-    let generator = tokio::spawn(run_generator(40));
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let mut killed = sink.take();
-        killed.kill().unwrap(); // SIGKILL
-        killed.wait().unwrap();
-        sink = spawn_sink(&prefix, &group, &[]);
+    let fault = [("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "1500")];
+    let mut sink = spawn_sink(&prefix, &group, &fault);
+    let generator = tokio::spawn(run_generator(60));
+    for round in 0..5u64 {
+        // A different moment each round: some kills land in the first
+        // flush after a restart, some later.
+        tokio::time::sleep(Duration::from_millis(300 + 400 * round)).await;
+        let before = sink.count(UPLOADED);
+        wait_log(&sink, UPLOADED, before + 1, Duration::from_secs(60)).await;
+        // Within the 1.5 s the fault hook holds between upload and commit.
+        sink.kill_9();
+        sink = spawn_sink(&prefix, &group, &fault);
     }
     let summary = generator.await.unwrap();
-    assert_eq!(summary.batches, 40);
+    assert_eq!(summary.batches, 60);
 
     let until = published_barrier(&pg).await;
     wait_committed(&group, &until).await;
     terminate(sink);
 
-    let store = s3_store(&sink_config(&prefix, &group).s3, Duration::from_secs(30)).unwrap();
-    let batches = read_parquet(&store, &prefix).await;
-    let mut lake = lake_rows(&batches);
-
-    // 1. Exactly the published changes: same multiset, so no loss and no
-    //    duplicates, even across the kills.
-    let expected = published(&read_range(&start, &until));
-    let mut got: Vec<(String, String, String, i64)> = lake
-        .iter()
-        .flat_map(|(t, rows)| {
-            rows.iter()
-                .map(move |r| (t.clone(), r.key.clone(), r.op.clone(), r.lsn))
-        })
-        .collect();
-    got.sort();
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "row count differs from what Debezium published"
-    );
-    assert!(
-        got == expected,
-        "lake rows differ from the published change events"
-    );
-    let mut positions: Vec<(i32, i64, String)> = lake
-        .iter()
-        .flat_map(|(t, rows)| rows.iter().map(move |r| (r.partition, r.offset, t.clone())))
-        .collect();
-    let n = positions.len();
-    positions.sort();
-    positions.dedup();
-    assert_eq!(positions.len(), n, "some Kafka offset was written twice");
-
-    // 2. Latest state per key equals PostgreSQL, column by column.
+    // The kills left files behind that no commit references: the Delta log
+    // is what keeps them out of every reader's view.
+    let mut orphans = 0;
     for table in ["users", "tweets", "likes"] {
-        let lake_state = latest_state(lake.get_mut(table).expect("table in lake"));
-        let keys: Vec<&String> = lake_state.keys().collect();
-        let pg_state = pg_state(&pg, table, &keys).await;
-        for (key, row) in &lake_state {
-            match (row, pg_state.get(key)) {
-                (None, None) => {}
-                (Some(lake_row), Some(pg_row)) => {
-                    for (col, v) in lake_row {
-                        assert_eq!(Some(v), pg_row.get(col), "{table} key {key} column {col}");
-                    }
-                }
-                (l, p) => panic!("{table} key {key}: lake {l:?}, PostgreSQL {p:?}"),
-            }
-        }
-        assert!(!lake_state.is_empty(), "{table}: no changes in the lake");
+        let live = table_state(&prefix, table, &[]).files;
+        let all = parquet_objects(&prefix, table).await;
+        assert!(live.is_subset(&all), "{table}: the log names missing files");
+        orphans += all.difference(&live).count();
+    }
+    assert!(
+        orphans >= 1,
+        "5 kills between upload and commit, but no uncommitted file in S3"
+    );
+
+    // Exactly the published changes, by both readers.
+    let expected = published(&read_range(&start, &until));
+    let mut by_reader = Vec::new();
+    for reader in ["deltalake", "duckdb"] {
+        let rows = lake_rows(reader, &prefix, &["users", "tweets", "likes"]);
+        offsets_once(&rows);
+        let mut got: Vec<(String, String, String, i64)> = rows
+            .iter()
+            .map(|r| (r.table.clone(), r.key(), r.op.clone(), r.lsn.unwrap()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{reader}: row count differs from Kafka"
+        );
+        assert!(
+            got == expected,
+            "{reader}: lake rows differ from the published events"
+        );
+        by_reader.push(rows);
     }
 
-    // 3. Nothing was quarantined.
-    let quarantined: Vec<_> = store
+    // Latest state per key equals PostgreSQL, column by column.
+    let mut rows = by_reader.remove(0);
+    for table in ["users", "tweets", "likes"] {
+        let mut of_table: Vec<LakeRow> =
+            rows.iter().filter(|r| r.table == table).cloned().collect();
+        assert_latest_state_matches(&pg, table, &mut of_table).await;
+    }
+    rows.clear();
+
+    // Nothing was quarantined.
+    let quarantined: Vec<_> = store()
         .list(Some(&Path::from(format!("{prefix}/_quarantine"))))
         .try_collect()
         .await
@@ -689,145 +896,524 @@ async fn end_to_end_exactly_once_across_kill_9() {
     );
 }
 
-/// A malformed message is quarantined with its raw bytes, and the valid
-/// message after it still lands; the offsets of both are committed.
+/// Messages that are not Debezium envelopes, valid JSON or not, are
+/// quarantined with their raw bytes and the reason; a true tombstone (a
+/// null value) is skipped; the valid events around them land.
 #[tokio::test(flavor = "multi_thread")]
-async fn malformed_messages_are_quarantined_not_lost() {
+async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
     let run = unique();
-    let topic = format!("quarantine-test-{run}");
+    let topic = format!("quarantine.q{run}");
     let prefix = format!("q-{run}");
     let group = format!("q-{run}");
-
-    // A real Debezium event to copy, taken from the users topic.
-    ensure_user_events().await;
-    let all = read_all(&watermarks(&kafka_consumer("q"), &["twitter.users"]));
-    let good = all
-        .iter()
-        .rev()
-        .find_map(|(_, _, _, k, v)| Some((k.clone()?, v.clone()?)))
-        .expect("twitter.users has events (run the generator tests first or any insert)");
-
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
-        .create()
-        .unwrap();
-    let bad_payloads: [&[u8]; 2] = [
-        b"{this is not json",
-        br#"{"schema":{"type":"struct","fields":[{"type":"struct","field":"after","fields":[{"type":"int64","field":"id"}]}]},"payload":{"op":"c","after":{"id":"not a number"},"source":{"ts_ms":1}}}"#,
+    let tpl = EventTemplate::new().await;
+    create_topic(&topic, 1).await;
+    let p = producer();
+    let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(900_000));
+    let bad: Vec<(&[u8], &str)> = vec![
+        (b"{this is not json", "not valid JSON"),
+        (b"{}", "not a Debezium envelope"),
+        (b"[]", "not a Debezium envelope"),
+        (br#"{"payload":null}"#, "not a Debezium envelope"),
+        (big.as_bytes(), "not a Debezium envelope"),
+        (
+            br#"{"schema":{"type":"struct","fields":[{"type":"struct","field":"after","fields":[{"type":"int64","field":"id"}]}]},"payload":{"op":"c","after":{"id":"not a number"},"source":{"ts_ms":1}}}"#,
+            "does not match its declared schema",
+        ),
     ];
-    for bad in bad_payloads {
-        producer
-            .send(
-                FutureRecord::to(&topic).partition(0).key("k").payload(bad),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+    send(&p, &topic, 0, Some(&tpl.event(1))).await;
+    for (b, _) in &bad {
+        send(&p, &topic, 0, Some(b)).await;
     }
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .partition(0)
-                .key(&good.0)
-                .payload(&good.1),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    let tombstone = send(&p, &topic, 0, None).await;
+    let last = send(&p, &topic, 0, Some(&tpl.event(2))).await;
 
     let sink = spawn_sink(
         &prefix,
         &group,
         &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"{topic}\"]"))],
     );
-    let until: BTreeMap<(String, i32), i64> = [((topic.clone(), 0), 3)].into();
-    wait_committed(&group, &until).await;
+    wait_committed(&group, &[((topic.clone(), 0), last + 1)].into()).await;
     terminate(sink);
 
-    let store = s3_store(&sink_config(&prefix, &group).s3, Duration::from_secs(30)).unwrap();
-    for (offset, bad) in bad_payloads.iter().enumerate() {
-        let key =
-            cdc_sink::write::quarantine_key(&Path::from(prefix.as_str()), &topic, 0, offset as i64);
-        let body = store
+    let s = store();
+    let tp = Tp::new(topic.as_str(), 0);
+    for (i, (raw, says)) in bad.iter().enumerate() {
+        let offset = i as i64 + 1;
+        let key = quarantine_key(&Path::from(prefix.as_str()), &tp, offset);
+        let body = s
             .get(&key)
             .await
             .expect("quarantine object")
             .bytes()
             .await
             .unwrap();
-        let rec: cdc_sink::write::QuarantineRecord = serde_json::from_slice(&body).unwrap();
+        let rec: QuarantineRecord = serde_json::from_slice(&body).unwrap();
         use base64::Engine;
-        let raw = base64::engine::general_purpose::STANDARD
+        let kept = base64::engine::general_purpose::STANDARD
             .decode(rec.value_base64.unwrap())
             .unwrap();
-        assert_eq!(&raw, bad, "raw payload kept");
-        assert_eq!(rec.offset, offset as i64);
-        assert!(!rec.error.is_empty());
+        assert_eq!(&kept, raw, "raw payload kept");
+        assert_eq!(rec.offset, offset);
+        assert!(rec.error.contains(says), "offset {offset}: {}", rec.error);
     }
-    let batches = read_parquet(&store, &prefix).await;
-    let rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
-    assert_eq!(rows, 1, "the valid message after the bad ones landed");
+    let tomb_key = quarantine_key(&Path::from(prefix.as_str()), &tp, tombstone);
+    assert!(
+        s.head(&tomb_key).await.is_err(),
+        "a tombstone is not quarantined"
+    );
+    let table = topic.rsplit('.').next().unwrap();
+    let rows = lake_rows("deltalake", &prefix, &[table]);
+    let ids: Vec<_> = rows
+        .iter()
+        .map(|r| r.values["id"].clone().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["1", "2"],
+        "the valid events around the bad ones landed"
+    );
 }
 
-/// A restart that finds an intent (a segment written before a crash but not
-/// committed) ends its first segment exactly where the intent says, so the
-/// replay overwrites the same objects rather than overlapping them.
+/// Replays can never duplicate, because where a partition resumes comes
+/// from the lake's own log, whatever Kafka's committed offsets say:
+/// - a sink killed with a whole segment buffered, then a second sink
+///   stopped with SIGTERM while it replays that segment, then a third;
+/// - a tombstone-only segment whose Kafka commit is lost (the group's
+///   offsets are rewound to 0), then a kill with rows written but not
+///   committed.
 #[tokio::test(flavor = "multi_thread")]
-async fn replay_after_crash_follows_the_recorded_intent() {
+async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     let run = unique();
-    let prefix = format!("intent-{run}");
-    let group = format!("intent-{run}");
-    ensure_user_events().await;
-    let until = watermarks(&kafka_consumer("intent"), &["twitter.users"]);
-    let first_row = read_all(&until)
-        .into_iter()
-        .filter(|(_, p, _, _, v)| *p == 0 && v.is_some())
-        .map(|(_, _, o, _, _)| o)
-        .next()
-        .expect("twitter.users partition 0 has events");
-    // What a sink killed between writing and committing leaves behind.
-    let store = s3_store(&sink_config(&prefix, &group).s3, Duration::from_secs(30)).unwrap();
-    let intent = cdc_sink::write::intent_key(&Path::from(prefix.as_str()), "twitter.users", 0, 0);
-    let body = serde_json::to_vec(&cdc_sink::write::Intent {
-        first: 0,
-        last: first_row,
-    })
-    .unwrap();
-    store.put(&intent, body.into()).await.unwrap();
+    let topic = format!("replay.r{run}");
+    let prefix = format!("r-{run}");
+    let group = format!("r-{run}");
+    let table = topic.rsplit('.').next().unwrap().to_string();
+    let tpl = EventTemplate::new().await;
+    create_topic(&topic, 1).await;
+    let p = producer();
+    let topics = format!("[\"{topic}\"]");
+    let slow = [
+        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
+        ("CDC_SINK_FLUSH__MAX_AGE_MS", "600000"),
+    ];
+    let mut id = 0;
+    let mut produce = async |n: usize, tombstones: bool| {
+        let mut last = 0;
+        for _ in 0..n {
+            id += 1;
+            let value = (!tombstones).then(|| tpl.event(id));
+            last = send(&p, &topic, 0, value.as_deref()).await;
+        }
+        last
+    };
 
-    let sink = spawn_sink(
+    // 1. Ten rows buffered, never flushed: SIGKILL.
+    produce(10, false).await;
+    let a = spawn_sink(&prefix, &group, &slow);
+    wait_log(
+        &a,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill_9();
+    // 2. The replay is stopped by SIGTERM half-way through the stream.
+    let b = spawn_sink(&prefix, &group, &slow);
+    wait_log(
+        &b,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let last = produce(5, false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    terminate(b);
+    // 3. Tombstones only: their segment commits to Kafka alone...
+    let c = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
+    );
+    let after_tombstones = produce(5, true).await;
+    wait_committed(&group, &[((topic.clone(), 0), after_tombstones + 1)].into()).await;
+    terminate(c);
+    // ... and that commit is lost: the group's offsets go back to 0.
+    commit_offsets(&group, &[((topic.clone(), 0), 0)].into());
+    // 4. More rows, written but not committed when the sink dies.
+    let fault = [
+        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
+        ("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "5000"),
+    ];
+    let d = spawn_sink(&prefix, &group, &fault);
+    let before = d.count(UPLOADED);
+    let end = produce(5, false).await;
+    wait_log(&d, UPLOADED, before + 1, Duration::from_secs(60)).await;
+    d.kill_9();
+    let e = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
+    );
+    wait_committed(&group, &[((topic.clone(), 0), end + 1)].into()).await;
+    terminate(e);
+
+    let rows = lake_rows("deltalake", &prefix, &[&table]);
+    let offsets = offsets_once(&rows);
+    let want: BTreeSet<(i32, i64)> = (0..=last)
+        .chain(after_tombstones + 1..=end)
+        .map(|o| (0, o))
+        .collect();
+    assert_eq!(offsets, want, "every row exactly once");
+    let state = table_state(&prefix, &table, &[format!("cdc-sink:{group}:{topic}:0")]);
+    assert_eq!(state.txn.values().next().copied().flatten(), Some(end));
+}
+
+/// The log start moves past rows that were read but never committed
+/// (DeleteRecords while the sink is down): the restarted sink resumes at
+/// the new log start; the rows before it that had landed stay once, and
+/// nothing lands twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_start_moved_past_uncommitted_rows() {
+    let run = unique();
+    let topic = format!("deleted.d{run}");
+    let prefix = format!("d-{run}");
+    let group = format!("d-{run}");
+    let table = topic.rsplit('.').next().unwrap().to_string();
+    let tpl = EventTemplate::new().await;
+    create_topic(&topic, 1).await;
+    let p = producer();
+    let topics = format!("[\"{topic}\"]");
+    for id in 0..10 {
+        send(&p, &topic, 0, Some(&tpl.event(id))).await;
+    }
+    let a = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
+    );
+    wait_committed(&group, &[((topic.clone(), 0), 10)].into()).await;
+    terminate(a);
+    // Ten more, buffered and then lost with the sink.
+    for id in 10..20 {
+        send(&p, &topic, 0, Some(&tpl.event(id))).await;
+    }
+    let b = spawn_sink(
         &prefix,
         &group,
         &[
-            ("CDC_SINK_KAFKA__TOPICS", "[\"twitter.users\"]"),
-            ("CDC_SINK_FLUSH__MAX_ROWS", "1000000"),
+            ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
+            ("CDC_SINK_FLUSH__MAX_AGE_MS", "600000"),
         ],
     );
-    wait_committed(&group, &until).await;
-    terminate(sink);
-
-    let keys: Vec<String> = store
-        .list(Some(&Path::from(format!("{prefix}/users"))))
-        .map_ok(|m| m.location.to_string())
-        .try_collect()
+    wait_log(
+        &b,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.kill_9();
+    // Retention (here DeleteRecords) removes offsets 0..15.
+    let mut tpl_del = TopicPartitionList::new();
+    tpl_del
+        .add_partition_offset(&topic, 0, Offset::Offset(15))
+        .unwrap();
+    admin()
+        .delete_records(&tpl_del, &AdminOptions::new())
         .await
         .unwrap();
-    let p0: Vec<&String> = keys
-        .iter()
-        .filter(|k| k.contains("twitter.users-p000-"))
-        .collect();
-    let replayed = format!("twitter.users-p000-{:020}-{first_row:020}-0.parquet", 0);
-    assert!(
-        p0.iter().any(|k| k.ends_with(&replayed)),
-        "no replayed segment {replayed} in {p0:?}"
+    let c = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
     );
-    if until[&("twitter.users".to_string(), 0)] > first_row + 1 {
-        let next = format!("twitter.users-p000-{:020}-", first_row + 1);
-        assert!(
-            p0.iter().any(|k| k.contains(&next)),
-            "segment after the intent missing: {p0:?}"
-        );
+    wait_committed(&group, &[((topic.clone(), 0), 20)].into()).await;
+    terminate(c);
+
+    let rows = lake_rows("duckdb", &prefix, &[&table]);
+    let offsets = offsets_once(&rows);
+    let want: BTreeSet<(i32, i64)> = (0..10).chain(15..20).map(|o| (0, o)).collect();
+    assert_eq!(
+        offsets, want,
+        "deleted offsets 10..15 never reached the lake; the rest once"
+    );
+}
+
+/// Two sinks share a group; one is frozen with SIGSTOP past its session
+/// timeout while it holds a buffered segment, its partitions move to the
+/// other, and when it wakes its commit finds the partition's `txn` version
+/// advanced and is dropped. No offset lands twice, none is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_sink_is_fenced_when_it_wakes() {
+    let run = unique();
+    let topic = format!("fence.f{run}");
+    let prefix = format!("f-{run}");
+    let group = format!("f-{run}");
+    let table = topic.rsplit('.').next().unwrap().to_string();
+    let tpl = Arc::new(EventTemplate::new().await);
+    create_topic(&topic, 2).await;
+    let topics = format!("[\"{topic}\"]");
+    let cfg = [
+        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
+        ("CDC_SINK_FLUSH__MAX_AGE_MS", "4000"),
+    ];
+    let a = spawn_sink(&prefix, &group, &cfg);
+    // A static member id of its own, or the broker would fence one of the
+    // two members itself.
+    let second = format!("{group}-second");
+    let b = spawn_sink(
+        &prefix,
+        &group,
+        &[
+            ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
+            ("CDC_SINK_FLUSH__MAX_AGE_MS", "4000"),
+            ("CDC_SINK_KAFKA__INSTANCE_ID", second.as_str()),
+        ],
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let producing = {
+        let topic = topic.clone();
+        let tpl = tpl.clone();
+        tokio::spawn(async move {
+            let p = producer();
+            let mut id = 0i64;
+            let mut last = BTreeMap::new();
+            while !*stop_rx.borrow() {
+                for part in 0..2 {
+                    id += 1;
+                    let o = send(&p, &topic, part, Some(&tpl.event(id))).await;
+                    last.insert((topic.clone(), part), o + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            last
+        })
+    };
+    // Both members hold partitions once each has read a position.
+    wait_log(
+        &a,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_log(
+        &b,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(a.pid(), "-STOP");
+    // Past the 10 s session timeout, and long enough for the other sink to
+    // take over and commit.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    signal(a.pid(), "-CONT");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop_tx.send(true).unwrap();
+    let until = producing.await.unwrap();
+    wait_committed(&group, &until).await;
+    let fenced = a.count("another writer advanced this partition")
+        + a.count("commit lost to a concurrent writer");
+    terminate(a);
+    terminate(b);
+    assert!(fenced >= 1, "the woken sink was never fenced");
+
+    let rows = lake_rows("deltalake", &prefix, &[&table]);
+    let offsets = offsets_once(&rows);
+    for ((_, part), end) in &until {
+        for o in 0..*end {
+            assert!(offsets.contains(&(*part, o)), "offset {part}/{o} lost");
+        }
     }
+}
+
+/// A PostgreSQL table with every kind of value (NaN and ±Infinity, infinite
+/// timestamps, intervals, arrays, json, bytea, uuid) is captured by its own
+/// connector; a row with special values is updated and then deleted. The
+/// lake's latest state equals PostgreSQL, column by column: the deleted
+/// row is gone, the others match exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn special_values_round_trip_and_their_deletes_land() {
+    let run = unique();
+    let db = format!("zoo{run}");
+    let prefix = format!("z-{run}");
+    let group = format!("z-{run}");
+    let connector = format!("zoo-{run}");
+    let su = |sql: &str, db: &str| {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
+            .args(["-p", &env("PGPORT"), "-U", "postgres", "-d", db, "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    su(&format!("CREATE DATABASE {db}"), "postgres");
+    su(
+        "CREATE TABLE zoo (id bigint PRIMARY KEY, r real, d double precision, n numeric(10,3), \
+         t text, ts timestamptz, lts timestamp, dur interval, j jsonb, u uuid, b bytea, \
+         tags text[], nums integer[]);
+         GRANT SELECT ON zoo TO debezium; CREATE PUBLICATION zoo_pub FOR TABLE zoo;",
+        &db,
+    );
+    su(
+        &format!("GRANT CONNECT ON DATABASE {db} TO debezium"),
+        "postgres",
+    );
+    let mut config: Value =
+        serde_json::from_str(include_str!("../../../debezium/twitter-postgres.json")).unwrap();
+    for (k, v) in [
+        ("database.dbname", db.as_str()),
+        ("database.port", &env("PGPORT")),
+        ("topic.prefix", db.as_str()),
+        ("table.include.list", "public.zoo"),
+        ("publication.name", "zoo_pub"),
+        ("slot.name", db.as_str()),
+        ("snapshot.mode", "no_data"),
+        ("transforms.route.regex", &format!("{db}\\.public\\.(.*)")),
+        ("transforms.route.replacement", &format!("{db}.$1")),
+    ] {
+        config[k] = v.into();
+    }
+    let connect = env("STACK_CONNECT_URL");
+    let http = |method: &str, path: &str, body: Option<&Value>| {
+        let mut c = Command::new("curl");
+        c.args(["-fsS", "-X", method, "-H", "Content-Type: application/json"]);
+        if let Some(b) = body {
+            c.args(["--data", &b.to_string()]);
+        }
+        c.arg(format!("{connect}{path}")).output().unwrap()
+    };
+    assert!(
+        http(
+            "PUT",
+            &format!("/connectors/{connector}/config"),
+            Some(&config)
+        )
+        .status
+        .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = http("GET", &format!("/connectors/{connector}/status"), None);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if v["tasks"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty() && t.iter().all(|t| t["state"] == "RUNNING"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connector {connector} never ran: {v}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Debezium starts streaming a moment after the task reports RUNNING.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    su(
+        "INSERT INTO zoo VALUES
+           (1, 1.5, -2.25e5, 12345.678, 'héllo', '2024-02-29 13:14:15.654321+02', '2024-02-29 13:14:15.654321',
+            '1 year 2 months 3 days 04:05:06.789', '{\"k\": [1, {\"x\": null}]}', '6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10',
+            '\\xdeadbeef', '{\"a\",\"b,c\",\"日本\"}', '{1,2,3}'),
+           (2, 'NaN', 'Infinity', -0.001, NULL, 'infinity', '-infinity', NULL, NULL, NULL, NULL, '{}', NULL),
+           (3, '-Infinity', 'NaN', 0, '', '-infinity', 'infinity', NULL, '[]', NULL, '\\x', NULL, '{}');
+         UPDATE zoo SET r = 'Infinity', d = '-Infinity' WHERE id = 2;
+         UPDATE zoo SET r = 'NaN' WHERE id = 3;
+         DELETE FROM zoo WHERE id = 2;",
+        &db,
+    );
+    let sink = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut rows = loop {
+        if !parquet_objects(&prefix, "zoo").await.is_empty() {
+            let rows = lake_rows("deltalake", &prefix, &["zoo"]);
+            if rows.len() >= 6 {
+                break rows;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zoo changes never landed:\n{}",
+            sink.log_text()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    terminate(sink);
+    let _ = http("DELETE", &format!("/connectors/{connector}"), None);
+    assert_eq!(rows.len(), 6, "3 inserts, 2 updates, 1 delete");
+    offsets_once(&rows);
+    let conn = format!(
+        "host={} port={} dbname={db} user=postgres",
+        env("STACK_PG_SUPERUSER_SOCKET"),
+        env("PGPORT")
+    );
+    let (zoo_pg, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    zoo_pg
+        .batch_execute("SET intervalstyle = iso_8601")
+        .await
+        .unwrap();
+    let state = latest_state(&mut rows);
+    assert_eq!(
+        state.get("2"),
+        Some(&None),
+        "the deleted NaN row is gone from the latest state"
+    );
+    assert_latest_state_matches(&zoo_pg, "zoo", &mut rows).await;
+    drop(zoo_pg);
+    // The slot must go, or it would hold WAL for ever.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-h"])
+            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
+            .args(["-p", &env("PGPORT"), "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!(
+                "SELECT pg_drop_replication_slot('{db}') FROM pg_replication_slots WHERE slot_name = '{db}' AND NOT active"
+            ))
+            .output()
+            .unwrap();
+        let gone = Command::new("psql")
+            .args(["-X", "-tA", "-h"])
+            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
+            .args([
+                "-p",
+                &env("PGPORT"),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{db}'"
+            ))
+            .output()
+            .unwrap();
+        if out.status.success() && String::from_utf8_lossy(&gone.stdout).trim() == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "could not drop slot {db}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    su(&format!("DROP DATABASE {db} WITH (FORCE)"), "postgres");
 }
 
 /// Runs the sink until it exits on its own; panics if it is still running
@@ -869,7 +1455,7 @@ fn kafka_unreachable_exits_non_zero_after_the_deadline() {
     );
 }
 
-/// With S3 unreachable the first object request is retried until the
+/// With S3 unreachable the first lake request is retried until the
 /// deadline, then the sink exits non-zero without committing anything.
 #[test]
 fn s3_unreachable_exits_non_zero_without_committing() {
@@ -884,8 +1470,11 @@ fn s3_unreachable_exits_non_zero_without_committing() {
             ("CDC_SINK_GIVE_UP_AFTER_SECS", "4"),
         ],
     );
+    let log = sink.log.clone();
     let status = exit_within(sink, Duration::from_secs(90));
     assert!(!status.success(), "{status}");
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("the lake failed"), "{text}");
     let c = kafka_consumer(&group);
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {

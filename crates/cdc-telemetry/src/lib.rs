@@ -12,7 +12,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,deltalake_core=warn,deltalake_aws=warn,buoyant_kernel=warn,delta_kernel=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(
+            "info,deltalake_core=warn,deltalake_aws=warn,buoyant_kernel=warn,delta_kernel=warn",
+        )
+    });
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         match tracing_journald::layer() {
