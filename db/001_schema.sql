@@ -52,6 +52,17 @@ CREATE TABLE IF NOT EXISTS likes (
 
 CREATE INDEX IF NOT EXISTS likes_tweet_id_idx ON likes (tweet_id);
 
+-- The generator's ledger: one row per committed batch, written inside the
+-- batch's own transaction. After a connection is lost during COMMIT, the
+-- generator looks its row up to learn whether the batch committed, instead
+-- of guessing. Not published: it is bookkeeping, not workload.
+CREATE TABLE IF NOT EXISTS tweetgen_batches (
+    run_id       bigint      NOT NULL,
+    batch_no     bigint      NOT NULL,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, batch_no)
+);
+
 -- Long bios go out of line uncompressed, so that even repetitive text is
 -- TOASTed and the pipeline sees unchanged-TOAST placeholders on updates.
 ALTER TABLE users ALTER COLUMN bio SET STORAGE EXTERNAL;

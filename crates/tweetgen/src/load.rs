@@ -10,8 +10,11 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
 use crate::config::LoadMethod;
-use crate::db::{TWEET_COLUMNS, insert_tweets, tweet_params};
-use crate::model::NewTweet;
+use crate::db::{
+    InsertedUser, TWEET_COLUMNS, WriteFailure, commit, insert_ledger, insert_tweets, insert_users,
+    tweet_params,
+};
+use crate::model::{NewTweet, NewUser};
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
 const MAX_INSERT_ROWS: usize = 65_535 / TWEET_COLUMNS.len();
@@ -28,13 +31,52 @@ const TWEET_TYPES: &[Type] = &[
     Type::NUMERIC,
 ];
 
-/// Writes `tweets` in one transaction and returns how many rows were stored.
+/// Writes `users` with ledger row `chunk_no` in one transaction.
+pub async fn write_users(
+    client: &mut Client,
+    run_id: i64,
+    chunk_no: i64,
+    users: &[NewUser],
+) -> Result<Vec<InsertedUser>, WriteFailure<Vec<InsertedUser>>> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(WriteFailure::before_commit)?;
+    let staged = async {
+        insert_ledger(&tx, run_id, chunk_no).await?;
+        insert_users(&tx, users).await
+    };
+    let inserted = staged.await.map_err(WriteFailure::before_commit)?;
+    commit(tx, inserted).await
+}
+
+/// Writes `tweets` with ledger row `chunk_no` in one transaction and
+/// returns how many rows were stored.
 pub async fn write_chunk(
     client: &mut Client,
+    run_id: i64,
+    chunk_no: i64,
+    method: LoadMethod,
+    tweets: &[NewTweet],
+) -> Result<u64, WriteFailure<u64>> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(WriteFailure::before_commit)?;
+    let rows = stage(&tx, run_id, chunk_no, method, tweets)
+        .await
+        .map_err(WriteFailure::before_commit)?;
+    commit(tx, rows).await
+}
+
+async fn stage(
+    tx: &tokio_postgres::Transaction<'_>,
+    run_id: i64,
+    chunk_no: i64,
     method: LoadMethod,
     tweets: &[NewTweet],
 ) -> Result<u64, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
+    insert_ledger(tx, run_id, chunk_no).await?;
     let rows = match method {
         LoadMethod::Copy => {
             let sql = format!(
@@ -51,11 +93,10 @@ pub async fn write_chunk(
         LoadMethod::Insert => {
             let mut n = 0;
             for part in tweets.chunks(MAX_INSERT_ROWS) {
-                n += insert_tweets(&tx, part).await?.len() as u64;
+                n += insert_tweets(tx, part).await?.len() as u64;
             }
             n
         }
     };
-    tx.commit().await?;
     Ok(rows)
 }

@@ -56,7 +56,12 @@ impl Pools {
     }
 
     pub fn apply(&mut self, outcome: &BatchOutcome) {
-        self.add_users(outcome.users_inserted.iter().cloned());
+        self.add_users(
+            outcome
+                .users_inserted
+                .iter()
+                .map(|u| (u.id, u.username.clone())),
+        );
         self.tweets.extend(&outcome.tweets_inserted);
         if !outcome.tweets_deleted.is_empty() {
             self.tweets
@@ -78,12 +83,16 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::InsertedUser;
 
     #[test]
     fn apply_adds_and_removes() {
         let mut p = Pools::default();
         p.apply(&BatchOutcome {
-            users_inserted: vec![(1, "a".into())],
+            users_inserted: vec![InsertedUser {
+                id: 1,
+                username: "a".into(),
+            }],
             tweets_inserted: vec![10, 11, 12],
             ..Default::default()
         });

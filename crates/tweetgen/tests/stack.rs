@@ -3,11 +3,13 @@
 #![cfg(feature = "stack-tests")]
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tweetgen::config::Config;
-use tweetgen::workload::{Limits, run};
+use tweetgen::db::{BeforeCommit, CommitHook, is_retryable};
+use tweetgen::workload::{Limits, RunOptions, Summary, run, run_with};
 
 /// The restart test takes this exclusively; the others share it, so that
 /// none of them is cut off by a restart it does not expect.
@@ -197,7 +199,12 @@ async fn survives_a_postgres_restart_mid_run() {
         .expect("generator finished after the restart")
         .unwrap()
         .expect("generator survived the restart");
-    assert_eq!(summary.batches, 25, "every batch committed exactly once");
+    let su = superuser().await;
+    assert_eq!(
+        ledger(&su, summary.run_id).await,
+        (1..=25).collect::<Vec<i64>>(),
+        "every batch committed exactly once, none skipped"
+    );
     assert!(
         summary.reconnects >= 1,
         "the restart was noticed: {summary:?}"
@@ -269,4 +276,377 @@ fn unreachable_database_is_retried_then_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PostgreSQL unreachable, retrying"), "{err}");
     assert!(err.contains("still unreachable after 3s"), "{err}");
+}
+
+/// The batch numbers of run `run_id` in the ledger, in order.
+async fn ledger(c: &tokio_postgres::Client, run_id: i64) -> Vec<i64> {
+    c.query(
+        "SELECT batch_no FROM tweetgen_batches WHERE run_id = $1 ORDER BY batch_no",
+        &[&run_id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A brand-new database `tweetgen_test_<name>` with the project's schema and
+/// grants, so a test knows every row in it and none of its tests' runs
+/// interfere. Returns a superuser connection to it.
+async fn fresh_db(name: &str) -> (String, tokio_postgres::Client) {
+    let db = format!("tweetgen_test_{name}");
+    let su = superuser().await;
+    // Two statements: a multi-statement string runs as one transaction.
+    su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    su.batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let conn = format!(
+        "host={} port={} dbname={db} user=postgres",
+        env("STACK_PG_SUPERUSER_SOCKET"),
+        env("TWEETGEN_DATABASE__PORT")
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for f in ["001_schema.sql", "002_grants.sql"] {
+        let path = format!("{}/../../db/{f}", env!("CARGO_MANIFEST_DIR"));
+        client
+            .batch_execute(&std::fs::read_to_string(&path).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+    (db, client)
+}
+
+fn config_for(db: &str, seed: u64) -> Config {
+    let mut c = config();
+    c.database.dbname = db.to_string();
+    c.workload.interval_ms = 20;
+    c.workload.seed = Some(seed);
+    c
+}
+
+fn batches(n: u64) -> Limits {
+    Limits {
+        batches: Some(n),
+        duration: None,
+    }
+}
+
+/// Everything the workload wrote, row by row, without generated ids and
+/// timestamps (ids of a retried batch differ: sequences do not roll back).
+/// Rows refer to each other by username and tweet body instead.
+async fn logical_dump(c: &tokio_postgres::Client) -> Vec<String> {
+    let queries = [
+        "SELECT 'user', username, display_name, email, bio, location, lang, verified::text, \
+         followers_count::text, reputation::text FROM users",
+        "SELECT 'tweet', u.username, t.body, t.lang, t.hashtags::text, t.mentions::text, \
+         t.like_count::text, t.retweet_count::text, t.sensitive::text, t.latitude::text, \
+         t.longitude::text, p.body FROM tweets t JOIN users u ON u.id = t.user_id \
+         LEFT JOIN tweets p ON p.id = t.reply_to_id",
+        "SELECT 'like', u.username, t.body FROM likes l JOIN users u ON u.id = l.user_id \
+         JOIN tweets t ON t.id = l.tweet_id",
+    ];
+    let mut rows = Vec::new();
+    for q in queries {
+        for r in c.query(q, &[]).await.unwrap() {
+            let cols: Vec<String> = (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i).unwrap_or_else(|| "∅".into()))
+                .collect();
+            rows.push(cols.join("|"));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// A hook that stops batch `batch_no` on its first attempt right before
+/// COMMIT and hands the test the backend and a switch to let it go on.
+fn pause_before_commit(
+    batch_no: i64,
+) -> (
+    CommitHook,
+    mpsc::Receiver<(BeforeCommit, oneshot::Sender<()>)>,
+) {
+    let (tx, rx) = mpsc::channel(1);
+    let hook: CommitHook = Arc::new(move |at: BeforeCommit| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            if at.batch_no == batch_no && at.attempt == 1 {
+                let (go, wait) = oneshot::channel();
+                tx.send((at, go)).await.unwrap();
+                wait.await.unwrap();
+            }
+        })
+    });
+    (hook, rx)
+}
+
+async fn backend_state(su: &tokio_postgres::Client, pid: i32) -> Option<(String, bool)> {
+    su.query_opt(
+        "SELECT state, backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = $1",
+        &[&pid],
+    )
+    .await
+    .unwrap()
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+async fn run_clean(db: &str, seed: u64, n: u64) -> Summary {
+    run(&config_for(db, seed), batches(n), None, no_stop())
+        .await
+        .unwrap()
+}
+
+/// The backend is killed while the batch waits for COMMIT: the server rolls
+/// it back, the generator reconnects, finds no ledger row and writes the
+/// batch again, once. Same data as an undisturbed run with the same seed.
+#[tokio::test]
+async fn commit_cut_by_terminating_the_backend_writes_the_batch_once() {
+    let _shared = STACK.read().await;
+    let (db, su) = fresh_db("cut_commit").await;
+    let (hook, mut paused) = pause_before_commit(3);
+    let cfg = config_for(&db, 7);
+    let generator = tokio::spawn(async move {
+        let options = RunOptions {
+            limits: batches(6),
+            before_commit: Some(hook),
+            ..RunOptions::default()
+        };
+        run_with(&cfg, options, no_stop()).await
+    });
+    let (at, go) = tokio::time::timeout(Duration::from_secs(60), paused.recv())
+        .await
+        .expect("batch 3 reached COMMIT")
+        .unwrap();
+    // Proof that the kill hits the commit path: the backend has written the
+    // whole batch (it holds a transaction id) and waits for the next command,
+    // which is COMMIT; nothing of batch 3 is visible yet.
+    assert_eq!(
+        backend_state(&su, at.backend_pid).await,
+        Some(("idle in transaction".into(), true))
+    );
+    assert_eq!(ledger(&su, at.run_id).await, vec![1, 2]);
+    let killed: bool = su
+        .query_one("SELECT pg_terminate_backend($1, 10000)", &[&at.backend_pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    go.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), generator)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the generator survived the kill");
+    assert_eq!(
+        ledger(&su, summary.run_id).await,
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        summary.ambiguous_commits, 1,
+        "COMMIT failed and was resolved"
+    );
+    assert!(summary.reconnects >= 1);
+
+    let (clean_db, clean) = fresh_db("cut_commit_clean").await;
+    run_clean(&clean_db, 7, 6).await;
+    assert_eq!(logical_dump(&su).await, logical_dump(&clean).await);
+}
+
+/// A TCP proxy in front of PostgreSQL that can swallow the server's answers
+/// and then cut every open connection, like a network failure that strikes
+/// after the server committed but before the client heard so.
+struct Proxy {
+    port: u16,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    cut: watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = format!("127.0.0.1:{}", env("TWEETGEN_DATABASE__PORT"));
+        let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, cut_rx) = watch::channel(0u64);
+        let swallow2 = swallow.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let swallow = swallow2.clone();
+                let mut cut = cut_rx.clone();
+                cut.mark_unchanged();
+                tokio::spawn(async move {
+                    let up = async {
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let n = cr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            sw.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let n = sr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !swallow.load(Ordering::SeqCst) {
+                                cw.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    // Dropping both halves closes both sockets.
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, swallow, cut }
+    }
+}
+
+/// The server commits batch 3 but its answer never arrives: the generator
+/// must learn from the ledger that the batch is in, and not write it again.
+#[tokio::test]
+async fn commit_acknowledgement_lost_is_resolved_by_the_ledger() {
+    use std::sync::atomic::Ordering;
+    let _shared = STACK.read().await;
+    let (db, su) = fresh_db("lost_ack").await;
+    let proxy = Proxy::start().await;
+    let (hook, mut paused) = pause_before_commit(3);
+    let mut cfg = config_for(&db, 11);
+    cfg.database.port = proxy.port;
+    let generator = tokio::spawn(async move {
+        let options = RunOptions {
+            limits: batches(6),
+            before_commit: Some(hook),
+            ..RunOptions::default()
+        };
+        run_with(&cfg, options, no_stop()).await
+    });
+    let (at, go) = tokio::time::timeout(Duration::from_secs(60), paused.recv())
+        .await
+        .expect("batch 3 reached COMMIT")
+        .unwrap();
+    proxy.swallow.store(true, Ordering::SeqCst);
+    go.send(()).unwrap();
+    // Wait until the server has committed: the ledger row is visible.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ledger(&su, at.run_id).await != vec![1, 2, 3] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch 3 never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        backend_state(&su, at.backend_pid).await.map(|s| s.0),
+        Some("idle".to_string()),
+        "the backend finished COMMIT and is out of the transaction"
+    );
+    proxy.swallow.store(false, Ordering::SeqCst);
+    proxy.cut.send_modify(|g| *g += 1);
+    let summary = tokio::time::timeout(Duration::from_secs(60), generator)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the generator survived the lost answer");
+    assert_eq!(
+        ledger(&su, summary.run_id).await,
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert_eq!(summary.ambiguous_commits, 1);
+
+    let (clean_db, clean) = fresh_db("lost_ack_clean").await;
+    run_clean(&clean_db, 11, 6).await;
+    assert_eq!(logical_dump(&su).await, logical_dump(&clean).await);
+}
+
+/// Which real server errors count as retryable.
+#[tokio::test]
+async fn only_connection_and_serialization_errors_are_retryable() {
+    let _shared = STACK.read().await;
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=twitter user=tweetgen password={}",
+        env("TWEETGEN_DATABASE__PORT"),
+        env("TWEETGEN_DATABASE__PASSWORD")
+    );
+    let (c, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Client-side: an i64 where the server wants int4. No SQLSTATE, no socket
+    // error: the old classification retried this forever.
+    let encoding = c.query_one("SELECT $1::int4", &[&1i64]).await.unwrap_err();
+    assert!(encoding.code().is_none());
+    assert!(!is_retryable(&encoding), "{encoding:?}");
+    let constraint = c
+        .batch_execute("CREATE TEMP TABLE t (x int PRIMARY KEY); INSERT INTO t VALUES (1), (1)")
+        .await
+        .unwrap_err();
+    assert!(!is_retryable(&constraint), "{constraint:?}");
+    let serialization = c
+        .batch_execute(
+            "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$",
+        )
+        .await
+        .unwrap_err();
+    assert!(is_retryable(&serialization), "{serialization:?}");
+
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    superuser()
+        .await
+        .execute("SELECT pg_terminate_backend($1, 10000)", &[&pid])
+        .await
+        .unwrap();
+    let gone = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(is_retryable(&gone), "{gone:?}");
+}
+
+/// A permanent error (here a missing privilege) is not retried: the binary
+/// exits non-zero at once and says which batch failed and why.
+#[tokio::test]
+async fn a_permanent_error_exits_non_zero_with_a_clear_error() {
+    let _shared = STACK.read().await;
+    let (db, su) = fresh_db("permanent").await;
+    su.batch_execute("REVOKE INSERT ON users FROM tweetgen")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tweetgen"))
+        .args(["--batches", "2", "--dbname", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writing batch 1 failed, not retried")
+            && err.contains("permission denied for table users"),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
