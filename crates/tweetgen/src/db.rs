@@ -20,7 +20,7 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::config::DatabaseConfig;
 use crate::model::{NewTweet, NewUser, ProfileEdit, TweetEdit};
-use crate::plan::BatchPlan;
+use crate::plan::{BatchPlan, Like};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -164,7 +164,8 @@ pub struct BatchOutcome {
     pub users_inserted: Vec<InsertedUser>,
     pub tweets_inserted: Vec<i64>,
     pub tweets_deleted: Vec<i64>,
-    pub likes_inserted: u64,
+    /// The likes PostgreSQL stored (one that already existed is skipped).
+    pub likes_inserted: Vec<Like>,
     pub tweets_updated: u64,
     pub users_updated: u64,
 }
@@ -178,7 +179,7 @@ pub struct InsertedUser {
 impl BatchOutcome {
     pub fn rows(&self) -> u64 {
         (self.users_inserted.len() + self.tweets_inserted.len() + self.tweets_deleted.len()) as u64
-            + self.likes_inserted
+            + self.likes_inserted.len() as u64
             + self.tweets_updated
             + self.users_updated
     }
@@ -269,7 +270,11 @@ async fn stage(
         ..BatchOutcome::default()
     };
     let like_pairs: Vec<(i64, i64)> = plan.likes.iter().map(|l| (l.user_id, l.tweet_id)).collect();
-    out.likes_inserted = insert_pairs(tx, "likes", &["user_id", "tweet_id"], &like_pairs).await?;
+    out.likes_inserted = insert_pairs(tx, "likes", &["user_id", "tweet_id"], &like_pairs)
+        .await?
+        .into_iter()
+        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
+        .collect();
 
     for edit in &plan.tweet_edits {
         out.tweets_updated += match &edit.edit {
@@ -454,22 +459,28 @@ pub async fn insert_tweets(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Inserts rows of two bigint columns, skipping those that already exist.
+/// Inserts rows of two bigint columns, skipping those that already exist,
+/// and returns the rows inserted.
 async fn insert_pairs(
     tx: &Transaction<'_>,
     table: &str,
     columns: &[&str; 2],
     pairs: &[(i64, i64)],
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
     if pairs.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
-    let sql = multi_row_insert(table, columns, pairs.len(), "ON CONFLICT DO NOTHING");
+    let suffix = format!(
+        "ON CONFLICT DO NOTHING RETURNING {}, {}",
+        columns[0], columns[1]
+    );
+    let sql = multi_row_insert(table, columns, pairs.len(), &suffix);
     let params: Vec<&(dyn ToSql + Sync)> = pairs
         .iter()
         .flat_map(|(a, b)| [a as &(dyn ToSql + Sync), b as &(dyn ToSql + Sync)])
         .collect();
-    tx.execute(&sql, &params).await
+    let rows = tx.query(&sql, &params).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::config::WorkloadConfig;
 use crate::model::{Faker, NewTweet, NewUser, ProfileEdit, TweetEdit};
 use crate::pools::Pools;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Like {
     pub user_id: i64,
     pub tweet_id: i64,
@@ -39,6 +39,9 @@ pub struct BatchPlan {
     pub tweet_deletes: Vec<i64>,
 }
 
+/// Draws before giving up on finding a row not yet used.
+const PICK_TRIES: usize = 20;
+
 /// Plans batch `batch_no` of the configured mix on top of `pools`.
 pub fn plan(faker: &mut Faker, pools: &Pools, mix: &WorkloadConfig, batch_no: i64) -> BatchPlan {
     let mut plan = BatchPlan {
@@ -63,12 +66,16 @@ pub fn plan(faker: &mut Faker, pools: &Pools, mix: &WorkloadConfig, batch_no: i6
     }
     if !tweets.is_empty() {
         for _ in 0..mix.likes {
-            let like = Like {
-                user_id: faker.pick(&authors).expect("not empty"),
-                tweet_id: faker.pick(&tweets).expect("not empty"),
-            };
-            if !plan.likes.contains(&like) {
-                plan.likes.push(like);
+            // A few draws find a pair not liked yet unless nearly all are.
+            for _ in 0..PICK_TRIES {
+                let like = Like {
+                    user_id: faker.pick(&authors).expect("not empty"),
+                    tweet_id: faker.pick(&tweets).expect("not empty"),
+                };
+                if !pools.has_like(&like) && !plan.likes.contains(&like) {
+                    plan.likes.push(like);
+                    break;
+                }
             }
         }
         for _ in 0..mix.counter_updates {
@@ -78,9 +85,12 @@ pub fn plan(faker: &mut Faker, pools: &Pools, mix: &WorkloadConfig, batch_no: i6
             });
         }
         for _ in 0..mix.tweet_deletes {
-            let id = faker.pick(&tweets).expect("not empty");
-            if !plan.tweet_deletes.contains(&id) {
-                plan.tweet_deletes.push(id);
+            for _ in 0..PICK_TRIES {
+                let id = faker.pick(&tweets).expect("not empty");
+                if !plan.tweet_deletes.contains(&id) {
+                    plan.tweet_deletes.push(id);
+                    break;
+                }
             }
         }
     }

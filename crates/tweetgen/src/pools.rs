@@ -4,21 +4,27 @@
 //! [`Pools`] is only changed from a committed [`BatchOutcome`], so a rolled
 //! back batch leaves no ids behind that PostgreSQL never stored.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use tokio_postgres::Client;
 
 use crate::db::BatchOutcome;
+use crate::plan::Like;
 
 /// Bounds memory on long runs; older rows simply stop getting activity,
 /// much like old tweets do.
 const MAX_USERS: usize = 20_000;
 const MAX_TWEETS: usize = 50_000;
+const MAX_LIKES: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub struct Pools {
     users: VecDeque<(i64, String)>,
     tweets: VecDeque<i64>,
+    /// Known likes, so a batch plans only new ones (and exactly as many as
+    /// configured) and unlikes only existing ones.
+    likes: VecDeque<Like>,
+    like_set: HashSet<Like>,
 }
 
 impl Pools {
@@ -37,10 +43,38 @@ impl Pools {
                 &[&(MAX_TWEETS as i64)],
             )
             .await?;
-        Ok(Pools {
+        let likes = client
+            .query(
+                "SELECT user_id, tweet_id FROM likes ORDER BY created_at DESC, user_id, tweet_id LIMIT $1",
+                &[&(MAX_LIKES as i64)],
+            )
+            .await?;
+        let mut pools = Pools {
             users: users.iter().rev().map(|r| (r.get(0), r.get(1))).collect(),
             tweets: tweets.iter().rev().map(|r| r.get(0)).collect(),
-        })
+            ..Pools::default()
+        };
+        pools.add_likes(likes.iter().rev().map(|r| Like {
+            user_id: r.get(0),
+            tweet_id: r.get(1),
+        }));
+        Ok(pools)
+    }
+
+    pub fn has_like(&self, like: &Like) -> bool {
+        self.like_set.contains(like)
+    }
+
+    fn add_likes(&mut self, likes: impl IntoIterator<Item = Like>) {
+        for like in likes {
+            if self.like_set.insert(like) {
+                self.likes.push_back(like);
+            }
+        }
+        while self.likes.len() > MAX_LIKES {
+            let old = self.likes.pop_front().expect("not empty");
+            self.like_set.remove(&old);
+        }
     }
 
     pub fn user_ids(&self) -> Vec<i64> {
@@ -63,9 +97,13 @@ impl Pools {
                 .map(|u| (u.id, u.username.clone())),
         );
         self.tweets.extend(&outcome.tweets_inserted);
+        self.add_likes(outcome.likes_inserted.iter().copied());
         if !outcome.tweets_deleted.is_empty() {
-            self.tweets
-                .retain(|id| !outcome.tweets_deleted.contains(id));
+            let gone: HashSet<i64> = outcome.tweets_deleted.iter().copied().collect();
+            self.tweets.retain(|id| !gone.contains(id));
+            // The likes went with their tweets (ON DELETE CASCADE).
+            self.likes.retain(|l| !gone.contains(&l.tweet_id));
+            self.like_set.retain(|l| !gone.contains(&l.tweet_id));
         }
         while self.tweets.len() > MAX_TWEETS {
             self.tweets.pop_front();

@@ -47,25 +47,6 @@ async fn superuser() -> tokio_postgres::Client {
     client
 }
 
-/// (inserts, updates, deletes) so far, per table, from PostgreSQL's own
-/// statistics.
-async fn activity(c: &tokio_postgres::Client) -> Vec<(String, i64, i64, i64)> {
-    // Statistics are sent by backends asynchronously; ask for a fresh view.
-    c.batch_execute("SELECT pg_stat_clear_snapshot()")
-        .await
-        .unwrap();
-    c.query(
-        "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables \
-         WHERE relname IN ('users', 'tweets', 'likes') ORDER BY relname",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-    .collect()
-}
-
 fn no_stop() -> watch::Receiver<bool> {
     // The sender is leaked on purpose: dropping it would read as "stop".
     let (tx, rx) = watch::channel(false);
@@ -97,64 +78,90 @@ async fn schema_applies_twice() {
     assert_eq!(pubtables, 3);
 }
 
-#[tokio::test]
-async fn bounded_run_inserts_updates_and_deletes_with_valid_keys() {
-    let _shared = STACK.read().await;
-    let su = superuser().await;
-    let before = activity(&su).await;
-    let summary = run(
-        &config(),
-        Limits {
-            batches: Some(6),
-            duration: None,
-        },
-        None,
-        no_stop(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(summary.batches, 6);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let after = activity(&su).await;
-    let delta = |i: usize, f: fn(&(String, i64, i64, i64)) -> i64| f(&after[i]) - f(&before[i]);
-    // Rows are ordered likes, tweets, users.
-    assert!(
-        delta(2, |r| r.1) >= 6,
-        "users inserted: {before:?} -> {after:?}"
-    );
-    assert!(delta(1, |r| r.1) >= 30, "tweets inserted");
-    assert!(delta(0, |r| r.1) > 0, "likes inserted");
-    assert!(delta(1, |r| r.2) > 0, "tweets updated");
-    assert!(delta(2, |r| r.2) > 0, "users updated");
-    assert!(delta(1, |r| r.3) > 0, "tweets deleted");
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
 
-    let orphans: i64 = su
+/// Inserts and deletes per table since the database was created, from
+/// PostgreSQL's statistics (flushed when the generator's backend exits).
+async fn stat(c: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    let r = c
         .query_one(
-            "SELECT (SELECT count(*) FROM tweets t LEFT JOIN users u ON u.id = t.user_id WHERE u.id IS NULL) \
-                  + (SELECT count(*) FROM tweets t LEFT JOIN tweets p ON p.id = t.reply_to_id \
-                     WHERE t.reply_to_id IS NOT NULL AND p.id IS NULL) \
-                  + (SELECT count(*) FROM likes l LEFT JOIN tweets t ON t.id = l.tweet_id WHERE t.id IS NULL)",
-            &[],
+            "SELECT n_tup_ins, n_tup_del FROM pg_stat_user_tables WHERE relname = $1",
+            &[&table],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// N batches of the default mix in an empty database: exactly N ledger rows
+/// and, per table, the rows the mix implies. Batch 1 has no authors yet and
+/// batch 2 no tweets to like, delete or edit (a batch only refers to rows
+/// committed before it).
+#[tokio::test]
+async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
+    let _shared = STACK.read().await;
+    let (db, su) = fresh_db("counts").await;
+    let cfg = config_for(&db, 3);
+    let w = cfg.workload.clone();
+    let n = 8i64;
+    let summary = run(&cfg, batches(n as u64), None, no_stop()).await.unwrap();
+    assert_eq!(
+        ledger(&su, summary.run_id).await,
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert_eq!(count(&su, "SELECT count(*) FROM tweetgen_batches").await, n);
+
+    let users = i64::from(w.new_users) * n;
+    let tweets = i64::from(w.new_tweets) * (n - 1) - i64::from(w.tweet_deletes) * (n - 2);
+    assert_eq!(count(&su, "SELECT count(*) FROM users").await, users);
+    assert_eq!(count(&su, "SELECT count(*) FROM tweets").await, tweets);
+    // Likes: the configured number of new likes per batch; those on deleted
+    // tweets went with them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (likes_in, likes_out) = stat(&su, "likes").await;
+    assert_eq!(likes_in, i64::from(w.likes) * (n - 2));
+    assert_eq!(
+        count(&su, "SELECT count(*) FROM likes").await,
+        likes_in - likes_out
+    );
+    assert_eq!(
+        stat(&su, "tweets").await.1,
+        i64::from(w.tweet_deletes) * (n - 2)
+    );
+
+    let orphans = count(
+        &su,
+        "SELECT (SELECT count(*) FROM tweets t LEFT JOIN users u ON u.id = t.user_id WHERE u.id IS NULL) \
+              + (SELECT count(*) FROM tweets t LEFT JOIN tweets p ON p.id = t.reply_to_id \
+                 WHERE t.reply_to_id IS NOT NULL AND p.id IS NULL) \
+              + (SELECT count(*) FROM likes l LEFT JOIN tweets t ON t.id = l.tweet_id WHERE t.id IS NULL)",
+    )
+    .await;
     assert_eq!(orphans, 0, "every foreign key points at a row");
-    let (replies, tagged, toasted): (i64, i64, i64) = {
-        let r = su
-            .query_one(
-                "SELECT (SELECT count(*) FROM tweets WHERE reply_to_id IS NOT NULL), \
-                        (SELECT count(*) FROM tweets WHERE cardinality(hashtags) > 0), \
-                        (SELECT count(*) FROM users WHERE length(bio) > 2000)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1), r.get(2))
-    };
+    let replies = count(
+        &su,
+        "SELECT count(*) FROM tweets WHERE reply_to_id IS NOT NULL",
+    )
+    .await;
+    let tagged = count(
+        &su,
+        "SELECT count(*) FROM tweets WHERE cardinality(hashtags) > 0",
+    )
+    .await;
+    let edited = count(
+        &su,
+        "SELECT count(*) FROM tweets WHERE edited_at IS NOT NULL OR like_count > 0",
+    )
+    .await;
+    let toasted = count(&su, "SELECT count(*) FROM users WHERE length(bio) > 2000").await;
     assert!(
-        replies > 0 && tagged > 0 && toasted > 0,
-        "{replies} {tagged} {toasted}"
+        replies > 0 && tagged > 0 && edited > 0 && toasted > 0,
+        "{replies} {tagged} {edited} {toasted}"
     );
 }
 
