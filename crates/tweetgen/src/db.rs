@@ -20,7 +20,8 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::config::DatabaseConfig;
 use crate::model::{NewTweet, NewUser, ProfileEdit, TweetEdit};
-use crate::plan::{BatchPlan, Like};
+use crate::plan::BatchPlan;
+use crate::pools::{Committed, Follow, Like, TweetEntry, UserEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -162,10 +163,16 @@ pub type CommitHook =
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub users_inserted: Vec<InsertedUser>,
+    /// In the order of the plan's tweets.
     pub tweets_inserted: Vec<i64>,
     pub tweets_deleted: Vec<i64>,
-    /// The likes PostgreSQL stored (one that already existed is skipped).
+    pub users_deleted: Vec<i64>,
+    /// The likes and follows PostgreSQL stored (one that already existed
+    /// is skipped) or removed.
     pub likes_inserted: Vec<Like>,
+    pub likes_deleted: Vec<Like>,
+    pub follows_inserted: Vec<Follow>,
+    pub follows_deleted: Vec<Follow>,
     pub tweets_updated: u64,
     pub users_updated: u64,
 }
@@ -177,11 +184,58 @@ pub struct InsertedUser {
 }
 
 impl BatchOutcome {
+    /// Rows written directly (cascades and trigger updates not counted).
     pub fn rows(&self) -> u64 {
-        (self.users_inserted.len() + self.tweets_inserted.len() + self.tweets_deleted.len()) as u64
-            + self.likes_inserted.len() as u64
+        (self.users_inserted.len()
+            + self.tweets_inserted.len()
+            + self.tweets_deleted.len()
+            + self.users_deleted.len()
+            + self.likes_inserted.len()
+            + self.likes_deleted.len()
+            + self.follows_inserted.len()
+            + self.follows_deleted.len()) as u64
             + self.tweets_updated
             + self.users_updated
+    }
+
+    /// What the pools learn from this outcome of `plan`.
+    pub fn committed(&self, plan: &BatchPlan) -> Committed {
+        let users = self
+            .users_inserted
+            .iter()
+            .filter_map(|u| {
+                let p = plan.users.iter().find(|p| p.user.username == u.username)?;
+                Some(UserEntry::new(
+                    u.id,
+                    u.username.clone(),
+                    p.user.lang,
+                    p.fame,
+                    p.activity,
+                ))
+            })
+            .collect();
+        let tweets = plan
+            .tweets
+            .iter()
+            .zip(&self.tweets_inserted)
+            .filter(|(t, _)| t.retweet_of_id.is_none())
+            .map(|(t, id)| TweetEntry {
+                id: *id,
+                author: t.user_id,
+                body: t.body.clone(),
+                lang: t.lang,
+            })
+            .collect();
+        Committed {
+            users,
+            tweets,
+            likes: self.likes_inserted.clone(),
+            unlikes: self.likes_deleted.clone(),
+            follows: self.follows_inserted.clone(),
+            unfollows: self.follows_deleted.clone(),
+            tweets_deleted: self.tweets_deleted.clone(),
+            users_deleted: self.users_deleted.clone(),
+        }
     }
 }
 
@@ -264,16 +318,54 @@ async fn stage(
     plan: &BatchPlan,
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
     insert_ledger(tx, run_id, plan.batch_no).await?;
+    let users: Vec<NewUser> = plan.users.iter().map(|p| p.user.clone()).collect();
     let mut out = BatchOutcome {
-        users_inserted: insert_users(tx, &plan.users).await?,
+        users_inserted: insert_users(tx, &users).await?,
         tweets_inserted: insert_tweets(tx, &plan.tweets).await?,
         ..BatchOutcome::default()
     };
-    let like_pairs: Vec<(i64, i64)> = plan.likes.iter().map(|l| (l.user_id, l.tweet_id)).collect();
-    out.likes_inserted = insert_pairs(tx, "likes", &["user_id", "tweet_id"], &like_pairs)
+    let pairs: Vec<(i64, i64)> = plan.likes.iter().map(|l| (l.user_id, l.tweet_id)).collect();
+    out.likes_inserted = insert_pairs(tx, "likes", &["user_id", "tweet_id"], &pairs)
         .await?
         .into_iter()
         .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
+        .collect();
+    let pairs: Vec<(i64, i64)> = plan
+        .unlikes
+        .iter()
+        .map(|l| (l.user_id, l.tweet_id))
+        .collect();
+    out.likes_deleted = delete_pairs(tx, "likes", &["user_id", "tweet_id"], &pairs)
+        .await?
+        .into_iter()
+        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
+        .collect();
+    let follow_columns = ["follower_id", "followee_id"];
+    let pairs: Vec<(i64, i64)> = plan
+        .follows
+        .iter()
+        .map(|f| (f.follower_id, f.followee_id))
+        .collect();
+    out.follows_inserted = insert_pairs(tx, "follows", &follow_columns, &pairs)
+        .await?
+        .into_iter()
+        .map(|(follower_id, followee_id)| Follow {
+            follower_id,
+            followee_id,
+        })
+        .collect();
+    let pairs: Vec<(i64, i64)> = plan
+        .unfollows
+        .iter()
+        .map(|f| (f.follower_id, f.followee_id))
+        .collect();
+    out.follows_deleted = delete_pairs(tx, "follows", &follow_columns, &pairs)
+        .await?
+        .into_iter()
+        .map(|(follower_id, followee_id)| Follow {
+            follower_id,
+            followee_id,
+        })
         .collect();
 
     for edit in &plan.tweet_edits {
@@ -297,14 +389,10 @@ async fn stage(
     }
     for edit in &plan.profile_edits {
         out.users_updated += match &edit.edit {
-            ProfileEdit::Counters {
-                followers_delta,
-                reputation,
-            } => {
+            ProfileEdit::Reputation(reputation) => {
                 tx.execute(
-                    "UPDATE users SET followers_count = greatest(followers_count + $2, 0), \
-                     reputation = $3, updated_at = now() WHERE id = $1",
-                    &[&edit.user_id, followers_delta, reputation],
+                    "UPDATE users SET reputation = $2, updated_at = now() WHERE id = $1",
+                    &[&edit.user_id, reputation],
                 )
                 .await?
             }
@@ -317,6 +405,7 @@ async fn stage(
             }
         };
     }
+    // Deletes last: what they cascade to includes rows of this batch.
     if !plan.tweet_deletes.is_empty() {
         let rows = tx
             .query(
@@ -326,7 +415,15 @@ async fn stage(
             .await?;
         out.tweets_deleted = rows.iter().map(|r| r.get(0)).collect();
     }
-
+    if !plan.user_deletes.is_empty() {
+        let rows = tx
+            .query(
+                "DELETE FROM users WHERE id = ANY($1) RETURNING id",
+                &[&plan.user_deletes],
+            )
+            .await?;
+        out.users_deleted = rows.iter().map(|r| r.get(0)).collect();
+    }
     Ok(out)
 }
 
@@ -369,6 +466,8 @@ pub fn multi_row_insert(table: &str, columns: &[&str], rows: usize, suffix: &str
     sql
 }
 
+/// `followers_count` and `following_count` are left to the trigger on
+/// `follows`.
 pub const USER_COLUMNS: &[&str] = &[
     "username",
     "display_name",
@@ -377,13 +476,14 @@ pub const USER_COLUMNS: &[&str] = &[
     "location",
     "lang",
     "verified",
-    "followers_count",
     "reputation",
 ];
 
 pub const TWEET_COLUMNS: &[&str] = &[
     "user_id",
     "reply_to_id",
+    "retweet_of_id",
+    "quote_of_id",
     "body",
     "lang",
     "hashtags",
@@ -394,10 +494,12 @@ pub const TWEET_COLUMNS: &[&str] = &[
 ];
 
 /// A tweet's values in [`TWEET_COLUMNS`] order, for INSERT and COPY alike.
-pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 9] {
+pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 11] {
     [
         &t.user_id,
         &t.reply_to_id,
+        &t.retweet_of_id,
+        &t.quote_of_id,
         &t.body,
         &t.lang,
         &t.hashtags,
@@ -405,6 +507,20 @@ pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 9] {
         &t.sensitive,
         &t.latitude,
         &t.longitude,
+    ]
+}
+
+/// A user's values in [`USER_COLUMNS`] order, for INSERT and COPY alike.
+pub fn user_params(u: &NewUser) -> [&(dyn ToSql + Sync); 8] {
+    [
+        &u.username,
+        &u.display_name,
+        &u.email,
+        &u.bio,
+        &u.location,
+        &u.lang,
+        &u.verified,
+        &u.reputation,
     ]
 }
 
@@ -422,20 +538,7 @@ pub async fn insert_users(
         users.len(),
         "ON CONFLICT (username) DO NOTHING RETURNING id, username",
     );
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(users.len() * 9);
-    for u in users {
-        params.extend_from_slice(&[
-            &u.username,
-            &u.display_name,
-            &u.email,
-            &u.bio,
-            &u.location,
-            &u.lang,
-            &u.verified,
-            &u.followers_count,
-            &u.reputation,
-        ]);
-    }
+    let params: Vec<&(dyn ToSql + Sync)> = users.iter().flat_map(user_params).collect();
     let rows = tx.query(&sql, &params).await?;
     Ok(rows
         .iter()
@@ -480,6 +583,26 @@ async fn insert_pairs(
         .flat_map(|(a, b)| [a as &(dyn ToSql + Sync), b as &(dyn ToSql + Sync)])
         .collect();
     let rows = tx.query(&sql, &params).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Deletes rows by their two bigint key columns and returns those deleted.
+async fn delete_pairs(
+    tx: &Transaction<'_>,
+    table: &str,
+    columns: &[&str; 2],
+    pairs: &[(i64, i64)],
+) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (a, b): (Vec<i64>, Vec<i64>) = pairs.iter().copied().unzip();
+    let [ca, cb] = columns;
+    let sql = format!(
+        "DELETE FROM {table} WHERE ({ca}, {cb}) IN \
+         (SELECT * FROM unnest($1::bigint[], $2::bigint[])) RETURNING {ca}, {cb}"
+    );
+    let rows = tx.query(&sql, &[&a, &b]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 

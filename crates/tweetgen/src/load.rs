@@ -1,25 +1,36 @@
-//! Load mode: bulk tweets at a target rate, for benchmarking the pipeline.
+//! Load mode: bulk rows into every table at a target rate, for
+//! benchmarking the pipeline.
 //!
-//! Each chunk is one transaction written with binary `COPY` or a multi-row
-//! `INSERT` ([`LoadMethod`]); the README has the measured rates of both.
+//! Each chunk is one transaction (with its ledger row, like a batch) of new
+//! users, tweets, likes and follows, chosen as in the normal mode. Tweets go
+//! in with binary `COPY` or multi-row `INSERT` ([`LoadMethod`]); likes and
+//! follows are copied into a temporary table first so that a pair that
+//! already exists is skipped rather than failing the COPY; users, a small
+//! share, always use `INSERT .. ON CONFLICT` for the same reason.
 
+use std::collections::HashSet;
 use std::pin::pin;
 
-use tokio_postgres::Client;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
 
-use crate::config::LoadMethod;
+use crate::config::{LoadMethod, WorkloadConfig};
 use crate::db::{
-    InsertedUser, TWEET_COLUMNS, WriteFailure, commit, insert_ledger, insert_tweets, insert_users,
+    self, TWEET_COLUMNS, WriteFailure, commit, insert_ledger, insert_tweets, insert_users,
     tweet_params,
 };
-use crate::model::{NewTweet, NewUser};
+use crate::model::{Faker, NewTweet, NewUser};
+use crate::plan::{PlannedUser, new_follow, new_like, new_tweet, new_user};
+use crate::pools::{Committed, Follow, Like, Pools, TweetEntry, UserEntry};
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
 const MAX_INSERT_ROWS: usize = 65_535 / TWEET_COLUMNS.len();
+const MAX_PAIR_ROWS: usize = 65_535 / 2;
 
 const TWEET_TYPES: &[Type] = &[
+    Type::INT8,
+    Type::INT8,
     Type::INT8,
     Type::INT8,
     Type::VARCHAR,
@@ -31,72 +42,263 @@ const TWEET_TYPES: &[Type] = &[
     Type::NUMERIC,
 ];
 
-/// Writes `users` with ledger row `chunk_no` in one transaction.
-pub async fn write_users(
-    client: &mut Client,
-    run_id: i64,
-    chunk_no: i64,
-    users: &[NewUser],
-) -> Result<Vec<InsertedUser>, WriteFailure<Vec<InsertedUser>>> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(WriteFailure::before_commit)?;
-    let staged = async {
-        insert_ledger(&tx, run_id, chunk_no).await?;
-        insert_users(&tx, users).await
-    };
-    let inserted = staged.await.map_err(WriteFailure::before_commit)?;
-    commit(tx, inserted).await
+/// One chunk's rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadChunk {
+    pub users: Vec<PlannedUser>,
+    pub tweets: Vec<NewTweet>,
+    pub likes: Vec<Like>,
+    pub follows: Vec<Follow>,
 }
 
-/// Writes `tweets` with ledger row `chunk_no` in one transaction and
-/// returns how many rows were stored.
+impl LoadChunk {
+    pub fn rows(&self) -> usize {
+        self.users.len() + self.tweets.len() + self.likes.len() + self.follows.len()
+    }
+}
+
+/// About `rows` rows: 2 % users, 15 % follows, 25 % likes, the rest tweets
+/// (a mix like the normal mode's). With no users yet, only users.
+pub fn plan_chunk(
+    faker: &mut Faker,
+    pools: &Pools,
+    mix: &WorkloadConfig,
+    rows: usize,
+) -> LoadChunk {
+    let n_users = if pools.user_count() == 0 {
+        rows.max(1)
+    } else {
+        (rows / 50).max(1)
+    };
+    let mut chunk = LoadChunk {
+        users: (0..n_users)
+            .map(|_| new_user(faker, mix.popularity_alpha))
+            .collect(),
+        ..LoadChunk::default()
+    };
+    if pools.user_count() == 0 {
+        return chunk;
+    }
+    let n_follows = rows * 15 / 100;
+    let n_likes = if pools.tweet_count() > 0 { rows / 4 } else { 0 };
+    let n_tweets = rows.saturating_sub(n_users + n_follows + n_likes);
+    let mentionable: Vec<&str> = (0..16)
+        .filter_map(|_| pools.famous_user(faker).map(|u| u.username.as_str()))
+        .collect();
+    for _ in 0..n_tweets {
+        chunk
+            .tweets
+            .extend(new_tweet(faker, pools, mix, &mentionable));
+    }
+    let mut taken = HashSet::new();
+    for _ in 0..n_follows {
+        chunk.follows.extend(new_follow(faker, pools, &mut taken));
+    }
+    let mut taken = HashSet::new();
+    for _ in 0..n_likes {
+        chunk.likes.extend(new_like(faker, pools, &mut taken));
+    }
+    chunk
+}
+
+/// Writes `chunk` with ledger row `chunk_no` in one transaction and returns
+/// what it committed.
 pub async fn write_chunk(
     client: &mut Client,
     run_id: i64,
     chunk_no: i64,
     method: LoadMethod,
-    tweets: &[NewTweet],
-) -> Result<u64, WriteFailure<u64>> {
+    chunk: &LoadChunk,
+) -> Result<Committed, WriteFailure<Committed>> {
     let tx = client
         .transaction()
         .await
         .map_err(WriteFailure::before_commit)?;
-    let rows = stage(&tx, run_id, chunk_no, method, tweets)
+    let committed = stage(&tx, run_id, chunk_no, method, chunk)
         .await
         .map_err(WriteFailure::before_commit)?;
-    commit(tx, rows).await
+    commit(tx, committed).await
 }
 
 async fn stage(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
     run_id: i64,
     chunk_no: i64,
     method: LoadMethod,
-    tweets: &[NewTweet],
-) -> Result<u64, tokio_postgres::Error> {
+    chunk: &LoadChunk,
+) -> Result<Committed, tokio_postgres::Error> {
     insert_ledger(tx, run_id, chunk_no).await?;
-    let rows = match method {
-        LoadMethod::Copy => {
-            let sql = format!(
-                "COPY tweets ({}) FROM STDIN (FORMAT binary)",
-                TWEET_COLUMNS.join(", ")
-            );
-            let sink = tx.copy_in(&sql).await?;
-            let mut writer = pin!(BinaryCopyInWriter::new(sink, TWEET_TYPES));
-            for t in tweets {
-                writer.as_mut().write(&tweet_params(t)).await?;
-            }
-            writer.finish().await?
+    let mut out = Committed::default();
+    let new_users: Vec<NewUser> = chunk.users.iter().map(|p| p.user.clone()).collect();
+    for part in new_users.chunks(65_535 / db::USER_COLUMNS.len()) {
+        for u in insert_users(tx, part).await? {
+            let p = chunk
+                .users
+                .iter()
+                .find(|p| p.user.username == u.username)
+                .expect("inserted users were planned");
+            out.users.push(UserEntry::new(
+                u.id,
+                u.username,
+                p.user.lang,
+                p.fame,
+                p.activity,
+            ));
         }
+    }
+    out.tweets = match method {
+        LoadMethod::Copy => copy_tweets(tx, &chunk.tweets).await?,
         LoadMethod::Insert => {
-            let mut n = 0;
-            for part in tweets.chunks(MAX_INSERT_ROWS) {
-                n += insert_tweets(tx, part).await?.len() as u64;
+            let mut ids = Vec::with_capacity(chunk.tweets.len());
+            for part in chunk.tweets.chunks(MAX_INSERT_ROWS) {
+                ids.extend(insert_tweets(tx, part).await?);
             }
-            n
+            chunk
+                .tweets
+                .iter()
+                .zip(ids)
+                .filter(|(t, _)| t.retweet_of_id.is_none())
+                .map(|(t, id)| TweetEntry {
+                    id,
+                    author: t.user_id,
+                    body: t.body.clone(),
+                    lang: t.lang,
+                })
+                .collect()
         }
     };
-    Ok(rows)
+    let likes: Vec<(i64, i64)> = chunk
+        .likes
+        .iter()
+        .map(|l| (l.user_id, l.tweet_id))
+        .collect();
+    out.likes = load_pairs(tx, method, "likes", ["user_id", "tweet_id"], &likes)
+        .await?
+        .into_iter()
+        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
+        .collect();
+    let follows: Vec<(i64, i64)> = chunk
+        .follows
+        .iter()
+        .map(|f| (f.follower_id, f.followee_id))
+        .collect();
+    out.follows = load_pairs(
+        tx,
+        method,
+        "follows",
+        ["follower_id", "followee_id"],
+        &follows,
+    )
+    .await?
+    .into_iter()
+    .map(|(follower_id, followee_id)| Follow {
+        follower_id,
+        followee_id,
+    })
+    .collect();
+    Ok(out)
+}
+
+/// COPY returns no ids: read the new tweets back (by id above the highest
+/// before the COPY; this transaction sees its own rows).
+async fn copy_tweets(
+    tx: &Transaction<'_>,
+    tweets: &[NewTweet],
+) -> Result<Vec<TweetEntry>, tokio_postgres::Error> {
+    if tweets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let before: i64 = tx
+        .query_one("SELECT coalesce(max(id), 0) FROM tweets", &[])
+        .await?
+        .get(0);
+    let sql = format!(
+        "COPY tweets ({}) FROM STDIN (FORMAT binary)",
+        TWEET_COLUMNS.join(", ")
+    );
+    let sink = tx.copy_in(&sql).await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, TWEET_TYPES));
+    for t in tweets {
+        writer.as_mut().write(&tweet_params(t)).await?;
+    }
+    writer.finish().await?;
+    let rows = tx
+        .query(
+            "SELECT id, user_id, body, lang FROM tweets \
+             WHERE id > $1 AND retweet_of_id IS NULL ORDER BY id",
+            &[&before],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let lang: String = r.get(3);
+            TweetEntry {
+                id: r.get(0),
+                author: r.get(1),
+                body: r.get(2),
+                lang: crate::text::lang_code(&lang),
+            }
+        })
+        .collect())
+}
+
+/// Inserts pairs into `table`, skipping existing ones; returns those stored.
+async fn load_pairs(
+    tx: &Transaction<'_>,
+    method: LoadMethod,
+    table: &str,
+    [a, b]: [&str; 2],
+    pairs: &[(i64, i64)],
+) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = match method {
+        LoadMethod::Copy => {
+            tx.batch_execute(
+                "SET LOCAL client_min_messages = warning; \
+                 CREATE TEMP TABLE IF NOT EXISTS load_pairs (a bigint, b bigint) ON COMMIT DELETE ROWS; \
+                 TRUNCATE load_pairs",
+            )
+            .await?;
+            let sink = tx
+                .copy_in("COPY load_pairs (a, b) FROM STDIN (FORMAT binary)")
+                .await?;
+            let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::INT8, Type::INT8]));
+            for (x, y) in pairs {
+                writer
+                    .as_mut()
+                    .write(&[x as &(dyn ToSql + Sync), y])
+                    .await?;
+            }
+            writer.finish().await?;
+            tx.query(
+                &format!(
+                    "INSERT INTO {table} ({a}, {b}) SELECT a, b FROM load_pairs \
+                     ON CONFLICT DO NOTHING RETURNING {a}, {b}"
+                ),
+                &[],
+            )
+            .await?
+        }
+        LoadMethod::Insert => {
+            let mut rows = Vec::new();
+            for part in pairs.chunks(MAX_PAIR_ROWS) {
+                let sql = db::multi_row_insert(
+                    table,
+                    &[a, b],
+                    part.len(),
+                    &format!("ON CONFLICT DO NOTHING RETURNING {a}, {b}"),
+                );
+                let params: Vec<&(dyn ToSql + Sync)> = part
+                    .iter()
+                    .flat_map(|(x, y)| [x as &(dyn ToSql + Sync), y as &(dyn ToSql + Sync)])
+                    .collect();
+                rows.extend(tx.query(&sql, &params).await?);
+            }
+            rows
+        }
+    };
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

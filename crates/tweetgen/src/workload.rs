@@ -13,6 +13,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use chrono::Timelike;
+
 use backon::RetryableWithContext;
 use secrecy::SecretString;
 use tokio::sync::watch;
@@ -21,13 +23,11 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::config::{Config, ConfigError, LoadMethod};
-use crate::db::{
-    self, BatchOutcome, CommitHook, DbError, InsertedUser, WriteFailure, is_retryable,
-};
-use crate::load;
-use crate::model::{Faker, NewTweet, NewUser};
+use crate::db::{self, BatchOutcome, CommitHook, DbError, WriteFailure, is_retryable};
+use crate::load::{self, LoadChunk};
+use crate::model::Faker;
 use crate::plan::{self, BatchPlan};
-use crate::pools::Pools;
+use crate::pools::{Committed, Pools};
 
 /// Consecutive failed attempts at one batch before the run gives up.
 const MAX_ATTEMPTS: usize = 20;
@@ -273,48 +273,26 @@ impl Job for BatchJob<'_> {
     }
 }
 
-struct UsersJob<'p> {
-    run_id: i64,
-    chunk_no: i64,
-    users: &'p [NewUser],
-}
-
-impl Job for UsersJob<'_> {
-    type Output = Vec<InsertedUser>;
-    fn write<'c>(
-        &'c self,
-        client: &'c mut Client,
-        _: u32,
-    ) -> BoxFuture<'c, Result<Self::Output, WriteFailure<Self::Output>>> {
-        Box::pin(load::write_users(
-            client,
-            self.run_id,
-            self.chunk_no,
-            self.users,
-        ))
-    }
-}
-
-struct ChunkJob<'p> {
+struct LoadJob<'p> {
     run_id: i64,
     chunk_no: i64,
     method: LoadMethod,
-    tweets: &'p [NewTweet],
+    chunk: &'p LoadChunk,
 }
 
-impl Job for ChunkJob<'_> {
-    type Output = u64;
+impl Job for LoadJob<'_> {
+    type Output = Committed;
     fn write<'c>(
         &'c self,
         client: &'c mut Client,
         _: u32,
-    ) -> BoxFuture<'c, Result<u64, WriteFailure<u64>>> {
+    ) -> BoxFuture<'c, Result<Committed, WriteFailure<Committed>>> {
         Box::pin(load::write_chunk(
             client,
             self.run_id,
             self.chunk_no,
             self.method,
-            self.tweets,
+            self.chunk,
         ))
     }
 }
@@ -466,7 +444,14 @@ async fn run_batches(
             _ = ticker.tick() => {}
         }
         let batch_no = summary.batches as i64 + 1;
-        let plan = plan::plan(faker, pools, &mix, batch_no);
+        let rate = if mix.diurnal_amplitude > 0.0 {
+            let now = chrono::Utc::now();
+            let hour = f64::from(now.hour()) + f64::from(now.minute()) / 60.0;
+            plan::diurnal_factor(mix.diurnal_amplitude, hour)
+        } else {
+            1.0
+        };
+        let plan = plan::plan(faker, pools, &mix, batch_no, rate);
         let hook = options.before_commit.as_ref();
         let run_id = summary.run_id;
         let job = BatchJob {
@@ -475,7 +460,7 @@ async fn run_batches(
             hook,
         };
         let (outcome, ambiguous) = commit_once(session, run_id, batch_no, &job).await?;
-        pools.apply(&outcome);
+        pools.apply(&outcome.committed(&plan));
         summary.batches += 1;
         summary.rows += outcome.rows();
         summary.ambiguous_commits += u64::from(ambiguous);
@@ -498,53 +483,36 @@ async fn run_load(
     started: Instant,
 ) -> Result<(), RunError> {
     let load = session.config.load.clone();
+    let mix = session.config.workload.clone();
     let run_id = summary.run_id;
     let shutdown = session.shutdown.clone();
-    // Tweets need authors: seed a thousand users once if the table is empty.
-    // This is chunk 1 of the run's ledger.
-    if pools.user_ids().is_empty() {
-        let users: Vec<_> = (0..1000).map(|_| faker.user()).collect();
-        let job = UsersJob {
-            run_id,
-            chunk_no: 1,
-            users: &users,
-        };
-        let (inserted, _) = commit_once(session, run_id, 1, &job).await?;
-        pools.add_users(inserted.into_iter().map(|u| (u.id, u.username)));
-        summary.batches += 1;
-        summary.rows += users.len() as u64;
-    }
-    let authors = pools.user_ids();
-    let names: Vec<String> = pools.usernames().iter().map(|s| s.to_string()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let parents = pools.tweet_ids();
     // At a set rate, ten chunks a second keep the pacing smooth.
-    let chunk = match rate {
+    let chunk_rows = match rate {
         0 => load.chunk_rows as u64,
         r => (r / 10).clamp(1, load.chunk_rows as u64),
-    };
+    } as usize;
     let mut last_report = Instant::now();
     while !done(&limits, summary, started) && !*shutdown.borrow() {
-        let tweets: Vec<_> = (0..chunk)
-            .map(|_| {
-                let author = faker.pick(&authors).expect("authors seeded");
-                let parent = if faker.chance(0.2) {
-                    faker.pick(&parents)
-                } else {
-                    None
-                };
-                faker.tweet(author, parent, &names)
-            })
-            .collect();
+        // Before any user exists, a first chunk of users only.
+        let rows = if pools.user_count() == 0 {
+            chunk_rows.clamp(100, 1000)
+        } else {
+            chunk_rows
+        };
+        let chunk = load::plan_chunk(faker, pools, &mix, rows);
         let chunk_no = summary.batches as i64 + 1;
-        let job = ChunkJob {
+        let job = LoadJob {
             run_id,
             chunk_no,
             method: load.method,
-            tweets: &tweets,
+            chunk: &chunk,
         };
-        let (n, ambiguous) = commit_once(session, run_id, chunk_no, &job).await?;
-        summary.rows += n;
+        let (committed, ambiguous) = commit_once(session, run_id, chunk_no, &job).await?;
+        summary.rows += (committed.users.len()
+            + chunk.tweets.len()
+            + committed.likes.len()
+            + committed.follows.len()) as u64;
+        pools.apply(&committed);
         summary.batches += 1;
         summary.ambiguous_commits += u64::from(ambiguous);
         if rate > 0 {

@@ -75,40 +75,48 @@ async fn schema_applies_twice() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(pubtables, 3);
+    assert_eq!(pubtables, 4);
 }
 
 async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Inserts and deletes per table since the database was created, from
-/// PostgreSQL's statistics (flushed when the generator's backend exits).
-async fn stat(c: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+/// Rows inserted and deleted per table since the database was created,
+/// from PostgreSQL's statistics: cascades count as deletes.
+async fn stats(c: &tokio_postgres::Client) -> std::collections::BTreeMap<String, (i64, i64)> {
     c.batch_execute("SELECT pg_stat_clear_snapshot()")
         .await
         .unwrap();
-    let r = c
-        .query_one(
-            "SELECT n_tup_ins, n_tup_del FROM pg_stat_user_tables WHERE relname = $1",
-            &[&table],
-        )
-        .await
-        .unwrap();
-    (r.get(0), r.get(1))
+    c.query(
+        "SELECT relname::text, n_tup_ins, n_tup_del FROM pg_stat_user_tables",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .collect()
 }
 
-/// N batches of the default mix in an empty database: exactly N ledger rows
-/// and, per table, the rows the mix implies. Batch 1 has no authors yet and
-/// batch 2 no tweets to like, delete or edit (a batch only refers to rows
-/// committed before it).
+/// Users whose follower or following count disagrees with `follows`.
+const COUNTS_OFF: &str = "SELECT count(*) FROM users u WHERE \
+    followers_count <> (SELECT count(*) FROM follows WHERE followee_id = u.id) \
+    OR following_count <> (SELECT count(*) FROM follows WHERE follower_id = u.id)";
+
+/// N batches of the default mix (more users per batch, so that early
+/// batches find enough unused pairs) in an empty database: exactly N ledger
+/// rows and, per table, the inserts the mix implies. A batch only refers to
+/// rows committed before it: batch 1 writes users only, batch 2 has no
+/// tweets to like yet.
 #[tokio::test]
 async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
     let _shared = STACK.read().await;
     let (db, su) = fresh_db("counts").await;
-    let cfg = config_for(&db, 3);
+    let mut cfg = config_for(&db, 3);
+    cfg.workload.new_users = 20;
     let w = cfg.workload.clone();
-    let n = 8i64;
+    let n = 12i64;
     let summary = run(&cfg, batches(n as u64), None, no_stop()).await.unwrap();
     assert_eq!(
         ledger(&su, summary.run_id).await,
@@ -116,53 +124,145 @@ async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
     );
     assert_eq!(count(&su, "SELECT count(*) FROM tweetgen_batches").await, n);
 
-    let users = i64::from(w.new_users) * n;
-    let tweets = i64::from(w.new_tweets) * (n - 1) - i64::from(w.tweet_deletes) * (n - 2);
-    assert_eq!(count(&su, "SELECT count(*) FROM users").await, users);
-    assert_eq!(count(&su, "SELECT count(*) FROM tweets").await, tweets);
-    // Likes: the configured number of new likes per batch; those on deleted
-    // tweets went with them.
+    // The generator's backend has exited, so its statistics are flushed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (likes_in, likes_out) = stat(&su, "likes").await;
-    assert_eq!(likes_in, i64::from(w.likes) * (n - 2));
-    assert_eq!(
-        count(&su, "SELECT count(*) FROM likes").await,
-        likes_in - likes_out
-    );
-    assert_eq!(
-        stat(&su, "tweets").await.1,
-        i64::from(w.tweet_deletes) * (n - 2)
-    );
+    let stats = stats(&su).await;
+    let inserted = |t: &str| stats[t].0;
+    let per = |k: u32, batches: i64| i64::from(k) * batches;
+    assert_eq!(inserted("users"), per(w.new_users, n));
+    assert_eq!(inserted("tweets"), per(w.new_tweets, n - 1));
+    assert_eq!(inserted("follows"), per(w.follows, n - 1));
+    assert_eq!(inserted("likes"), per(w.likes, n - 2));
+    let user_deletes = n / i64::from(w.user_delete_every);
+    assert_eq!(stats["users"].1, user_deletes);
+    for table in ["users", "tweets", "likes", "follows"] {
+        let (ins, del) = stats[table];
+        let live = count(&su, &format!("SELECT count(*) FROM {table}")).await;
+        assert_eq!(live, ins - del, "{table}: {ins} inserted, {del} deleted");
+    }
+    // Unlikes and unfollows happened beyond what cascades removed.
+    assert!(stats["likes"].1 >= per(w.unlikes, n - 3));
+    assert!(stats["follows"].1 >= per(w.unfollows, n - 2));
 
+    assert_eq!(
+        count(&su, COUNTS_OFF).await,
+        0,
+        "counters agree with follows"
+    );
     let orphans = count(
         &su,
         "SELECT (SELECT count(*) FROM tweets t LEFT JOIN users u ON u.id = t.user_id WHERE u.id IS NULL) \
               + (SELECT count(*) FROM tweets t LEFT JOIN tweets p ON p.id = t.reply_to_id \
                  WHERE t.reply_to_id IS NOT NULL AND p.id IS NULL) \
-              + (SELECT count(*) FROM likes l LEFT JOIN tweets t ON t.id = l.tweet_id WHERE t.id IS NULL)",
+              + (SELECT count(*) FROM likes l LEFT JOIN tweets t ON t.id = l.tweet_id WHERE t.id IS NULL) \
+              + (SELECT count(*) FROM follows f LEFT JOIN users u ON u.id = f.followee_id WHERE u.id IS NULL)",
     )
     .await;
     assert_eq!(orphans, 0, "every foreign key points at a row");
-    let replies = count(
+    for (what, sql) in [
+        (
+            "replies",
+            "SELECT count(*) FROM tweets WHERE reply_to_id IS NOT NULL",
+        ),
+        (
+            "thread posts",
+            "SELECT count(*) FROM tweets t JOIN tweets p ON p.id = t.reply_to_id WHERE p.user_id = t.user_id",
+        ),
+        (
+            "retweets",
+            "SELECT count(*) FROM tweets WHERE retweet_of_id IS NOT NULL",
+        ),
+        (
+            "quotes",
+            "SELECT count(*) FROM tweets WHERE quote_of_id IS NOT NULL",
+        ),
+        (
+            "hashtags",
+            "SELECT count(*) FROM tweets WHERE cardinality(hashtags) > 0",
+        ),
+        (
+            "edits",
+            "SELECT count(*) FROM tweets WHERE edited_at IS NOT NULL OR like_count > 0",
+        ),
+        (
+            "TOASTed bios",
+            "SELECT count(*) FROM users WHERE length(bio) > 2000",
+        ),
+        (
+            "geo tags",
+            "SELECT count(*) FROM tweets WHERE latitude IS NOT NULL",
+        ),
+        ("languages", "SELECT count(DISTINCT lang) - 4 FROM tweets"),
+    ] {
+        assert!(count(&su, sql).await > 0, "no {what}");
+    }
+    // Text matches its tag: Japanese has kana, Arabic its script.
+    let mislabelled = count(
         &su,
-        "SELECT count(*) FROM tweets WHERE reply_to_id IS NOT NULL",
+        "SELECT count(*) FROM tweets WHERE (lang = 'ja' AND body !~ '[ぁ-んァ-ン]') \
+         OR (lang = 'ar' AND body !~ '[ء-ي]') OR body ~* 'lorem|ipsum'",
     )
     .await;
-    let tagged = count(
-        &su,
-        "SELECT count(*) FROM tweets WHERE cardinality(hashtags) > 0",
-    )
-    .await;
-    let edited = count(
-        &su,
-        "SELECT count(*) FROM tweets WHERE edited_at IS NOT NULL OR like_count > 0",
-    )
-    .await;
-    let toasted = count(&su, "SELECT count(*) FROM users WHERE length(bio) > 2000").await;
-    assert!(
-        replies > 0 && tagged > 0 && edited > 0 && toasted > 0,
-        "{replies} {tagged} {edited} {toasted}"
-    );
+    assert_eq!(mislabelled, 0);
+}
+
+/// Two runs with one seed, each in an empty database, write identical rows,
+/// ids included; another seed writes other rows.
+#[tokio::test]
+async fn same_seed_writes_identical_data() {
+    let _shared = STACK.read().await;
+    let mut dumps = Vec::new();
+    for (name, seed) in [("seed_a", 21), ("seed_b", 21), ("seed_c", 22)] {
+        let (db, su) = fresh_db(name).await;
+        run_clean(&db, seed, 15).await;
+        dumps.push(full_dump(&su).await);
+    }
+    assert!(dumps[0].len() > 300, "{} rows", dumps[0].len());
+    assert!(dumps[0] == dumps[1], "same seed, different data");
+    assert!(dumps[0] != dumps[2], "the seed has no effect");
+}
+
+/// Attention is heavy-tailed: the top 1 % of users receive at least 20 % of
+/// all follows and of all likes (uniform choice would give them about 1 %).
+#[tokio::test]
+async fn the_top_percent_of_users_get_a_fifth_of_follows_and_likes() {
+    let _shared = STACK.read().await;
+    let (db, su) = fresh_db("heavy_tail").await;
+    let mut cfg = config_for(&db, 5);
+    cfg.workload.new_users = 30;
+    cfg.workload.new_tweets = 40;
+    cfg.workload.follows = 60;
+    cfg.workload.likes = 80;
+    run(&cfg, batches(40), None, no_stop()).await.unwrap();
+    let users = count(&su, "SELECT count(*) FROM users").await;
+    let top = (users / 100).max(1);
+    for (what, per_user) in [
+        (
+            "follows",
+            "SELECT followee_id AS u, count(*) AS n FROM follows GROUP BY 1",
+        ),
+        (
+            "likes",
+            "SELECT t.user_id AS u, count(*) AS n FROM likes l JOIN tweets t ON t.id = l.tweet_id GROUP BY 1",
+        ),
+    ] {
+        let r = su
+            .query_one(
+                &format!(
+                    "SELECT (SELECT coalesce(sum(n), 0) FROM (SELECT n FROM ({per_user}) x \
+                     ORDER BY n DESC LIMIT $1) y)::float8 / sum(n)::float8, sum(n) FROM ({per_user}) z"
+                ),
+                &[&top],
+            )
+            .await
+            .unwrap();
+        let (share, total): (f64, rust_decimal::Decimal) = (r.get(0), r.get(1));
+        assert!(
+            share >= 0.2,
+            "top {top} of {users} users receive {:.1} % of {total} {what}",
+            share * 100.0
+        );
+    }
 }
 
 #[tokio::test]
@@ -351,13 +451,16 @@ fn batches(n: u64) -> Limits {
 async fn logical_dump(c: &tokio_postgres::Client) -> Vec<String> {
     let queries = [
         "SELECT 'user', username, display_name, email, bio, location, lang, verified::text, \
-         followers_count::text, reputation::text FROM users",
+         followers_count::text, following_count::text, reputation::text FROM users",
         "SELECT 'tweet', u.username, t.body, t.lang, t.hashtags::text, t.mentions::text, \
          t.like_count::text, t.retweet_count::text, t.sensitive::text, t.latitude::text, \
-         t.longitude::text, p.body FROM tweets t JOIN users u ON u.id = t.user_id \
-         LEFT JOIN tweets p ON p.id = t.reply_to_id",
+         t.longitude::text, p.body, r.body, q.body FROM tweets t JOIN users u ON u.id = t.user_id \
+         LEFT JOIN tweets p ON p.id = t.reply_to_id LEFT JOIN tweets r ON r.id = t.retweet_of_id \
+         LEFT JOIN tweets q ON q.id = t.quote_of_id",
         "SELECT 'like', u.username, t.body FROM likes l JOIN users u ON u.id = l.user_id \
          JOIN tweets t ON t.id = l.tweet_id",
+        "SELECT 'follow', a.username, b.username FROM follows f \
+         JOIN users a ON a.id = f.follower_id JOIN users b ON b.id = f.followee_id",
     ];
     let mut rows = Vec::new();
     for q in queries {
@@ -369,6 +472,27 @@ async fn logical_dump(c: &tokio_postgres::Client) -> Vec<String> {
         }
     }
     rows.sort();
+    rows
+}
+
+/// Every row of every workload table with its ids, as text, in key order.
+async fn full_dump(c: &tokio_postgres::Client) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (table, key) in [
+        ("users", "id"),
+        ("tweets", "id"),
+        ("likes", "user_id, tweet_id"),
+        ("follows", "follower_id, followee_id"),
+    ] {
+        // Timestamps are the server's clock, not the generator's choice.
+        let sql = format!(
+            "SELECT (to_jsonb(x) - 'created_at' - 'updated_at' - 'edited_at')::text \
+             FROM {table} x ORDER BY {key}"
+        );
+        for r in c.query(&sql, &[]).await.unwrap() {
+            rows.push(format!("{table} {}", r.get::<_, String>(0)));
+        }
+    }
     rows
 }
 
