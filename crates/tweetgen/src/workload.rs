@@ -43,7 +43,7 @@ pub struct Limits {
 #[derive(Clone, Default)]
 pub struct RunOptions {
     pub limits: Limits,
-    /// Load mode: that many tweets per second (0 = as fast as possible).
+    /// Load mode: about that many rows per second (0 = as fast as possible).
     pub rate: Option<u64>,
     /// Test hook: called before each COMMIT of a batch.
     pub before_commit: Option<CommitHook>,
@@ -348,7 +348,7 @@ fn done(limits: &Limits, summary: &Summary, started: Instant) -> bool {
 }
 
 /// Runs the configured workload until a limit or shutdown. `rate` switches
-/// to load mode: that many tweets per second (0 = as fast as possible).
+/// to load mode: about that many rows per second (0 = as fast as possible).
 pub async fn run(
     config: &Config,
     limits: Limits,
