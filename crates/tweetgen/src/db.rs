@@ -21,7 +21,7 @@ use tokio_postgres::{Client, NoTls, Transaction};
 use crate::config::DatabaseConfig;
 use crate::model::{NewTweet, NewUser, ProfileEdit, TweetEdit};
 use crate::plan::BatchPlan;
-use crate::pools::{Committed, Follow, Like, TweetEntry, UserEntry};
+use crate::pools::{Committed, Edge, Follow, Like, TweetEntry, UserEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -324,49 +324,10 @@ async fn stage(
         tweets_inserted: insert_tweets(tx, &plan.tweets).await?,
         ..BatchOutcome::default()
     };
-    let pairs: Vec<(i64, i64)> = plan.likes.iter().map(|l| (l.user_id, l.tweet_id)).collect();
-    out.likes_inserted = insert_pairs(tx, "likes", &["user_id", "tweet_id"], &pairs)
-        .await?
-        .into_iter()
-        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
-        .collect();
-    let pairs: Vec<(i64, i64)> = plan
-        .unlikes
-        .iter()
-        .map(|l| (l.user_id, l.tweet_id))
-        .collect();
-    out.likes_deleted = delete_pairs(tx, "likes", &["user_id", "tweet_id"], &pairs)
-        .await?
-        .into_iter()
-        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
-        .collect();
-    let follow_columns = ["follower_id", "followee_id"];
-    let pairs: Vec<(i64, i64)> = plan
-        .follows
-        .iter()
-        .map(|f| (f.follower_id, f.followee_id))
-        .collect();
-    out.follows_inserted = insert_pairs(tx, "follows", &follow_columns, &pairs)
-        .await?
-        .into_iter()
-        .map(|(follower_id, followee_id)| Follow {
-            follower_id,
-            followee_id,
-        })
-        .collect();
-    let pairs: Vec<(i64, i64)> = plan
-        .unfollows
-        .iter()
-        .map(|f| (f.follower_id, f.followee_id))
-        .collect();
-    out.follows_deleted = delete_pairs(tx, "follows", &follow_columns, &pairs)
-        .await?
-        .into_iter()
-        .map(|(follower_id, followee_id)| Follow {
-            follower_id,
-            followee_id,
-        })
-        .collect();
+    out.likes_inserted = insert_edges(tx, &plan.likes).await?;
+    out.likes_deleted = delete_edges(tx, &plan.unlikes).await?;
+    out.follows_inserted = insert_edges(tx, &plan.follows).await?;
+    out.follows_deleted = delete_edges(tx, &plan.unfollows).await?;
 
     for edit in &plan.tweet_edits {
         out.tweets_updated += match &edit.edit {
@@ -562,48 +523,51 @@ pub async fn insert_tweets(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Inserts rows of two bigint columns, skipping those that already exist,
-/// and returns the rows inserted.
-async fn insert_pairs(
+/// Inserts likes or follows, skipping those that already exist, and
+/// returns those inserted.
+pub async fn insert_edges<E: Edge>(
     tx: &Transaction<'_>,
-    table: &str,
-    columns: &[&str; 2],
-    pairs: &[(i64, i64)],
-) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
-    if pairs.is_empty() {
+    edges: &[E],
+) -> Result<Vec<E>, tokio_postgres::Error> {
+    if edges.is_empty() {
         return Ok(Vec::new());
     }
-    let suffix = format!(
-        "ON CONFLICT DO NOTHING RETURNING {}, {}",
-        columns[0], columns[1]
-    );
-    let sql = multi_row_insert(table, columns, pairs.len(), &suffix);
-    let params: Vec<&(dyn ToSql + Sync)> = pairs
+    let [a, b] = E::COLUMNS;
+    let suffix = format!("ON CONFLICT DO NOTHING RETURNING {a}, {b}");
+    let sql = multi_row_insert(E::TABLE, &E::COLUMNS, edges.len(), &suffix);
+    let keys: Vec<[i64; 2]> = edges.iter().map(Edge::key).collect();
+    let params: Vec<&(dyn ToSql + Sync)> = keys
         .iter()
-        .flat_map(|(a, b)| [a as &(dyn ToSql + Sync), b as &(dyn ToSql + Sync)])
+        .flat_map(|[a, b]| [a as &(dyn ToSql + Sync), b as &(dyn ToSql + Sync)])
         .collect();
     let rows = tx.query(&sql, &params).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| E::from_key([r.get(0), r.get(1)]))
+        .collect())
 }
 
-/// Deletes rows by their two bigint key columns and returns those deleted.
-async fn delete_pairs(
+/// Deletes likes or follows and returns those that existed.
+async fn delete_edges<E: Edge>(
     tx: &Transaction<'_>,
-    table: &str,
-    columns: &[&str; 2],
-    pairs: &[(i64, i64)],
-) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
-    if pairs.is_empty() {
+    edges: &[E],
+) -> Result<Vec<E>, tokio_postgres::Error> {
+    if edges.is_empty() {
         return Ok(Vec::new());
     }
-    let (a, b): (Vec<i64>, Vec<i64>) = pairs.iter().copied().unzip();
-    let [ca, cb] = columns;
+    let firsts: Vec<i64> = edges.iter().map(|e| e.key()[0]).collect();
+    let seconds: Vec<i64> = edges.iter().map(|e| e.key()[1]).collect();
+    let [a, b] = E::COLUMNS;
     let sql = format!(
-        "DELETE FROM {table} WHERE ({ca}, {cb}) IN \
-         (SELECT * FROM unnest($1::bigint[], $2::bigint[])) RETURNING {ca}, {cb}"
+        "DELETE FROM {} WHERE ({a}, {b}) IN \
+         (SELECT * FROM unnest($1::bigint[], $2::bigint[])) RETURNING {a}, {b}",
+        E::TABLE
     );
-    let rows = tx.query(&sql, &[&a, &b]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let rows = tx.query(&sql, &[&firsts, &seconds]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| E::from_key([r.get(0), r.get(1)]))
+        .collect())
 }
 
 #[cfg(test)]

@@ -17,16 +17,16 @@ use tokio_postgres::{Client, Transaction};
 
 use crate::config::{LoadMethod, WorkloadConfig};
 use crate::db::{
-    self, TWEET_COLUMNS, WriteFailure, commit, insert_ledger, insert_tweets, insert_users,
-    tweet_params,
+    self, TWEET_COLUMNS, WriteFailure, commit, insert_edges, insert_ledger, insert_tweets,
+    insert_users, tweet_params,
 };
 use crate::model::{Faker, NewTweet, NewUser};
 use crate::plan::{PlannedUser, new_follow, new_like, new_tweet, new_user};
-use crate::pools::{Committed, Follow, Like, Pools, TweetEntry, UserEntry};
+use crate::pools::{Committed, Edge, Follow, Like, Pools, TweetEntry, UserEntry};
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
 const MAX_INSERT_ROWS: usize = 65_535 / TWEET_COLUMNS.len();
-const MAX_PAIR_ROWS: usize = 65_535 / 2;
+const MAX_EDGE_ROWS: usize = 65_535 / 2;
 
 const TWEET_TYPES: &[Type] = &[
     Type::INT8,
@@ -167,35 +167,8 @@ async fn stage(
                 .collect()
         }
     };
-    let likes: Vec<(i64, i64)> = chunk
-        .likes
-        .iter()
-        .map(|l| (l.user_id, l.tweet_id))
-        .collect();
-    out.likes = load_pairs(tx, method, "likes", ["user_id", "tweet_id"], &likes)
-        .await?
-        .into_iter()
-        .map(|(user_id, tweet_id)| Like { user_id, tweet_id })
-        .collect();
-    let follows: Vec<(i64, i64)> = chunk
-        .follows
-        .iter()
-        .map(|f| (f.follower_id, f.followee_id))
-        .collect();
-    out.follows = load_pairs(
-        tx,
-        method,
-        "follows",
-        ["follower_id", "followee_id"],
-        &follows,
-    )
-    .await?
-    .into_iter()
-    .map(|(follower_id, followee_id)| Follow {
-        follower_id,
-        followee_id,
-    })
-    .collect();
+    out.likes = load_edges(tx, method, &chunk.likes).await?;
+    out.follows = load_edges(tx, method, &chunk.follows).await?;
     Ok(out)
 }
 
@@ -243,62 +216,57 @@ async fn copy_tweets(
         .collect())
 }
 
-/// Inserts pairs into `table`, skipping existing ones; returns those stored.
-async fn load_pairs(
+/// Inserts likes or follows, skipping existing ones; returns those stored.
+async fn load_edges<E: Edge>(
     tx: &Transaction<'_>,
     method: LoadMethod,
-    table: &str,
-    [a, b]: [&str; 2],
-    pairs: &[(i64, i64)],
-) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
-    if pairs.is_empty() {
+    edges: &[E],
+) -> Result<Vec<E>, tokio_postgres::Error> {
+    if edges.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = match method {
+    match method {
         LoadMethod::Copy => {
             tx.batch_execute(
                 "SET LOCAL client_min_messages = warning; \
-                 CREATE TEMP TABLE IF NOT EXISTS load_pairs (a bigint, b bigint) ON COMMIT DELETE ROWS; \
-                 TRUNCATE load_pairs",
+                 CREATE TEMP TABLE IF NOT EXISTS load_edges (a bigint, b bigint) ON COMMIT DELETE ROWS; \
+                 TRUNCATE load_edges",
             )
             .await?;
             let sink = tx
-                .copy_in("COPY load_pairs (a, b) FROM STDIN (FORMAT binary)")
+                .copy_in("COPY load_edges (a, b) FROM STDIN (FORMAT binary)")
                 .await?;
             let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::INT8, Type::INT8]));
-            for (x, y) in pairs {
+            for e in edges {
+                let [a, b] = e.key();
                 writer
                     .as_mut()
-                    .write(&[x as &(dyn ToSql + Sync), y])
+                    .write(&[&a as &(dyn ToSql + Sync), &b])
                     .await?;
             }
             writer.finish().await?;
-            tx.query(
-                &format!(
-                    "INSERT INTO {table} ({a}, {b}) SELECT a, b FROM load_pairs \
-                     ON CONFLICT DO NOTHING RETURNING {a}, {b}"
-                ),
-                &[],
-            )
-            .await?
+            let [a, b] = E::COLUMNS;
+            let rows = tx
+                .query(
+                    &format!(
+                        "INSERT INTO {} ({a}, {b}) SELECT a, b FROM load_edges \
+                         ON CONFLICT DO NOTHING RETURNING {a}, {b}",
+                        E::TABLE
+                    ),
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| E::from_key([r.get(0), r.get(1)]))
+                .collect())
         }
         LoadMethod::Insert => {
-            let mut rows = Vec::new();
-            for part in pairs.chunks(MAX_PAIR_ROWS) {
-                let sql = db::multi_row_insert(
-                    table,
-                    &[a, b],
-                    part.len(),
-                    &format!("ON CONFLICT DO NOTHING RETURNING {a}, {b}"),
-                );
-                let params: Vec<&(dyn ToSql + Sync)> = part
-                    .iter()
-                    .flat_map(|(x, y)| [x as &(dyn ToSql + Sync), y as &(dyn ToSql + Sync)])
-                    .collect();
-                rows.extend(tx.query(&sql, &params).await?);
+            let mut stored = Vec::with_capacity(edges.len());
+            for part in edges.chunks(MAX_EDGE_ROWS) {
+                stored.extend(insert_edges(tx, part).await?);
             }
-            rows
+            Ok(stored)
         }
-    };
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
 }

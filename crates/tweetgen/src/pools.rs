@@ -36,6 +36,39 @@ pub struct Follow {
     pub followee_id: i64,
 }
 
+/// A row of `likes` or `follows`: a table keyed by two user/tweet ids.
+pub trait Edge: Copy + Send + Sync {
+    const TABLE: &'static str;
+    const COLUMNS: [&'static str; 2];
+    fn key(&self) -> [i64; 2];
+    fn from_key(key: [i64; 2]) -> Self;
+}
+
+impl Edge for Like {
+    const TABLE: &'static str = "likes";
+    const COLUMNS: [&'static str; 2] = ["user_id", "tweet_id"];
+    fn key(&self) -> [i64; 2] {
+        [self.user_id, self.tweet_id]
+    }
+    fn from_key([user_id, tweet_id]: [i64; 2]) -> Self {
+        Like { user_id, tweet_id }
+    }
+}
+
+impl Edge for Follow {
+    const TABLE: &'static str = "follows";
+    const COLUMNS: [&'static str; 2] = ["follower_id", "followee_id"];
+    fn key(&self) -> [i64; 2] {
+        [self.follower_id, self.followee_id]
+    }
+    fn from_key([follower_id, followee_id]: [i64; 2]) -> Self {
+        Follow {
+            follower_id,
+            followee_id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserEntry {
     pub id: i64,

@@ -180,13 +180,21 @@ where
     f
 }
 
-/// Why one attempt failed.
-#[derive(Debug, thiserror::Error)]
+/// Why one attempt failed. Internal: becomes a [`RunError`] when retrying
+/// ends.
+#[derive(Debug)]
 enum AttemptError {
-    #[error(transparent)]
     Connect(DbError),
-    #[error(transparent)]
     Pg(tokio_postgres::Error),
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(e) => e.fmt(f),
+            AttemptError::Pg(e) => e.fmt(f),
+        }
+    }
 }
 
 impl AttemptError {
@@ -297,6 +305,13 @@ impl Job for LoadJob<'_> {
     }
 }
 
+/// A transaction that committed.
+struct Landed<O> {
+    outcome: O,
+    /// A COMMIT went unanswered on the way and the ledger resolved it.
+    ambiguous: bool,
+}
+
 /// Runs `job` until it commits exactly once, retrying what can be retried.
 /// Returns its outcome and whether a COMMIT went unanswered on the way.
 async fn commit_once<'s, 'a, O: Send>(
@@ -304,7 +319,7 @@ async fn commit_once<'s, 'a, O: Send>(
     run_id: i64,
     batch_no: i64,
     job: &impl Job<Output = O>,
-) -> Result<(O, bool), RunError> {
+) -> Result<Landed<O>, RunError> {
     let attempts = Attempts {
         session,
         count: 0,
@@ -331,7 +346,10 @@ async fn commit_once<'s, 'a, O: Send>(
     })
     .await;
     match result {
-        Ok(outcome) => Ok((outcome, attempts.ambiguous)),
+        Ok(outcome) => Ok(Landed {
+            outcome,
+            ambiguous: attempts.ambiguous,
+        }),
         Err(AttemptError::Connect(e)) => Err(RunError::Db(e)),
         Err(AttemptError::Pg(source)) if is_retryable(&source) => Err(RunError::GaveUp {
             batch_no,
@@ -459,7 +477,7 @@ async fn run_batches(
             plan: &plan,
             hook,
         };
-        let (outcome, ambiguous) = commit_once(session, run_id, batch_no, &job).await?;
+        let Landed { outcome, ambiguous } = commit_once(session, run_id, batch_no, &job).await?;
         pools.apply(&outcome.committed(&plan));
         summary.batches += 1;
         summary.rows += outcome.rows();
@@ -507,7 +525,10 @@ async fn run_load(
             method: load.method,
             chunk: &chunk,
         };
-        let (committed, ambiguous) = commit_once(session, run_id, chunk_no, &job).await?;
+        let Landed {
+            outcome: committed,
+            ambiguous,
+        } = commit_once(session, run_id, chunk_no, &job).await?;
         summary.rows += (committed.users.len()
             + chunk.tweets.len()
             + committed.likes.len()

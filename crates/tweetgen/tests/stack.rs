@@ -84,7 +84,13 @@ async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
 
 /// Rows inserted and deleted per table since the database was created,
 /// from PostgreSQL's statistics: cascades count as deletes.
-async fn stats(c: &tokio_postgres::Client) -> std::collections::BTreeMap<String, (i64, i64)> {
+#[derive(Debug, Clone, Copy)]
+struct TableStats {
+    inserted: i64,
+    deleted: i64,
+}
+
+async fn stats(c: &tokio_postgres::Client) -> std::collections::BTreeMap<String, TableStats> {
     c.batch_execute("SELECT pg_stat_clear_snapshot()")
         .await
         .unwrap();
@@ -95,7 +101,13 @@ async fn stats(c: &tokio_postgres::Client) -> std::collections::BTreeMap<String,
     .await
     .unwrap()
     .iter()
-    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .map(|r| {
+        let stats = TableStats {
+            inserted: r.get(1),
+            deleted: r.get(2),
+        };
+        (r.get(0), stats)
+    })
     .collect()
 }
 
@@ -112,7 +124,7 @@ const COUNTS_OFF: &str = "SELECT count(*) FROM users u WHERE \
 #[tokio::test]
 async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
     let _shared = STACK.read().await;
-    let (db, su) = fresh_db("counts").await;
+    let TestDb { name: db, su } = fresh_db("counts").await;
     let mut cfg = config_for(&db, 3);
     cfg.workload.new_users = 20;
     let w = cfg.workload.clone();
@@ -127,22 +139,25 @@ async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
     // The generator's backend has exited, so its statistics are flushed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stats = stats(&su).await;
-    let inserted = |t: &str| stats[t].0;
+    let inserted = |t: &str| stats[t].inserted;
     let per = |k: u32, batches: i64| i64::from(k) * batches;
     assert_eq!(inserted("users"), per(w.new_users, n));
     assert_eq!(inserted("tweets"), per(w.new_tweets, n - 1));
     assert_eq!(inserted("follows"), per(w.follows, n - 1));
     assert_eq!(inserted("likes"), per(w.likes, n - 2));
     let user_deletes = n / i64::from(w.user_delete_every);
-    assert_eq!(stats["users"].1, user_deletes);
+    assert_eq!(stats["users"].deleted, user_deletes);
     for table in ["users", "tweets", "likes", "follows"] {
-        let (ins, del) = stats[table];
+        let TableStats {
+            inserted: ins,
+            deleted: del,
+        } = stats[table];
         let live = count(&su, &format!("SELECT count(*) FROM {table}")).await;
         assert_eq!(live, ins - del, "{table}: {ins} inserted, {del} deleted");
     }
     // Unlikes and unfollows happened beyond what cascades removed.
-    assert!(stats["likes"].1 >= per(w.unlikes, n - 3));
-    assert!(stats["follows"].1 >= per(w.unfollows, n - 2));
+    assert!(stats["likes"].deleted >= per(w.unlikes, n - 3));
+    assert!(stats["follows"].deleted >= per(w.unfollows, n - 2));
 
     assert_eq!(
         count(&su, COUNTS_OFF).await,
@@ -213,7 +228,7 @@ async fn same_seed_writes_identical_data() {
     let _shared = STACK.read().await;
     let mut dumps = Vec::new();
     for (name, seed) in [("seed_a", 21), ("seed_b", 21), ("seed_c", 22)] {
-        let (db, su) = fresh_db(name).await;
+        let TestDb { name: db, su } = fresh_db(name).await;
         run_clean(&db, seed, 15).await;
         dumps.push(full_dump(&su).await);
     }
@@ -227,7 +242,7 @@ async fn same_seed_writes_identical_data() {
 #[tokio::test]
 async fn the_top_percent_of_users_get_a_fifth_of_follows_and_likes() {
     let _shared = STACK.read().await;
-    let (db, su) = fresh_db("heavy_tail").await;
+    let TestDb { name: db, su } = fresh_db("heavy_tail").await;
     let mut cfg = config_for(&db, 5);
     cfg.workload.new_users = 30;
     cfg.workload.new_tweets = 40;
@@ -400,8 +415,14 @@ async fn ledger(c: &tokio_postgres::Client, run_id: i64) -> Vec<i64> {
 
 /// A brand-new database `tweetgen_test_<name>` with the project's schema and
 /// grants, so a test knows every row in it and none of its tests' runs
-/// interfere. Returns a superuser connection to it.
-async fn fresh_db(name: &str) -> (String, tokio_postgres::Client) {
+/// interfere.
+struct TestDb {
+    name: String,
+    /// Superuser connection to it.
+    su: tokio_postgres::Client,
+}
+
+async fn fresh_db(name: &str) -> TestDb {
     let db = format!("tweetgen_test_{name}");
     let su = superuser().await;
     // Two statements: a multi-statement string runs as one transaction.
@@ -427,7 +448,10 @@ async fn fresh_db(name: &str) -> (String, tokio_postgres::Client) {
             .await
             .unwrap_or_else(|e| panic!("{f}: {e}"));
     }
-    (db, client)
+    TestDb {
+        name: db,
+        su: client,
+    }
 }
 
 fn config_for(db: &str, seed: u64) -> Config {
@@ -518,14 +542,25 @@ fn pause_before_commit(
     (hook, rx)
 }
 
-async fn backend_state(su: &tokio_postgres::Client, pid: i32) -> Option<(String, bool)> {
+/// What `pg_stat_activity` says of a backend.
+#[derive(Debug, PartialEq)]
+struct Backend {
+    state: String,
+    /// It has written in its current transaction.
+    has_xid: bool,
+}
+
+async fn backend(su: &tokio_postgres::Client, pid: i32) -> Option<Backend> {
     su.query_opt(
         "SELECT state, backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = $1",
         &[&pid],
     )
     .await
     .unwrap()
-    .map(|r| (r.get(0), r.get(1)))
+    .map(|r| Backend {
+        state: r.get(0),
+        has_xid: r.get(1),
+    })
 }
 
 async fn run_clean(db: &str, seed: u64, n: u64) -> Summary {
@@ -540,7 +575,7 @@ async fn run_clean(db: &str, seed: u64, n: u64) -> Summary {
 #[tokio::test]
 async fn commit_cut_by_terminating_the_backend_writes_the_batch_once() {
     let _shared = STACK.read().await;
-    let (db, su) = fresh_db("cut_commit").await;
+    let TestDb { name: db, su } = fresh_db("cut_commit").await;
     let (hook, mut paused) = pause_before_commit(3);
     let cfg = config_for(&db, 7);
     let generator = tokio::spawn(async move {
@@ -559,8 +594,11 @@ async fn commit_cut_by_terminating_the_backend_writes_the_batch_once() {
     // whole batch (it holds a transaction id) and waits for the next command,
     // which is COMMIT; nothing of batch 3 is visible yet.
     assert_eq!(
-        backend_state(&su, at.backend_pid).await,
-        Some(("idle in transaction".into(), true))
+        backend(&su, at.backend_pid).await,
+        Some(Backend {
+            state: "idle in transaction".into(),
+            has_xid: true
+        })
     );
     assert_eq!(ledger(&su, at.run_id).await, vec![1, 2]);
     let killed: bool = su
@@ -585,7 +623,10 @@ async fn commit_cut_by_terminating_the_backend_writes_the_batch_once() {
     );
     assert!(summary.reconnects >= 1);
 
-    let (clean_db, clean) = fresh_db("cut_commit_clean").await;
+    let TestDb {
+        name: clean_db,
+        su: clean,
+    } = fresh_db("cut_commit_clean").await;
     run_clean(&clean_db, 7, 6).await;
     assert_eq!(logical_dump(&su).await, logical_dump(&clean).await);
 }
@@ -660,7 +701,7 @@ impl Proxy {
 async fn commit_acknowledgement_lost_is_resolved_by_the_ledger() {
     use std::sync::atomic::Ordering;
     let _shared = STACK.read().await;
-    let (db, su) = fresh_db("lost_ack").await;
+    let TestDb { name: db, su } = fresh_db("lost_ack").await;
     let proxy = Proxy::start().await;
     let (hook, mut paused) = pause_before_commit(3);
     let mut cfg = config_for(&db, 11);
@@ -689,7 +730,7 @@ async fn commit_acknowledgement_lost_is_resolved_by_the_ledger() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        backend_state(&su, at.backend_pid).await.map(|s| s.0),
+        backend(&su, at.backend_pid).await.map(|b| b.state),
         Some("idle".to_string()),
         "the backend finished COMMIT and is out of the transaction"
     );
@@ -706,7 +747,10 @@ async fn commit_acknowledgement_lost_is_resolved_by_the_ledger() {
     );
     assert_eq!(summary.ambiguous_commits, 1);
 
-    let (clean_db, clean) = fresh_db("lost_ack_clean").await;
+    let TestDb {
+        name: clean_db,
+        su: clean,
+    } = fresh_db("lost_ack_clean").await;
     run_clean(&clean_db, 11, 6).await;
     assert_eq!(logical_dump(&su).await, logical_dump(&clean).await);
 }
@@ -761,7 +805,7 @@ async fn only_connection_and_serialization_errors_are_retryable() {
 #[tokio::test]
 async fn a_permanent_error_exits_non_zero_with_a_clear_error() {
     let _shared = STACK.read().await;
-    let (db, su) = fresh_db("permanent").await;
+    let TestDb { name: db, su } = fresh_db("permanent").await;
     su.batch_execute("REVOKE INSERT ON users FROM tweetgen")
         .await
         .unwrap();
