@@ -8,5 +8,5 @@
 --           create the publication, which 003 creates instead.
 GRANT CONNECT ON DATABASE twitter TO tweetgen, debezium;
 GRANT USAGE ON SCHEMA public TO tweetgen, debezium;
-GRANT SELECT, INSERT, UPDATE, DELETE ON users, tweets, likes TO tweetgen;
-GRANT SELECT ON users, tweets, likes TO debezium;
+GRANT SELECT, INSERT, UPDATE, DELETE ON users, tweets, likes, follows, tweetgen_batches TO tweetgen;
+GRANT SELECT ON users, tweets, likes, follows TO debezium;

@@ -4,9 +4,9 @@
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'twitter_cdc') THEN
-        CREATE PUBLICATION twitter_cdc FOR TABLE users, tweets, likes;
+        CREATE PUBLICATION twitter_cdc FOR TABLE users, tweets, likes, follows;
     ELSE
-        ALTER PUBLICATION twitter_cdc SET TABLE users, tweets, likes;
+        ALTER PUBLICATION twitter_cdc SET TABLE users, tweets, likes, follows;
     END IF;
 END
 $$;

@@ -47,7 +47,7 @@ pub struct Cli {
     /// Stop after this long, e.g. `30s` or `10m`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Load mode: this many tweets per second (0 = as fast as possible).
+    /// Load mode: about this many rows per second across all tables (0 = as fast as possible).
     #[arg(long)]
     pub rate: Option<u64>,
     /// How load mode writes rows.

@@ -50,18 +50,44 @@ pub struct DatabaseConfig {
 }
 
 /// The mix of one batch. Each tick writes one batch in one transaction.
+/// Counts are rows per batch; a batch only refers to rows committed before
+/// it, so the first batches write fewer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkloadConfig {
     pub interval_ms: u64,
     pub new_users: u32,
+    /// New tweets, retweets and quotes included.
     pub new_tweets: u32,
-    /// Share of new tweets that reply to an existing tweet, 0..=1.
+    /// Share of new tweets that reply to someone else's tweet, 0..=1.
     pub reply_ratio: f64,
+    /// Share of new tweets that continue the author's own last tweet.
+    pub thread_ratio: f64,
+    /// Share of new tweets that are retweets.
+    pub retweet_ratio: f64,
+    /// Share of new tweets that quote another tweet.
+    pub quote_ratio: f64,
     pub likes: u32,
+    pub unlikes: u32,
+    pub follows: u32,
+    pub unfollows: u32,
+    /// Like and retweet counter bumps and body edits of existing tweets.
     pub counter_updates: u32,
     pub profile_edits: u32,
     pub tweet_deletes: u32,
+    /// Delete one user every this many batches (0: never).
+    pub user_delete_every: u32,
+    /// Tail index of the Pareto popularity of users: smaller is more
+    /// unequal. 1.1 gives the top 1 % of users about half the attention.
+    pub popularity_alpha: f64,
+    /// Chance per batch that a hashtag starts trending, 0..=1.
+    pub trend_chance: f64,
+    /// How many batches a trend lasts.
+    pub trend_batches: u32,
+    /// Daily swing of the batch sizes, 0..1: 0.5 makes batches 1.5x the
+    /// configured size at 15:00 UTC and 0.5x at 03:00 UTC. 0 is off; on,
+    /// a seeded run depends on the time of day.
+    pub diurnal_amplitude: f64,
     /// Share of new users whose bio is long enough to be TOASTed, 0..=1.
     pub long_bio_ratio: f64,
     pub seed: Option<u64>,
@@ -74,7 +100,7 @@ pub enum LoadMethod {
     Insert,
 }
 
-/// Load mode, for benchmarks: bulk tweets at a target rate.
+/// Load mode, for benchmarks: bulk rows into every table at a target rate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoadConfig {
@@ -99,11 +125,22 @@ impl Default for Config {
                 interval_ms: 5000,
                 new_users: 3,
                 new_tweets: 10,
-                reply_ratio: 0.3,
+                reply_ratio: 0.25,
+                thread_ratio: 0.1,
+                retweet_ratio: 0.15,
+                quote_ratio: 0.05,
                 likes: 15,
+                unlikes: 1,
+                follows: 8,
+                unfollows: 1,
                 counter_updates: 5,
                 profile_edits: 2,
                 tweet_deletes: 1,
+                user_delete_every: 5,
+                popularity_alpha: 1.1,
+                trend_chance: 0.05,
+                trend_batches: 20,
+                diurnal_amplitude: 0.0,
                 long_bio_ratio: 0.1,
                 seed: None,
             },
@@ -158,18 +195,43 @@ impl Config {
         if w.interval_ms == 0 {
             return invalid("workload.interval_ms", "must be greater than 0");
         }
-        if !(0.0..=1.0).contains(&w.reply_ratio) {
-            return invalid("workload.reply_ratio", "must be between 0 and 1");
+        for (key, value) in [
+            ("workload.reply_ratio", w.reply_ratio),
+            ("workload.thread_ratio", w.thread_ratio),
+            ("workload.retweet_ratio", w.retweet_ratio),
+            ("workload.quote_ratio", w.quote_ratio),
+            ("workload.trend_chance", w.trend_chance),
+            ("workload.long_bio_ratio", w.long_bio_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return invalid(key, "must be between 0 and 1");
+            }
         }
-        if !(0.0..=1.0).contains(&w.long_bio_ratio) {
-            return invalid("workload.long_bio_ratio", "must be between 0 and 1");
+        if w.reply_ratio + w.thread_ratio + w.retweet_ratio + w.quote_ratio > 1.0 {
+            return invalid(
+                "workload.reply_ratio",
+                "plus thread_ratio, retweet_ratio and quote_ratio must not exceed 1",
+            );
+        }
+        if !(0.0..1.0).contains(&w.diurnal_amplitude) {
+            return invalid(
+                "workload.diurnal_amplitude",
+                "must be at least 0 and below 1",
+            );
+        }
+        if !(w.popularity_alpha > 0.0 && w.popularity_alpha.is_finite()) {
+            return invalid("workload.popularity_alpha", "must be greater than 0");
         }
         if w.new_users
             + w.new_tweets
             + w.likes
+            + w.unlikes
+            + w.follows
+            + w.unfollows
             + w.counter_updates
             + w.profile_edits
             + w.tweet_deletes
+            + w.user_delete_every
             == 0
         {
             return invalid("workload", "every batch size is 0: nothing to write");
@@ -259,6 +321,17 @@ mod tests {
         c.workload.reply_ratio = 1.5;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("workload.reply_ratio"), "{err}");
+    }
+
+    #[test]
+    fn ratios_that_add_up_past_one_are_named() {
+        let mut c = Config::default();
+        c.workload.retweet_ratio = 0.9;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("workload.reply_ratio") && err.contains("retweet_ratio"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,22 +1,27 @@
-//! PostgreSQL access: connecting with retry, and writing one batch of the
-//! workload in one transaction.
+//! PostgreSQL access: connecting, classifying errors, and writing one
+//! planned batch in one transaction together with its ledger row.
 //!
-//! [`connect`] retries unreachable servers with backoff but fails at once on
-//! a rejected password. [`write_batch`] either commits the whole batch or
-//! nothing, and reports what it did as [`BatchOutcome`] so the caller updates
-//! its id pools only after the commit.
+//! [`connect`] retries an unreachable server with capped backoff until
+//! `connect_timeout_secs`, but fails at once on a rejected password.
+//! [`write_batch`] commits a whole [`BatchPlan`] or nothing; [`batch_committed`]
+//! answers, after a connection was lost during COMMIT, whether it landed.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use crate::config::{DatabaseConfig, WorkloadConfig};
-use crate::model::{Faker, NewTweet, NewUser, ProfileEdit, TweetEdit};
-use crate::pools::Pools;
+use crate::config::DatabaseConfig;
+use crate::model::{NewTweet, NewUser, ProfileEdit, TweetEdit};
+use crate::plan::BatchPlan;
+use crate::pools::{Committed, Edge, Follow, Like, TweetEntry, UserEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -41,20 +46,35 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
-/// True for errors after which reconnecting and retrying the batch is right:
-/// the connection broke, or the server is shutting down or starting.
-pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+/// Backoff between attempts: 200 ms doubling to at most 5 s, with jitter so
+/// that several generators do not reconnect in lockstep.
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+}
+
+/// True only when retrying the same work can succeed: the connection broke
+/// (socket error, server shutting down or starting, SQLSTATE class 08), or
+/// the server aborted the transaction for a serialization conflict or a
+/// deadlock. Everything else (a constraint, a type or encoding error on our
+/// side, a permission) would fail again the same way.
+pub fn is_retryable(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
     }
     match err.code() {
-        // No SQLSTATE: an I/O or protocol failure on our side of the socket.
-        None => true,
+        // No SQLSTATE: only an I/O failure of the socket is connection-level;
+        // client-side errors (encoding a parameter, say) are not.
+        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
         Some(code) => {
             code.code().starts_with("08")
                 || *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
         }
     }
 }
@@ -66,8 +86,8 @@ fn is_auth_failure(err: &tokio_postgres::Error) -> bool {
     )
 }
 
-/// Connects, retrying with exponential backoff (capped at 5 s) for up to
-/// `connect_timeout_secs`. Returns early on shutdown or bad credentials.
+/// Connects, retrying with [`backoff`] until `connect_timeout_secs` have
+/// passed. Returns early on shutdown or bad credentials.
 pub async fn connect(
     cfg: &DatabaseConfig,
     password: Option<&SecretString>,
@@ -84,185 +104,304 @@ pub async fn connect(
         pg.password(pw.expose_secret());
     }
     let addr = format!("{}:{}", cfg.host, cfg.port);
+    let deadline = Duration::from_secs(cfg.connect_timeout_secs);
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match pg.connect(NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::warn!(error = %err, "PostgreSQL connection closed");
-                    }
-                });
-                tracing::info!(%addr, db = %cfg.dbname, user = %cfg.user, "connected to PostgreSQL");
-                return Ok(client);
-            }
-            Err(err) if is_auth_failure(&err) => {
-                return Err(DbError::Auth {
-                    user: cfg.user.clone(),
-                    source: err,
-                });
-            }
-            Err(err) => {
-                if started.elapsed() >= Duration::from_secs(cfg.connect_timeout_secs) {
-                    return Err(DbError::Unreachable {
-                        addr,
-                        secs: cfg.connect_timeout_secs,
-                        source: err,
-                    });
+    let attempt = || pg.connect(NoTls);
+    let connecting = attempt
+        .retry(backoff().without_max_times())
+        // A wall-clock deadline rather than a sum of sleeps: each attempt
+        // itself can take up to the 5 s connect timeout.
+        .when(|err| !is_auth_failure(err) && started.elapsed() < deadline)
+        .notify(|err, wait| {
+            tracing::warn!(%addr, error = %err, retry_in_ms = wait.as_millis() as u64,
+                "PostgreSQL unreachable, retrying");
+        });
+    let result = tokio::select! {
+        r = connecting => r,
+        _ = shutdown.wait_for(|stop| *stop) => return Err(DbError::Shutdown),
+    };
+    match result {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::warn!(error = %err, "PostgreSQL connection closed");
                 }
-                tracing::warn!(%addr, error = %err, retry_in_ms = backoff.as_millis() as u64,
-                    "PostgreSQL unreachable, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return Err(DbError::Shutdown),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            });
+            tracing::info!(%addr, db = %cfg.dbname, user = %cfg.user, "connected to PostgreSQL");
+            Ok(client)
         }
+        Err(err) if is_auth_failure(&err) => Err(DbError::Auth {
+            user: cfg.user.clone(),
+            source: err,
+        }),
+        Err(err) => Err(DbError::Unreachable {
+            addr,
+            secs: cfg.connect_timeout_secs,
+            source: err,
+        }),
     }
 }
 
-/// What one committed batch did, by table and operation.
+/// Where a batch stands when [`CommitHook`] is called.
+#[derive(Debug, Clone, Copy)]
+pub struct BeforeCommit {
+    pub run_id: i64,
+    pub batch_no: i64,
+    /// 1 for the first attempt at this batch.
+    pub attempt: u32,
+    /// The server process running the transaction, for `pg_terminate_backend`.
+    pub backend_pid: i32,
+}
+
+/// Called with every statement of a batch executed and COMMIT not yet sent.
+/// Tests use it to cut the connection at exactly that point.
+pub type CommitHook =
+    Arc<dyn Fn(BeforeCommit) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What one committed batch did, by table and operation. The ids are what
+/// PostgreSQL assigned, so later batches can refer to these rows.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
-    pub users_inserted: Vec<(i64, String)>,
+    pub users_inserted: Vec<InsertedUser>,
+    /// In the order of the plan's tweets.
     pub tweets_inserted: Vec<i64>,
     pub tweets_deleted: Vec<i64>,
-    pub likes_inserted: u64,
+    pub users_deleted: Vec<i64>,
+    /// The likes and follows PostgreSQL stored (one that already existed
+    /// is skipped) or removed.
+    pub likes_inserted: Vec<Like>,
+    pub likes_deleted: Vec<Like>,
+    pub follows_inserted: Vec<Follow>,
+    pub follows_deleted: Vec<Follow>,
     pub tweets_updated: u64,
     pub users_updated: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertedUser {
+    pub id: i64,
+    pub username: String,
+}
+
 impl BatchOutcome {
+    /// Rows written directly (cascades and trigger updates not counted).
     pub fn rows(&self) -> u64 {
-        (self.users_inserted.len() + self.tweets_inserted.len() + self.tweets_deleted.len()) as u64
-            + self.likes_inserted
+        (self.users_inserted.len()
+            + self.tweets_inserted.len()
+            + self.tweets_deleted.len()
+            + self.users_deleted.len()
+            + self.likes_inserted.len()
+            + self.likes_deleted.len()
+            + self.follows_inserted.len()
+            + self.follows_deleted.len()) as u64
             + self.tweets_updated
             + self.users_updated
     }
+
+    /// What the pools learn from this outcome of `plan`.
+    pub fn committed(&self, plan: &BatchPlan) -> Committed {
+        let users = self
+            .users_inserted
+            .iter()
+            .filter_map(|u| {
+                let p = plan.users.iter().find(|p| p.user.username == u.username)?;
+                Some(UserEntry::new(
+                    u.id,
+                    u.username.clone(),
+                    p.user.lang,
+                    p.fame,
+                    p.activity,
+                ))
+            })
+            .collect();
+        let tweets = plan
+            .tweets
+            .iter()
+            .zip(&self.tweets_inserted)
+            .filter(|(t, _)| t.retweet_of_id.is_none())
+            .map(|(t, id)| TweetEntry {
+                id: *id,
+                author: t.user_id,
+                body: t.body.clone(),
+                lang: t.lang,
+            })
+            .collect();
+        Committed {
+            users,
+            tweets,
+            likes: self.likes_inserted.clone(),
+            unlikes: self.likes_deleted.clone(),
+            follows: self.follows_inserted.clone(),
+            unfollows: self.follows_deleted.clone(),
+            tweets_deleted: self.tweets_deleted.clone(),
+            users_deleted: self.users_deleted.clone(),
+        }
+    }
 }
 
-/// Writes one batch of the configured mix in one transaction. Nothing is
-/// visible to Debezium unless everything is.
+/// A failed transaction of the workload.
+#[derive(Debug)]
+pub struct WriteFailure<O> {
+    pub error: tokio_postgres::Error,
+    /// Set when the error came from COMMIT itself: the server may or may not
+    /// have committed, and this is what the transaction wrote if it did.
+    pub commit_sent: Option<O>,
+}
+
+impl<O> WriteFailure<O> {
+    /// For errors before COMMIT was sent: nothing was committed.
+    pub fn before_commit(error: tokio_postgres::Error) -> Self {
+        WriteFailure {
+            error,
+            commit_sent: None,
+        }
+    }
+}
+
+/// Commits `tx`, whose writes are described by `out`.
+pub async fn commit<O>(tx: Transaction<'_>, out: O) -> Result<O, WriteFailure<O>> {
+    match tx.commit().await {
+        Ok(()) => Ok(out),
+        Err(error) => Err(WriteFailure {
+            error,
+            commit_sent: Some(out),
+        }),
+    }
+}
+
+/// Writes the ledger row of batch `batch_no`: first in every transaction,
+/// so that two writers of the same batch collide at once.
+pub async fn insert_ledger(
+    tx: &Transaction<'_>,
+    run_id: i64,
+    batch_no: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO tweetgen_batches (run_id, batch_no) VALUES ($1, $2)",
+        &[&run_id, &batch_no],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes `plan` and its ledger row in one transaction. Nothing is visible
+/// to Debezium unless everything is.
 pub async fn write_batch(
     client: &mut Client,
-    faker: &mut Faker,
-    pools: &Pools,
-    mix: &WorkloadConfig,
+    run_id: i64,
+    plan: &BatchPlan,
+    hook: Option<(&CommitHook, u32)>,
+) -> Result<BatchOutcome, WriteFailure<BatchOutcome>> {
+    let before_commit = WriteFailure::before_commit;
+    let tx = client.transaction().await.map_err(before_commit)?;
+    let out = stage(&tx, run_id, plan).await.map_err(before_commit)?;
+    if let Some((hook, attempt)) = hook {
+        let backend_pid: i32 = tx
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(before_commit)?
+            .get(0);
+        hook(BeforeCommit {
+            run_id,
+            batch_no: plan.batch_no,
+            attempt,
+            backend_pid,
+        })
+        .await;
+    }
+    commit(tx, out).await
+}
+
+async fn stage(
+    tx: &Transaction<'_>,
+    run_id: i64,
+    plan: &BatchPlan,
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let mut out = BatchOutcome::default();
+    insert_ledger(tx, run_id, plan.batch_no).await?;
+    let users: Vec<NewUser> = plan.users.iter().map(|p| p.user.clone()).collect();
+    let mut out = BatchOutcome {
+        users_inserted: insert_users(tx, &users).await?,
+        tweets_inserted: insert_tweets(tx, &plan.tweets).await?,
+        ..BatchOutcome::default()
+    };
+    out.likes_inserted = insert_edges(tx, &plan.likes).await?;
+    out.likes_deleted = delete_edges(tx, &plan.unlikes).await?;
+    out.follows_inserted = insert_edges(tx, &plan.follows).await?;
+    out.follows_deleted = delete_edges(tx, &plan.unfollows).await?;
 
-    let users: Vec<NewUser> = (0..mix.new_users).map(|_| faker.user()).collect();
-    out.users_inserted = insert_users(&tx, &users).await?;
-
-    // Authors and mentions come from known users plus those just inserted.
-    let mut authors = pools.user_ids();
-    authors.extend(out.users_inserted.iter().map(|(id, _)| *id));
-    let mut names: Vec<&str> = pools.usernames();
-    names.extend(out.users_inserted.iter().map(|(_, n)| n.as_str()));
-    let known_tweets = pools.tweet_ids();
-
-    if !authors.is_empty() {
-        let mut tweets = Vec::with_capacity(mix.new_tweets as usize);
-        for _ in 0..mix.new_tweets {
-            let author = faker.pick(&authors).expect("authors not empty");
-            let reply_to = if faker.chance(mix.reply_ratio) {
-                faker.pick(&known_tweets)
-            } else {
-                None
-            };
-            tweets.push(faker.tweet(author, reply_to, &names));
-        }
-        out.tweets_inserted = insert_tweets(&tx, &tweets).await?;
-    }
-
-    let mut likeable = known_tweets.clone();
-    likeable.extend(&out.tweets_inserted);
-    if !authors.is_empty() && !likeable.is_empty() {
-        let mut pairs = Vec::with_capacity(mix.likes as usize);
-        for _ in 0..mix.likes {
-            let user = faker.pick(&authors).expect("not empty");
-            let tweet = faker.pick(&likeable).expect("not empty");
-            if !pairs.contains(&(user, tweet)) {
-                pairs.push((user, tweet));
-            }
-        }
-        out.likes_inserted = insert_likes(&tx, &pairs).await?;
-    }
-
-    for _ in 0..mix.counter_updates {
-        let Some(id) = faker.pick(&likeable) else {
-            break;
-        };
-        out.tweets_updated += match faker.tweet_edit() {
+    for edit in &plan.tweet_edits {
+        out.tweets_updated += match &edit.edit {
             TweetEdit::Counters { likes, retweets } => {
                 tx.execute(
                     "UPDATE tweets SET like_count = like_count + $2, \
                      retweet_count = retweet_count + $3 WHERE id = $1",
-                    &[&id, &likes, &retweets],
+                    &[&edit.tweet_id, likes, retweets],
                 )
                 .await?
             }
             TweetEdit::Body(body) => {
                 tx.execute(
                     "UPDATE tweets SET body = $2, edited_at = now() WHERE id = $1",
-                    &[&id, &body],
+                    &[&edit.tweet_id, body],
                 )
                 .await?
             }
         };
     }
-
-    for _ in 0..mix.profile_edits {
-        let Some(id) = faker.pick(&authors) else {
-            break;
-        };
-        out.users_updated += match faker.profile_edit() {
-            ProfileEdit::Counters {
-                followers_delta,
-                reputation,
-            } => {
+    for edit in &plan.profile_edits {
+        out.users_updated += match &edit.edit {
+            ProfileEdit::Reputation(reputation) => {
                 tx.execute(
-                    "UPDATE users SET followers_count = greatest(followers_count + $2, 0), \
-                     reputation = $3, updated_at = now() WHERE id = $1",
-                    &[&id, &followers_delta, &reputation],
+                    "UPDATE users SET reputation = $2, updated_at = now() WHERE id = $1",
+                    &[&edit.user_id, reputation],
                 )
                 .await?
             }
             ProfileEdit::Profile { bio, location } => {
                 tx.execute(
                     "UPDATE users SET bio = $2, location = $3, updated_at = now() WHERE id = $1",
-                    &[&id, &bio, &location],
+                    &[&edit.user_id, bio, location],
                 )
                 .await?
             }
         };
     }
-
-    // Delete only tweets from earlier batches: deleting one inserted in this
-    // very transaction would never be seen by CDC as a row at all.
-    let mut doomed: Vec<i64> = Vec::new();
-    for _ in 0..mix.tweet_deletes {
-        if let Some(id) = faker.pick(&known_tweets)
-            && !doomed.contains(&id)
-        {
-            doomed.push(id);
-        }
-    }
-    if !doomed.is_empty() {
+    // Deletes last: what they cascade to includes rows of this batch.
+    if !plan.tweet_deletes.is_empty() {
         let rows = tx
             .query(
                 "DELETE FROM tweets WHERE id = ANY($1) RETURNING id",
-                &[&doomed],
+                &[&plan.tweet_deletes],
             )
             .await?;
         out.tweets_deleted = rows.iter().map(|r| r.get(0)).collect();
     }
-
-    tx.commit().await?;
+    if !plan.user_deletes.is_empty() {
+        let rows = tx
+            .query(
+                "DELETE FROM users WHERE id = ANY($1) RETURNING id",
+                &[&plan.user_deletes],
+            )
+            .await?;
+        out.users_deleted = rows.iter().map(|r| r.get(0)).collect();
+    }
     Ok(out)
+}
+
+/// Whether batch `batch_no` of run `run_id` committed. Only meaningful on a
+/// connection opened after the one that sent its COMMIT had gone.
+pub async fn batch_committed(
+    client: &Client,
+    run_id: i64,
+    batch_no: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM tweetgen_batches WHERE run_id = $1 AND batch_no = $2",
+            &[&run_id, &batch_no],
+        )
+        .await?;
+    Ok(row.is_some())
 }
 
 /// Builds `INSERT INTO table (cols) VALUES ($1, ..), (..)` for `rows` rows.
@@ -288,6 +427,8 @@ pub fn multi_row_insert(table: &str, columns: &[&str], rows: usize, suffix: &str
     sql
 }
 
+/// `followers_count` and `following_count` are left to the trigger on
+/// `follows`.
 pub const USER_COLUMNS: &[&str] = &[
     "username",
     "display_name",
@@ -296,13 +437,14 @@ pub const USER_COLUMNS: &[&str] = &[
     "location",
     "lang",
     "verified",
-    "followers_count",
     "reputation",
 ];
 
 pub const TWEET_COLUMNS: &[&str] = &[
     "user_id",
     "reply_to_id",
+    "retweet_of_id",
+    "quote_of_id",
     "body",
     "lang",
     "hashtags",
@@ -313,10 +455,12 @@ pub const TWEET_COLUMNS: &[&str] = &[
 ];
 
 /// A tweet's values in [`TWEET_COLUMNS`] order, for INSERT and COPY alike.
-pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 9] {
+pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 11] {
     [
         &t.user_id,
         &t.reply_to_id,
+        &t.retweet_of_id,
+        &t.quote_of_id,
         &t.body,
         &t.lang,
         &t.hashtags,
@@ -327,10 +471,24 @@ pub fn tweet_params(t: &NewTweet) -> [&(dyn ToSql + Sync); 9] {
     ]
 }
 
+/// A user's values in [`USER_COLUMNS`] order, for INSERT and COPY alike.
+pub fn user_params(u: &NewUser) -> [&(dyn ToSql + Sync); 8] {
+    [
+        &u.username,
+        &u.display_name,
+        &u.email,
+        &u.bio,
+        &u.location,
+        &u.lang,
+        &u.verified,
+        &u.reputation,
+    ]
+}
+
 pub async fn insert_users(
     tx: &Transaction<'_>,
     users: &[NewUser],
-) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+) -> Result<Vec<InsertedUser>, tokio_postgres::Error> {
     if users.is_empty() {
         return Ok(Vec::new());
     }
@@ -341,22 +499,15 @@ pub async fn insert_users(
         users.len(),
         "ON CONFLICT (username) DO NOTHING RETURNING id, username",
     );
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(users.len() * 9);
-    for u in users {
-        params.extend_from_slice(&[
-            &u.username,
-            &u.display_name,
-            &u.email,
-            &u.bio,
-            &u.location,
-            &u.lang,
-            &u.verified,
-            &u.followers_count,
-            &u.reputation,
-        ]);
-    }
+    let params: Vec<&(dyn ToSql + Sync)> = users.iter().flat_map(user_params).collect();
     let rows = tx.query(&sql, &params).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| InsertedUser {
+            id: r.get(0),
+            username: r.get(1),
+        })
+        .collect())
 }
 
 pub async fn insert_tweets(
@@ -372,24 +523,51 @@ pub async fn insert_tweets(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-async fn insert_likes(
+/// Inserts likes or follows, skipping those that already exist, and
+/// returns those inserted.
+pub async fn insert_edges<E: Edge>(
     tx: &Transaction<'_>,
-    pairs: &[(i64, i64)],
-) -> Result<u64, tokio_postgres::Error> {
-    if pairs.is_empty() {
-        return Ok(0);
+    edges: &[E],
+) -> Result<Vec<E>, tokio_postgres::Error> {
+    if edges.is_empty() {
+        return Ok(Vec::new());
     }
-    let sql = multi_row_insert(
-        "likes",
-        &["user_id", "tweet_id"],
-        pairs.len(),
-        "ON CONFLICT DO NOTHING",
-    );
-    let params: Vec<&(dyn ToSql + Sync)> = pairs
+    let [a, b] = E::COLUMNS;
+    let suffix = format!("ON CONFLICT DO NOTHING RETURNING {a}, {b}");
+    let sql = multi_row_insert(E::TABLE, &E::COLUMNS, edges.len(), &suffix);
+    let keys: Vec<[i64; 2]> = edges.iter().map(Edge::key).collect();
+    let params: Vec<&(dyn ToSql + Sync)> = keys
         .iter()
-        .flat_map(|(u, t)| [u as &(dyn ToSql + Sync), t as &(dyn ToSql + Sync)])
+        .flat_map(|[a, b]| [a as &(dyn ToSql + Sync), b as &(dyn ToSql + Sync)])
         .collect();
-    tx.execute(&sql, &params).await
+    let rows = tx.query(&sql, &params).await?;
+    Ok(rows
+        .iter()
+        .map(|r| E::from_key([r.get(0), r.get(1)]))
+        .collect())
+}
+
+/// Deletes likes or follows and returns those that existed.
+async fn delete_edges<E: Edge>(
+    tx: &Transaction<'_>,
+    edges: &[E],
+) -> Result<Vec<E>, tokio_postgres::Error> {
+    if edges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let firsts: Vec<i64> = edges.iter().map(|e| e.key()[0]).collect();
+    let seconds: Vec<i64> = edges.iter().map(|e| e.key()[1]).collect();
+    let [a, b] = E::COLUMNS;
+    let sql = format!(
+        "DELETE FROM {} WHERE ({a}, {b}) IN \
+         (SELECT * FROM unnest($1::bigint[], $2::bigint[])) RETURNING {a}, {b}",
+        E::TABLE
+    );
+    let rows = tx.query(&sql, &[&firsts, &seconds]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| E::from_key([r.get(0), r.get(1)]))
+        .collect())
 }
 
 #[cfg(test)]

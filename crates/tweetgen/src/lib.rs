@@ -1,7 +1,9 @@
 //! `tweetgen`: the demo workload for the CDC pipeline.
 //!
 //! It writes fake but realistic Twitter data into PostgreSQL: [`model`]
-//! makes users, tweets and edits; [`db`] writes one batch per transaction;
+//! makes users, tweets and edits with [`text`] in their language; [`pools`]
+//! remember committed rows and who is popular; [`plan`] decides a whole
+//! batch up front; [`db`] writes it in one transaction with its ledger row;
 //! [`workload`] runs the tick loop (or [`load`] mode for benchmarks) and
 //! survives PostgreSQL restarts; [`config`] and [`cli`] layer defaults, TOML,
 //! environment and flags.
@@ -11,5 +13,7 @@ pub mod config;
 pub mod db;
 pub mod load;
 pub mod model;
+pub mod plan;
 pub mod pools;
+pub mod text;
 pub mod workload;

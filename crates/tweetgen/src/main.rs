@@ -33,6 +33,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         batches = summary.batches,
         rows = summary.rows,
         reconnects = summary.reconnects,
+        ambiguous_commits = summary.ambiguous_commits,
         secs = format!("{:.1}", summary.elapsed.as_secs_f64()),
         rows_per_sec = summary.rows_per_sec() as u64,
         "finished"

@@ -1,52 +1,52 @@
-//! The fake Twitter: what a user, a tweet and a profile edit look like.
+//! The fake Twitter: what a user, a tweet and an edit look like.
 //!
 //! [`Faker`] owns the random source, so a seeded run is deterministic for a
-//! given database state. Nothing here touches the database.
+//! given database state. Text comes from [`crate::text`], in the language of
+//! its tag. Nothing here touches the database.
 
 use fake::Fake;
-use fake::faker::address::en::{CityName, CountryName};
-use fake::faker::company::en::{Buzzword, CatchPhrase, CompanyName};
-use fake::faker::internet::en::{FreeEmail, Username};
-use fake::faker::job::en::Title as JobTitle;
-use fake::faker::lorem::en::{Paragraph, Sentence, Word};
-use fake::faker::name::en::Name;
+use fake::faker::internet::en::FreeEmail;
+use fake::faker::name::en::{FirstName, LastName};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rust_decimal::Decimal;
 
-/// Languages with Twitter-like weights (English dominates).
-const LANGS: &[(&str, u32)] = &[
-    ("en", 55),
-    ("es", 12),
-    ("ja", 10),
-    ("pt", 8),
-    ("fr", 5),
-    ("de", 4),
-    ("tr", 3),
-    ("ar", 3),
-];
+use crate::text::{self, LANGS};
 
-const TOPICS: &[&str] = &[
-    "rustlang",
-    "postgres",
-    "dataengineering",
-    "kafka",
-    "nixos",
-    "opensource",
-    "coffee",
-    "football",
+/// Hashtags, most popular first: everyday use picks them Zipf-like by rank.
+pub const TOPICS: &[&str] = &[
     "music",
-    "travel",
-    "photography",
+    "football",
     "ai",
-    "climate",
-    "books",
+    "travel",
+    "coffee",
     "gaming",
+    "photography",
+    "books",
+    "climate",
     "startup",
+    "opensource",
+    "rustlang",
     "remote",
     "devops",
+    "postgres",
+    "kafka",
+    "dataengineering",
+    "nixos",
     "parquet",
     "cdc",
+];
+
+/// Tags that can trend: events, not evergreen topics.
+const EVENTS: &[&str] = &[
+    "worldcup",
+    "eurovision",
+    "election",
+    "solareclipse",
+    "launchday",
+    "earthquake",
+    "oscars",
+    "blackfriday",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +58,6 @@ pub struct NewUser {
     pub location: Option<String>,
     pub lang: &'static str,
     pub verified: bool,
-    pub followers_count: i32,
     pub reputation: Decimal,
 }
 
@@ -66,6 +65,8 @@ pub struct NewUser {
 pub struct NewTweet {
     pub user_id: i64,
     pub reply_to_id: Option<i64>,
+    pub retweet_of_id: Option<i64>,
+    pub quote_of_id: Option<i64>,
     pub body: String,
     pub lang: &'static str,
     pub hashtags: Vec<String>,
@@ -75,15 +76,35 @@ pub struct NewTweet {
     pub longitude: Option<Decimal>,
 }
 
+/// An existing tweet a new one refers to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Parent<'a> {
+    pub id: i64,
+    pub author: &'a str,
+    pub body: &'a str,
+    pub lang: &'static str,
+}
+
+/// How a new tweet relates to an existing one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TweetKind<'a> {
+    Original,
+    /// A reply to someone else's tweet; mentions its author.
+    Reply(Parent<'a>),
+    /// The author's next tweet in a thread: a reply to their own last one.
+    Thread(Parent<'a>),
+    /// A tweet of its own that embeds another.
+    Quote(Parent<'a>),
+    /// A pure retweet: "RT @author: text", in the original's language.
+    Retweet(Parent<'a>),
+}
+
 /// One change to an existing profile.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProfileEdit {
     /// Touches only small columns, so a TOASTed bio is left unchanged and
     /// Debezium sends its placeholder for it.
-    Counters {
-        followers_delta: i32,
-        reputation: Decimal,
-    },
+    Reputation(Decimal),
     /// Rewrites the bio (sometimes to NULL) and the location.
     Profile {
         bio: Option<String>,
@@ -98,9 +119,17 @@ pub enum TweetEdit {
     Body(String),
 }
 
+/// A hashtag bursting for a while, as trends do.
+#[derive(Debug, Clone, PartialEq)]
+struct Trend {
+    tag: &'static str,
+    batches_left: u32,
+}
+
 pub struct Faker {
     rng: StdRng,
     long_bio_ratio: f64,
+    trend: Option<Trend>,
 }
 
 impl Faker {
@@ -112,11 +141,22 @@ impl Faker {
         Faker {
             rng,
             long_bio_ratio,
+            trend: None,
         }
     }
 
     pub fn chance(&mut self, p: f64) -> bool {
-        self.rng.random_bool(p)
+        self.rng.random_bool(p.clamp(0.0, 1.0))
+    }
+
+    /// A uniform draw in `0..n`; `n` must be positive.
+    pub fn index(&mut self, n: usize) -> usize {
+        self.rng.random_range(0..n)
+    }
+
+    /// A uniform draw in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 
     /// Picks one element; `None` for an empty slice.
@@ -124,8 +164,38 @@ impl Faker {
         if items.is_empty() {
             None
         } else {
-            Some(items[self.rng.random_range(0..items.len())])
+            Some(items[self.index(items.len())])
         }
+    }
+
+    /// A Pareto draw (minimum 1, tail index `alpha`): most users get little
+    /// attention and a few get most of it. Capped so one user cannot hold
+    /// all the weight of a small run.
+    pub fn pareto(&mut self, alpha: f64) -> f64 {
+        let u = 1.0 - self.unit(); // (0, 1]
+        u.powf(-1.0 / alpha).min(1e6)
+    }
+
+    /// Advances the trending hashtag by one batch: a burst starts with
+    /// probability `start_chance` and lasts `length` batches.
+    pub fn next_batch(&mut self, start_chance: f64, length: u32) {
+        if let Some(trend) = &mut self.trend {
+            trend.batches_left = trend.batches_left.saturating_sub(1);
+            if trend.batches_left == 0 {
+                self.trend = None;
+            }
+        }
+        if self.trend.is_none() && length > 0 && self.chance(start_chance) {
+            let tag = EVENTS[self.index(EVENTS.len())];
+            self.trend = Some(Trend {
+                tag,
+                batches_left: length,
+            });
+        }
+    }
+
+    pub fn trending(&self) -> Option<&'static str> {
+        self.trend.as_ref().map(|t| t.tag)
     }
 
     fn lang(&mut self) -> &'static str {
@@ -140,66 +210,43 @@ impl Faker {
         "en"
     }
 
-    pub fn user(&mut self) -> NewUser {
-        let base: String = Username().fake_with_rng(&mut self.rng);
-        let base: String = base
+    /// A new user; `famous` ones are more often verified.
+    pub fn user(&mut self, famous: bool) -> NewUser {
+        let lang = self.lang();
+        // fake's Username mixes in lorem words; a handle from a name does not.
+        let first: String = FirstName().fake_with_rng(&mut self.rng);
+        let last: String = LastName().fake_with_rng(&mut self.rng);
+        let base: String = format!("{first}_{last}")
+            .to_lowercase()
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(24)
             .collect();
-        let username = format!("{base}_{}", self.rng.random_range(0..100_000u32));
+        let username = format!("{base}_{}", self.rng.random_range(0..1_000_000u32));
         let bio = if self.chance(self.long_bio_ratio) {
-            Some(self.long_bio())
+            Some(text::long_bio(&mut self.rng, lang))
         } else if self.chance(0.8) {
-            Some(self.short_bio())
+            Some(text::short_bio(&mut self.rng, lang))
         } else {
             None
         };
-        let followers_count = if self.chance(0.02) {
-            self.rng.random_range(10_000..5_000_000)
-        } else {
-            self.rng.random_range(0..2_000)
-        };
         NewUser {
             username,
-            display_name: Name().fake_with_rng(&mut self.rng),
+            display_name: text::name(&mut self.rng, lang),
             email: self
                 .chance(0.7)
                 .then(|| FreeEmail().fake_with_rng(&mut self.rng)),
             bio,
-            location: self.location(),
-            lang: self.lang(),
-            verified: followers_count > 100_000 || self.chance(0.01),
-            followers_count,
+            location: self.location(lang),
+            lang,
+            verified: self.chance(if famous { 0.5 } else { 0.01 }),
             reputation: self.reputation(),
         }
     }
 
-    fn short_bio(&mut self) -> String {
-        let title: String = JobTitle().fake_with_rng(&mut self.rng);
-        let company: String = CompanyName().fake_with_rng(&mut self.rng);
-        let topic = self.pick(TOPICS).unwrap_or("rustlang");
-        format!("{title} at {company}. Opinions my own. #{topic}")
-    }
-
-    /// A bio of several paragraphs, well over PostgreSQL's ~2 kB TOAST
-    /// threshold (the column is stored EXTERNAL, uncompressed).
-    fn long_bio(&mut self) -> String {
-        let mut bio = self.short_bio();
-        while bio.len() < 4_000 {
-            let p: String = Paragraph(4..8).fake_with_rng(&mut self.rng);
-            bio.push_str("\n\n");
-            bio.push_str(&p);
-        }
-        bio
-    }
-
-    fn location(&mut self) -> Option<String> {
-        self.chance(0.6).then(|| {
-            let city: String = CityName().fake_with_rng(&mut self.rng);
-            let country: String = CountryName().fake_with_rng(&mut self.rng);
-            format!("{city}, {country}")
-        })
+    fn location(&mut self, lang: &str) -> Option<String> {
+        // ja and ar have no places in fake's locales.
+        (!matches!(lang, "ja" | "ar") && self.chance(0.6)).then(|| text::city(&mut self.rng, lang))
     }
 
     fn reputation(&mut self) -> Decimal {
@@ -213,22 +260,78 @@ impl Faker {
         Decimal::new(self.rng.random_range(-micro..=micro), 6)
     }
 
-    /// A tweet by `user_id`, replying to `reply_to` when given; `mentionable`
-    /// are usernames that can be @-mentioned.
-    pub fn tweet(&mut self, user_id: i64, reply_to: Option<i64>, mentionable: &[&str]) -> NewTweet {
-        let n_tags = [0, 0, 1, 1, 1, 2, 3][self.rng.random_range(0..7)];
-        let mut hashtags: Vec<String> = Vec::with_capacity(n_tags);
-        for _ in 0..n_tags {
-            let tag = self.pick(TOPICS).unwrap_or("rustlang").to_string();
-            if !hashtags.contains(&tag) {
-                hashtags.push(tag);
+    /// Hashtags for a new tweet: the trend in a large share of tweets while
+    /// it lasts, otherwise topics by Zipf rank (weight 1/rank).
+    fn hashtags(&mut self) -> Vec<String> {
+        let mut tags: Vec<String> = Vec::new();
+        if let Some(tag) = self.trending()
+            && self.chance(0.4)
+        {
+            tags.push(tag.to_string());
+        }
+        let n = [0, 0, 1, 1, 1, 2, 3][self.index(7)];
+        let harmonic: f64 = (1..=TOPICS.len()).map(|r| 1.0 / r as f64).sum();
+        for _ in 0..n {
+            let mut x = self.unit() * harmonic;
+            let mut pick = TOPICS[TOPICS.len() - 1];
+            for (r, topic) in TOPICS.iter().enumerate() {
+                x -= 1.0 / (r + 1) as f64;
+                if x < 0.0 {
+                    pick = topic;
+                    break;
+                }
+            }
+            if !tags.iter().any(|t| t == pick) {
+                tags.push(pick.to_string());
             }
         }
+        tags
+    }
+
+    /// A tweet by `user_id`, who writes mostly in `author_lang`;
+    /// `mentionable` are usernames that can be @-mentioned.
+    pub fn tweet(
+        &mut self,
+        user_id: i64,
+        author_lang: &'static str,
+        kind: TweetKind<'_>,
+        mentionable: &[&str],
+    ) -> NewTweet {
+        if let TweetKind::Retweet(of) = kind {
+            let mut body = format!("RT @{}: {}", of.author, of.body);
+            truncate_chars(&mut body, 280);
+            return NewTweet {
+                user_id,
+                reply_to_id: None,
+                retweet_of_id: Some(of.id),
+                quote_of_id: None,
+                body,
+                lang: of.lang,
+                hashtags: Vec::new(),
+                mentions: vec![of.author.to_string()],
+                sensitive: false,
+                latitude: None,
+                longitude: None,
+            };
+        }
+        // Replies follow the conversation's language; others mostly the
+        // author's own, sometimes English.
+        let lang = match kind {
+            TweetKind::Reply(p) | TweetKind::Thread(p) => p.lang,
+            _ if self.chance(0.85) => author_lang,
+            _ => "en",
+        };
+        let hashtags = self.hashtags();
         let mut mentions: Vec<String> = Vec::new();
-        if (reply_to.is_some() || self.chance(0.2))
-            && let Some(name) = self.pick(mentionable)
-        {
-            mentions.push(name.to_string());
+        match kind {
+            TweetKind::Reply(p) => mentions.push(p.author.to_string()),
+            _ => {
+                if self.chance(0.15)
+                    && let Some(name) = self.pick(mentionable)
+                {
+                    mentions.push(name.to_string());
+                }
+            }
         }
         let mut body = String::new();
         for m in &mentions {
@@ -236,18 +339,25 @@ impl Faker {
             body.push_str(m);
             body.push(' ');
         }
-        body.push_str(&self.sentence());
+        body.push_str(&text::sentence(&mut self.rng, lang));
         for tag in &hashtags {
             body.push_str(" #");
             body.push_str(tag);
         }
         truncate_chars(&mut body, 280);
         let geo = self.chance(0.15);
+        let (reply_to_id, quote_of_id) = match kind {
+            TweetKind::Reply(p) | TweetKind::Thread(p) => (Some(p.id), None),
+            TweetKind::Quote(p) => (None, Some(p.id)),
+            _ => (None, None),
+        };
         NewTweet {
             user_id,
-            reply_to_id: reply_to,
+            reply_to_id,
+            retweet_of_id: None,
+            quote_of_id,
             body,
-            lang: self.lang(),
+            lang,
             hashtags,
             mentions,
             sensitive: self.chance(0.03),
@@ -256,55 +366,32 @@ impl Faker {
         }
     }
 
-    fn sentence(&mut self) -> String {
-        match self.rng.random_range(0..5) {
-            0 => {
-                let phrase: String = CatchPhrase().fake_with_rng(&mut self.rng);
-                format!("Hot take: {}.", phrase.to_lowercase())
-            }
-            1 => {
-                let word: String = Buzzword().fake_with_rng(&mut self.rng);
-                let company: String = CompanyName().fake_with_rng(&mut self.rng);
-                format!("Just shipped {word} support at {company} 🚀")
-            }
-            2 => {
-                let city: String = CityName().fake_with_rng(&mut self.rng);
-                let word: String = Word().fake_with_rng(&mut self.rng);
-                format!("Landed in {city}. Anyone up for {word} tonight?")
-            }
-            _ => Sentence(6..18).fake_with_rng(&mut self.rng),
-        }
-    }
-
-    pub fn profile_edit(&mut self) -> ProfileEdit {
+    pub fn profile_edit(&mut self, lang: &str) -> ProfileEdit {
         if self.chance(0.7) {
-            ProfileEdit::Counters {
-                followers_delta: self.rng.random_range(-5..50),
-                reputation: self.reputation(),
-            }
+            ProfileEdit::Reputation(self.reputation())
         } else {
             let bio = if self.chance(0.1) {
                 None
             } else if self.chance(self.long_bio_ratio) {
-                Some(self.long_bio())
+                Some(text::long_bio(&mut self.rng, lang))
             } else {
-                Some(self.short_bio())
+                Some(text::short_bio(&mut self.rng, lang))
             };
             ProfileEdit::Profile {
                 bio,
-                location: self.location(),
+                location: self.location(lang),
             }
         }
     }
 
-    pub fn tweet_edit(&mut self) -> TweetEdit {
+    pub fn tweet_edit(&mut self, lang: &str) -> TweetEdit {
         if self.chance(0.9) {
             TweetEdit::Counters {
                 likes: self.rng.random_range(0..40),
                 retweets: self.rng.random_range(0..8),
             }
         } else {
-            let mut body = format!("{} (edited)", self.sentence());
+            let mut body = text::sentence(&mut self.rng, lang);
             truncate_chars(&mut body, 280);
             TweetEdit::Body(body)
         }
@@ -313,7 +400,7 @@ impl Faker {
 
 /// Cuts `s` to at most `max` characters (not bytes: varchar(280) counts
 /// characters, and a byte cut could split one).
-fn truncate_chars(s: &mut String, max: usize) {
+pub fn truncate_chars(s: &mut String, max: usize) {
     if let Some((idx, _)) = s.char_indices().nth(max) {
         s.truncate(idx);
     }
@@ -323,13 +410,24 @@ fn truncate_chars(s: &mut String, max: usize) {
 mod tests {
     use super::*;
 
+    const PARENT: Parent<'static> = Parent {
+        id: 9,
+        author: "alice",
+        body: "初めまして",
+        lang: "ja",
+    };
+
     #[test]
     fn seeded_runs_are_deterministic() {
         let mut a = Faker::new(Some(42), 0.1);
         let mut b = Faker::new(Some(42), 0.1);
         for _ in 0..50 {
-            assert_eq!(a.user(), b.user());
-            assert_eq!(a.tweet(1, Some(2), &["x"]), b.tweet(1, Some(2), &["x"]));
+            assert_eq!(a.user(false), b.user(false));
+            let kind = TweetKind::Reply(PARENT);
+            assert_eq!(
+                a.tweet(1, "de", kind, &["x"]),
+                b.tweet(1, "de", kind, &["x"])
+            );
         }
     }
 
@@ -338,7 +436,7 @@ mod tests {
         let mut f = Faker::new(Some(1), 0.5);
         let mut long = 0;
         for _ in 0..500 {
-            let u = f.user();
+            let u = f.user(false);
             assert!(u.username.chars().count() <= 32, "{}", u.username);
             assert!(u.reputation >= Decimal::ZERO && u.reputation <= Decimal::new(100, 0));
             assert_eq!(u.reputation.scale(), 2);
@@ -350,11 +448,17 @@ mod tests {
     }
 
     #[test]
-    fn tweets_fit_the_schema() {
+    fn tweets_fit_the_schema_and_follow_their_parent() {
         let mut f = Faker::new(Some(2), 0.1);
         let mut geo = 0;
         for i in 0..1_000 {
-            let t = f.tweet(7, (i % 3 == 0).then_some(9), &["alice", "bob"]);
+            let kind = match i % 4 {
+                0 => TweetKind::Reply(PARENT),
+                1 => TweetKind::Retweet(PARENT),
+                2 => TweetKind::Quote(PARENT),
+                _ => TweetKind::Original,
+            };
+            let t = f.tweet(7, "fr", kind, &["alice", "bob"]);
             assert!(t.body.chars().count() <= 280);
             assert!(!t.body.is_empty());
             for tag in &t.hashtags {
@@ -367,11 +471,51 @@ mod tests {
             } else {
                 assert_eq!(t.latitude, t.longitude);
             }
-            if t.reply_to_id.is_some() {
-                assert_eq!(t.mentions.len(), 1);
+            match kind {
+                TweetKind::Reply(_) => {
+                    assert_eq!((t.reply_to_id, t.lang), (Some(9), "ja"));
+                    assert_eq!(t.mentions, vec!["alice".to_string()]);
+                }
+                TweetKind::Retweet(_) => {
+                    assert_eq!(t.retweet_of_id, Some(9));
+                    assert_eq!(t.body, "RT @alice: 初めまして");
+                }
+                TweetKind::Quote(_) => assert_eq!(t.quote_of_id, Some(9)),
+                _ => assert!(t.reply_to_id.is_none() && t.quote_of_id.is_none()),
             }
         }
-        assert!((50..300).contains(&geo), "geo-tagged: {geo}");
+        assert!((20..200).contains(&geo), "geo-tagged: {geo}");
+    }
+
+    #[test]
+    fn a_trend_bursts_then_ends() {
+        let mut f = Faker::new(Some(4), 0.0);
+        f.next_batch(1.0, 3);
+        let tag = f.trending().expect("a trend started");
+        let tagged = (0..200)
+            .filter(|_| {
+                f.tweet(1, "en", TweetKind::Original, &[])
+                    .hashtags
+                    .contains(&tag.to_string())
+            })
+            .count();
+        assert!((50..110).contains(&tagged), "{tagged} of 200 carry #{tag}");
+        f.next_batch(0.0, 3);
+        f.next_batch(0.0, 3);
+        assert_eq!(f.trending(), Some(tag));
+        f.next_batch(0.0, 3);
+        assert_eq!(f.trending(), None);
+    }
+
+    #[test]
+    fn pareto_is_heavy_tailed() {
+        let mut f = Faker::new(Some(8), 0.0);
+        let mut w: Vec<f64> = (0..10_000).map(|_| f.pareto(1.1)).collect();
+        w.sort_by(|a, b| b.total_cmp(a));
+        let top: f64 = w[..100].iter().sum();
+        let all: f64 = w.iter().sum();
+        assert!(top / all > 0.2, "top 1 % hold {:.2}", top / all);
+        assert!(w[9_999] >= 1.0);
     }
 
     #[test]
