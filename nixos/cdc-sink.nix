@@ -62,12 +62,8 @@ in {
       }
     ];
 
-    # Static group membership: a restarted sink gets its partitions back at
-    # once instead of after the dead session times out.
-    services.cdc-sink.settings.kafka.instance_id = lib.mkDefault config.networking.hostName;
-
     systemd.services.cdc-sink = {
-      description = "Debezium to Parquet sink (cdc-sink)";
+      description = "Debezium to Delta Lake sink (cdc-sink)";
       wantedBy = ["multi-user.target"];
       wants = ["network-online.target"];
       after = ["network-online.target" "apache-kafka.service" "minio.service"];

@@ -51,9 +51,12 @@ pub struct KafkaConfig {
     /// How often topic metadata is refreshed, so that a topic created after
     /// the sink subscribed starts landing within one flush interval.
     pub metadata_refresh_ms: u64,
-    /// Static group membership (`group.instance.id`): a restarted sink with
-    /// the same id gets its partitions back at once instead of waiting for
-    /// the session of its dead predecessor to time out. Use the host name.
+    /// Static group membership (`group.instance.id`). Off by default, on
+    /// purpose: Kafka hands a restarted static member its cached assignment
+    /// without a rebalance, so a topic created while the sink was down (a
+    /// newly captured table) would not be assigned until some other member
+    /// joins. Without it a crashed sink's partitions wait for the session
+    /// timeout (10 s), which the lake's positions make harmless.
     pub instance_id: Option<String>,
     /// Extra librdkafka properties (TLS, SASL, tuning). Cannot override the
     /// offset handling the exactly-once design depends on.
