@@ -113,6 +113,13 @@
           };
         });
       };
+      systemd.timers = lib.mkOption {
+        default = {};
+        type = lib.types.attrsOf (lib.types.submodule {
+          freeformType = lib.types.lazyAttrsOf lib.types.anything;
+          options.wantedBy = list;
+        });
+      };
     };
     config._module.args.pkgs = pkgs;
   };
@@ -135,11 +142,12 @@
   };
   failed = map (a: a.message) (lib.filter (a: !a.assertion) eval.config.assertions);
   units = lib.attrNames eval.config.systemd.services;
+  timers = lib.attrNames eval.config.systemd.timers;
 in {
   inherit (eval) config options;
-  inherit failed units;
+  inherit failed units timers;
   ok =
     if failed != []
     then throw "failed assertions: ${lib.concatStringsSep "; " failed}"
-    else builtins.deepSeq eval.config.systemd.services units;
+    else builtins.deepSeq [eval.config.systemd.services eval.config.systemd.timers] units;
 }

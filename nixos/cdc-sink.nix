@@ -15,6 +15,12 @@ self: {
       cp "$raw" "$out"
     '';
   ours = self.packages.${pkgs.stdenv.hostPlatform.system};
+  exe = lib.getExe' cfg.package "cdc-sink";
+  # The sink and its upkeep read the same checked file and the same secret.
+  secretEnvironment = lib.mkIf (cfg.secretAccessKeyFile != null) {
+    CDC_SINK_S3__SECRET_ACCESS_KEY_FILE = "%d/s3-secret";
+  };
+  loadCredential = lib.optional (cfg.secretAccessKeyFile != null) "s3-secret:${cfg.secretAccessKeyFile}";
 in {
   options.services.cdc-sink = {
     enable = lib.mkEnableOption "the CDC Parquet sink";
@@ -52,6 +58,26 @@ in {
         handed to the service with systemd's `LoadCredential`.
       '';
     };
+
+    upkeep = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Run `cdc-sink upkeep` on a timer while the sink is enabled: it
+          compacts small files, vacuums files no table version references
+          (including those of flushes that never committed) and writes
+          checkpoints. Its thresholds and retentions are the `lake.*`
+          settings.
+        '';
+      };
+      schedule = lib.mkOption {
+        type = lib.types.str;
+        default = "hourly";
+        example = "*-*-* 03:00:00";
+        description = "When upkeep runs, as a systemd `OnCalendar` expression.";
+      };
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -67,17 +93,46 @@ in {
       wantedBy = ["multi-user.target"];
       wants = ["network-online.target"];
       after = ["network-online.target" "apache-kafka.service" "minio.service"];
-      environment = lib.mkIf (cfg.secretAccessKeyFile != null) {
-        CDC_SINK_S3__SECRET_ACCESS_KEY_FILE = "%d/s3-secret";
-      };
+      environment = secretEnvironment;
       serviceConfig =
         import ./hardening.nix
         // {
-          ExecStart = lib.escapeShellArgs [(lib.getExe' cfg.package "cdc-sink") "--config" configFile];
-          LoadCredential = lib.optional (cfg.secretAccessKeyFile != null) "s3-secret:${cfg.secretAccessKeyFile}";
+          ExecStart = lib.escapeShellArgs [exe "--config" configFile];
+          LoadCredential = loadCredential;
           # SIGTERM flushes every open segment and commits; give it time.
           TimeoutStopSec = 120;
         };
+    };
+
+    # Safe next to a running sink (its appends never conflict with a
+    # compaction), and the timer never starts a second run while one is
+    # active.
+    systemd.services.cdc-sink-upkeep = lib.mkIf cfg.upkeep.enable {
+      description = "Delta table upkeep for cdc-sink: compaction, vacuum, checkpoints";
+      wants = ["network-online.target"];
+      after = ["network-online.target" "minio.service"];
+      environment = secretEnvironment;
+      serviceConfig =
+        import ./hardening.nix
+        // {
+          Type = "oneshot";
+          ExecStart = lib.escapeShellArgs [exe "--config" configFile "upkeep"];
+          LoadCredential = loadCredential;
+          # A failed run is retried by the next timer tick, not in a loop
+          # against a store that is down.
+          Restart = "no";
+        };
+    };
+    systemd.timers.cdc-sink-upkeep = lib.mkIf cfg.upkeep.enable {
+      description = "Run cdc-sink upkeep (${cfg.upkeep.schedule})";
+      wantedBy = ["timers.target"];
+      timerConfig = {
+        OnCalendar = cfg.upkeep.schedule;
+        # A run missed while the machine was off happens at boot.
+        Persistent = true;
+        # Several sinks on one bucket do not all start at the same second.
+        RandomizedDelaySec = "5m";
+      };
     };
   };
 }

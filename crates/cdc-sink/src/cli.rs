@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 
@@ -33,6 +33,20 @@ pub struct Cli {
     pub s3_endpoint: Option<String>,
     #[arg(long)]
     pub bucket: Option<String>,
+    /// Without a subcommand, the sink runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compact small files, vacuum unreferenced ones, checkpoint and trim
+    /// the log of every Delta table in the lake, then exit.
+    Upkeep {
+        /// Change nothing; print what would be compacted and deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 impl Cli {

@@ -441,6 +441,36 @@ impl Lake {
             Err(e) => Err(err(e)),
         }
     }
+
+    /// A lake rooted at any location delta-rs can store to (`s3://`, or
+    /// `file://` for tests); [`Lake::new`] is this for the configured
+    /// bucket and prefix.
+    pub fn at(
+        root: Url,
+        storage: HashMap<String, String>,
+        group_id: &str,
+        props: WriterProperties,
+        lake: &LakeConfig,
+    ) -> Lake {
+        Lake {
+            root,
+            storage,
+            group_id: group_id.to_string(),
+            props,
+            table_properties: lake.table_properties(),
+            tables: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where the tables live: one directory per table under it.
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// delta-rs storage options (they hold the S3 secret: never log them).
+    pub fn storage(&self) -> &HashMap<String, String> {
+        &self.storage
+    }
 }
 
 /// Reader 3 / writer 7 with `timestampNtz`, so that `timestamp` columns

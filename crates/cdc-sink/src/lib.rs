@@ -21,3 +21,4 @@ pub mod position;
 pub mod quarantine;
 pub mod schema;
 pub mod source;
+pub mod upkeep;

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
-use cdc_sink::cli::Cli;
+use cdc_sink::cli::{Cli, Command};
 use cdc_sink::config::SinkConfig;
-use cdc_sink::pipeline;
+use cdc_sink::{pipeline, upkeep};
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -25,6 +25,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.check_config {
         config.s3.resolve_secret()?;
         println!("configuration OK\n{config:#?}");
+        return Ok(());
+    }
+    if let Some(Command::Upkeep { dry_run }) = cli.command {
+        upkeep::run(&config, dry_run).await?;
         return Ok(());
     }
     let (stop_tx, stop_rx) = watch::channel(false);
