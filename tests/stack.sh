@@ -7,7 +7,9 @@
 #   tests/stack.sh up        install, start what is not running, wait until ready
 #   tests/stack.sh down      stop exactly what `up` started, by pid
 #   tests/stack.sh status    one line per component
-#   tests/stack.sh env       print the variables the tests and services read
+#   tests/stack.sh env       print the variables the tests and services read,
+#                            and this script's own, so a later call in the
+#                            same shell (`capture`, say) finds the same stack
 #   tests/stack.sh capture   apply db/captured-tables to the running stack:
 #                            publication, grants and the connector's tables
 #   tests/stack.sh pipeline  `up`, then build and start tweetgen and cdc-sink
@@ -532,6 +534,7 @@ export TWEETGEN_DATABASE__HOST=127.0.0.1 TWEETGEN_DATABASE__PORT=$PG_PORT TWEETG
 export CDC_SINK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT
 export CDC_SINK_S3__ENDPOINT=http://127.0.0.1:$MINIO_PORT CDC_SINK_S3__BUCKET=$BUCKET CDC_SINK_S3__ACCESS_KEY_ID=$MINIO_USER CDC_SINK_S3__SECRET_ACCESS_KEY=$MINIO_PASSWORD
 export STACK_PG_SUPERUSER_SOCKET=$STATE/run STACK_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT STACK_STATE=$STATE
+export CDC_LAKE_STATE=$STATE PG_PORT=$PG_PORT KAFKA_PORT=$KAFKA_PORT KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT CONNECT_PORT=$CONNECT_PORT MINIO_PORT=$MINIO_PORT MINIO_CONSOLE_PORT=$MINIO_CONSOLE_PORT
 EOF
 }
 
