@@ -40,6 +40,7 @@
       javaProperties = _: format;
     };
     runCommand = name: _: _: stubPath name;
+    runtimeShell = "${stubPath "bash"}/bin/bash";
     writeText = name: _: stubPath name;
     apacheKafka_4_1 = drv "kafka";
     postgresql_15 = drv "postgresql";

@@ -1,6 +1,7 @@
 # services.debezium: a Kafka Connect distributed worker with the Debezium
 # PostgreSQL connector on its plugin.path, and a oneshot that registers the
-# connector from debezium/*.json idempotently (PUT /connectors/NAME/config).
+# connector from debezium/*.json idempotently (PUT /connectors/NAME/config),
+# with the tables of `capturedTables` as its table.include.list.
 self: {
   config,
   lib,
@@ -22,6 +23,8 @@ self: {
     logger.reflections.level=ERROR
   '';
   restUrl = "http://127.0.0.1:${toString cfg.restPort}";
+  captured = import ./captured-tables.nix lib;
+  includeList = captured.includeList cfg.capturedTables;
 in {
   options.services.debezium = {
     enable = lib.mkEnableOption "Kafka Connect with the Debezium PostgreSQL connector";
@@ -73,6 +76,21 @@ in {
       '';
     };
 
+    capturedTables = lib.mkOption {
+      type = captured.type;
+      default = captured.default;
+      defaultText = lib.literalMD "the tables listed in `db/captured-tables`";
+      example = ["users" "tweets" "likes" "follows"];
+      description = ''
+        Tables of schema `public` the connector captures: its
+        `table.include.list`. Each lands in Kafka as `<topic.prefix>.<table>`.
+        When the list changes, the connector is stopped, updated and resumed,
+        so that no task still running with the old list drops a new table's
+        changes. The PostgreSQL publication must carry the same tables;
+        {option}`services.cdc-lake.capturedTables` keeps both in step.
+      '';
+    };
+
     connectorOverrides = lib.mkOption {
       type = lib.types.attrsOf lib.types.str;
       default = {};
@@ -88,6 +106,17 @@ in {
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !(cfg.connectorOverrides ? "table.include.list");
+        message = "services.debezium.connectorOverrides.\"table.include.list\" would bypass the captured-tables list: set services.debezium.capturedTables.";
+      }
+      {
+        assertion = lib.length (lib.unique cfg.capturedTables) == lib.length cfg.capturedTables;
+        message = "services.debezium.capturedTables lists a table twice.";
+      }
+    ];
+
     services.debezium.settings = lib.mapAttrs (_: lib.mkDefault) {
       "bootstrap.servers" = "127.0.0.1:9092";
       "group.id" = "cdc-lake-connect";
@@ -187,9 +216,28 @@ in {
           curl -fsS ${restUrl}/connectors >/dev/null && break
           sleep 1
         done
-        body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} '. + $o' ${cfg.connectorConfig})
-        curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
-          ${restUrl}/connectors/${cfg.connectorName}/config >/dev/null
+        url=${restUrl}/connectors/${cfg.connectorName}
+        body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} \
+          '. + {"table.include.list": ${builtins.toJSON includeList}} + $o' ${cfg.connectorConfig})
+        # A change of tables stops the connector before the PUT and resumes
+        # it after, so the tasks that run afterwards are new ones with the
+        # new list: after a plain PUT the old task may run on for a while and
+        # drop the changes of a table the publication already carries.
+        current=$(curl -fsS "$url/config" 2>/dev/null | jq -r '."table.include.list" // empty') || current=
+        stopped=
+        if [ -n "$current" ] && [ "$current" != ${lib.escapeShellArg includeList} ]; then
+          echo "connector tables change: $current -> ${includeList}" >&2
+          curl -fsS -X PUT "$url/stop" >/dev/null
+          for _ in $(seq 120); do
+            [ "$(curl -fsS "$url/status" | jq -r '.connector.state + ":" + (.tasks | length | tostring)')" = STOPPED:0 ] && break
+            sleep 1
+          done
+          stopped=1
+        fi
+        curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" "$url/config" >/dev/null
+        if [ -n "$stopped" ] || [ "$(curl -fsS "$url/status" | jq -r .connector.state)" = STOPPED ]; then
+          curl -fsS -X PUT "$url/resume" >/dev/null
+        fi
         restarts=0
         state=
         for _ in $(seq 240); do

@@ -20,6 +20,18 @@ self: {
   cfg = config.services.cdc-lake;
   secrets = cfg.secretsDir;
   pg = config.services.postgresql.package;
+  captured = import ./captured-tables.nix lib;
+  capturedFile = pkgs.writeText "captured-tables" (lib.concatLines cfg.capturedTables);
+  # db/capture.sh with the publication and slot the connector is told to use.
+  connector = let
+    dbz = config.services.debezium;
+  in
+    builtins.fromJSON (builtins.readFile dbz.connectorConfig) // dbz.connectorOverrides;
+  capture = phase: ''
+    CDC_PUBLICATION=${lib.escapeShellArg connector."publication.name"} \
+    CDC_SLOT=${lib.escapeShellArg connector."slot.name"} \
+    PGDATABASE=twitter ${pkgs.runtimeShell} ${../db/capture.sh} ${phase} ${capturedFile}
+  '';
   kafkaLog4j2 = pkgs.writeText "kafka-log4j2.properties" ''
     rootLogger.level=INFO
     rootLogger.appenderRef.stdout.ref=STDOUT
@@ -62,6 +74,26 @@ in {
         KRaft cluster id used to format the log dir on first start, as printed
         by `kafka-storage.sh random-uuid` (a UUID in URL-safe base64). An
         already formatted log dir keeps the id it was formatted with.
+      '';
+    };
+
+    capturedTables = lib.mkOption {
+      type = captured.type;
+      default = captured.default;
+      defaultText = lib.literalMD "the tables listed in `db/captured-tables`: users, tweets, likes";
+      example = ["users" "tweets" "likes" "follows"];
+      description = ''
+        Tables of schema `public` captured into the lake, each as a Delta
+        table at `s3://<bucket>/<table>/`. This one list drives the
+        publication, the grants of the `debezium` role and the connector's
+        `table.include.list` ({option}`services.debezium.capturedTables`);
+        the sink subscribes to every `twitter.*` topic. A table must exist
+        (create it in your own unit or migration) and have a primary key or
+        REPLICA IDENTITY FULL. Tables are only added to the publication: one
+        taken off the list stops being captured and stays published, which
+        the `cdc-lake-publication` unit logs with the statement that drops
+        it. Rows already in a newly captured table are not backfilled; its
+        changes from the switch on are.
       '';
     };
 
@@ -121,8 +153,11 @@ in {
       '';
     };
 
-    # Schema, grants and publication from db/, and the role passwords from
-    # the generated credentials; every statement is idempotent.
+    # Schema and grants from db/, the role passwords from the generated
+    # credentials, and the checks, grants and (before the connector's slot
+    # exists) publication of the captured tables; every statement is
+    # idempotent. Tables new to a running connector are published by
+    # cdc-lake-publication, once the connector captures them.
     systemd.services.cdc-lake-db = {
       description = "Apply the CDC lake schema and role passwords";
       wantedBy = ["multi-user.target"];
@@ -149,7 +184,27 @@ in {
         for f in ${../db}/*.sql; do
           psql -v ON_ERROR_STOP=1 -d twitter -f "$f"
         done
+        ${capture "before-connector"}
       '';
+    };
+
+    # The second half of db/capture.sh: publish the listed tables the
+    # publication lacks, after debezium-connector has returned with the
+    # connector's tasks running on the new list. A rebuild that changes the
+    # list restarts debezium-connector, and Requires= restarts this unit
+    # after it.
+    systemd.services.cdc-lake-publication = {
+      description = "Publish the captured tables the connector now includes";
+      wantedBy = ["multi-user.target"];
+      after = ["debezium-connector.service"];
+      requires = ["debezium-connector.service"];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        User = "postgres";
+      };
+      path = [pg];
+      script = capture "after-connector";
     };
 
     services.apache-kafka = {
@@ -238,6 +293,7 @@ in {
 
     services.debezium = {
       enable = true;
+      inherit (cfg) capturedTables;
       databasePasswordFile = "${secrets}/debezium-db-password";
     };
     systemd.services.kafka-connect.after = ["cdc-lake-secrets.service"];

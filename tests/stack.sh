@@ -7,7 +7,11 @@
 #   tests/stack.sh up        install, start what is not running, wait until ready
 #   tests/stack.sh down      stop exactly what `up` started, by pid
 #   tests/stack.sh status    one line per component
-#   tests/stack.sh env       print the variables the tests and services read
+#   tests/stack.sh env       print the variables the tests and services read,
+#                            and this script's own, so a later call in the
+#                            same shell (`capture`, say) finds the same stack
+#   tests/stack.sh capture   apply db/captured-tables to the running stack:
+#                            publication, grants and the connector's tables
 #   tests/stack.sh pipeline  `up`, then build and start tweetgen and cdc-sink
 #   tests/stack.sh stop-pipeline  stop those two, leave the servers up
 #
@@ -46,6 +50,10 @@ MINIO_USER=cdclake
 MINIO_PASSWORD=cdclake-demo-password
 BUCKET=${LAKE_BUCKET:-lake}
 CONNECTOR=twitter-postgres
+
+# The one list of captured tables (README, "Capture another table"). The
+# override lets a test capture a table of its own without editing the repo.
+CAPTURED_TABLES=${CDC_LAKE_CAPTURED_TABLES_FILE:-$ROOT/db/captured-tables}
 
 KAFKA_HOME=$CACHE/kafka-$KAFKA_VERSION
 PLUGIN_DIR=$CACHE/connect-plugins
@@ -224,6 +232,15 @@ SQL
   for f in "$ROOT"/db/*.sql; do
     psql_super -d twitter -f "$f" >/dev/null
   done
+  capture_sql before-connector
+}
+
+# db/capture.sh against our PostgreSQL, with the names the connector uses.
+capture_sql() {
+  PGHOST=$STATE/run PGPORT=$PG_PORT PGUSER=postgres PGDATABASE=twitter \
+    CDC_PUBLICATION=$(jq -r '."publication.name"' "$ROOT/debezium/$CONNECTOR.json") \
+    CDC_SLOT=$(jq -r '."slot.name"' "$ROOT/debezium/$CONNECTOR.json") \
+    bash "$ROOT/db/capture.sh" "$1" "$CAPTURED_TABLES" || die "applying $CAPTURED_TABLES failed (see above)"
 }
 
 start_kafka() {
@@ -312,7 +329,11 @@ EOF
   fi
   wait_for connect "$logf" 120 curl -fsS "http://127.0.0.1:$CONNECT_PORT/connectors"
   register_connector
-  local i state= restarted=
+  capture_sql after-connector
+}
+
+wait_connector_running() {
+  local logf=$STATE/logs/connect.log i state= restarted=
   for ((i = 0; i < 240; i++)); do
     state=$(connector_state)
     case $state in
@@ -337,23 +358,52 @@ EOF
   fail_with_log connect "$logf" "the Debezium connector is not RUNNING after 120s (state: $state)"
 }
 
+# Registers the connector with the ports of this stack and the tables of
+# the list, and returns once its tasks run with that configuration.
 register_connector() {
-  local body
-  body=$(jq --arg port "$PG_PORT" '. + {"database.port": $port}' "$ROOT/debezium/$CONNECTOR.json")
+  local url=http://127.0.0.1:$CONNECT_PORT/connectors/$CONNECTOR body include current stopped=
+  include=$(bash "$ROOT/db/capture.sh" include-list "$CAPTURED_TABLES") || die "reading $CAPTURED_TABLES failed (see above)"
+  body=$(jq --arg port "$PG_PORT" --arg tables "$include" \
+    '. + {"database.port": $port, "table.include.list": $tables}' "$ROOT/debezium/$CONNECTOR.json")
+  current=$(curl -fsS "$url/config" 2>/dev/null | jq -r '."table.include.list" // empty') || current=
+  if [ -n "$current" ] && [ "$current" != "$include" ]; then
+    # The tables change: stop the connector first, so that once tasks run
+    # again they are new ones with the new list. Right after a plain PUT
+    # the old task may still be RUNNING, and `capture.sh after-connector`
+    # would publish a table that task still drops (see db/capture.sh).
+    log "connector tables change: $current -> $include"
+    curl -fsS -X PUT "$url/stop" >/dev/null || die "stopping the Debezium connector failed"
+    local i
+    for ((i = 0; i < 120; i++)); do
+      [ "$(connector_state)" = STOPPED ] && break
+      sleep 0.5
+    done
+    [ "$(connector_state)" = STOPPED ] || die "the Debezium connector did not stop in 60s (state: $(connector_state))"
+    stopped=1
+  fi
   # PUT is create-or-update, so a second `up` is a no-op.
   curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
-    "http://127.0.0.1:$CONNECT_PORT/connectors/$CONNECTOR/config" >"$STATE/logs/connector-put.json" \
+    "$url/config" >"$STATE/logs/connector-put.json" \
     || die "registering the Debezium connector failed: $(cat "$STATE/logs/connector-put.json" 2>/dev/null)"
+  # A PUT leaves a stopped connector stopped, and for a moment its status
+  # may not say so: resume by what we did, not only by what it reports.
+  if [ -n "$stopped" ] || [ "$(connector_state)" = STOPPED ]; then
+    curl -fsS -X PUT "$url/resume" >/dev/null || die "resuming the Debezium connector failed"
+  fi
+  wait_connector_running
 }
 
 # RUNNING when the connector and all its tasks run, FAILED when any failed,
-# otherwise the states seen so far (empty while Connect is not answering).
+# STOPPED when stopped (PUT .../stop), otherwise "waiting:" and the states
+# seen so far ("" while Connect does not answer). A connector that has no
+# task yet is not RUNNING: right after a PUT or resume it has none.
 connector_state() {
   curl -fsS "http://127.0.0.1:$CONNECT_PORT/connectors/$CONNECTOR/status" 2>/dev/null | jq -r '
     ([.connector.state] + [.tasks[].state]) as $s
     | if ($s | index("FAILED")) then "FAILED"
+      elif .connector.state == "STOPPED" and (.tasks | length) == 0 then "STOPPED"
       elif (.tasks | length) > 0 and ($s | all(. == "RUNNING")) then "RUNNING"
-      else ($s | join(",")) end' 2>/dev/null || true
+      else "waiting:" + ($s | join(",")) end' 2>/dev/null || true
 }
 
 connector_running() { [ "$(connector_state)" = RUNNING ]; }
@@ -390,6 +440,17 @@ cmd_up() {
   start_connect
   log "stack is up (state in $STATE)"
   cmd_status
+}
+
+# What a user runs after editing the list: the servers must be up already.
+cmd_capture() {
+  running postgres || die "postgres is not running: tests/stack.sh up"
+  curl -fsS "http://127.0.0.1:$CONNECT_PORT/connectors" >/dev/null 2>&1 \
+    || die "Kafka Connect does not answer on port $CONNECT_PORT: tests/stack.sh up"
+  capture_sql before-connector
+  register_connector
+  capture_sql after-connector
+  log "capturing: $(bash "$ROOT/db/capture.sh" include-list "$CAPTURED_TABLES")"
 }
 
 cmd_pipeline() {
@@ -473,6 +534,7 @@ export TWEETGEN_DATABASE__HOST=127.0.0.1 TWEETGEN_DATABASE__PORT=$PG_PORT TWEETG
 export CDC_SINK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT
 export CDC_SINK_S3__ENDPOINT=http://127.0.0.1:$MINIO_PORT CDC_SINK_S3__BUCKET=$BUCKET CDC_SINK_S3__ACCESS_KEY_ID=$MINIO_USER CDC_SINK_S3__SECRET_ACCESS_KEY=$MINIO_PASSWORD
 export STACK_PG_SUPERUSER_SOCKET=$STATE/run STACK_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT STACK_STATE=$STATE
+export CDC_LAKE_STATE=$STATE PG_PORT=$PG_PORT KAFKA_PORT=$KAFKA_PORT KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT CONNECT_PORT=$CONNECT_PORT MINIO_PORT=$MINIO_PORT MINIO_CONSOLE_PORT=$MINIO_CONSOLE_PORT
 EOF
 }
 
@@ -482,7 +544,8 @@ case ${1:-} in
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  capture) cmd_capture ;;
   pipeline) cmd_pipeline ;;
   stop-pipeline) stop_pid tweetgen; stop_pid cdc-sink ;;
-  *) echo "usage: $0 {install|up|down|status|env|pipeline|stop-pipeline}" >&2; exit 2 ;;
+  *) echo "usage: $0 {install|up|down|status|env|capture|pipeline|stop-pipeline}" >&2; exit 2 ;;
 esac
