@@ -180,7 +180,6 @@ impl Lake {
         props: WriterProperties,
         lake: &LakeConfig,
     ) -> Result<Lake, LakeError> {
-        deltalake::aws::register_handlers(None);
         let prefix = prefix.trim_matches('/');
         let root = if prefix.is_empty() {
             format!("s3://{}/", s3.bucket)
@@ -189,18 +188,7 @@ impl Lake {
         };
         let root = Url::parse(&root).map_err(|_| LakeError::Location(root.clone()))?;
         let storage = storage_options(s3).map_err(|e| LakeError::Location(e.to_string()))?;
-        Ok(Lake {
-            root,
-            storage,
-            group_id: group_id.to_string(),
-            props,
-            table_properties: lake.table_properties(),
-            tables: tokio::sync::Mutex::new(HashMap::new()),
-            fault_commit_delay: std::env::var("CDC_LAKE_FAULT_COMMIT_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(std::time::Duration::from_millis),
-        })
+        Ok(Lake::at(root, storage, group_id, props, lake))
     }
 
     pub fn table_url(&self, table: &str) -> Url {
@@ -452,6 +440,9 @@ impl Lake {
         props: WriterProperties,
         lake: &LakeConfig,
     ) -> Lake {
+        // s3:// URLs resolve through the handlers deltalake-aws registers;
+        // registering again is harmless.
+        deltalake::aws::register_handlers(None);
         Lake {
             root,
             storage,
@@ -459,6 +450,10 @@ impl Lake {
             props,
             table_properties: lake.table_properties(),
             tables: tokio::sync::Mutex::new(HashMap::new()),
+            fault_commit_delay: std::env::var("CDC_LAKE_FAULT_COMMIT_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
         }
     }
 
