@@ -39,12 +39,14 @@ fn config(prefix: &str) -> SinkConfig {
     cfg
 }
 
-fn prefix() -> String {
+/// A prefix of the test's own: the two tests run at once, and one
+/// millisecond clock reading could be shared.
+fn prefix(test: &str) -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    format!("upkeep-test-{ms}")
+    format!("upkeep-{test}-{ms}")
 }
 
 fn rows(partition: i32, offsets: std::ops::Range<i64>) -> RecordBatch {
@@ -133,7 +135,7 @@ async fn read_table(lake: &Lake) -> (usize, Vec<i64>) {
 // waits out object_store's 30 s request timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upkeep_on_minio_while_the_sink_appends() {
-    let prefix = prefix();
+    let prefix = prefix("appends");
     let cfg = config(&prefix);
     let lake = || {
         Lake::new(
@@ -225,7 +227,7 @@ async fn upkeep_on_minio_while_the_sink_appends() {
 /// do; a failure exits non-zero with the error chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subcommand() {
-    let prefix = prefix();
+    let prefix = prefix("subcommand");
     let cfg = config(&prefix);
     let mut writer = Writer {
         lake: Lake::new(
