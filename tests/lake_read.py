@@ -1,7 +1,12 @@
 """Reads the lake's Delta tables with an independent reader, for the tests.
 
-    lake_read.py rows  --reader deltalake|duckdb --prefix P TABLE...
-    lake_read.py state --prefix P TABLE...
+    lake_read.py rows   --reader deltalake|duckdb --prefix P TABLE...
+    lake_read.py state  --prefix P [--app-id ID]... TABLE...
+    lake_read.py latest --prefix P --key COL [--key COL]... [--sql] TABLE
+
+`latest` runs, in DuckDB, the query that gives the latest state of each
+key (see `latest_state_sql`) and prints its rows like `rows` does; with
+--sql it prints the query instead.
 
 `rows` prints one JSON object per change row, every value as canonical
 text (the form tests compare with PostgreSQL's): timestamps as epoch
@@ -87,7 +92,7 @@ def read_deltalake(prefix, table):
     return DeltaTable(uri(prefix, table), storage_options=storage_options()).to_pyarrow_table()
 
 
-def read_duckdb(prefix, table):
+def duckdb_connect():
     import duckdb
     import duckdb_ext
 
@@ -104,7 +109,69 @@ def read_duckdb(prefix, table):
         "USE_SSL ?, REGION 'us-east-1')",
         [KEY, SECRET, host, ENDPOINT.startswith("https://")],
     )
+    return con
+
+
+def read_duckdb(prefix, table):
+    con = duckdb_connect()
     return con.execute(f"SELECT * FROM delta_scan('{uri(prefix, table)}')").arrow()
+
+
+def latest_state_sql(table_uri, columns, keys):
+    """The latest state of each key, from the change history of a table.
+
+    Per key, changes are ordered by source LSN (then Kafka offset, which
+    breaks ties within one partition); the last one wins and a key whose
+    last change is a delete is dropped. A column listed in
+    `_cdc_unchanged_cols` (an unchanged TOASTed value Debezium did not
+    send) takes the value of the latest earlier change that carried it;
+    NULL if no such change is in the lake.
+    """
+    order = "ORDER BY _cdc_lsn, _cdc_kafka_offset"
+    part = ", ".join(keys)
+    carried = []
+    for c in columns:
+        if c in keys:
+            carried.append(f"    {c}")
+            continue
+        # A struct is non-null even around a NULL value, so IGNORE NULLS
+        # skips only the changes that did not carry the column.
+        carried.append(
+            f"    (last_value(CASE WHEN NOT list_contains(coalesce(_cdc_unchanged_cols, []), '{c}') "
+            f"THEN struct_pack(v := {c}) END IGNORE NULLS)\n"
+            f"       OVER (PARTITION BY {part} {order} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)).v AS {c}"
+        )
+    cols = ",\n".join(carried)
+    return (
+        f"WITH changes AS (\n"
+        f"  SELECT\n{cols},\n"
+        f"    _cdc_op,\n"
+        f"    row_number() OVER (PARTITION BY {part} ORDER BY _cdc_lsn DESC, _cdc_kafka_offset DESC) AS newest\n"
+        f"  FROM delta_scan('{table_uri}')\n"
+        f")\n"
+        f"SELECT * EXCLUDE (_cdc_op, newest) FROM changes WHERE newest = 1 AND _cdc_op <> 'd'"
+    )
+
+
+def latest(args):
+    table = args.tables[0]
+    con = duckdb_connect()
+    t = uri(args.prefix, table)
+    names = [
+        r[0]
+        for r in con.execute(f"DESCRIBE SELECT * FROM delta_scan('{t}')").fetchall()
+        if not r[0].startswith("_cdc_") and r[0] != "date"
+    ]
+    sql = latest_state_sql(t, names, args.key)
+    if args.sql:
+        print(sql)
+        return
+    result = con.execute(sql).arrow()
+    if isinstance(result, pa.RecordBatchReader):
+        result = result.read_all()
+    cols = columns(result)
+    for i in range(result.num_rows):
+        print(json.dumps({c: canon(v[i]) for c, v in cols.items()}))
 
 
 def rows(args):
@@ -152,14 +219,20 @@ def state(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["rows", "state"])
+    p.add_argument("command", choices=["rows", "state", "latest"])
+    p.add_argument("--key", action="append", default=[], help="key columns, for latest")
+    p.add_argument("--sql", action="store_true", help="latest: print the query only")
     p.add_argument("--reader", default="deltalake", choices=["deltalake", "duckdb"])
     p.add_argument("--prefix", default="")
     p.add_argument("--app-id", action="append", default=[], help="txn app ids to report")
     p.add_argument("tables", nargs="+")
     args = p.parse_args()
-    {"rows": rows, "state": state}[args.command](args)
+    {"rows": rows, "state": state, "latest": latest}[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.stdout.flush()
+    # deltalake and pyarrow can abort in their exit handlers now and then,
+    # after the output is complete; the exit status must not depend on it.
+    os._exit(0)

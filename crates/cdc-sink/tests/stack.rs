@@ -434,6 +434,31 @@ fn lake_rows(reader: &str, prefix: &str, tables: &[&str]) -> Vec<LakeRow> {
         .collect()
 }
 
+/// The latest state of each key of `table` as the shipped query computes
+/// it in DuckDB (`tests/lake_read.py latest`).
+fn latest_by_query(
+    prefix: &str,
+    table: &str,
+) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+    let mut args = vec!["latest", "--prefix", prefix];
+    for k in primary_key(table) {
+        args.extend(["--key", k]);
+    }
+    args.push(table);
+    lake_read(&args)
+        .into_iter()
+        .map(|v| {
+            let row: BTreeMap<String, Option<String>> = serde_json::from_value(v).unwrap();
+            let key = primary_key(table)
+                .iter()
+                .map(|k| row[*k].clone().expect("key column set"))
+                .collect::<Vec<_>>()
+                .join(",");
+            (key, row)
+        })
+        .collect()
+}
+
 /// The files `table`'s log holds, and the `txn` version of each app id.
 struct TableState {
     files: BTreeSet<String>,
@@ -881,12 +906,34 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
         by_reader.push(rows);
     }
 
-    // Latest state per key equals PostgreSQL, column by column.
+    // Latest state per key equals PostgreSQL, column by column; and the
+    // shipped latest-state query gives that same state (a column it cannot
+    // know, an unchanged TOASTed value from before the window, aside).
     let mut rows = by_reader.remove(0);
     for table in TABLES {
         let mut of_table: Vec<LakeRow> =
             rows.iter().filter(|r| r.table == table).cloned().collect();
         assert_latest_state_matches(&pg, table, &mut of_table).await;
+        let expected: BTreeMap<String, BTreeMap<String, Option<String>>> =
+            latest_state(&mut of_table)
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v?)))
+                .collect();
+        let by_query = latest_by_query(&prefix, table);
+        assert_eq!(
+            by_query.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{table}: the latest-state query keeps other keys"
+        );
+        for (key, row) in &expected {
+            for (col, v) in row {
+                assert_eq!(
+                    Some(v),
+                    by_query[key].get(col),
+                    "{table} key {key} column {col} by the query"
+                );
+            }
+        }
     }
     rows.clear();
 
