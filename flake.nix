@@ -1,5 +1,5 @@
 {
-  description = "CDC lake: PostgreSQL -> Debezium -> Kafka -> Parquet on S3, exactly once";
+  description = "CDC lake: PostgreSQL -> Debezium -> Kafka -> Delta Lake on S3, exactly once";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 

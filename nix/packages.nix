@@ -32,7 +32,7 @@ in {
     buildNoDefaultFeatures = true;
     checkNoDefaultFeatures = true;
     meta = {
-      description = "Change data capture from PostgreSQL to Parquet on S3 (tweetgen, cdc-sink)";
+      description = "Change data capture from PostgreSQL to Delta Lake tables on S3 (tweetgen, cdc-sink)";
       license = lib.licenses.asl20;
       mainProgram = "cdc-sink";
     };

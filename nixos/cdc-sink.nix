@@ -1,4 +1,4 @@
-# services.cdc-sink: Debezium change events from Kafka to Parquet on S3.
+# services.cdc-sink: Debezium change events from Kafka to Delta Lake tables on S3.
 self: {
   config,
   lib,

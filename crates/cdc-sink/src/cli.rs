@@ -13,7 +13,7 @@ use crate::config::SinkConfig;
 #[command(
     name = "cdc-sink",
     version,
-    about = "Streams Debezium change events from Kafka into Parquet on S3, exactly once"
+    about = "Streams Debezium change events from Kafka into Delta Lake tables on S3, exactly once"
 )]
 pub struct Cli {
     /// TOML config file; `CDC_SINK_*` environment variables override it.
