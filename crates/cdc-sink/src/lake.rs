@@ -191,6 +191,18 @@ impl Lake {
         Ok(Lake::at(root, storage, group_id, props, lake))
     }
 
+    /// The lake the configuration names: its bucket, prefix, consumer
+    /// group, Parquet settings and table properties.
+    pub fn from_config(cfg: &crate::config::SinkConfig) -> Result<Lake, LakeError> {
+        Lake::new(
+            &cfg.s3,
+            &cfg.output.prefix,
+            &cfg.kafka.group_id,
+            crate::encode::writer_properties(&cfg.output),
+            &cfg.lake,
+        )
+    }
+
     pub fn table_url(&self, table: &str) -> Url {
         self.root
             .join(&format!("{table}/"))

@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use crate::batch::{RollPolicy, Segment};
 use crate::config::{ConfigError, SinkConfig};
 use crate::decode::{Decoded, Decoder};
-use crate::encode::writer_properties;
 use crate::lake::{Lake, LakeError, PartitionWrite, table_of};
 use crate::position::{Admit, Positions, Tp};
 use crate::quarantine::{Quarantine, s3_store};
@@ -116,14 +115,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
     let give_up = cfg.give_up_after();
-    let lake = Lake::new(
-        &cfg.s3,
-        &cfg.output.prefix,
-        &cfg.kafka.group_id,
-        writer_properties(&cfg.output),
-        &cfg.lake,
-    )
-    .map_err(|source| PipelineError::Lake { secs: 0, source })?;
+    let lake = Lake::from_config(cfg).map_err(|source| PipelineError::Lake { secs: 0, source })?;
     let quarantine = Quarantine::new(s3_store(&cfg.s3, give_up)?, &cfg.output.prefix);
     let mut source = Source::connect(&cfg.kafka)?;
     let mut sink = Sink {

@@ -185,14 +185,7 @@ pub struct Upkeep {
 /// Runs upkeep on every table of the configured lake, logging one line per
 /// table.
 pub async fn run(cfg: &SinkConfig, dry_run: bool) -> Result<Vec<TableReport>, UpkeepError> {
-    let lake = Lake::new(
-        &cfg.s3,
-        &cfg.output.prefix,
-        &cfg.kafka.group_id,
-        writer_properties(&cfg.output),
-        &cfg.lake,
-    )
-    .map_err(|e| UpkeepError::Lake(Box::new(e)))?;
+    let lake = Lake::from_config(cfg).map_err(|e| UpkeepError::Lake(Box::new(e)))?;
     Upkeep::new(
         &lake,
         writer_properties(&cfg.output),

@@ -201,7 +201,11 @@ impl Drop for SinkProcess {
 
 /// Starts the real sink binary with its own group and prefix.
 fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> SinkProcess {
-    let log = std::env::temp_dir().join(format!("cdc-sink-{group}-{}.log", unique()));
+    // A counter, not the clock: two sinks started in the same millisecond
+    // must not share (and truncate) one log.
+    static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("cdc-sink-{group}-{n}-{}.log", unique()));
     let file = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-sink"));
     cmd.env("CDC_SINK_OUTPUT__PREFIX", prefix)
@@ -337,6 +341,48 @@ async fn send(p: &FutureProducer, topic: &str, partition: i32, value: Option<&[u
     }
     let delivery = p.send(rec, Duration::from_secs(10)).await.unwrap();
     delivery.offset
+}
+
+/// A test of the sink on a topic of its own (`<kind>.<kind-initial><run>`),
+/// with its own consumer group and lake prefix; the table is the topic's
+/// last part.
+struct Scenario {
+    topic: String,
+    prefix: String,
+    group: String,
+    table: String,
+    /// `kafka.topics` for the sink, as its environment variable wants it.
+    topics: String,
+}
+
+impl Scenario {
+    async fn new(kind: &str, partitions: i32) -> Scenario {
+        let run = unique();
+        let table = format!("{}{run}", &kind[..1]);
+        let topic = format!("{kind}.{table}");
+        create_topic(&topic, partitions).await;
+        Scenario {
+            topics: format!("[\"{topic}\"]"),
+            prefix: format!("{kind}-{run}"),
+            group: format!("{kind}-{run}"),
+            topic,
+            table,
+        }
+    }
+
+    fn spawn(&self, extra: &[(&str, &str)]) -> SinkProcess {
+        let mut env = vec![("CDC_SINK_KAFKA__TOPICS", self.topics.as_str())];
+        env.extend_from_slice(extra);
+        spawn_sink(&self.prefix, &self.group, &env)
+    }
+
+    fn until(&self, partition: i32, end: i64) -> BTreeMap<(String, i32), i64> {
+        [((self.topic.clone(), partition), end)].into()
+    }
+
+    fn rows(&self, reader: &str) -> Vec<LakeRow> {
+        lake_rows(reader, &self.prefix, &[&self.table])
+    }
 }
 
 /// A real Debezium change event of `twitter.users`, made to carry `id` (and
@@ -954,12 +1000,8 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
 /// null value) is skipped; the valid events around them land.
 #[tokio::test(flavor = "multi_thread")]
 async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
-    let run = unique();
-    let topic = format!("quarantine.q{run}");
-    let prefix = format!("q-{run}");
-    let group = format!("q-{run}");
     let tpl = EventTemplate::new().await;
-    create_topic(&topic, 1).await;
+    let sc = Scenario::new("quarantine", 1).await;
     let p = producer();
     let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(900_000));
     let bad: Vec<(&[u8], &str)> = vec![
@@ -973,26 +1015,23 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
             "does not match its declared schema",
         ),
     ];
-    send(&p, &topic, 0, Some(&tpl.event(1))).await;
+    send(&p, &sc.topic, 0, Some(&tpl.event(1))).await;
     for (b, _) in &bad {
-        send(&p, &topic, 0, Some(b)).await;
+        send(&p, &sc.topic, 0, Some(b)).await;
     }
-    let tombstone = send(&p, &topic, 0, None).await;
-    let last = send(&p, &topic, 0, Some(&tpl.event(2))).await;
+    let tombstone = send(&p, &sc.topic, 0, None).await;
+    let last = send(&p, &sc.topic, 0, Some(&tpl.event(2))).await;
 
-    let sink = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"{topic}\"]"))],
-    );
-    wait_committed(&group, &[((topic.clone(), 0), last + 1)].into()).await;
+    let sink = sc.spawn(&[]);
+    wait_committed(&sc.group, &sc.until(0, last + 1)).await;
     terminate(sink);
 
     let s = store();
-    let tp = Tp::new(topic.as_str(), 0);
+    let tp = Tp::new(sc.topic.as_str(), 0);
+    let prefix = Path::from(sc.prefix.as_str());
     for (i, (raw, says)) in bad.iter().enumerate() {
         let offset = i as i64 + 1;
-        let key = quarantine_key(&Path::from(prefix.as_str()), &tp, offset);
+        let key = quarantine_key(&prefix, &tp, offset);
         let body = s
             .get(&key)
             .await
@@ -1009,14 +1048,13 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
         assert_eq!(rec.offset, offset);
         assert!(rec.error.contains(says), "offset {offset}: {}", rec.error);
     }
-    let tomb_key = quarantine_key(&Path::from(prefix.as_str()), &tp, tombstone);
+    let tomb_key = quarantine_key(&prefix, &tp, tombstone);
     assert!(
         s.head(&tomb_key).await.is_err(),
         "a tombstone is not quarantined"
     );
-    let table = topic.rsplit('.').next().unwrap();
-    let rows = lake_rows("deltalake", &prefix, &[table]);
-    let ids: Vec<_> = rows
+    let ids: Vec<_> = sc
+        .rows("deltalake")
         .iter()
         .map(|r| r.values["id"].clone().unwrap())
         .collect();
@@ -1036,33 +1074,24 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
 ///   committed.
 #[tokio::test(flavor = "multi_thread")]
 async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
-    let run = unique();
-    let topic = format!("replay.r{run}");
-    let prefix = format!("r-{run}");
-    let group = format!("r-{run}");
-    let table = topic.rsplit('.').next().unwrap().to_string();
     let tpl = EventTemplate::new().await;
-    create_topic(&topic, 1).await;
+    let sc = Scenario::new("replay", 1).await;
     let p = producer();
-    let topics = format!("[\"{topic}\"]");
-    let slow = [
-        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
-        ("CDC_SINK_FLUSH__MAX_AGE_MS", "600000"),
-    ];
+    let slow = [("CDC_SINK_FLUSH__MAX_AGE_MS", "600000")];
     let mut id = 0;
     let mut produce = async |n: usize, tombstones: bool| {
         let mut last = 0;
         for _ in 0..n {
             id += 1;
             let value = (!tombstones).then(|| tpl.event(id));
-            last = send(&p, &topic, 0, value.as_deref()).await;
+            last = send(&p, &sc.topic, 0, value.as_deref()).await;
         }
         last
     };
 
     // 1. Ten rows buffered, never flushed: SIGKILL.
     produce(10, false).await;
-    let a = spawn_sink(&prefix, &group, &slow);
+    let a = sc.spawn(&slow);
     wait_log(
         &a,
         "position read from the lake",
@@ -1073,7 +1102,7 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.kill_9();
     // 2. The replay is stopped by SIGTERM half-way through the stream.
-    let b = spawn_sink(&prefix, &group, &slow);
+    let b = sc.spawn(&slow);
     wait_log(
         &b,
         "position read from the lake",
@@ -1085,43 +1114,31 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     terminate(b);
     // 3. Tombstones only: their segment commits to Kafka alone...
-    let c = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
-    );
+    let c = sc.spawn(&[]);
     let after_tombstones = produce(5, true).await;
-    wait_committed(&group, &[((topic.clone(), 0), after_tombstones + 1)].into()).await;
+    wait_committed(&sc.group, &sc.until(0, after_tombstones + 1)).await;
     terminate(c);
     // ... and that commit is lost: the group's offsets go back to 0.
-    commit_offsets(&group, &[((topic.clone(), 0), 0)].into());
+    commit_offsets(&sc.group, &sc.until(0, 0));
     // 4. More rows, written but not committed when the sink dies.
-    let fault = [
-        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
-        ("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "5000"),
-    ];
-    let d = spawn_sink(&prefix, &group, &fault);
+    let d = sc.spawn(&[("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "5000")]);
     let before = d.count(UPLOADED);
     let end = produce(5, false).await;
     wait_log(&d, UPLOADED, before + 1, Duration::from_secs(60)).await;
     d.kill_9();
-    let e = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
-    );
-    wait_committed(&group, &[((topic.clone(), 0), end + 1)].into()).await;
+    let e = sc.spawn(&[]);
+    wait_committed(&sc.group, &sc.until(0, end + 1)).await;
     terminate(e);
 
-    let rows = lake_rows("deltalake", &prefix, &[&table]);
-    let offsets = offsets_once(&rows);
+    let offsets = offsets_once(&sc.rows("deltalake"));
     let want: BTreeSet<(i32, i64)> = (0..=last)
         .chain(after_tombstones + 1..=end)
         .map(|o| (0, o))
         .collect();
     assert_eq!(offsets, want, "every row exactly once");
-    let state = table_state(&prefix, &table, &[format!("cdc-sink:{group}:{topic}:0")]);
-    assert_eq!(state.txn.values().next().copied().flatten(), Some(end));
+    let app_id = format!("cdc-sink:{}:{}:0", sc.group, sc.topic);
+    let state = table_state(&sc.prefix, &sc.table, std::slice::from_ref(&app_id));
+    assert_eq!(state.txn[&app_id], Some(end), "the lake's position");
 }
 
 /// The log start moves past rows that were read but never committed
@@ -1130,37 +1147,20 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
 /// nothing lands twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn log_start_moved_past_uncommitted_rows() {
-    let run = unique();
-    let topic = format!("deleted.d{run}");
-    let prefix = format!("d-{run}");
-    let group = format!("d-{run}");
-    let table = topic.rsplit('.').next().unwrap().to_string();
     let tpl = EventTemplate::new().await;
-    create_topic(&topic, 1).await;
+    let sc = Scenario::new("deleted", 1).await;
     let p = producer();
-    let topics = format!("[\"{topic}\"]");
     for id in 0..10 {
-        send(&p, &topic, 0, Some(&tpl.event(id))).await;
+        send(&p, &sc.topic, 0, Some(&tpl.event(id))).await;
     }
-    let a = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
-    );
-    wait_committed(&group, &[((topic.clone(), 0), 10)].into()).await;
+    let a = sc.spawn(&[]);
+    wait_committed(&sc.group, &sc.until(0, 10)).await;
     terminate(a);
     // Ten more, buffered and then lost with the sink.
     for id in 10..20 {
-        send(&p, &topic, 0, Some(&tpl.event(id))).await;
+        send(&p, &sc.topic, 0, Some(&tpl.event(id))).await;
     }
-    let b = spawn_sink(
-        &prefix,
-        &group,
-        &[
-            ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
-            ("CDC_SINK_FLUSH__MAX_AGE_MS", "600000"),
-        ],
-    );
+    let b = sc.spawn(&[("CDC_SINK_FLUSH__MAX_AGE_MS", "600000")]);
     wait_log(
         &b,
         "position read from the lake",
@@ -1171,24 +1171,19 @@ async fn log_start_moved_past_uncommitted_rows() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.kill_9();
     // Retention (here DeleteRecords) removes offsets 0..15.
-    let mut tpl_del = TopicPartitionList::new();
-    tpl_del
-        .add_partition_offset(&topic, 0, Offset::Offset(15))
+    let mut delete = TopicPartitionList::new();
+    delete
+        .add_partition_offset(&sc.topic, 0, Offset::Offset(15))
         .unwrap();
     admin()
-        .delete_records(&tpl_del, &AdminOptions::new())
+        .delete_records(&delete, &AdminOptions::new())
         .await
         .unwrap();
-    let c = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", topics.as_str())],
-    );
-    wait_committed(&group, &[((topic.clone(), 0), 20)].into()).await;
+    let c = sc.spawn(&[]);
+    wait_committed(&sc.group, &sc.until(0, 20)).await;
     terminate(c);
 
-    let rows = lake_rows("duckdb", &prefix, &[&table]);
-    let offsets = offsets_once(&rows);
+    let offsets = offsets_once(&sc.rows("duckdb"));
     let want: BTreeSet<(i32, i64)> = (0..10).chain(15..20).map(|o| (0, o)).collect();
     assert_eq!(
         offsets, want,
@@ -1202,23 +1197,14 @@ async fn log_start_moved_past_uncommitted_rows() {
 /// advanced and is dropped. No offset lands twice, none is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_sink_is_fenced_when_it_wakes() {
-    let run = unique();
-    let topic = format!("fence.f{run}");
-    let prefix = format!("f-{run}");
-    let group = format!("f-{run}");
-    let table = topic.rsplit('.').next().unwrap().to_string();
     let tpl = Arc::new(EventTemplate::new().await);
-    create_topic(&topic, 2).await;
-    let topics = format!("[\"{topic}\"]");
-    let cfg = [
-        ("CDC_SINK_KAFKA__TOPICS", topics.as_str()),
-        ("CDC_SINK_FLUSH__MAX_AGE_MS", "4000"),
-    ];
-    let a = spawn_sink(&prefix, &group, &cfg);
-    let b = spawn_sink(&prefix, &group, &cfg);
+    let sc = Scenario::new("fence", 2).await;
+    let cfg = [("CDC_SINK_FLUSH__MAX_AGE_MS", "4000")];
+    let a = sc.spawn(&cfg);
+    let b = sc.spawn(&cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
     let producing = {
-        let topic = topic.clone();
+        let topic = sc.topic.clone();
         let tpl = tpl.clone();
         tokio::spawn(async move {
             let p = producer();
@@ -1259,15 +1245,14 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     stop_tx.send(true).unwrap();
     let until = producing.await.unwrap();
-    wait_committed(&group, &until).await;
+    wait_committed(&sc.group, &until).await;
     let fenced = a.count("another writer advanced this partition")
         + a.count("commit lost to a concurrent writer");
     terminate(a);
     terminate(b);
     assert!(fenced >= 1, "the woken sink was never fenced");
 
-    let rows = lake_rows("deltalake", &prefix, &[&table]);
-    let offsets = offsets_once(&rows);
+    let offsets = offsets_once(&sc.rows("deltalake"));
     for ((_, part), end) in &until {
         for o in 0..*end {
             assert!(offsets.contains(&(*part, o)), "offset {part}/{o} lost");
