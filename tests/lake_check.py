@@ -5,6 +5,8 @@ only the files the log names are data. Files a crashed attempt uploaded
 but never committed are invisible to it, as to any Delta reader.
 
 For each captured table:
+  - it is partitioned by `date`, and every live file is a `.parquet`
+    under `date=YYYY-MM-DD/`;
   - every file the log holds is Parquet (`PAR1` at both ends);
   - no Kafka (partition, offset) is in the table twice;
   - the latest state per primary key (changes ordered by Kafka partition
@@ -21,6 +23,9 @@ With --restart-checks, also:
 
 Usage (in the VM, as the postgres user, so that psql gets in by peer auth):
     lake_check.py --secret-file /tmp/minio-pw [--restart-checks]
+With fixed input (the sink-host test, no PostgreSQL):
+    lake_check.py --secret-file F --no-pg --tables users,tweets \\
+        --expect users=2:1 --expect tweets=2:0 --restart-checks
 Against another lake, read-only (e.g. a prefix an e2e test wrote):
     lake_check.py --endpoint http://127.0.0.1:9000 --prefix e2e-123 \\
         --secret-file F --no-pg
@@ -32,6 +37,7 @@ ever written to the bucket or the database.
 import argparse
 import json
 import posixpath
+import re
 import subprocess
 import sys
 
@@ -169,10 +175,16 @@ def check_table(args, store, table, key):
     ), f"{table}: neither version 0 nor a checkpoint in {table_key}_delta_log/"
 
     dt = DeltaTable(uri, storage_options=args.storage_options)
+    parts = list(dt.metadata().partition_columns)
+    assert parts == ["date"], f"{table}: partition columns {parts}, expected ['date']"
     live = []
     for f in dt.file_uris():
         assert f.startswith(f"s3://{args.bucket}/"), f
         live.append(f[len(f"s3://{args.bucket}/"):])
+        name = live[-1][len(table_key):]
+        assert re.fullmatch(r"date=\d{4}-\d\d-\d\d/[^/]+\.parquet", name), (
+            f"{table}: live file {name} is not under date=YYYY-MM-DD/"
+        )
     for k in live:
         head, tail = store.read(k, "bytes=0-3"), store.read(k, "bytes=-4")
         assert head == b"PAR1" and tail == b"PAR1", f"{k} (in the log) is not Parquet"
@@ -194,6 +206,10 @@ def check_table(args, store, table, key):
             state[k] = True
     assert n or table not in args.require, f"{table}: the Delta table has no rows"
     line = f"{table}: version {dt.version()}, {len(live)} files, {n} changes, {len(state)} live keys"
+    if table in args.expect:
+        assert (n, len(state)) == args.expect[table], (
+            f"{table}: {n} changes and {len(state)} live keys, expected {args.expect[table]}"
+        )
 
     if args.restart_checks:
         from_log = log_txns(store, table_key)
@@ -241,12 +257,17 @@ def main():
     p.add_argument("--topic-prefix", default="twitter")
     p.add_argument("--pg-dsn", default="twitter", help="psql -d argument")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comparison")
+    p.add_argument("--expect", action="append", default=[], metavar="TABLE=CHANGES:LIVE",
+                   help="also require exactly this many change rows and live keys")
     p.add_argument("--restart-checks", action="store_true",
                    help="also check txn versions and count unreferenced Parquet objects")
     args = p.parse_args()
     with open(args.secret_file) as f:
         secret = f.read().strip()
     args.require = {t for t in args.require.split(",") if t}
+    args.expect = {
+        e.split("=")[0]: tuple(int(x) for x in e.split("=")[1].split(":")) for e in args.expect
+    }
     args.storage_options = {
         "AWS_ENDPOINT_URL": args.endpoint,
         "AWS_ACCESS_KEY_ID": args.access_key,
