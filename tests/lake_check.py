@@ -155,6 +155,16 @@ def pg(dsn, sql):
     return [line.split("\t") for line in out.stdout.splitlines() if line]
 
 
+def pg_primary_key(dsn, table):
+    """The primary key columns of a table KEYS does not know, in order."""
+    return [r[0] for r in pg(dsn, (
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        f"WHERE i.indrelid = 'public.{table}'::regclass AND i.indisprimary "
+        "ORDER BY array_position(i.indkey::int2[], a.attnum)"
+    ))]
+
+
 def check_table(args, store, table, key):
     root = f"{args.prefix.strip('/')}/" if args.prefix.strip("/") else ""
     table_key = f"{root}{table}/"
@@ -250,7 +260,9 @@ def main():
     p.add_argument("--prefix", default="", help="the sink's s3.prefix (default: none)")
     p.add_argument("--access-key", default="cdclake")
     p.add_argument("--secret-file", required=True)
-    p.add_argument("--tables", default=",".join(KEYS), help="comma-separated (default: all four)")
+    p.add_argument("--tables", default=",".join(KEYS),
+                   help="comma-separated (default: the four of db/captured-tables); "
+                        "a table not in KEYS takes its primary key from PostgreSQL")
     p.add_argument("--require", default="users,tweets",
                    help="tables that must exist and have rows (default: users,tweets)")
     p.add_argument("--group", default="cdc-sink", help="the sink's consumer group")
@@ -277,9 +289,10 @@ def main():
     }
     store = Store(args.endpoint, args.bucket, args.access_key, secret)
     for table in [t for t in args.tables.split(",") if t]:
-        if table not in KEYS:
-            sys.exit(f"no primary key known for {table}; add it to KEYS")
-        check_table(args, store, table, KEYS[table])
+        key = KEYS.get(table) or ([] if args.no_pg else pg_primary_key(args.pg_dsn, table))
+        if not key:
+            sys.exit(f"no primary key known for {table}: add it to KEYS")
+        check_table(args, store, table, key)
 
 
 if __name__ == "__main__":

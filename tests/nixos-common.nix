@@ -13,6 +13,9 @@
   # dependency (to_pyarrow_table), not pulled in by it.
   python = pkgs.python3.withPackages (ps: [ps.deltalake ps.boto3 ps.pyarrow]);
   kafka = pkgs.apacheKafka_4_1;
+  # The tables the node captures (services.cdc-lake.capturedTables keeps
+  # its default, db/captured-tables): lake_check.py checks each of them.
+  captured = pkgs.lib.concatStringsSep "," (import ../nixos/captured-tables.nix pkgs.lib).default;
 
   # `s3 ENDPOINT SECRET_FILE ls PREFIX` lists object keys under a prefix of
   # the lake bucket; `... mb BUCKET` creates a bucket; `... version TABLE/`
@@ -138,7 +141,7 @@ in {
         print(m.succeed(
             "install -m 0400 -o postgres /var/lib/cdc-lake/secrets/minio-root-password /tmp/minio-pw && "
             "cd /tmp && sudo -u postgres ${python}/bin/python3 ${./lake_check.py} "
-            f"--endpoint http://127.0.0.1:9000 --secret-file /tmp/minio-pw {checks}"
+            f"--endpoint http://127.0.0.1:9000 --secret-file /tmp/minio-pw --tables ${captured} {checks}"
         ))
   '';
 }
