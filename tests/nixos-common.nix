@@ -8,33 +8,44 @@
   self,
   pkgs,
 }: let
-  python = pkgs.python3.withPackages (ps: [ps.boto3 ps.pyarrow]);
+  # deltalake reads the tables through their log (lake_check.py); boto3
+  # lists and reads raw objects; pyarrow is deltalake's optional reader
+  # dependency (to_pyarrow_table), not pulled in by it.
+  python = pkgs.python3.withPackages (ps: [ps.deltalake ps.boto3 ps.pyarrow]);
   kafka = pkgs.apacheKafka_4_1;
+  # The tables the node captures (services.cdc-lake.capturedTables keeps
+  # its default, db/captured-tables): lake_check.py checks each of them.
+  captured = pkgs.lib.concatStringsSep "," (import ../nixos/captured-tables.nix pkgs.lib).default;
 
   # `s3 ENDPOINT SECRET_FILE ls PREFIX` lists object keys under a prefix of
-  # the lake bucket; `... mb BUCKET` creates a bucket; `... head KEY` prints
-  # an object's first four bytes. A store path, so the Python test scripts
-  # can embed the command without quoting trouble; the secret is read from a
-  # file, never passed on a command line.
+  # the lake bucket; `... mb BUCKET` creates a bucket; `... version TABLE/`
+  # prints the table's latest Delta version, from the commit file names in
+  # its `_delta_log/` (-1: no table yet). A store path, so the Python test
+  # scripts can embed the command without quoting trouble; the secret is
+  # read from a file, never passed on a command line.
   s3 = let
     script = pkgs.writeText "s3.py" ''
-      import sys, boto3
+      import re, sys, boto3
       endpoint, secret_file, cmd, arg = sys.argv[1:5]
       secret = open(secret_file).read().strip()
       s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="cdclake",
                         aws_secret_access_key=secret, region_name="us-east-1")
-      if cmd == "ls":
-          for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake", Prefix=arg):
+      def ls(prefix):
+          for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake", Prefix=prefix):
               for o in page.get("Contents", []):
-                  print(o["Key"])
+                  yield o["Key"]
+      if cmd == "ls":
+          for key in ls(arg):
+              print(key)
       elif cmd == "mb":
           try:
               s3.create_bucket(Bucket=arg)
           except s3.exceptions.BucketAlreadyOwnedByYou:
               pass
-      elif cmd == "head":
-          body = s3.get_object(Bucket="lake", Key=arg, Range="bytes=0-3")["Body"].read()
-          print(body.decode("latin-1"))
+      elif cmd == "version":
+          found = [int(m.group(1)) for k in ls(arg + "_delta_log/")
+                   if (m := re.fullmatch(r".*/(\d{20})[.]json", k))]
+          print(max(found, default=-1))
       else:
           sys.exit(f"unknown command {cmd}")
     '';
@@ -70,13 +81,18 @@ in {
             m.wait_for_unit(unit, timeout=600)
 
 
-    def object_count(m, prefix):
-        return len(m.succeed(f"{LOCAL_S3} ls {prefix}").split())
+    def delta_version(m, s3, table):
+        """The latest version of `table`'s Delta log (-1: no table yet)."""
+        return int(m.succeed(f"{s3} version {table}/").strip())
 
 
-    def wait_for_more_objects(m, prefix, than):
-        """Waits until the sink has landed more than `than` objects under prefix."""
-        m.wait_until_succeeds(f"test $({LOCAL_S3} ls {prefix} | wc -l) -gt {than}", timeout=300)
+    def wait_for_delta_commit(m, s3, table, than=-1):
+        """Waits until `table` has a Delta commit past version `than`; with
+        the default, until the table exists. Data is only what a commit
+        names: loose Parquet objects do not count."""
+        m.wait_until_succeeds(f"test $({s3} version {table}/) -gt {than}", timeout=300)
+        keys = m.succeed(f"{s3} ls {table}/_delta_log/").split()
+        assert f"{table}/_delta_log/00000000000000000000.json" in keys, keys
 
 
     def check_hardening(m, limits):
@@ -101,12 +117,13 @@ in {
         )
 
 
-    def settle_and_check(m):
+    def settle_and_check(m, checks=""):
         # Stop the workload, then commit a barrier row after it: Debezium
         # publishes in commit order, so once the barrier is in Kafka every
         # change before it is too (one broker, one producer connection, sends
         # in order). Then wait until the sink committed everything (lag 0),
-        # and compare the lake with PostgreSQL.
+        # and compare the lake, read through each table's Delta log, with
+        # PostgreSQL. `checks`: more lake_check.py arguments.
         m.succeed("systemctl stop tweetgen.service")
         m.succeed(
             "sudo -u postgres psql -v ON_ERROR_STOP=1 -d twitter -c "
@@ -123,7 +140,8 @@ in {
         m.wait_until_succeeds(lag_is_zero("cdc-sink"), timeout=300)
         print(m.succeed(
             "install -m 0400 -o postgres /var/lib/cdc-lake/secrets/minio-root-password /tmp/minio-pw && "
-            "cd /tmp && sudo -u postgres ${python}/bin/python3 ${./lake_check.py} http://127.0.0.1:9000 lake /tmp/minio-pw"
+            "cd /tmp && sudo -u postgres ${python}/bin/python3 ${./lake_check.py} "
+            f"--endpoint http://127.0.0.1:9000 --secret-file /tmp/minio-pw --tables ${captured} {checks}"
         ))
   '';
 }
