@@ -5,6 +5,7 @@ use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::config::{CompressionCodec, OutputConfig};
@@ -20,6 +21,15 @@ pub fn writer_properties(output: &OutputConfig) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(compression)
         .set_created_by(concat!("cdc-sink ", env!("CARGO_PKG_VERSION")).to_string())
+        // Dates and timestamps here are proleptic Gregorian, as Spark >= 3
+        // writes them. Spark trusts that only of files that say so with
+        // this key; without it, it refuses values before 1582/1900 (the
+        // -infinity sentinel 0001-01-01, say) unless every reader sets
+        // `datetimeRebaseModeInRead`.
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            "org.apache.spark.version".to_string(),
+            "3.5.0".to_string(),
+        )]))
         .build()
 }
 
@@ -31,4 +41,35 @@ pub fn encode(batch: &RecordBatch, props: &WriterProperties) -> Result<Bytes, Pa
     writer.write(batch)?;
     writer.close()?;
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use std::sync::Arc;
+
+    #[test]
+    fn files_tell_spark_their_calendar() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1]))]).unwrap();
+        let bytes = encode(
+            &batch,
+            &writer_properties(&crate::config::SinkConfig::default().output),
+        )
+        .unwrap();
+        let reader = SerializedFileReader::new(bytes).unwrap();
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap();
+        assert!(
+            kv.iter().any(|k| k.key == "org.apache.spark.version"),
+            "{kv:?}"
+        );
+    }
 }

@@ -602,6 +602,27 @@ mod tests {
         assert_eq!(table_of("twitter.tweets"), "tweets");
     }
 
+    /// Spark's Delta reader refuses a table with a NOT NULL column unless
+    /// the protocol lists `invariants`, which this writer cannot: every
+    /// column of a table the sink creates is nullable.
+    #[test]
+    fn tables_have_only_nullable_columns() {
+        let envelope: crate::schema::ConnectSchema = serde_json::from_str(
+            r#"{"type":"struct","fields":[{"type":"struct","field":"after","fields":[
+                {"type":"int64","optional":false,"field":"id"}]}]}"#,
+        )
+        .unwrap();
+        let t = crate::schema::TableSchema::from_envelope(&envelope).unwrap();
+        let delta = table_schema(&t.arrow).unwrap();
+        let not_null: Vec<&String> = delta
+            .fields()
+            .filter(|f| !f.is_nullable())
+            .map(|f| f.name())
+            .collect();
+        assert!(not_null.is_empty(), "NOT NULL columns: {not_null:?}");
+        assert!(delta.field(meta::KAFKA_OFFSET).is_some());
+    }
+
     #[test]
     fn schema_grows_and_never_narrows() {
         let base = batch(

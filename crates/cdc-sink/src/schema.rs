@@ -305,14 +305,18 @@ impl TableSchema {
     }
 }
 
+/// Nullable, although the sink always sets the first four: Spark's Delta
+/// reader treats a NOT NULL column as the `invariants` table feature and
+/// refuses a table whose protocol does not list it, and delta-rs writes
+/// that feature only with DataFusion.
 fn metadata_fields() -> [Field; 7] {
     [
-        Field::new(meta::OP, DataType::Utf8, false),
-        Field::new(meta::COMMIT_TS, utc_micros(), false),
+        Field::new(meta::OP, DataType::Utf8, true),
+        Field::new(meta::COMMIT_TS, utc_micros(), true),
         Field::new(meta::LSN, DataType::Int64, true),
         Field::new(meta::TX_ID, DataType::Int64, true),
-        Field::new(meta::KAFKA_PARTITION, DataType::Int32, false),
-        Field::new(meta::KAFKA_OFFSET, DataType::Int64, false),
+        Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+        Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
         Field::new(
             meta::UNCHANGED,
             DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
