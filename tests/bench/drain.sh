@@ -7,7 +7,11 @@
 # PostgreSQL -> Debezium -> Kafka) until the topic holds EVENTS more
 # events, then starts cdc-sink with a fresh consumer group (so it reads the
 # whole topic) and a fresh prefix, and measures the time until every
-# partition is committed, plus the sink's peak RSS (VmHWM).
+# partition is committed (the sink commits Kafka only after the lake), the
+# sink's CPU time (user + sys) and its peak RSS (VmHWM).
+#
+# DRAIN_SINK_BIN runs another build of the sink (to measure an older commit on
+# the same topic).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 events=${1:-1000000}
@@ -26,8 +30,14 @@ if [ "$before" -lt "$events" ]; then
   need=$((events - before))
   echo "filling $topic with $need more events (now $before)"
   start=$(date +%s)
-  "$CARGO_TARGET_DIR/release/tweetgen" --rate 0 --load-method copy --batches $(((need + 4999) / 5000)) >/dev/null 2>&1
-  while [ "$(total)" -lt "$events" ]; do sleep 2; done
+  # Load mode spreads its rows over every table, so fill in rounds until
+  # this topic holds enough, waiting for Debezium to catch up in between.
+  while [ "$(total)" -lt "$events" ]; do
+    need=$((events - $(total)))
+    "$CARGO_TARGET_DIR/release/tweetgen" --rate 0 --load-method copy --batches $(((need + 2499) / 2500)) >/dev/null 2>&1
+    last=-1
+    while [ "$(total)" -ne "$last" ]; do last=$(total); sleep 5; done
+  done
   echo "filled in $(( $(date +%s) - start ))s (PostgreSQL + Debezium)"
 fi
 target=$(total)
@@ -36,7 +46,7 @@ echo "draining $target events from $topic"
 run=drain-$(date +%s)
 export CDC_SINK_KAFKA__TOPICS="[\"$topic\"]" CDC_SINK_KAFKA__GROUP_ID=$run CDC_SINK_OUTPUT__PREFIX=$run
 start=$(date +%s.%N)
-"$CARGO_TARGET_DIR/release/cdc-sink" >"/tmp/$run.log" 2>&1 &
+"${DRAIN_SINK_BIN:-$CARGO_TARGET_DIR/release/cdc-sink}" >"/tmp/$run.log" 2>&1 &
 pid=$!
 peak=0
 while :; do
@@ -50,7 +60,10 @@ done
 end=$(date +%s.%N)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 [ "$hwm" -gt "$peak" ] && peak=$hwm
+# utime + stime, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+cpu=$(echo "$ticks / $(getconf CLK_TCK)" | bc -l)
 kill -TERM $pid; wait $pid || true
 secs=$(echo "$end - $start" | bc)
-printf 'drained %d events in %.1fs = %.0f rows/s, peak RSS %d MiB\n' \
-  "$target" "$secs" "$(echo "$target / $secs" | bc -l)" $((peak / 1024))
+printf 'drained %d events in %.1fs = %.0f rows/s; sink CPU %.1fs = %.0f rows per CPU-second; peak RSS %d MiB\n' \
+  "$target" "$secs" "$(echo "$target / $secs" | bc -l)" "$cpu" "$(echo "$target / $cpu" | bc -l)" $((peak / 1024))

@@ -53,7 +53,7 @@ fn decode_arrow_parquet(c: &mut Criterion) {
             let mut seg = Segment::new(0);
             for (i, m) in msgs.iter().enumerate() {
                 if let Decoded::Row(r) = d.decode(Some(m)).unwrap() {
-                    seg.push(&r, 0, i as i64, m.len());
+                    seg.push(&r, 0, i as i64);
                 }
             }
             for file in seg.into_files().unwrap() {

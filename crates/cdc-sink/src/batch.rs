@@ -234,7 +234,12 @@ impl Segment {
         self.last = self.last.max(offset);
     }
 
-    pub fn push(&mut self, row: &ChangeRow, partition: i32, offset: i64, bytes: usize) {
+    /// Appends a row. What it adds to [`Segment::bytes`] is the row's
+    /// decoded size, not the message's: a Debezium message carries its whole
+    /// schema (kilobytes) for a row of a few hundred bytes, and it is the
+    /// decoded rows that the buffer holds.
+    pub fn push(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
+        let bytes = row.decoded_size();
         let date = chrono::DateTime::from_timestamp_millis(row.commit_ts_ms)
             .map(|t| t.date_naive())
             .unwrap_or_default();
@@ -293,6 +298,23 @@ mod tests {
             p.check(0, 0, Duration::from_secs(10)),
             Some(RollReason::Age)
         );
+    }
+
+    #[test]
+    fn buffered_bytes_are_decoded_rows_not_messages() {
+        let mut d = crate::decode::Decoder::new();
+        let mut seg = Segment::new(0);
+        let mut raw = 0;
+        for (i, line) in crate::decode::tests::TWITTER.lines().enumerate() {
+            if let Ok(crate::decode::Decoded::Row(r)) = d.decode(Some(line.as_bytes())) {
+                seg.push(&r, 0, i as i64);
+                raw += line.len();
+            }
+        }
+        assert!(seg.rows() > 0);
+        // A message carries its schema: kilobytes for a row of hundreds.
+        assert!(seg.bytes * 3 < raw, "{} decoded vs {raw} raw", seg.bytes);
+        assert!(seg.bytes > seg.rows() * 48);
     }
 
     #[test]

@@ -98,6 +98,28 @@ pub struct ChangeRow {
     pub tx_id: Option<i64>,
 }
 
+impl Datum {
+    /// About what the value takes in an Arrow builder.
+    pub fn size(&self) -> usize {
+        match self {
+            Datum::Null | Datum::Bool(_) => 1,
+            Datum::Int(_) | Datum::Float(_) => 8,
+            Datum::Decimal(_) => 16,
+            Datum::Str(s) => s.len() + 4,
+            Datum::Bytes(b) => b.len() + 4,
+            Datum::List(items) => items.iter().map(Datum::size).sum::<usize>() + 4,
+        }
+    }
+}
+
+impl ChangeRow {
+    /// About what the row takes once buffered, CDC columns included.
+    pub fn decoded_size(&self) -> usize {
+        const CDC_COLUMNS: usize = 48;
+        self.values.iter().map(Datum::size).sum::<usize>() + CDC_COLUMNS
+    }
+}
+
 #[derive(Debug)]
 pub enum Decoded {
     Tombstone,
@@ -115,7 +137,46 @@ struct Envelope<'a> {
 /// A row image, each value still raw JSON: it is converted once its
 /// column type is known, so a `decimal.format=NUMERIC` number is read from
 /// its digits and never passes through f64.
-type Image<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+///
+/// A list, not a map: Debezium writes the fields in schema order, so the
+/// column at position `i` is almost always entry `i`, found without hashing.
+struct Image<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Image<'a> {
+    fn get(&self, i: usize, name: &str) -> &'a str {
+        match self.0.get(i) {
+            Some((k, v)) if k == name => v.get(),
+            _ => self
+                .0
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("null", |(_, v)| v.get()),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Image<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Image<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a row image (an object)")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Image<'a>, M::Error> {
+                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(16));
+                while let Some(entry) = m.next_entry::<Cow<'a, str>, &'a RawValue>()? {
+                    out.push(entry);
+                }
+                Ok(Image(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
 
 #[derive(Deserialize)]
 struct Payload<'a> {
@@ -209,13 +270,13 @@ impl Decoder {
         let mut values = Vec::with_capacity(schema.columns.len());
         let mut unchanged = Vec::new();
         for (i, col) in schema.columns.iter().enumerate() {
-            let raw = image.get(col.name.as_str()).map_or("null", |r| r.get());
+            let raw = image.get(i, &col.name);
             let mismatch = |expected: String| DecodeError::Mismatch {
                 column: col.name.clone(),
                 expected,
                 found: truncate(raw.to_string(), 80),
             };
-            if let Some(d) = exact_number(&col.ty, raw) {
+            if let Some(d) = exact_number(&col.ty, raw).or_else(|| plain(&col.ty, raw)) {
                 values.push(d.map_err(mismatch)?);
                 continue;
             }
@@ -328,6 +389,53 @@ fn checked_precision(unscaled: i128, precision: u8, ty: &ColumnType) -> Result<D
         return Err(format!("{ty:?} (value exceeds the precision)"));
     }
     Ok(Datum::Decimal(unscaled))
+}
+
+/// The common cases read straight from the raw JSON, without building a
+/// `Value`: null, integers, booleans, and strings without escapes that are
+/// not Debezium's placeholder. `None` sends the value down the general path.
+fn plain(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
+    if raw == "null" {
+        return Some(Ok(Datum::Null));
+    }
+    let int = |lo: i64, hi: i64| {
+        raw.parse::<i64>().ok().map(|n| {
+            if (lo..=hi).contains(&n) {
+                Ok(Datum::Int(n))
+            } else {
+                Err(format!("{ty:?}"))
+            }
+        })
+    };
+    let text = || {
+        let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+        (!inner.contains('\\') && inner != UNAVAILABLE).then_some(inner)
+    };
+    match ty {
+        ColumnType::Int8 => int(i8::MIN as i64, i8::MAX as i64),
+        ColumnType::Int16 => int(i16::MIN as i64, i16::MAX as i64),
+        ColumnType::Int32 | ColumnType::Date => int(i32::MIN as i64, i32::MAX as i64),
+        ColumnType::Int64 => int(i64::MIN, i64::MAX),
+        ColumnType::Bool => match raw {
+            "true" => Some(Ok(Datum::Bool(true))),
+            "false" => Some(Ok(Datum::Bool(false))),
+            _ => None,
+        },
+        ColumnType::Utf8 => text().map(|s| Ok(Datum::Str(s.to_string()))),
+        ColumnType::ZonedTimestamp => text().and_then(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| Ok(Datum::Int(t.timestamp_micros())))
+        }),
+        ColumnType::Decimal { precision, .. } => text().and_then(|s| {
+            if s == UNAVAILABLE_B64 {
+                return None;
+            }
+            let unscaled = BASE64.decode(s).ok().and_then(|b| i128_from_be(&b))?;
+            Some(checked_precision(unscaled, *precision, ty))
+        }),
+        _ => None,
+    }
 }
 
 /// PostgreSQL `infinity`/`-infinity` for `timestamp`, as the JDBC driver

@@ -256,8 +256,7 @@ impl Sink {
             .or_insert_with(|| Segment::new(offset));
         match decoded {
             Ok(Decoded::Row(row)) => {
-                let size = msg.payload().map_or(0, <[u8]>::len);
-                segment.push(&row, tp.partition, offset, size);
+                segment.push(&row, tp.partition, offset);
                 self.stats.rows += 1;
             }
             Ok(Decoded::Tombstone) => {
