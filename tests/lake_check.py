@@ -6,7 +6,7 @@ but never committed are invisible to it, as to any Delta reader.
 
 For each captured table:
   - it is partitioned by `date`, and every live file is a `.parquet`
-    under `date=YYYY-MM-DD/`;
+    under `_cdc_date=YYYY-MM-DD/`;
   - every file the log holds is Parquet (`PAR1` at both ends);
   - no Kafka (partition, offset) is in the table twice;
   - the latest state per primary key (changes ordered by Kafka partition
@@ -186,14 +186,14 @@ def check_table(args, store, table, key):
 
     dt = DeltaTable(uri, storage_options=args.storage_options)
     parts = list(dt.metadata().partition_columns)
-    assert parts == ["date"], f"{table}: partition columns {parts}, expected ['date']"
+    assert parts == ["_cdc_date"], f"{table}: partition columns {parts}, expected ['_cdc_date']"
     live = []
     for f in dt.file_uris():
         assert f.startswith(f"s3://{args.bucket}/"), f
         live.append(f[len(f"s3://{args.bucket}/"):])
         name = live[-1][len(table_key):]
-        assert re.fullmatch(r"date=\d{4}-\d\d-\d\d/[^/]+\.parquet", name), (
-            f"{table}: live file {name} is not under date=YYYY-MM-DD/"
+        assert re.fullmatch(r"_cdc_date=\d{4}-\d\d-\d\d/[^/]+\.parquet", name), (
+            f"{table}: live file {name} is not under _cdc_date=YYYY-MM-DD/"
         )
     for k in live:
         head, tail = store.read(k, "bytes=0-3"), store.read(k, "bytes=-4")

@@ -160,7 +160,7 @@ def latest(args):
     names = [
         r[0]
         for r in con.execute(f"DESCRIBE SELECT * FROM delta_scan('{t}')").fetchall()
-        if not r[0].startswith("_cdc_") and r[0] != "date"
+        if not r[0].startswith("_cdc_")
     ]
     sql = latest_state_sql(t, names, args.key)
     if args.sql:

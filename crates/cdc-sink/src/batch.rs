@@ -3,7 +3,7 @@
 //!
 //! A segment covers a contiguous offset range of one partition. Its rows are
 //! grouped by (schema, event date) into [`Group`]s, each of which becomes one
-//! Parquet file in the table's `date=` partition, so a schema change or a
+//! Parquet file in the table's `_cdc_date=` partition, so a schema change or a
 //! date change never fails a write: it just starts another file.
 
 use std::sync::Arc;

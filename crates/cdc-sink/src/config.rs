@@ -273,6 +273,14 @@ impl SinkConfig {
         if self.lake.checkpoint_interval == 0 {
             return invalid("lake.checkpoint_interval", "must be greater than 0");
         }
+        if self.lake.vacuum_retention_hours < 1 {
+            // Vacuum deletes unreferenced files older than this, and a flush
+            // in flight has put its files but not yet committed them.
+            return invalid(
+                "lake.vacuum_retention_hours",
+                "must be at least 1: a shorter retention can delete the files of a flush in flight",
+            );
+        }
         if self.lake.compact_min_files < 2 {
             return invalid("lake.compact_min_files", "must be at least 2");
         }

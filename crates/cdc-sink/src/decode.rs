@@ -369,6 +369,24 @@ fn parse_envelope(bytes: &[u8]) -> Result<Envelope<'_>, DecodeError> {
 /// from their digits here, before anything could round them through f64.
 fn exact_number(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
     let numeric = raw.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+    if !numeric
+        || !matches!(
+            ty,
+            ColumnType::Decimal { .. } | ColumnType::WideDecimal { .. }
+        )
+    {
+        return None;
+    }
+    // Jackson may write a BigDecimal in exponent form (`1E-8`): fold the
+    // exponent into the digits, exactly.
+    let plain_text;
+    let raw = match without_exponent(raw) {
+        Some(p) => {
+            plain_text = p;
+            plain_text.as_str()
+        }
+        None => raw,
+    };
     match ty {
         ColumnType::Decimal { precision, scale } if numeric => Some(
             parse_decimal(raw, *scale as u32)
@@ -575,6 +593,36 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
             Ok(Datum::List(out))
         }
     }
+}
+
+/// `1.5E+3` as `1500`, `-12E-3` as `-0.012`; `None` without an exponent
+/// (or with one that is not an integer).
+fn without_exponent(raw: &str) -> Option<String> {
+    let (mantissa, exp) = raw.split_once(['e', 'E'])?;
+    let exp: i64 = exp.parse().ok()?;
+    let (neg, m) = match mantissa.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, mantissa),
+    };
+    let (int, frac) = m.split_once('.').unwrap_or((m, ""));
+    let digits = format!("{int}{frac}");
+    // Position of the decimal point within `digits` after the shift.
+    let point = int.len() as i64 + exp;
+    if point.abs() > 4096 {
+        return None;
+    }
+    let text = if point <= 0 {
+        format!("0.{}{digits}", "0".repeat((-point) as usize))
+    } else if point as usize >= digits.len() {
+        format!("{digits}{}", "0".repeat(point as usize - digits.len()))
+    } else {
+        format!(
+            "{}.{}",
+            &digits[..point as usize],
+            &digits[point as usize..]
+        )
+    };
+    Some(if neg { format!("-{text}") } else { text })
 }
 
 /// Big-endian two's complement, as Connect `Decimal` serialises the
@@ -1040,6 +1088,23 @@ pub(crate) mod tests {
             Some(Ok(Datum::Str(
                 "-123456789012345678901234567890123456789012.50".into()
             )))
+        );
+    }
+
+    #[test]
+    fn exponent_form_decimals_are_exact() {
+        let ty = ColumnType::Decimal {
+            precision: 20,
+            scale: 8,
+        };
+        assert_eq!(exact_number(&ty, "1E-8"), Some(Ok(Datum::Decimal(1))));
+        assert_eq!(
+            exact_number(&ty, "-1.25E+2"),
+            Some(Ok(Datum::Decimal(-12_500_000_000)))
+        );
+        assert!(
+            matches!(exact_number(&ty, "1E-9"), Some(Err(_))),
+            "would drop a digit"
         );
     }
 

@@ -341,6 +341,10 @@ impl Lake {
                 .map_err(&err)?;
             if found == w.expected {
                 ours.push(w);
+            } else if found == Some(w.last) {
+                // Our own earlier attempt of this very write landed (its
+                // answer was lost and the commit retried): it is committed.
+                outcome.committed.push((w.tp.clone(), w.last));
             } else {
                 tracing::warn!(partition = %w.tp, expected = ?w.expected, found = ?found,
                     "another writer advanced this partition; dropping this sink's copy");
@@ -350,6 +354,7 @@ impl Lake {
         if ours.is_empty() {
             return Ok(outcome);
         }
+        let already = outcome.committed.clone();
 
         // Schema: the table's, grown by any column a file brings.
         let current: StructType = state.schema().as_ref().clone();
@@ -422,7 +427,10 @@ impl Lake {
         match result {
             Ok(done) => {
                 outcome.version = Some(done.version() as i64);
-                outcome.committed = ours.iter().map(|w| (w.tp.clone(), w.last)).collect();
+                outcome.committed = already;
+                outcome
+                    .committed
+                    .extend(ours.iter().map(|w| (w.tp.clone(), w.last)));
                 Ok(outcome)
             }
             // A concurrent commit carried one of our app ids: none of ours

@@ -237,7 +237,7 @@ impl Sink {
                     if let Err(e) = source.seek(&tp, to) {
                         // Start over: the next message asks again.
                         tracing::warn!(partition = %tp, error = %e, "seek failed");
-                        position.fence();
+                        position.fence(Some(to));
                     }
                     return Ok(());
                 }
@@ -320,6 +320,8 @@ impl Sink {
     ) -> Result<(), PipelineError> {
         let mut by_table: BTreeMap<String, Vec<PartitionWrite>> = BTreeMap::new();
         let mut kafka = Vec::new();
+        // Where each write starts: a fenced partition resumes no later.
+        let mut firsts: HashMap<Tp, i64> = HashMap::new();
         for tp in tps {
             let Some(segment) = self.segments.remove(&tp) else {
                 continue;
@@ -328,6 +330,7 @@ impl Sink {
                 continue;
             };
             let last = segment.last;
+            firsts.insert(tp.clone(), segment.first);
             if segment.rows() == 0 {
                 kafka.push((tp, last + 1));
                 continue;
@@ -365,7 +368,7 @@ impl Sink {
                 // too: the position is read again from the lake.
                 self.segments.remove(tp);
                 if let Some(p) = self.positions.get_mut(tp) {
-                    p.fence();
+                    p.fence(firsts.get(tp).copied());
                 }
                 self.stats.fenced += 1;
             }

@@ -72,6 +72,10 @@ pub struct Position {
     /// The last offset the lake holds for this partition (its `txn`
     /// version), as of the last read or our last commit.
     lake: Option<i64>,
+    /// After a fence: the first offset whose rows were dropped. If the lake
+    /// then still holds nothing of this partition, reading resumes there,
+    /// not wherever the consumer happens to be.
+    dropped_from: Option<i64>,
 }
 
 impl Position {
@@ -79,6 +83,18 @@ impl Position {
         Position {
             state: State::Unknown,
             lake: None,
+            dropped_from: None,
+        }
+    }
+
+    /// Where reading must resume once the lake's version is known: after
+    /// the lake's last offset (whoever wrote it, everything up to it is
+    /// there); with nothing in the lake, at the first dropped offset; with
+    /// neither, `None`: whatever Kafka starts with.
+    fn resume_at(&self) -> Option<i64> {
+        match self.lake {
+            Some(v) => Some(v + 1),
+            None => self.dropped_from,
         }
     }
 
@@ -91,20 +107,20 @@ impl Position {
     pub fn admit(&mut self, offset: i64) -> Admit {
         match self.state {
             State::Unknown => Admit::NeedsLakeVersion,
-            State::Known => match self.lake {
+            State::Known => match self.resume_at() {
                 // Nothing of this partition in the lake: whatever Kafka
                 // starts with (committed offset or reset) is the start.
                 None => self.accept(offset),
-                Some(v) if offset == v + 1 => self.accept(offset),
-                Some(v) if offset <= v => {
+                Some(r) if offset == r => self.accept(offset),
+                Some(r) if offset < r => {
                     // Kafka's committed offset lags the lake: read on
                     // through what is already there.
-                    self.state = State::Streaming { next: v + 1 };
+                    self.state = State::Streaming { next: r };
                     Admit::Skip
                 }
-                Some(v) => {
-                    self.state = State::Seeking { target: v + 1 };
-                    Admit::SeekTo(v + 1)
+                Some(r) => {
+                    self.state = State::Seeking { target: r };
+                    Admit::SeekTo(r)
                 }
             },
             State::Seeking { target } if offset < target => Admit::Skip,
@@ -134,10 +150,14 @@ impl Position {
         self.lake = Some(last);
     }
 
-    /// Another writer advanced this partition: everything buffered was
-    /// dropped, and the position is read again from the lake.
-    pub fn fence(&mut self) {
-        *self = Position::new();
+    /// Another writer advanced this partition: everything buffered from
+    /// `dropped_from` on was dropped, and the position is read again from
+    /// the lake.
+    pub fn fence(&mut self, dropped_from: Option<i64>) {
+        *self = Position {
+            dropped_from,
+            ..Position::new()
+        };
     }
 }
 
@@ -228,10 +248,23 @@ mod tests {
     fn fencing_starts_over_from_the_lake() {
         let mut p = known(Some(10));
         assert_eq!(p.admit(11), Admit::Accept);
-        p.fence();
+        p.fence(Some(11));
         assert_eq!(p.admit(12), Admit::NeedsLakeVersion);
         p.learn(Some(40));
         assert_eq!(p.admit(12), Admit::Skip);
         assert_eq!(p.admit(41), Admit::Accept);
+    }
+
+    /// A fence on a partition the lake holds nothing of must not skip the
+    /// rows it dropped: reading resumes at the first of them.
+    #[test]
+    fn a_fence_before_any_commit_resumes_at_the_dropped_rows() {
+        let mut p = known(None);
+        assert_eq!(p.admit(0), Admit::Accept);
+        p.fence(Some(0));
+        assert_eq!(p.admit(50), Admit::NeedsLakeVersion);
+        p.learn(None);
+        assert_eq!(p.admit(50), Admit::SeekTo(0));
+        assert_eq!(p.admit(0), Admit::Accept);
     }
 }

@@ -245,8 +245,10 @@ pub mod meta {
     /// they are null in this row and should be carried over from the
     /// previous version of the row.
     pub const UNCHANGED: &str = "_cdc_unchanged_cols";
-    /// The Delta partition column: the UTC date of the source commit.
-    pub const DATE: &str = "date";
+    /// The Delta partition column: the UTC date of the source commit. A
+    /// `_cdc_` name, so that a table's own `date` column never collides
+    /// with it.
+    pub const DATE: &str = "_cdc_date";
 }
 
 #[derive(Debug, Clone)]

@@ -842,7 +842,7 @@ mod tests {
 
         /// A file as a flush attempt that never committed leaves it.
         fn orphan(&self) -> std::path::PathBuf {
-            let dir = self.table_dir().join(format!("date={}", day(1)));
+            let dir = self.table_dir().join(format!("{}={}", meta::DATE, day(1)));
             let path = dir.join("part-never-committed.parquet");
             let bytes = encode(
                 &rows(0, 0..3, false),

@@ -594,7 +594,7 @@ fn published(raw: &[Raw]) -> Vec<(String, String, String, i64)> {
 /// Latest state per key from the lake's change history; `None` for a key
 /// whose last change is a delete. An unchanged-TOAST column whose earlier
 /// value lies before the window is dropped from the row (it cannot be
-/// known). `date` is the lake's partition column, not a PostgreSQL one.
+/// known).
 fn latest_state(
     rows: &mut [LakeRow],
 ) -> BTreeMap<String, Option<BTreeMap<String, Option<String>>>> {
@@ -608,7 +608,6 @@ fn latest_state(
             continue;
         }
         let mut values = r.values.clone();
-        values.remove("date");
         for c in &r.unchanged {
             match state
                 .get(&key)

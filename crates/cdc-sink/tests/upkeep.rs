@@ -158,7 +158,7 @@ async fn upkeep_on_minio_while_the_sink_appends() {
     // A file of a flush attempt that never committed.
     let bucket: Arc<dyn ObjectStore> = s3_store(&cfg.s3, Duration::from_secs(30)).unwrap();
     let orphan = Path::from(format!(
-        "{prefix}/{TABLE}/date=2026-11-27/part-never-committed.parquet"
+        "{prefix}/{TABLE}/_cdc_date=2026-11-27/part-never-committed.parquet"
     ));
     let bytes = encode(&rows(0, 0..10), &writer_properties(&cfg.output)).unwrap();
     bucket.put(&orphan, PutPayload::from(bytes)).await.unwrap();
