@@ -365,12 +365,25 @@ impl Sink {
             }
             for tp in &outcome.fenced {
                 // Whatever is buffered past the fenced segment is dropped
-                // too: the position is read again from the lake.
+                // too: the position is read again from the lake, and the
+                // consumer sent there now, not at the partition's next
+                // message (it may be quiet).
                 self.segments.remove(tp);
                 if let Some(p) = self.positions.get_mut(tp) {
                     p.fence(firsts.get(tp).copied());
                 }
                 self.stats.fenced += 1;
+                self.learn_positions(&table, tp).await?;
+                if let Some(to) = self.positions.get_mut(tp).and_then(|p| p.seek_now())
+                    && let Err(e) = source.seek(tp, to)
+                {
+                    // Revoked meanwhile, most likely; otherwise the next
+                    // message asks again.
+                    tracing::warn!(partition = %tp, error = %e, "seek after a fence failed");
+                    if let Some(p) = self.positions.get_mut(tp) {
+                        p.fence(Some(to));
+                    }
+                }
             }
             if outcome.version.is_some() {
                 self.stats.commits += 1;

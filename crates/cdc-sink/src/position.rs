@@ -133,6 +133,18 @@ impl Position {
         }
     }
 
+    /// Right after [`Position::learn`]: where to send the consumer now,
+    /// without waiting for a message (a fenced partition may be quiet).
+    /// `None` leaves the decision to the next message.
+    pub fn seek_now(&mut self) -> Option<i64> {
+        if self.state != State::Known {
+            return None;
+        }
+        let target = self.resume_at()?;
+        self.state = State::Seeking { target };
+        Some(target)
+    }
+
     fn accept(&mut self, offset: i64) -> Admit {
         self.state = State::Streaming { next: offset + 1 };
         Admit::Accept
@@ -253,6 +265,19 @@ mod tests {
         p.learn(Some(40));
         assert_eq!(p.admit(12), Admit::Skip);
         assert_eq!(p.admit(41), Admit::Accept);
+    }
+
+    #[test]
+    fn a_fenced_partition_seeks_without_waiting_for_a_message() {
+        let mut p = known(Some(10));
+        assert_eq!(p.admit(11), Admit::Accept);
+        p.fence(Some(11));
+        p.learn(Some(20));
+        assert_eq!(p.seek_now(), Some(21));
+        assert_eq!(p.admit(15), Admit::Skip, "fetched before the seek");
+        assert_eq!(p.admit(21), Admit::Accept);
+        let mut q = known(None);
+        assert_eq!(q.seek_now(), None, "nothing to go back to");
     }
 
     /// A fence on a partition the lake holds nothing of must not skip the
