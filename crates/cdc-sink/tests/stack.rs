@@ -873,6 +873,17 @@ async fn wait_log(sink: &SinkProcess, needle: &str, n: usize, limit: Duration) {
 
 const UPLOADED: &str = "files uploaded; committing";
 
+/// Waits until the sink holds a partition: it has read a position.
+async fn wait_started(sink: &SinkProcess) {
+    wait_log(
+        sink,
+        "position read from the lake",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
 /// The generator writes while the sink is SIGKILLed five times, each time
 /// right after it logged that a flush's files are uploaded and before the
 /// commit (a fault hook holds that window open for 1.5 s). Then: the
@@ -1091,24 +1102,12 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     // 1. Ten rows buffered, never flushed: SIGKILL.
     produce(10, false).await;
     let a = sc.spawn(&slow);
-    wait_log(
-        &a,
-        "position read from the lake",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_started(&a).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.kill_9();
     // 2. The replay is stopped by SIGTERM half-way through the stream.
     let b = sc.spawn(&slow);
-    wait_log(
-        &b,
-        "position read from the lake",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_started(&b).await;
     let last = produce(5, false).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     terminate(b);
@@ -1160,13 +1159,7 @@ async fn log_start_moved_past_uncommitted_rows() {
         send(&p, &sc.topic, 0, Some(&tpl.event(id))).await;
     }
     let b = sc.spawn(&[("CDC_SINK_FLUSH__MAX_AGE_MS", "600000")]);
-    wait_log(
-        &b,
-        "position read from the lake",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_started(&b).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.kill_9();
     // Retention (here DeleteRecords) removes offsets 0..15.
@@ -1221,20 +1214,8 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
         })
     };
     // Both members hold partitions once each has read a position.
-    wait_log(
-        &a,
-        "position read from the lake",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_log(
-        &b,
-        "position read from the lake",
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_started(&a).await;
+    wait_started(&b).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     signal(a.pid(), "-STOP");
     // Past the 10 s session timeout, and long enough for the other sink to
