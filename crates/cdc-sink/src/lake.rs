@@ -275,14 +275,21 @@ impl Lake {
             protocol: protocol.clone(),
             metadata: metadata.clone(),
         };
+        // No retries: a create that loses the race for version 0 must not
+        // be committed again as version 1 (delta-rs would retry it), which
+        // would give the table a second identity and fail every writer
+        // whose snapshot predates it with "metadata changed".
         let created = CommitBuilder::default()
+            .with_max_retries(0)
             .with_actions(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
             .build(None, t.log_store(), operation)
             .await;
         match created {
             Ok(_) => tracing::info!(table, "created Delta table"),
             // Another sink created it first: that is fine, it is opened next.
-            Err(DeltaTableError::VersionAlreadyExists(_)) => {}
+            Err(_) if t.verify_deltatable_existence().await.map_err(&err)? => {
+                tracing::info!(table, "another writer created the Delta table first");
+            }
             Err(e) => return Err(err(e)),
         }
         Ok(())

@@ -1184,15 +1184,21 @@ async fn log_start_moved_past_uncommitted_rows() {
 }
 
 /// Two sinks share a group; one is frozen with SIGSTOP past its session
-/// timeout while it holds a buffered segment, its partitions move to the
-/// other, and when it wakes its commit finds the partition's `txn` version
-/// advanced and is dropped. No offset lands twice, none is lost.
+/// timeout in the middle of a flush (its files uploaded, the commit not yet
+/// made: a fault hook holds it there, so the freeze lands on that path and
+/// not before a flush, where a revoke would simply drop the buffer). Its
+/// partitions move to the other, and when it wakes its commit finds the
+/// partition's `txn` version advanced and is dropped. No offset lands
+/// twice, none is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_sink_is_fenced_when_it_wakes() {
     let tpl = Arc::new(EventTemplate::new().await);
     let sc = Scenario::new("fence", 2).await;
     let cfg = [("CDC_SINK_FLUSH__MAX_AGE_MS", "4000")];
-    let a = sc.spawn(&cfg);
+    let a = sc.spawn(&[
+        ("CDC_SINK_FLUSH__MAX_AGE_MS", "4000"),
+        ("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "3000"),
+    ]);
     let b = sc.spawn(&cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
     let producing = {
@@ -1216,7 +1222,9 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
     // Both members hold partitions once each has read a position.
     wait_started(&a).await;
     wait_started(&b).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Freeze it between upload and commit.
+    let before = a.count(UPLOADED);
+    wait_log(&a, UPLOADED, before + 1, Duration::from_secs(60)).await;
     signal(a.pid(), "-STOP");
     // Past the 10 s session timeout, and long enough for the other sink to
     // take over and commit.
@@ -1231,6 +1239,18 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
     terminate(a);
     terminate(b);
     assert!(fenced >= 1, "the woken sink was never fenced");
+    // Both sinks found the table missing and created it at once: exactly
+    // one create may land (a retried one would become version 1 and give
+    // the table a second identity).
+    let log = Path::from(format!(
+        "{}/{}/_delta_log/{:020}.json",
+        sc.prefix, sc.table, 1
+    ));
+    let v1 = store().get(&log).await.unwrap().bytes().await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&v1).contains("\"metaData\""),
+        "version 1 is a second create"
+    );
 
     let offsets = offsets_once(&sc.rows("deltalake"));
     for ((_, part), end) in &until {
