@@ -436,17 +436,21 @@ impl LakeRow {
     }
 }
 
-fn reader_python() -> String {
-    let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/readers.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("tests/readers.sh");
-    assert!(out.status.success(), "installing the lake readers failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+/// The readers' python, installed (or found installed) once per run.
+fn reader_python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/readers.sh"
+            ))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("tests/readers.sh");
+        assert!(out.status.success(), "installing the lake readers failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
 }
 
 fn lake_read(args: &[&str]) -> Vec<Value> {
