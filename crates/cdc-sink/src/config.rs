@@ -125,7 +125,8 @@ pub struct FlushConfig {
     /// their schema).
     pub max_bytes: usize,
     pub max_age_ms: u64,
-    /// All open segments together; past it the largest is flushed early.
+    /// Open segments and flushes not yet committed, together: past it the
+    /// largest segment is flushed early and consumption pauses.
     pub max_buffered_bytes: usize,
 }
 
@@ -195,12 +196,13 @@ impl Default for SinkConfig {
             flush: FlushConfig {
                 max_rows: 200_000,
                 // Decoded row bytes (see `Segment::push`). Arrow builders and
-                // the Parquet encoder take about twice that at a flush; 8 MiB
-                // segments drained 61k rows/s at 131 MiB peak RSS, 16 MiB
-                // the same rate at 168 MiB (README, Measured).
-                max_bytes: 8 * 1024 * 1024,
+                // the Parquet encoder take about twice that at a flush. With
+                // commits pipelined, 4 MiB segments and 16 MiB in all drain
+                // as fast as 8 and 32 MiB, at some 40 MiB less peak RSS
+                // (README, Measured).
+                max_bytes: 4 * 1024 * 1024,
                 max_age_ms: 10_000,
-                max_buffered_bytes: 32 * 1024 * 1024,
+                max_buffered_bytes: 16 * 1024 * 1024,
             },
             lake: LakeConfig {
                 checkpoint_interval: 100,

@@ -25,14 +25,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
+use bytes::Bytes;
 use chrono::NaiveDate;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Add, MetadataExt, Protocol, StructField, StructType, Transaction};
+use deltalake::logstore::{LogStore, ObjectStoreRef};
 use deltalake::protocol::{DeltaOperation, OutputMode, SaveMode};
+use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::{StreamExt, TryStreamExt, stream};
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use secrecy::ExposeSecret;
@@ -82,12 +86,14 @@ impl LakeError {
 }
 
 /// One Parquet file's worth of rows: one schema, one commit date.
+#[derive(Clone)]
 pub struct DataFile {
     pub date: NaiveDate,
     pub batch: RecordBatch,
 }
 
 /// What one partition contributes to a table commit.
+#[derive(Clone)]
 pub struct PartitionWrite {
     pub tp: Tp,
     /// The last offset of this write (the `txn` version it records).
@@ -110,24 +116,157 @@ pub struct CommitOutcome {
     pub bytes: usize,
 }
 
+impl CommitOutcome {
+    fn count(&mut self, add: &Add, rows: usize) {
+        self.files += 1;
+        self.rows += rows;
+        self.bytes += add.size as usize;
+    }
+}
+
 pub struct Lake {
     root: Url,
     storage: HashMap<String, String>,
     group_id: String,
-    props: WriterProperties,
+    props: Arc<WriterProperties>,
     /// Properties of tables this sink creates (checkpoint interval, log
     /// retention).
     table_properties: BTreeMap<String, String>,
-    /// Open tables, each at the version last read. A tokio mutex: it is
-    /// held across the awaits of one commit, which also keeps two commits
-    /// of this sink from racing each other.
-    tables: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+    /// One slot per table opened. A std mutex: held only to find a slot.
+    tables: std::sync::Mutex<HashMap<String, Arc<TableSlot>>>,
     /// Fault injection for the crash tests: a pause between putting a
     /// flush's files and committing them, which widens the window a SIGKILL
     /// must hit to leave written-but-uncommitted files. Set only by
     /// `CDC_LAKE_FAULT_COMMIT_DELAY_MS`; never in production.
     fault_commit_delay: Option<std::time::Duration>,
+    /// Files being encoded at once, across all tables and flushes: one per
+    /// core. Each holds an encoder's buffers, so more would only add memory.
+    encoders: Arc<tokio::sync::Semaphore>,
 }
+
+/// One table, as this process knows it.
+#[derive(Default)]
+struct TableSlot {
+    /// The open table, at the version last read or committed. A tokio
+    /// mutex held across one commit, which also keeps two commits of this
+    /// sink to one table from racing each other.
+    open: tokio::sync::Mutex<Option<OpenTable>>,
+    /// What staging files needs, kept apart from `open` so that encoding
+    /// and putting the next files never waits for a commit in progress.
+    /// A std mutex: held only to clone or replace it.
+    view: std::sync::Mutex<Option<TableView>>,
+}
+
+impl TableSlot {
+    fn view(&self) -> Option<TableView> {
+        self.view.lock().expect("not poisoned").clone()
+    }
+
+    fn set_view(&self, table: &DeltaTable) -> Result<(), DeltaTableError> {
+        let view = TableView {
+            schema: Arc::new(table.snapshot()?.schema().as_ref().clone()),
+            store: table.log_store().object_store(None),
+        };
+        *self.view.lock().expect("not poisoned") = Some(view);
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct TableView {
+    schema: Arc<StructType>,
+    store: ObjectStoreRef,
+}
+
+struct OpenTable {
+    table: DeltaTable,
+    txns: TxnCache,
+}
+
+/// `txn` versions as of one table version. Looking one up replays the log
+/// since the last checkpoint (up to `checkpoint_interval` commits, each an
+/// S3 GET); a table that only this sink writes still holds what its own
+/// last commit wrote, so that is remembered instead.
+#[derive(Default)]
+struct TxnCache {
+    at: Option<i64>,
+    versions: HashMap<String, Option<i64>>,
+}
+
+impl TxnCache {
+    async fn get(
+        &mut self,
+        state: &DeltaTableState,
+        log_store: &dyn LogStore,
+        app_id: String,
+    ) -> Result<Option<i64>, DeltaTableError> {
+        let version = state.version() as i64;
+        if self.at != Some(version) {
+            // Someone else committed since: what we knew may be stale.
+            self.versions.clear();
+            self.at = Some(version);
+        }
+        if let Some(found) = self.versions.get(&app_id) {
+            return Ok(*found);
+        }
+        let found = state.transaction_version(log_store, &app_id).await?;
+        self.versions.insert(app_id, found);
+        Ok(found)
+    }
+
+    /// Our commit `version`, carrying `txns`, landed. Only if it sits
+    /// directly on the version the cache is at is nothing else in between.
+    fn committed(&mut self, version: i64, txns: impl Iterator<Item = (String, i64)>) {
+        if self.at.is_some_and(|at| version == at + 1) {
+            self.at = Some(version);
+            self.versions.extend(txns.map(|(id, v)| (id, Some(v))));
+        } else {
+            self.at = None;
+            self.versions.clear();
+        }
+    }
+}
+
+/// A file put in the table's directory and not yet committed.
+struct StagedFile {
+    /// The rows, fitted to the table schema staging saw: kept in case a
+    /// schema change before the commit means fitting them again.
+    batch: RecordBatch,
+    date: NaiveDate,
+    add: Add,
+}
+
+struct StagedWrite {
+    tp: Tp,
+    last: i64,
+    expected: Option<i64>,
+    files: Vec<StagedFile>,
+}
+
+/// The files of one flush of one table, put and ready to commit: what
+/// [`Lake::stage`] makes and [`Lake::commit`] commits.
+pub struct Staged {
+    table: String,
+    /// The table schema the files were fitted to (`None`: no files), and
+    /// that schema grown by the columns they bring.
+    base: Option<Arc<StructType>>,
+    evolved: StructType,
+    writes: Vec<StagedWrite>,
+}
+
+impl Staged {
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+/// Files above this size are put as multipart uploads, in parts of
+/// [`PART_SIZE`]: a failed part is retried alone, and S3 never holds more
+/// than one part of ours in a request.
+const MULTIPART_FROM: usize = 16 << 20;
+const PART_SIZE: usize = 8 << 20;
+/// Files of one flush encoded and put at once.
+const CONCURRENT_PUTS: usize = 4;
 
 /// The `txn` application id of one partition within one consumer group.
 pub fn app_id(group_id: &str, tp: &Tp) -> String {
@@ -164,6 +303,19 @@ pub fn storage_options(
         o.insert("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(), "false".into());
     }
     Ok(o)
+}
+
+/// Puts `bytes` in one request, or as a multipart upload when large.
+async fn upload(store: &dyn ObjectStore, path: &Path, bytes: Bytes) -> object_store::Result<()> {
+    if bytes.len() < MULTIPART_FROM {
+        store.put(path, PutPayload::from(bytes)).await?;
+        return Ok(());
+    }
+    let mut upload =
+        WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, PART_SIZE);
+    upload.put(bytes);
+    upload.finish().await?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {
@@ -216,16 +368,27 @@ impl Lake {
         }
     }
 
-    /// The table, refreshed to its latest version; `None` if it does not
-    /// exist yet.
-    async fn open<'t>(
+    fn slot(&self, table: &str) -> Arc<TableSlot> {
+        self.tables
+            .lock()
+            .expect("not poisoned")
+            .entry(table.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Brings `open` to the table's latest version, opening it first (and
+    /// creating it with `create_with`, if given and the table is missing).
+    /// Leaves `None` for a missing table.
+    async fn refresh(
         &self,
-        tables: &'t mut HashMap<String, DeltaTable>,
         table: &str,
+        slot: &TableSlot,
+        open: &mut Option<OpenTable>,
         create_with: Option<&Schema>,
-    ) -> Result<Option<&'t mut DeltaTable>, LakeError> {
+    ) -> Result<(), LakeError> {
         let err = Self::delta_err(table);
-        if !tables.contains_key(table) {
+        if open.is_none() {
             let t = DeltaTableBuilder::from_url(self.table_url(table))
                 .map_err(&err)?
                 .with_storage_options(self.storage.clone())
@@ -234,18 +397,21 @@ impl Lake {
             if !t.verify_deltatable_existence().await.map_err(&err)? {
                 match create_with {
                     Some(schema) => self.create(table, &t, schema).await?,
-                    None => return Ok(None),
+                    None => return Ok(()),
                 }
             }
-            tables.insert(table.to_string(), t);
+            *open = Some(OpenTable {
+                table: t,
+                txns: TxnCache::default(),
+            });
         }
-        let t = tables.get_mut(table).expect("inserted above");
-        if t.version().is_none() {
-            t.load().await.map_err(&err)?;
+        let o = open.as_mut().expect("opened above");
+        if o.table.version().is_none() {
+            o.table.load().await.map_err(&err)?;
         } else {
-            t.update_state().await.map_err(&err)?;
+            o.table.update_state().await.map_err(&err)?;
         }
-        Ok(Some(t))
+        slot.set_view(&o.table).map_err(&err)
     }
 
     /// Creates the table (partitioned by `date`) if no writer has yet.
@@ -298,18 +464,21 @@ impl Lake {
     /// The `txn` version of each partition in `table`: the last offset the
     /// lake holds for it.
     pub async fn positions(&self, table: &str, tps: &[Tp]) -> Result<Vec<Option<i64>>, LakeError> {
-        let group = &self.group_id;
-        let mut tables = self.tables.lock().await;
-        let Some(t) = self.open(&mut tables, table, None).await? else {
+        let err = Self::delta_err(table);
+        let slot = self.slot(table);
+        let mut open = slot.open.lock().await;
+        self.refresh(table, &slot, &mut open, None).await?;
+        let Some(o) = open.as_mut() else {
             return Ok(vec![None; tps.len()]);
         };
-        let err = Self::delta_err(table);
-        let state = t.snapshot().map_err(&err)?;
+        let state = o.table.snapshot().map_err(&err)?.clone();
         let mut out = Vec::with_capacity(tps.len());
         for tp in tps {
+            let id = app_id(&self.group_id, tp);
+            let log_store = o.table.log_store();
             out.push(
-                state
-                    .transaction_version(t.log_store().as_ref(), app_id(group, tp))
+                o.txns
+                    .get(&state, log_store.as_ref(), id)
                     .await
                     .map_err(&err)?,
             );
@@ -317,33 +486,147 @@ impl Lake {
         Ok(out)
     }
 
-    /// Writes the files of `writes` and commits them, with one `txn` per
-    /// partition, in one Delta transaction. Safe to call again with the
-    /// same writes after an error: files get new names, and a commit that
-    /// did land shows up as a moved `txn` version (fenced), never twice.
-    pub async fn commit(
+    /// Stages and commits `writes` in one go (upkeep and tests; the sink
+    /// pipelines the two).
+    pub async fn write(
         &self,
         table: &str,
         writes: &[PartitionWrite],
     ) -> Result<CommitOutcome, LakeError> {
-        let mut outcome = CommitOutcome::default();
+        let staged = self.stage(table, writes).await?;
+        self.commit(&staged).await
+    }
+
+    /// Fits the files of `writes` to the table's schema, encodes them off
+    /// the async runtime and puts them under fresh names, several at once.
+    /// Creates the table if it is missing. Nothing is visible to readers
+    /// until [`Lake::commit`]; files of a flush never committed are left
+    /// for vacuum.
+    pub async fn stage(&self, table: &str, writes: &[PartitionWrite]) -> Result<Staged, LakeError> {
         let err = Self::delta_err(table);
+        let mut staged = Staged {
+            table: table.to_string(),
+            base: None,
+            evolved: StructType::try_new([]).map_err(|e| err(e.into()))?,
+            writes: writes
+                .iter()
+                .map(|w| StagedWrite {
+                    tp: w.tp.clone(),
+                    last: w.last,
+                    expected: w.expected,
+                    files: Vec::with_capacity(w.files.len()),
+                })
+                .collect(),
+        };
         let Some(first) = writes.iter().flat_map(|w| &w.files).next() else {
+            return Ok(staged);
+        };
+        let slot = self.slot(table);
+        let view = match slot.view() {
+            Some(view) => view,
+            None => {
+                let mut open = slot.open.lock().await;
+                self.refresh(table, &slot, &mut open, Some(&first.batch.schema()))
+                    .await?;
+                slot.view()
+                    .ok_or_else(|| LakeError::Location(self.table_url(table).to_string()))?
+            }
+        };
+        let mut evolved = view.schema.as_ref().clone();
+        let mut fitted = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            for file in &w.files {
+                let batch = conform(file.batch.clone(), &mut evolved).map_err(&err)?;
+                fitted.push((i, file.date, batch));
+            }
+        }
+        let put: Vec<(usize, StagedFile)> = stream::iter(fitted)
+            .map(|(i, date, batch)| {
+                let store = view.store.clone();
+                async move { Ok::<_, LakeError>((i, self.put_file(store, date, batch).await?)) }
+            })
+            .buffered(CONCURRENT_PUTS)
+            .try_collect()
+            .await?;
+        for (i, file) in put {
+            staged.writes[i].files.push(file);
+        }
+        staged.base = Some(view.schema);
+        staged.evolved = evolved;
+        Ok(staged)
+    }
+
+    /// Encodes `batch` as one Parquet file and puts it in `date`'s
+    /// partition under a fresh name.
+    async fn put_file(
+        &self,
+        store: ObjectStoreRef,
+        date: NaiveDate,
+        batch: RecordBatch,
+    ) -> Result<StagedFile, LakeError> {
+        let props = self.props.clone();
+        let permit = self
+            .encoders
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        // zstd is CPU-bound: run it where it does not hold up the runtime
+        // thread that consumes and decodes.
+        let (batch, bytes) = match tokio::task::spawn_blocking(move || {
+            let bytes = encode(&batch, &props);
+            drop(permit);
+            (batch, bytes)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        let bytes = bytes?;
+        let day = date.format("%Y-%m-%d").to_string();
+        let path = format!("{}={day}/part-{}.parquet", meta::DATE, uuid::Uuid::new_v4());
+        let size = bytes.len();
+        upload(store.as_ref(), &Path::from(path.as_str()), bytes).await?;
+        let add = Add {
+            path,
+            partition_values: HashMap::from([(meta::DATE.to_string(), Some(day))]),
+            size: size as i64,
+            modification_time: now_ms(),
+            data_change: true,
+            stats: Some(format!(r#"{{"numRecords":{}}}"#, batch.num_rows())),
+            ..Default::default()
+        };
+        Ok(StagedFile { batch, date, add })
+    }
+
+    /// Commits staged files, with one `txn` per partition, in one Delta
+    /// transaction. Safe to call again after an error: a commit that did
+    /// land shows up as a moved `txn` version (committed or fenced), never
+    /// twice.
+    pub async fn commit(&self, staged: &Staged) -> Result<CommitOutcome, LakeError> {
+        let mut outcome = CommitOutcome::default();
+        let table = staged.table.as_str();
+        let Some(base) = &staged.base else {
             return Ok(outcome);
         };
-        let mut tables = self.tables.lock().await;
+        let err = Self::delta_err(table);
         let group = &self.group_id;
-        let t = self
-            .open(&mut tables, table, Some(&first.batch.schema()))
-            .await?
+        let slot = self.slot(table);
+        let mut open = slot.open.lock().await;
+        self.refresh(table, &slot, &mut open, None).await?;
+        let o = open
+            .as_mut()
             .ok_or_else(|| LakeError::Location(self.table_url(table).to_string()))?;
+        let log_store = o.table.log_store();
 
         // Fencing: a partition whose txn version moved is not ours to write.
-        let state = t.snapshot().map_err(&err)?.clone();
-        let mut ours = Vec::with_capacity(writes.len());
-        for w in writes {
-            let found = state
-                .transaction_version(t.log_store().as_ref(), app_id(group, &w.tp))
+        let state = o.table.snapshot().map_err(&err)?.clone();
+        let mut ours = Vec::with_capacity(staged.writes.len());
+        for w in &staged.writes {
+            let found = o
+                .txns
+                .get(&state, log_store.as_ref(), app_id(group, &w.tp))
                 .await
                 .map_err(&err)?;
             if found == w.expected {
@@ -363,40 +646,29 @@ impl Lake {
         }
         let already = outcome.committed.clone();
 
-        // Schema: the table's, grown by any column a file brings.
+        // Schema: the files fit the schema staging saw. If a commit since
+        // changed it (another sink's, or ours of a flush staged earlier),
+        // they are fitted and put again; rare, and never wrong.
         let current: StructType = state.schema().as_ref().clone();
-        let mut evolved = current.clone();
-        let store = t.log_store().object_store(None);
+        let mut evolved = staged.evolved.clone();
         let mut actions = Vec::new();
-        for w in &ours {
-            for file in &w.files {
-                let batch = conform(file.batch.clone(), &mut evolved).map_err(&err)?;
-                let bytes = encode(&batch, &self.props)?;
-                let path = format!(
-                    "{}={}/part-{}.parquet",
-                    meta::DATE,
-                    file.date.format("%Y-%m-%d"),
-                    uuid::Uuid::new_v4()
-                );
-                let size = bytes.len();
-                store
-                    .put(&Path::from(path.as_str()), PutPayload::from(bytes))
-                    .await?;
-                outcome.files += 1;
-                outcome.rows += batch.num_rows();
-                outcome.bytes += size;
-                actions.push(Action::Add(Add {
-                    path,
-                    partition_values: HashMap::from([(
-                        meta::DATE.to_string(),
-                        Some(file.date.format("%Y-%m-%d").to_string()),
-                    )]),
-                    size: size as i64,
-                    modification_time: now_ms(),
-                    data_change: true,
-                    stats: Some(format!(r#"{{"numRecords":{}}}"#, batch.num_rows())),
-                    ..Default::default()
-                }));
+        if current == **base {
+            for f in ours.iter().flat_map(|w| &w.files) {
+                outcome.count(&f.add, f.batch.num_rows());
+                actions.push(Action::Add(f.add.clone()));
+            }
+        } else {
+            tracing::info!(
+                table,
+                "table schema changed since staging; fitting files again"
+            );
+            evolved = current.clone();
+            let store = log_store.object_store(None);
+            for f in ours.iter().flat_map(|w| &w.files) {
+                let batch = conform(f.batch.clone(), &mut evolved).map_err(&err)?;
+                let again = self.put_file(store.clone(), f.date, batch).await?;
+                outcome.count(&again.add, again.batch.num_rows());
+                actions.push(Action::Add(again.add));
             }
         }
         if evolved != current {
@@ -429,11 +701,18 @@ impl Lake {
         };
         let result = CommitBuilder::from(CommitProperties::default())
             .with_actions(actions)
-            .build(Some(state.snapshot()), t.log_store(), operation)
+            .build(Some(state.snapshot()), log_store.clone(), operation)
             .await;
         match result {
             Ok(done) => {
-                outcome.version = Some(done.version() as i64);
+                let version = done.version() as i64;
+                o.txns
+                    .committed(version, ours.iter().map(|w| (app_id(group, &w.tp), w.last)));
+                // The commit's own snapshot: the next refresh reads only
+                // what others commit meanwhile.
+                o.table.state = Some(done.snapshot());
+                slot.set_view(&o.table).map_err(&err)?;
+                outcome.version = Some(version);
                 outcome.committed = already;
                 outcome
                     .committed
@@ -474,9 +753,12 @@ impl Lake {
             root,
             storage,
             group_id: group_id.to_string(),
-            props,
+            props: Arc::new(props),
             table_properties: lake.table_properties(),
-            tables: tokio::sync::Mutex::new(HashMap::new()),
+            tables: std::sync::Mutex::new(HashMap::new()),
+            encoders: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             fault_commit_delay: std::env::var("CDC_LAKE_FAULT_COMMIT_DELAY_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())

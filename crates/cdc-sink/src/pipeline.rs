@@ -1,30 +1,36 @@
-//! The one loop: receive, decode, buffer, flush, commit.
+//! The loop: receive, decode, buffer, flush; commits run behind it.
 //!
-//! [`run`] owns every piece of state and a single `select!` over shutdown, a
-//! one-second tick (age-based flushes, health) and the next Kafka message.
-//! Writes happen inline, so while a flush is being uploaded nothing more is
-//! consumed: that is the backpressure which keeps memory bounded.
+//! [`run`] owns the buffers and positions and selects over shutdown, the
+//! next committed flush, a one-second tick (age-based flushes, health) and
+//! the next Kafka message. A flush takes the due segments, groups them by
+//! table and hands them to the [`Committer`], which encodes, uploads and
+//! commits them while the loop goes on consuming and decoding. Partitions
+//! whose segment had no rows (tombstones, quarantined messages) need no
+//! Delta commit: replaying them rewrites nothing. Kafka offsets are
+//! committed once a flush is in the lake, for lag tools.
 //!
-//! A flush takes the due segments, groups them by table and commits each
-//! table once ([`Lake::commit`]); partitions whose segment had no rows
-//! (tombstones, quarantined messages) need no Delta commit: replaying them
-//! rewrites nothing. Kafka offsets are committed afterwards, for lag tools.
+//! Memory is bounded by `flush.max_buffered_bytes`, counting buffered rows
+//! and flushes in flight by their decoded size: past it, the largest
+//! segment is flushed and, while flushes are still in flight, consumption
+//! is paused (librdkafka keeps polling, so the group membership holds).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
 use tokio::sync::watch;
 
-use crate::batch::{RollPolicy, Segment};
+use crate::batch::{RollPolicy, RollReason, Segment};
+use crate::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
 use crate::config::{ConfigError, SinkConfig};
 use crate::decode::{Decoded, Decoder};
 use crate::lake::{Lake, LakeError, PartitionWrite, table_of};
 use crate::position::{Admit, Positions, Tp};
 use crate::quarantine::{Quarantine, s3_store};
-use crate::source::{Rebalance, Source};
+use crate::retry::{Dependency, with_retry};
+use crate::source::{Rebalance, Rebalances, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -32,12 +38,8 @@ pub enum PipelineError {
     Config(#[from] ConfigError),
     #[error("kafka")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("the lake failed for {secs}s; giving up")]
-    Lake {
-        secs: u64,
-        #[source]
-        source: LakeError,
-    },
+    #[error(transparent)]
+    Lake(#[from] LakeFailed),
     #[error("quarantining a message failed for {secs}s; giving up")]
     Quarantine {
         secs: u64,
@@ -46,6 +48,8 @@ pub enum PipelineError {
     },
     #[error("no Kafka broker reachable for {0}s; giving up")]
     KafkaDown(u64),
+    #[error("the commit task stopped unexpectedly")]
+    CommitterStopped,
 }
 
 /// Counters for logs and tests.
@@ -62,52 +66,29 @@ pub struct Stats {
     pub segments_dropped: u64,
 }
 
+/// Why segments were flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlushReason {
+    Rolled(RollReason),
+    Memory,
+    Shutdown,
+}
+
 struct Sink {
     decoder: Decoder,
     segments: HashMap<Tp, Segment>,
     positions: Positions,
-    lake: Lake,
+    lake: Arc<Lake>,
+    committer: Committer,
     quarantine: Quarantine,
     policy: RollPolicy,
     max_buffered: usize,
+    /// Decoded bytes of flushes handed to the committer and not yet
+    /// committed.
+    in_flight_bytes: usize,
+    paused: bool,
     give_up: Duration,
     stats: Stats,
-}
-
-/// Retries `f` with capped exponential backoff while its error may pass,
-/// for at most `give_up` in total.
-async fn with_retry<T, E, Fut>(
-    give_up: Duration,
-    retryable: impl Fn(&E) -> bool,
-    f: impl FnMut() -> Fut,
-) -> Result<T, (u64, E)>
-where
-    Fut: std::future::Future<Output = Result<T, E>>,
-    E: std::error::Error,
-{
-    let started = Instant::now();
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_total_delay(Some(give_up))
-        .without_max_times();
-    f.retry(backoff)
-        .when(|e| retryable(e))
-        .notify(|e, after| tracing::warn!(error = %chain(e), retry_in = ?after, "request failed, retrying"))
-        .await
-        .map_err(|e| (started.elapsed().as_secs(), e))
-}
-
-/// An error and its causes on one line, for logs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 pub async fn run(
@@ -115,17 +96,23 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
     let give_up = cfg.give_up_after();
-    let lake = Lake::from_config(cfg).map_err(|source| PipelineError::Lake { secs: 0, source })?;
+    let lake = Arc::new(Lake::from_config(cfg).map_err(|source| LakeFailed {
+        secs: 0,
+        source: Box::new(source),
+    })?);
     let quarantine = Quarantine::new(s3_store(&cfg.s3, give_up)?, &cfg.output.prefix);
-    let mut source = Source::connect(&cfg.kafka)?;
+    let (source, mut rebalances) = Source::connect(&cfg.kafka)?;
     let mut sink = Sink {
         decoder: Decoder::new(),
         segments: HashMap::new(),
         positions: Positions::default(),
+        committer: Committer::spawn(lake.clone(), give_up),
         lake,
         quarantine,
         policy: cfg.roll_policy(),
         max_buffered: cfg.flush.max_buffered_bytes,
+        in_flight_bytes: 0,
+        paused: false,
         give_up,
         stats: Stats::default(),
     };
@@ -136,21 +123,28 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
+            done = sink.committer.next() => {
+                let done = done.ok_or(PipelineError::CommitterStopped)??;
+                sink.on_flushed(&source, done, CommitMode::Async).await?;
+                sink.hold_memory(&source)?;
+            }
             _ = tick.tick() => {
-                sink.apply_rebalances(&mut source);
-                sink.flush_due(&source).await?;
+                sink.apply_rebalances(&source, &mut rebalances);
+                sink.flush_due();
+                sink.hold_memory(&source)?;
                 let down = source.broker_down_for();
                 if down >= sink.give_up {
                     return Err(PipelineError::KafkaDown(down.as_secs()));
                 }
                 if last_report.elapsed() >= Duration::from_secs(60) {
-                    tracing::info!(stats = ?sink.stats, open_segments = sink.segments.len(), "progress");
+                    tracing::info!(stats = ?sink.stats, open_segments = sink.segments.len(),
+                        in_flight = sink.committer.in_flight(), "progress");
                     last_report = Instant::now();
                 }
             }
             received = source.consumer.recv() => {
                 let msg = match received {
-                    Ok(m) => m.detach(),
+                    Ok(m) => m,
                     Err(e) => {
                         // librdkafka reconnects on its own; the health check
                         // above decides when to give up.
@@ -158,28 +152,37 @@ pub async fn run(
                         continue;
                     }
                 };
-                sink.apply_rebalances(&mut source);
-                sink.on_message(&source, msg).await?;
+                // Buffers of revoked partitions go before anything else.
+                sink.apply_rebalances(&source, &mut rebalances);
+                let tp = Tp::new(msg.topic(), msg.partition());
+                sink.on_message(&source, tp, msg.offset(), msg.key(), msg.payload()).await?;
+                drop(msg);
+                sink.hold_memory(&source)?;
             }
         }
     }
     // Drain: everything buffered is committed, then Kafka's offsets.
     tracing::info!("shutting down: flushing open segments");
-    sink.apply_rebalances(&mut source);
+    sink.apply_rebalances(&source, &mut rebalances);
     let all: Vec<Tp> = sink.segments.keys().cloned().collect();
-    sink.flush(&source, all, CommitMode::Sync).await?;
+    sink.flush(all, FlushReason::Shutdown);
+    sink.committer.close();
+    while let Some(done) = sink.committer.next().await {
+        sink.on_flushed(&source, done?, CommitMode::Sync).await?;
+    }
     tracing::info!(stats = ?sink.stats, "sink stopped");
     Ok(sink.stats)
 }
 
 impl Sink {
-    fn apply_rebalances(&mut self, source: &mut Source) {
-        while let Ok(ev) = source.events.try_recv() {
+    fn apply_rebalances(&mut self, source: &Source, rebalances: &mut Rebalances) {
+        while let Ok(ev) = rebalances.try_recv() {
             match ev {
                 Rebalance::Revoked(tps) => {
                     for tp in tps {
                         // The new owner resumes from the lake; writing this
-                        // buffer now would only be fenced.
+                        // buffer now would only be fenced. Flushes in flight
+                        // go on: the lake's txn check decides them.
                         if self.segments.remove(&tp).is_some() {
                             self.stats.segments_dropped += 1;
                         }
@@ -191,21 +194,33 @@ impl Sink {
                         self.segments.remove(&tp);
                         self.positions.assign(tp);
                     }
+                    if self.paused
+                        && let Err(e) = source.pause()
+                    {
+                        tracing::warn!(error = %e, "pausing new partitions failed");
+                    }
                 }
             }
         }
     }
 
-    /// Reads the lake's version of every partition of `table` whose
-    /// position is not known yet.
-    async fn learn_positions(&mut self, table: &str, tp: &Tp) -> Result<(), PipelineError> {
+    /// Reads the lake's version of a partition whose position is not
+    /// known yet.
+    async fn learn_position(&mut self, tp: &Tp) -> Result<(), PipelineError> {
         let tps = vec![tp.clone()];
+        let table = table_of(&tp.topic);
         let lake = &self.lake;
-        let versions = with_retry(self.give_up, LakeError::is_retryable, || {
-            lake.positions(table, &tps)
-        })
+        let versions = with_retry(
+            Dependency::Lake,
+            self.give_up,
+            LakeError::is_retryable,
+            || lake.positions(table, &tps),
+        )
         .await
-        .map_err(|(secs, source)| PipelineError::Lake { secs, source })?;
+        .map_err(|g| LakeFailed {
+            secs: g.secs,
+            source: Box::new(g.error),
+        })?;
         if let Some(p) = self.positions.get_mut(tp) {
             tracing::info!(partition = %tp, lake_version = ?versions[0], "position read from the lake");
             p.learn(versions[0]);
@@ -216,10 +231,11 @@ impl Sink {
     async fn on_message(
         &mut self,
         source: &Source,
-        msg: rdkafka::message::OwnedMessage,
+        tp: Tp,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
     ) -> Result<(), PipelineError> {
-        let tp = Tp::new(msg.topic(), msg.partition());
-        let offset = msg.offset();
         loop {
             // A message fetched before a revoke was processed has no
             // position: its new owner reads it again.
@@ -237,19 +253,16 @@ impl Sink {
                     if let Err(e) = source.seek(&tp, to) {
                         // Start over: the next message asks again.
                         tracing::warn!(partition = %tp, error = %e, "seek failed");
-                        position.fence(Some(to));
+                        self.positions.fence(&tp, None, Some(to));
                     }
                     return Ok(());
                 }
-                Admit::NeedsLakeVersion => {
-                    let table = table_of(&tp.topic).to_string();
-                    self.learn_positions(&table, &tp).await?;
-                }
+                Admit::NeedsLakeVersion => self.learn_position(&tp).await?,
             }
         }
         self.stats.messages += 1;
 
-        let decoded = self.decoder.decode(msg.payload());
+        let decoded = self.decoder.decode(payload);
         let segment = self
             .segments
             .entry(tp.clone())
@@ -268,30 +281,23 @@ impl Sink {
                 let error = err.to_string();
                 let q = &self.quarantine;
                 let path = with_retry(
+                    Dependency::S3,
                     self.give_up,
                     |_| true,
-                    || q.put(&tp, offset, msg.key(), msg.payload(), &error),
+                    || q.put(&tp, offset, key, payload, &error),
                 )
                 .await
-                .map_err(|(secs, source)| PipelineError::Quarantine { secs, source })?;
+                .map_err(|g| PipelineError::Quarantine {
+                    secs: g.secs,
+                    source: g.error,
+                })?;
                 self.stats.quarantined += 1;
                 tracing::warn!(partition = %tp, offset, %error, quarantined_at = %path,
                     "malformed change event quarantined");
             }
         }
-
-        if self.segments[&tp].roll_reason(&self.policy).is_some() {
-            self.flush(source, vec![tp], CommitMode::Async).await?;
-        } else if self.buffered_bytes() > self.max_buffered {
-            // Memory bound: flush the largest segment.
-            let largest = self
-                .segments
-                .iter()
-                .max_by_key(|(_, s)| s.bytes)
-                .map(|(tp, _)| tp.clone());
-            if let Some(tp) = largest {
-                self.flush(source, vec![tp], CommitMode::Async).await?;
-            }
+        if let Some(reason) = self.segments[&tp].roll_reason(&self.policy) {
+            self.flush(vec![tp], FlushReason::Rolled(reason));
         }
         Ok(())
     }
@@ -300,97 +306,163 @@ impl Sink {
         self.segments.values().map(|s| s.bytes).sum()
     }
 
-    async fn flush_due(&mut self, source: &Source) -> Result<(), PipelineError> {
-        let due: Vec<Tp> = self
-            .segments
-            .iter()
-            .filter(|(_, s)| s.roll_reason(&self.policy).is_some())
-            .map(|(tp, _)| tp.clone())
-            .collect();
-        self.flush(source, due, CommitMode::Async).await
+    /// Keeps buffered rows plus flushes in flight under the limit. Flushing
+    /// frees nothing at once (rows become files in flight), but it is what
+    /// frees memory once committed, so it happens while the buffer holds
+    /// more than what is in flight; beyond that, consumption pauses until
+    /// commits catch up.
+    fn hold_memory(&mut self, source: &Source) -> Result<(), PipelineError> {
+        while self.buffered_bytes() + self.in_flight_bytes > self.max_buffered
+            && self.buffered_bytes() > self.in_flight_bytes
+        {
+            let largest = self
+                .segments
+                .iter()
+                .max_by_key(|(_, s)| s.bytes)
+                .map(|(tp, _)| tp.clone());
+            match largest {
+                Some(tp) => self.flush(vec![tp], FlushReason::Memory),
+                None => break,
+            }
+        }
+        let over = self.buffered_bytes() + self.in_flight_bytes > self.max_buffered;
+        if over != self.paused {
+            if over {
+                source.pause()?;
+                tracing::debug!(
+                    buffered = self.buffered_bytes(),
+                    in_flight = self.in_flight_bytes,
+                    "memory limit reached: consumption paused"
+                );
+            } else {
+                source.resume()?;
+                tracing::debug!("consumption resumed");
+            }
+            self.paused = over;
+        }
+        Ok(())
     }
 
-    /// Commits the segments of `tps`: one Delta transaction per table, then
-    /// Kafka's offsets.
-    async fn flush(
-        &mut self,
-        source: &Source,
-        tps: Vec<Tp>,
-        mode: CommitMode,
-    ) -> Result<(), PipelineError> {
-        let mut by_table: BTreeMap<String, Vec<PartitionWrite>> = BTreeMap::new();
-        let mut kafka = Vec::new();
-        // Where each write starts: a fenced partition resumes no later.
-        let mut firsts: HashMap<Tp, i64> = HashMap::new();
+    /// Flushes every segment due, together: one commit per table.
+    fn flush_due(&mut self) {
+        let mut due = Vec::new();
+        let mut reason = None;
+        for (tp, s) in &self.segments {
+            if let Some(r) = s.roll_reason(&self.policy) {
+                due.push(tp.clone());
+                reason = Some(r);
+            }
+        }
+        if let Some(r) = reason {
+            self.flush(due, FlushReason::Rolled(r));
+        }
+    }
+
+    /// Hands the segments of `tps` to the committer: one Delta transaction
+    /// per table.
+    fn flush(&mut self, tps: Vec<Tp>, reason: FlushReason) {
+        let mut tables: BTreeMap<String, Vec<Write>> = BTreeMap::new();
+        let mut rowless = Vec::new();
+        let mut bytes = 0;
         for tp in tps {
             let Some(segment) = self.segments.remove(&tp) else {
                 continue;
             };
-            let Some(position) = self.positions.get(&tp) else {
+            let Some(position) = self.positions.get_mut(&tp) else {
                 continue;
             };
-            let last = segment.last;
-            firsts.insert(tp.clone(), segment.first);
             if segment.rows() == 0 {
-                kafka.push((tp, last + 1));
+                rowless.push((tp, segment.last));
                 continue;
             }
-            let write = PartitionWrite {
-                expected: position.expected_version(),
-                last,
-                files: segment.into_files().map_err(|e| PipelineError::Lake {
-                    secs: 0,
-                    source: e.into(),
-                })?,
-                tp,
-            };
-            by_table
-                .entry(table_of(&write.tp.topic).to_string())
+            bytes += segment.bytes;
+            let (first, last) = (segment.first, segment.last);
+            let stage = position.stage(last);
+            let files = segment
+                .into_files()
+                .expect("builders made from the segment's own schemas");
+            tables
+                .entry(table_of(&tp.topic).to_string())
                 .or_default()
-                .push(write);
+                .push(Write {
+                    ticket: stage.ticket,
+                    first,
+                    write: PartitionWrite {
+                        tp,
+                        last,
+                        expected: stage.expected,
+                        files,
+                    },
+                });
         }
-        for (table, writes) in by_table {
-            let started = Instant::now();
-            let lake = &self.lake;
-            let outcome = with_retry(self.give_up, LakeError::is_retryable, || {
-                lake.commit(&table, &writes)
-            })
-            .await
-            .map_err(|(secs, source)| PipelineError::Lake { secs, source })?;
-            for (tp, last) in &outcome.committed {
-                if let Some(p) = self.positions.get_mut(tp) {
-                    p.committed(*last);
+        if tables.is_empty() && rowless.is_empty() {
+            return;
+        }
+        tracing::debug!(?reason, tables = tables.len(), bytes, "flush handed over");
+        self.in_flight_bytes += bytes;
+        self.committer.submit(Flush {
+            tables: tables
+                .into_iter()
+                .map(|(table, writes)| TableFlush { table, writes })
+                .collect(),
+            rowless,
+            bytes,
+        });
+    }
+
+    /// Applies a committed flush: positions move on, fenced partitions
+    /// start over from the lake, and Kafka's offsets follow.
+    async fn on_flushed(
+        &mut self,
+        source: &Source,
+        done: Flushed,
+        mode: CommitMode,
+    ) -> Result<(), PipelineError> {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
+        let mut kafka = Vec::new();
+        for l in &done.landed {
+            match l.fate {
+                Fate::Committed => {
+                    if let Some(p) = self.positions.get_mut(&l.tp) {
+                        p.committed(l.ticket, l.last);
+                        kafka.push((l.tp.clone(), l.last + 1));
+                    }
                 }
-                kafka.push((tp.clone(), last + 1));
-            }
-            for tp in &outcome.fenced {
-                // Whatever is buffered past the fenced segment is dropped
-                // too: the position is read again from the lake, and the
-                // consumer sent there now, not at the partition's next
-                // message (it may be quiet).
-                self.segments.remove(tp);
-                if let Some(p) = self.positions.get_mut(tp) {
-                    p.fence(firsts.get(tp).copied());
-                }
-                self.stats.fenced += 1;
-                self.learn_positions(&table, tp).await?;
-                if let Some(to) = self.positions.get_mut(tp).and_then(|p| p.seek_now())
-                    && let Err(e) = source.seek(tp, to)
-                {
-                    // Revoked meanwhile, most likely; otherwise the next
-                    // message asks again.
-                    tracing::warn!(partition = %tp, error = %e, "seek after a fence failed");
-                    if let Some(p) = self.positions.get_mut(tp) {
-                        p.fence(Some(to));
+                Fate::Fenced => {
+                    self.stats.fenced += 1;
+                    // Whatever is buffered past the fenced write is dropped
+                    // too: the position is read again from the lake, and the
+                    // consumer sent there now, not at the partition's next
+                    // message (it may be quiet).
+                    if !self.positions.fence(&l.tp, Some(l.ticket), Some(l.first)) {
+                        continue;
+                    }
+                    self.segments.remove(&l.tp);
+                    self.learn_position(&l.tp).await?;
+                    if let Some(to) = self.positions.get_mut(&l.tp).and_then(|p| p.seek_now())
+                        && let Err(e) = source.seek(&l.tp, to)
+                    {
+                        // Revoked meanwhile, most likely; otherwise the next
+                        // message asks again.
+                        tracing::warn!(partition = %l.tp, error = %e, "seek after a fence failed");
+                        self.positions.fence(&l.tp, None, Some(to));
                     }
                 }
             }
-            if outcome.version.is_some() {
-                self.stats.commits += 1;
-                self.stats.files += outcome.files as u64;
+        }
+        for (tp, last) in &done.rowless {
+            if self.positions.get(tp).is_some() {
+                kafka.push((tp.clone(), last + 1));
             }
-            tracing::debug!(%table, version = ?outcome.version, files = outcome.files, rows = outcome.rows,
-                bytes = outcome.bytes, ms = started.elapsed().as_millis() as u64, "committed");
+        }
+        for t in &done.tables {
+            let o = &t.outcome;
+            if o.version.is_some() {
+                self.stats.commits += 1;
+                self.stats.files += o.files as u64;
+            }
+            tracing::debug!(table = %t.table, version = ?o.version, files = o.files, rows = o.rows,
+                bytes = o.bytes, ms = t.took.as_millis() as u64, "committed");
         }
         if let Err(e) = source.commit(&kafka, mode) {
             // Only lag reporting suffers: the lake has the positions.

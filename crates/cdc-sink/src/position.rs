@@ -11,8 +11,15 @@
 //!   consumer is sent there (Kafka's committed offsets are only a lag
 //!   report and may be behind or ahead);
 //! - a commit must find the version it was built on, or another writer got
-//!   there first ([`Position::expected_version`]); the caller then discards
-//!   its work and calls [`Position::fence`], which starts over.
+//!   there first ([`Stage::expected`]); the caller then discards its work
+//!   and calls [`Positions::fence`], which starts over.
+//!
+//! Commits are pipelined: a partition's next write is handed over
+//! ([`Position::stage`]) while its previous one is still in flight, so it
+//! expects the version that one will leave, not the lake's. Every write
+//! carries the [`Ticket`] of the position that staged it; a fence or a new
+//! assignment issues new tickets, so the outcome of a write staged before
+//! it (committed or fenced) no longer moves the position.
 //!
 //! Call sites never compare offsets themselves.
 
@@ -66,12 +73,28 @@ enum State {
     Streaming { next: i64 },
 }
 
+/// Matches a write's outcome to the position that staged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+/// A write handed over for committing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stage {
+    /// The `txn` version the table must hold when this write commits:
+    /// anything else means another writer has committed since.
+    pub expected: Option<i64>,
+    pub ticket: Ticket,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
     state: State,
     /// The last offset the lake holds for this partition (its `txn`
     /// version), as of the last read or our last commit.
     lake: Option<i64>,
+    /// The last offset handed over for committing and not yet confirmed.
+    staged: Option<i64>,
+    ticket: Ticket,
     /// After a fence: the first offset whose rows were dropped. If the lake
     /// then still holds nothing of this partition, reading resumes there,
     /// not wherever the consumer happens to be.
@@ -79,10 +102,12 @@ pub struct Position {
 }
 
 impl Position {
-    fn new() -> Position {
+    fn new(ticket: Ticket) -> Position {
         Position {
             state: State::Unknown,
             lake: None,
+            staged: None,
+            ticket,
             dropped_from: None,
         }
     }
@@ -150,26 +175,28 @@ impl Position {
         Admit::Accept
     }
 
-    /// The `txn` version a commit of this partition must find in the table:
-    /// anything else means another writer has committed since.
-    pub fn expected_version(&self) -> Option<i64> {
-        self.lake
+    /// Hands the admitted offsets up to `last` over for committing. The
+    /// write must find the version the previous one leaves.
+    pub fn stage(&mut self, last: i64) -> Stage {
+        let expected = self.staged.or(self.lake);
+        debug_assert!(expected.is_none_or(|v| last > v));
+        self.staged = Some(last);
+        Stage {
+            expected,
+            ticket: self.ticket,
+        }
     }
 
-    /// A commit holding offsets up to `last` landed.
-    pub fn committed(&mut self, last: i64) {
-        debug_assert!(self.lake.is_none_or(|v| last > v));
-        self.lake = Some(last);
-    }
-
-    /// Another writer advanced this partition: everything buffered from
-    /// `dropped_from` on was dropped, and the position is read again from
-    /// the lake.
-    pub fn fence(&mut self, dropped_from: Option<i64>) {
-        *self = Position {
-            dropped_from,
-            ..Position::new()
-        };
+    /// A write holding offsets up to `last` landed. Ignored when the write
+    /// was staged before a fence: the position has been read again since.
+    pub fn committed(&mut self, ticket: Ticket, last: i64) {
+        if ticket != self.ticket {
+            return;
+        }
+        self.lake = Some(self.lake.map_or(last, |v| v.max(last)));
+        if self.staged == Some(last) {
+            self.staged = None;
+        }
     }
 }
 
@@ -177,11 +204,19 @@ impl Position {
 #[derive(Debug, Default)]
 pub struct Positions {
     parts: HashMap<Tp, Position>,
+    /// Tickets ever issued: never reused, across reassignments too.
+    issued: u64,
 }
 
 impl Positions {
+    fn ticket(&mut self) -> Ticket {
+        self.issued += 1;
+        Ticket(self.issued)
+    }
+
     pub fn assign(&mut self, tp: Tp) {
-        self.parts.insert(tp, Position::new());
+        let ticket = self.ticket();
+        self.parts.insert(tp, Position::new(ticket));
     }
 
     pub fn revoke(&mut self, tp: &Tp) {
@@ -195,6 +230,26 @@ impl Positions {
     pub fn get(&self, tp: &Tp) -> Option<&Position> {
         self.parts.get(tp)
     }
+
+    /// Another writer advanced `tp` (or a seek failed): everything buffered
+    /// or in flight from `dropped_from` on is dropped, and the position is
+    /// read again from the lake. With `ticket`, only if the position is
+    /// still the one that staged the fenced write; returns whether it
+    /// started over.
+    pub fn fence(&mut self, tp: &Tp, ticket: Option<Ticket>, dropped_from: Option<i64>) -> bool {
+        let fresh = self.ticket();
+        let Some(p) = self.parts.get_mut(tp) else {
+            return false;
+        };
+        if ticket.is_some_and(|t| t != p.ticket) {
+            return false;
+        }
+        *p = Position {
+            dropped_from,
+            ..Position::new(fresh)
+        };
+        true
+    }
 }
 
 #[cfg(test)]
@@ -202,14 +257,23 @@ mod tests {
     use super::*;
 
     fn known(lake: Option<i64>) -> Position {
-        let mut p = Position::new();
+        let mut p = Position::new(Ticket(0));
         p.learn(lake);
         p
     }
 
+    /// One assigned partition whose lake version is `lake`.
+    fn assigned(lake: Option<i64>) -> (Positions, Tp) {
+        let mut ps = Positions::default();
+        let tp = Tp::new("t", 0);
+        ps.assign(tp.clone());
+        ps.get_mut(&tp).unwrap().learn(lake);
+        (ps, tp)
+    }
+
     #[test]
     fn nothing_is_admitted_before_the_lake_is_read() {
-        let mut p = Position::new();
+        let mut p = Position::new(Ticket(0));
         assert_eq!(p.admit(0), Admit::NeedsLakeVersion);
         p.learn(None);
         assert_eq!(
@@ -248,30 +312,72 @@ mod tests {
     }
 
     #[test]
-    fn exactly_the_next_offset_starts_at_once() {
+    fn writes_in_flight_chain_their_expected_versions() {
         let mut p = known(Some(10));
         assert_eq!(p.admit(11), Admit::Accept);
-        assert_eq!(p.expected_version(), Some(10));
-        p.committed(11);
-        assert_eq!(p.expected_version(), Some(11));
+        let first = p.stage(11);
+        assert_eq!(first.expected, Some(10));
+        assert_eq!(p.admit(12), Admit::Accept);
+        assert_eq!(p.admit(13), Admit::Accept);
+        // Staged while the first is still in flight: it builds on it.
+        let second = p.stage(13);
+        assert_eq!(second.expected, Some(11));
+        p.committed(first.ticket, 11);
+        p.committed(second.ticket, 13);
+        assert_eq!(p.admit(14), Admit::Accept);
+        assert_eq!(p.stage(14).expected, Some(13));
     }
 
     #[test]
     fn fencing_starts_over_from_the_lake() {
-        let mut p = known(Some(10));
+        let (mut ps, tp) = assigned(Some(10));
+        let p = ps.get_mut(&tp).unwrap();
         assert_eq!(p.admit(11), Admit::Accept);
-        p.fence(Some(11));
+        let stage = p.stage(11);
+        assert!(ps.fence(&tp, Some(stage.ticket), Some(11)));
+        let p = ps.get_mut(&tp).unwrap();
         assert_eq!(p.admit(12), Admit::NeedsLakeVersion);
         p.learn(Some(40));
         assert_eq!(p.admit(12), Admit::Skip);
         assert_eq!(p.admit(41), Admit::Accept);
+        assert_eq!(
+            p.stage(41).expected,
+            Some(40),
+            "nothing staged before survives"
+        );
+    }
+
+    /// Outcomes of writes staged before a fence no longer move the
+    /// position: it has been read again from the lake.
+    #[test]
+    fn outcomes_of_writes_staged_before_a_fence_are_ignored() {
+        let (mut ps, tp) = assigned(Some(10));
+        let p = ps.get_mut(&tp).unwrap();
+        p.admit(11);
+        let first = p.stage(11);
+        p.admit(12);
+        let second = p.stage(12);
+        assert!(ps.fence(&tp, Some(first.ticket), Some(11)));
+        // The second write was fenced too, after the position started over.
+        assert!(!ps.fence(&tp, Some(second.ticket), Some(12)));
+        let p = ps.get_mut(&tp).unwrap();
+        p.learn(Some(30));
+        p.committed(second.ticket, 12);
+        assert_eq!(p.admit(31), Admit::Accept);
+        assert_eq!(p.stage(31).expected, Some(30));
+        // A reassignment issues a new ticket as well.
+        let old = ps.get(&tp).unwrap().ticket;
+        ps.revoke(&tp);
+        ps.assign(tp.clone());
+        assert!(!ps.fence(&tp, Some(old), None));
     }
 
     #[test]
     fn a_fenced_partition_seeks_without_waiting_for_a_message() {
-        let mut p = known(Some(10));
-        assert_eq!(p.admit(11), Admit::Accept);
-        p.fence(Some(11));
+        let (mut ps, tp) = assigned(Some(10));
+        assert_eq!(ps.get_mut(&tp).unwrap().admit(11), Admit::Accept);
+        assert!(ps.fence(&tp, None, Some(11)));
+        let p = ps.get_mut(&tp).unwrap();
         p.learn(Some(20));
         assert_eq!(p.seek_now(), Some(21));
         assert_eq!(p.admit(15), Admit::Skip, "fetched before the seek");
@@ -284,9 +390,10 @@ mod tests {
     /// rows it dropped: reading resumes at the first of them.
     #[test]
     fn a_fence_before_any_commit_resumes_at_the_dropped_rows() {
-        let mut p = known(None);
-        assert_eq!(p.admit(0), Admit::Accept);
-        p.fence(Some(0));
+        let (mut ps, tp) = assigned(None);
+        assert_eq!(ps.get_mut(&tp).unwrap().admit(0), Admit::Accept);
+        assert!(ps.fence(&tp, None, Some(0)));
+        let p = ps.get_mut(&tp).unwrap();
         assert_eq!(p.admit(50), Admit::NeedsLakeVersion);
         p.learn(None);
         assert_eq!(p.admit(50), Admit::SeekTo(0));

@@ -88,12 +88,16 @@ impl ConsumerContext for SourceContext {
 
 pub struct Source {
     pub consumer: StreamConsumer<SourceContext>,
-    pub events: mpsc::UnboundedReceiver<Rebalance>,
     last_broker_up: Arc<Mutex<Instant>>,
 }
 
+/// Rebalances, in the order librdkafka reported them. Kept apart from
+/// [`Source`] so that draining them never conflicts with a message still
+/// borrowed from the consumer.
+pub type Rebalances = mpsc::UnboundedReceiver<Rebalance>;
+
 impl Source {
-    pub fn connect(cfg: &KafkaConfig) -> KafkaResult<Source> {
+    pub fn connect(cfg: &KafkaConfig) -> KafkaResult<(Source, Rebalances)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_broker_up = Arc::new(Mutex::new(Instant::now()));
         let context = SourceContext {
@@ -145,11 +149,13 @@ impl Source {
         let consumer: StreamConsumer<SourceContext> = client.create_with_context(context)?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Source {
-            consumer,
-            events: rx,
-            last_broker_up,
-        })
+        Ok((
+            Source {
+                consumer,
+                last_broker_up,
+            },
+            rx,
+        ))
     }
 
     pub fn broker_down_for(&self) -> Duration {
@@ -167,6 +173,18 @@ impl Source {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
         }
         self.consumer.commit(&tpl, mode)
+    }
+
+    /// Stops fetching every assigned partition. librdkafka keeps serving
+    /// the group (heartbeats, rebalances) and drops what it had prefetched;
+    /// after [`Source::resume`] it fetches again from the next offset the
+    /// pipeline has not received.
+    pub fn pause(&self) -> KafkaResult<()> {
+        self.consumer.pause(&self.consumer.assignment()?)
+    }
+
+    pub fn resume(&self) -> KafkaResult<()> {
+        self.consumer.resume(&self.consumer.assignment()?)
     }
 
     /// Sends the consumer of one partition to `offset`. librdkafka discards

@@ -816,7 +816,7 @@ mod tests {
                     files,
                 });
             }
-            let outcome = self.lake.commit(TABLE, &writes).await.unwrap();
+            let outcome = self.lake.write(TABLE, &writes).await.unwrap();
             assert!(outcome.fenced.is_empty(), "{outcome:?}");
             for (tp, last) in outcome.committed {
                 self.last.insert(tp.partition, last);

@@ -84,7 +84,7 @@ impl Writer {
                 batch: rows(0, first..first + 10),
             }],
         };
-        let outcome = self.lake.commit(TABLE, &[write]).await.unwrap();
+        let outcome = self.lake.write(TABLE, &[write]).await.unwrap();
         assert!(outcome.fenced.is_empty(), "{outcome:?}");
         self.last = Some(first + 9);
     }

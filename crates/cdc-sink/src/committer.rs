@@ -1,0 +1,259 @@
+//! The write path behind the loop. Flushes are handed over here and the
+//! loop goes back to consuming: each flush is staged (its files encoded off
+//! the runtime and put, several at once) while earlier ones are still
+//! being committed, and flushes are committed strictly in the order they
+//! were handed over, so a partition's writes land in offset order. The
+//! tables of one flush commit concurrently, one Delta transaction each.
+//!
+//! A write whose commit fails for good ends the process: what was not
+//! committed is read again from Kafka by the next run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use futures::{StreamExt, stream};
+use tokio::sync::mpsc;
+
+use crate::lake::{CommitOutcome, Lake, LakeError, PartitionWrite, Staged};
+use crate::position::{Ticket, Tp};
+use crate::retry::{Dependency, with_retry};
+
+/// Flushes staged ahead of the one being committed.
+const STAGE_AHEAD: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the lake failed for {secs}s; giving up")]
+pub struct LakeFailed {
+    pub secs: u64,
+    #[source]
+    pub source: Box<LakeError>,
+}
+
+/// One partition's part of a flush.
+pub struct Write {
+    /// Matches the outcome to the position that staged it.
+    pub ticket: Ticket,
+    /// The write's first offset: where a fenced partition resumes at the
+    /// latest.
+    pub first: i64,
+    pub write: PartitionWrite,
+}
+
+/// One table's part of a flush.
+pub struct TableFlush {
+    pub table: String,
+    pub writes: Vec<Write>,
+}
+
+/// What the loop hands over: the segments flushed together.
+pub struct Flush {
+    /// Each becomes one Delta transaction.
+    pub tables: Vec<TableFlush>,
+    /// Partitions whose flushed offsets hold no rows (tombstones,
+    /// quarantined messages), with their last offset: nothing goes to the
+    /// lake, only Kafka's committed offset moves, in order with the rest.
+    pub rowless: Vec<(Tp, i64)>,
+    /// Decoded bytes the flush holds until it is committed.
+    pub bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Committed,
+    /// Another writer had advanced the partition: nothing of it landed.
+    Fenced,
+}
+
+/// What became of one [`Write`].
+#[derive(Debug, Clone)]
+pub struct Landed {
+    pub tp: Tp,
+    pub ticket: Ticket,
+    pub first: i64,
+    pub last: i64,
+    pub fate: Fate,
+}
+
+/// One table's commit, for logs and metrics.
+#[derive(Debug)]
+pub struct TableCommit {
+    pub table: String,
+    pub outcome: CommitOutcome,
+    /// From the start of staging to the end of the commit.
+    pub took: Duration,
+}
+
+/// A flush, committed.
+#[derive(Debug)]
+pub struct Flushed {
+    pub landed: Vec<Landed>,
+    pub rowless: Vec<(Tp, i64)>,
+    pub tables: Vec<TableCommit>,
+    pub bytes: usize,
+}
+
+/// The handle the loop holds.
+pub struct Committer {
+    flushes: Option<mpsc::UnboundedSender<Flush>>,
+    flushed: mpsc::UnboundedReceiver<Result<Flushed, LakeFailed>>,
+    in_flight: usize,
+}
+
+impl Committer {
+    pub fn spawn(lake: Arc<Lake>, give_up: Duration) -> Committer {
+        let (flushes, rx) = mpsc::unbounded_channel();
+        // Unbounded both ways: the loop bounds what is in flight by bytes
+        // (see `pipeline`), and a bounded result channel could deadlock a
+        // loop that waits to hand over the next flush.
+        let (tx, flushed) = mpsc::unbounded_channel();
+        tokio::spawn(run(lake, give_up, rx, tx));
+        Committer {
+            flushes: Some(flushes),
+            flushed,
+            in_flight: 0,
+        }
+    }
+
+    pub fn submit(&mut self, flush: Flush) {
+        if let Some(tx) = &self.flushes
+            && tx.send(flush).is_ok()
+        {
+            self.in_flight += 1;
+        }
+        // Otherwise the task has stopped; `next` reports why.
+    }
+
+    /// Flushes handed over and not yet reported back.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The next committed flush, in order. `None` once [`Committer::close`]
+    /// was called and everything is reported, or if the task died.
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<Result<Flushed, LakeFailed>> {
+        let done = self.flushed.recv().await;
+        if done.is_some() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+        done
+    }
+
+    /// No more flushes: [`Committer::next`] drains what is in flight.
+    pub fn close(&mut self) {
+        self.flushes = None;
+    }
+}
+
+async fn run(
+    lake: Arc<Lake>,
+    give_up: Duration,
+    mut rx: mpsc::UnboundedReceiver<Flush>,
+    tx: mpsc::UnboundedSender<Result<Flushed, LakeFailed>>,
+) {
+    let mut staged = stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|flush| stage(&lake, give_up, flush))
+        .buffered(STAGE_AHEAD);
+    while let Some(next) = staged.next().await {
+        let result = match next {
+            Ok(s) => commit(&lake, give_up, s).await,
+            Err(e) => Err(e),
+        };
+        let failed = result.is_err();
+        if tx.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+struct StagedTable {
+    staged: Staged,
+    writes: Vec<Write>,
+    started: Instant,
+}
+
+struct StagedFlush {
+    tables: Vec<StagedTable>,
+    rowless: Vec<(Tp, i64)>,
+    bytes: usize,
+}
+
+async fn stage(lake: &Lake, give_up: Duration, flush: Flush) -> Result<StagedFlush, LakeFailed> {
+    let tables = try_join_all(flush.tables.into_iter().map(
+        |TableFlush { table, writes }| async move {
+            let started = Instant::now();
+            let parts: Vec<PartitionWrite> = writes.iter().map(|w| w.write.clone()).collect();
+            let staged = with_retry(Dependency::Lake, give_up, LakeError::is_retryable, || {
+                lake.stage(&table, &parts)
+            })
+            .await
+            .map_err(|g| LakeFailed {
+                secs: g.secs,
+                source: Box::new(g.error),
+            })?;
+            Ok::<_, LakeFailed>(StagedTable {
+                staged,
+                writes,
+                started,
+            })
+        },
+    ))
+    .await?;
+    Ok(StagedFlush {
+        tables,
+        rowless: flush.rowless,
+        bytes: flush.bytes,
+    })
+}
+
+async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Flushed, LakeFailed> {
+    let tables = try_join_all(flush.tables.into_iter().map(|t| async move {
+        let outcome = with_retry(Dependency::Lake, give_up, LakeError::is_retryable, || {
+            lake.commit(&t.staged)
+        })
+        .await
+        .map_err(|g| LakeFailed {
+            secs: g.secs,
+            source: Box::new(g.error),
+        })?;
+        let landed: Vec<Landed> = t
+            .writes
+            .iter()
+            .map(|w| {
+                let tp = &w.write.tp;
+                let fate = if outcome.fenced.contains(tp) {
+                    Fate::Fenced
+                } else {
+                    debug_assert!(outcome.committed.iter().any(|(c, _)| c == tp));
+                    Fate::Committed
+                };
+                Landed {
+                    tp: tp.clone(),
+                    ticket: w.ticket,
+                    first: w.first,
+                    last: w.write.last,
+                    fate,
+                }
+            })
+            .collect();
+        let report = TableCommit {
+            table: t.staged.table().to_string(),
+            outcome,
+            took: t.started.elapsed(),
+        };
+        Ok::<_, LakeFailed>((landed, report))
+    }))
+    .await?;
+    let mut done = Flushed {
+        landed: Vec::new(),
+        rowless: flush.rowless,
+        tables: Vec::new(),
+        bytes: flush.bytes,
+    };
+    for (landed, report) in tables {
+        done.landed.extend(landed);
+        done.tables.push(report);
+    }
+    Ok(done)
+}

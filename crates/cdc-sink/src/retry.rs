@@ -1,0 +1,75 @@
+//! How the sink waits out a dependency that fails: capped exponential
+//! backoff with jitter, for at most the configured give-up time, after
+//! which the error ends the process (and systemd restarts it).
+
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+
+/// A dependency the sink retries, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Kafka,
+    S3,
+    Lake,
+}
+
+impl Dependency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Kafka => "kafka",
+            Dependency::S3 => "s3",
+            Dependency::Lake => "lake",
+        }
+    }
+}
+
+/// What a retried call ended with, after giving up.
+#[derive(Debug)]
+pub struct GaveUp<E> {
+    pub secs: u64,
+    pub error: E,
+}
+
+/// Retries `f` while its error may pass, for at most `give_up` in total.
+pub async fn with_retry<T, E, Fut>(
+    dependency: Dependency,
+    give_up: Duration,
+    retryable: impl Fn(&E) -> bool,
+    f: impl FnMut() -> Fut,
+) -> Result<T, GaveUp<E>>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error,
+{
+    let started = Instant::now();
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_total_delay(Some(give_up))
+        .without_max_times();
+    f.retry(backoff)
+        .when(|e| retryable(e))
+        .notify(|e, after| {
+            tracing::warn!(dependency = dependency.name(), error = %chain(e), retry_in = ?after,
+                "request failed, retrying");
+        })
+        .await
+        .map_err(|error| GaveUp {
+            secs: started.elapsed().as_secs(),
+            error,
+        })
+}
+
+/// An error and its causes on one line, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
