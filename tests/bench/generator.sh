@@ -15,6 +15,8 @@ cargo build --release --locked -q -p tweetgen
 eval "$(bash tests/stack.sh env)"
 # psql reads the (demo) password from the environment, not its command line.
 export PGPASSWORD=$TWEETGEN_DATABASE__PASSWORD PGUSER=tweetgen
+# No metrics endpoint: a running pipeline's generator may hold its port.
+export TWEETGEN_METRICS__LISTEN=
 
 stats() {
   # Statistics reach the view asynchronously; the generator has exited.

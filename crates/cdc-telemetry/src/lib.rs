@@ -1,10 +1,48 @@
-//! Logging and shutdown signals for the pipeline's services.
+//! What the pipeline's services tell their operators.
 //!
-//! [`init`] installs one `tracing` subscriber: the journald layer when the
-//! process runs under systemd (it sets `JOURNAL_STREAM` for units whose output
-//! goes to the journal), a plain terminal formatter otherwise. Both honour
-//! `RUST_LOG`, defaulting to `info` for our crates and `warn` for delta-rs
-//! and its kernel, which log every snapshot load at INFO.
+//! - Logs: [`init`] installs one `tracing` subscriber: the journald layer
+//!   when the process runs under systemd (it sets `JOURNAL_STREAM` for units
+//!   whose output goes to the journal), a plain terminal formatter
+//!   otherwise. Both honour `RUST_LOG`, defaulting to `info` for our crates
+//!   and `warn` for delta-rs and its kernel, which log every snapshot load
+//!   at INFO.
+//! - Metrics and health: [`server::start`] installs the Prometheus recorder
+//!   ([`prometheus`]) that the `metrics` macros record into, and serves
+//!   `/metrics`, `/healthz` and `/readyz` (from a [`Readiness`] the service
+//!   sets).
+//! - systemd: [`systemd::ready`] and a [`systemd::Watchdog`] the main loop
+//!   pings.
+//! - Shutdown: [`shutdown_signal`].
+//!
+//! A service wires them up like this:
+//!
+//! ```no_run
+//! # async fn service(listen: Option<std::net::SocketAddr>) -> Result<(), cdc_telemetry::server::ServeError> {
+//! use cdc_telemetry::{Readiness, server, systemd};
+//! let readiness = Readiness::new("connecting");
+//! // `None`: the config's listen address is empty, nothing is served or recorded.
+//! let _ops = match listen {
+//!     Some(addr) => Some(server::start(addr, readiness.clone()).await?),
+//!     None => None,
+//! };
+//! // ... connected:
+//! readiness.set_ready();
+//! systemd::ready();
+//! let watchdog = systemd::Watchdog::from_env();
+//! loop {
+//!     watchdog.ping();
+//!     metrics::counter!("service_ticks_total").increment(1);
+//!     tokio::time::sleep(watchdog.bound(std::time::Duration::from_secs(60))).await;
+//! }
+//! # }
+//! ```
+
+pub mod health;
+pub mod prometheus;
+pub mod server;
+pub mod systemd;
+
+pub use health::Readiness;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;

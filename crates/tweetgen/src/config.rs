@@ -3,6 +3,7 @@
 //! command-line overrides. Unknown keys are errors so that a typo is caught,
 //! and every error names the offending key.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub workload: WorkloadConfig,
     pub load: LoadConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +111,15 @@ pub struct LoadConfig {
     pub chunk_rows: u32,
 }
 
+/// The operators' endpoint: `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// IP address and port, e.g. `127.0.0.1:9465`. Empty: no endpoint, and
+    /// no metrics are recorded.
+    pub listen: String,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -148,6 +159,10 @@ impl Default for Config {
                 method: LoadMethod::Copy,
                 chunk_rows: 5000,
             },
+            metrics: MetricsConfig {
+                // Loopback: the endpoint has no authentication. 9464 is the sink's.
+                listen: "127.0.0.1:9465".into(),
+            },
         }
     }
 }
@@ -165,6 +180,11 @@ impl Default for WorkloadConfig {
 impl Default for LoadConfig {
     fn default() -> Self {
         Config::default().load
+    }
+}
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Config::default().metrics
     }
 }
 
@@ -248,11 +268,25 @@ impl Config {
                 "is set together with database.password: set only one",
             );
         }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return invalid(
+                "metrics.listen",
+                "must be an IP address and port such as 127.0.0.1:9465, or empty to disable the endpoint",
+            );
+        }
         Ok(())
     }
 
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.workload.interval_ms)
+    }
+}
+
+impl MetricsConfig {
+    /// Where to serve the endpoint; `None` when `listen` is empty. Only
+    /// meaningful on a validated configuration.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 
@@ -332,6 +366,36 @@ mod tests {
             err.contains("workload.reply_ratio") && err.contains("retweet_ratio"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_listen_is_checked_and_empty_disables() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9465)))
+        );
+        c.metrics.listen = "localhost:9465".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        c.metrics.listen = "[::1]:0".into();
+        c.validate().unwrap();
+        c.metrics.listen = String::new();
+        c.validate().unwrap();
+        assert_eq!(c.metrics.listen_addr(), None);
+    }
+
+    #[test]
+    fn metrics_listen_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TWEETGEN_METRICS__LISTEN", "");
+            let c = Config::from_figment(Config::figment(None)).unwrap();
+            assert_eq!(c.metrics.listen_addr(), None);
+            jail.set_env("TWEETGEN_METRICS__LISTEN", "0.0.0.0:9999");
+            let c = Config::from_figment(Config::figment(None)).unwrap();
+            assert_eq!(c.metrics.listen, "0.0.0.0:9999");
+            Ok(())
+        });
     }
 
     #[test]

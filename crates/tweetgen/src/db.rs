@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use cdc_telemetry::systemd::Watchdog;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
@@ -87,11 +88,13 @@ fn is_auth_failure(err: &tokio_postgres::Error) -> bool {
 }
 
 /// Connects, retrying with [`backoff`] until `connect_timeout_secs` have
-/// passed. Returns early on shutdown or bad credentials.
+/// passed. Returns early on shutdown or bad credentials. Each retry pings
+/// `watchdog`: waiting out an outage is progress, not a hang.
 pub async fn connect(
     cfg: &DatabaseConfig,
     password: Option<&SecretString>,
     shutdown: &mut watch::Receiver<bool>,
+    watchdog: Watchdog,
 ) -> Result<Client, DbError> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&cfg.host)
@@ -113,6 +116,7 @@ pub async fn connect(
         // itself can take up to the 5 s connect timeout.
         .when(|err| !is_auth_failure(err) && started.elapsed() < deadline)
         .notify(|err, wait| {
+            watchdog.ping();
             tracing::warn!(%addr, error = %err, retry_in_ms = wait.as_millis() as u64,
                 "PostgreSQL unreachable, retrying");
         });

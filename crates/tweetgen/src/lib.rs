@@ -5,7 +5,8 @@
 //! remember committed rows and who is popular; [`plan`] decides a whole
 //! batch up front; [`db`] writes it in one transaction with its ledger row;
 //! [`workload`] runs the tick loop (or [`load`] mode for benchmarks) and
-//! survives PostgreSQL restarts; [`config`] and [`cli`] layer defaults, TOML,
+//! survives PostgreSQL restarts; [`telemetry`] counts what committed and
+//! serves it to Prometheus; [`config`] and [`cli`] layer defaults, TOML,
 //! environment and flags.
 
 pub mod cli;
@@ -15,5 +16,6 @@ pub mod load;
 pub mod model;
 pub mod plan;
 pub mod pools;
+pub mod telemetry;
 pub mod text;
 pub mod workload;

@@ -1,9 +1,12 @@
 use std::process::ExitCode;
 
+use cdc_telemetry::Readiness;
+use cdc_telemetry::systemd::Watchdog;
 use clap::Parser;
 use tokio::sync::watch;
 use tweetgen::cli::Cli;
 use tweetgen::config::Config;
+use tweetgen::workload::RunOptions;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,7 +31,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));
-    let summary = tweetgen::workload::run(&config, cli.limits(), cli.rate, stop_rx).await?;
+    // Served from before the first connection, so a probe sees why it waits.
+    let readiness = Readiness::new("connecting to PostgreSQL");
+    let _ops = tweetgen::telemetry::serve(&config.metrics, readiness.clone()).await?;
+    let options = RunOptions {
+        limits: cli.limits(),
+        rate: cli.rate,
+        readiness,
+        watchdog: Watchdog::from_env(),
+        before_commit: None,
+    };
+    let summary = tweetgen::workload::run_with(&config, options, stop_rx).await?;
     tracing::info!(
         batches = summary.batches,
         rows = summary.rows,

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::Timelike;
 
 use backon::RetryableWithContext;
+use cdc_telemetry::Readiness;
+use cdc_telemetry::systemd::{self, Watchdog};
 use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -28,6 +30,7 @@ use crate::load::{self, LoadChunk};
 use crate::model::Faker;
 use crate::plan::{self, BatchPlan};
 use crate::pools::{Committed, Pools};
+use crate::telemetry;
 
 /// Consecutive failed attempts at one batch before the run gives up.
 const MAX_ATTEMPTS: usize = 20;
@@ -47,6 +50,12 @@ pub struct RunOptions {
     pub rate: Option<u64>,
     /// Test hook: called before each COMMIT of a batch.
     pub before_commit: Option<CommitHook>,
+    /// Set ready while connected, not ready (with why) otherwise and after
+    /// a batch failed for good. Whoever serves `/readyz` holds a clone.
+    pub readiness: Readiness,
+    /// Pinged once per loop iteration; the loop never sleeps past half its
+    /// interval. [`Watchdog::from_env`] under systemd.
+    pub watchdog: Watchdog,
 }
 
 /// What a run did.
@@ -99,24 +108,41 @@ struct Session<'a> {
     /// Connections replaced after the first one.
     reconnects: u64,
     shutdown: watch::Receiver<bool>,
+    readiness: Readiness,
+    watchdog: Watchdog,
+    /// systemd was told READY=1 (once, at the first connection).
+    notified_ready: bool,
 }
 
 impl<'a> Session<'a> {
     async fn client(&mut self) -> Result<&mut Client, DbError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            if self.client.is_some() {
-                self.reconnects += 1;
+            if self.client.take().is_some() {
+                self.lost_connection("PostgreSQL closed the connection; reconnecting");
             }
-            self.client = Some(
-                db::connect(
-                    &self.config.database,
-                    self.password.as_ref(),
-                    &mut self.shutdown,
-                )
-                .await?,
-            );
+            let client = db::connect(
+                &self.config.database,
+                self.password.as_ref(),
+                &mut self.shutdown,
+                self.watchdog,
+            )
+            .await?;
+            self.client = Some(client);
+            self.readiness.set_ready();
+            if !self.notified_ready {
+                systemd::ready();
+                self.notified_ready = true;
+            }
         }
         Ok(self.client.as_mut().expect("just connected"))
+    }
+
+    /// The connection in hand is gone; the next [`Session::client`] opens
+    /// another.
+    fn lost_connection(&mut self, why: impl Into<String>) {
+        self.reconnects += 1;
+        telemetry::reconnect();
+        self.readiness.set_not_ready(why);
     }
 
     /// After a retryable error: a broken connection is replaced on the next
@@ -126,7 +152,9 @@ impl<'a> Session<'a> {
             *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
         });
         if !conflict && self.client.take().is_some() {
-            self.reconnects += 1;
+            self.lost_connection(format!(
+                "lost the connection to PostgreSQL ({err}); reconnecting"
+            ));
         }
     }
 
@@ -141,6 +169,7 @@ impl<'a> Session<'a> {
         'a: 's,
     {
         let op = &op;
+        let watchdog = self.watchdog;
         let (_, result) = {
             with_context::<&'s mut Self, _, _, _>(|session| async move {
                 let r = match session.client().await {
@@ -159,6 +188,7 @@ impl<'a> Session<'a> {
         .context(self)
         .when(AttemptError::is_retryable)
         .notify(|err, wait| {
+            watchdog.ping();
             tracing::warn!(error = %err, what, retry_in_ms = wait.as_millis() as u64, "retrying");
         })
         .await;
@@ -243,10 +273,15 @@ impl<O> Attempts<'_, '_, O> {
                 }
             }
         }
-        job.write(client, self.count).await.map_err(|failure| {
+        let begun = Instant::now();
+        let outcome = job.write(client, self.count).await.map_err(|failure| {
             self.unanswered = failure.commit_sent;
             AttemptError::Pg(failure.error)
-        })
+        })?;
+        // Only here is BEGIN..COMMIT known: a commit resolved through the
+        // ledger above has no duration to report.
+        telemetry::transaction(begun.elapsed());
+        Ok(outcome)
     }
 }
 
@@ -320,6 +355,7 @@ async fn commit_once<'s, 'a, O: Send>(
     batch_no: i64,
     job: &impl Job<Output = O>,
 ) -> Result<Landed<O>, RunError> {
+    let watchdog = session.watchdog;
     let attempts = Attempts {
         session,
         count: 0,
@@ -341,6 +377,8 @@ async fn commit_once<'s, 'a, O: Send>(
     .context(attempts)
     .when(AttemptError::is_retryable)
     .notify(|err, wait| {
+        telemetry::retry();
+        watchdog.ping();
         tracing::warn!(batch_no, error = %err, retry_in_ms = wait.as_millis() as u64,
             "batch failed, retrying");
     })
@@ -376,7 +414,7 @@ pub async fn run(
     let options = RunOptions {
         limits,
         rate,
-        before_commit: None,
+        ..RunOptions::default()
     };
     run_with(config, options, shutdown).await
 }
@@ -393,6 +431,9 @@ pub async fn run_with(
         client: None,
         reconnects: 0,
         shutdown,
+        readiness: options.readiness.clone(),
+        watchdog: options.watchdog,
+        notified_ready: false,
     };
     let mut faker = Faker::new(config.workload.seed, config.workload.long_bio_ratio);
     let mut pools = match session
@@ -401,7 +442,10 @@ pub async fn run_with(
     {
         Ok(p) => p,
         Err(RunError::Db(DbError::Shutdown)) => return Ok(Summary::default()),
-        Err(e) => return Err(e),
+        Err(e) => {
+            session.readiness.set_not_ready(error_chain(&e));
+            return Err(e);
+        }
     };
     let started = Instant::now();
     // Not from the seeded source: two runs with one seed are still two runs.
@@ -438,7 +482,10 @@ pub async fn run_with(
     summary.reconnects = session.reconnects;
     match result {
         Ok(()) | Err(RunError::Db(DbError::Shutdown)) => Ok(summary),
-        Err(e) => Err(e),
+        Err(e) => {
+            session.readiness.set_not_ready(error_chain(&e));
+            Err(e)
+        }
     }
 }
 
@@ -451,15 +498,21 @@ async fn run_batches(
     started: Instant,
 ) -> Result<(), RunError> {
     let mix = session.config.workload.clone();
-    let mut ticker = tokio::time::interval(session.config.interval());
+    let interval = session.config.interval();
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // An interval longer than half the watchdog's is slept in pieces, each
+    // followed by a ping.
+    let wake = session.watchdog.bound(interval);
     let mut last_report = Instant::now();
     let mut shutdown = session.shutdown.clone();
     while !done(&options.limits, summary, started) {
+        session.watchdog.ping();
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
             _ = ticker.tick() => {}
+            _ = tokio::time::sleep(wake), if wake < interval => continue,
         }
         let batch_no = summary.batches as i64 + 1;
         let rate = if mix.diurnal_amplitude > 0.0 {
@@ -478,6 +531,7 @@ async fn run_batches(
             hook,
         };
         let Landed { outcome, ambiguous } = commit_once(session, run_id, batch_no, &job).await?;
+        telemetry::batch_committed(&outcome);
         pools.apply(&outcome.committed(&plan));
         summary.batches += 1;
         summary.rows += outcome.rows();
@@ -503,7 +557,8 @@ async fn run_load(
     let load = session.config.load.clone();
     let mix = session.config.workload.clone();
     let run_id = summary.run_id;
-    let shutdown = session.shutdown.clone();
+    let mut shutdown = session.shutdown.clone();
+    let watchdog = session.watchdog;
     // At a set rate, ten chunks a second keep the pacing smooth.
     let chunk_rows = match rate {
         0 => load.chunk_rows as u64,
@@ -511,6 +566,7 @@ async fn run_load(
     } as usize;
     let mut last_report = Instant::now();
     while !done(&limits, summary, started) && !*shutdown.borrow() {
+        watchdog.ping();
         // Before any user exists, a first chunk of users only.
         let rows = if pools.user_count() == 0 {
             chunk_rows.clamp(100, 1000)
@@ -529,6 +585,7 @@ async fn run_load(
             outcome: committed,
             ambiguous,
         } = commit_once(session, run_id, chunk_no, &job).await?;
+        telemetry::chunk_committed(&committed, chunk.tweets.len());
         summary.rows += (committed.users.len()
             + chunk.tweets.len()
             + committed.likes.len()
@@ -537,12 +594,12 @@ async fn run_load(
         summary.batches += 1;
         summary.ambiguous_commits += u64::from(ambiguous);
         if rate > 0 {
-            let due = Duration::from_secs_f64(summary.rows as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                let mut shutdown = shutdown.clone();
+            let due = started + Duration::from_secs_f64(summary.rows as f64 / rate as f64);
+            // In pieces of at most half the watchdog interval, pinging after each.
+            while let Some(wait) = due.checked_duration_since(Instant::now()) {
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep(watchdog.bound(wait)) => watchdog.ping(),
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                 }
             }
         }
@@ -557,4 +614,16 @@ async fn run_load(
         }
     }
     Ok(())
+}
+
+/// `err` and its causes on one line, for `/readyz`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        cause = e.source();
+    }
+    line
 }

@@ -15,6 +15,10 @@ use tweetgen::workload::{Limits, RunOptions, Summary, run, run_with};
 /// none of them is cut off by a restart it does not expect.
 static STACK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// The metrics endpoint of a generator binary a test starts: several run at
+/// once, and the default port may be a running pipeline's.
+const ANY_PORT: &str = "127.0.0.1:0";
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
@@ -359,6 +363,7 @@ fn wrong_password_is_a_clear_error_and_never_logged() {
     let _shared = STACK.blocking_read();
     let out = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
         .args(["--batches", "1"])
+        .env("TWEETGEN_METRICS__LISTEN", ANY_PORT)
         .env("TWEETGEN_DATABASE__HOST", env("TWEETGEN_DATABASE__HOST"))
         .env("TWEETGEN_DATABASE__PORT", env("TWEETGEN_DATABASE__PORT"))
         .env("TWEETGEN_DATABASE__PASSWORD", "definitely-wrong-pw")
@@ -386,6 +391,7 @@ fn unreachable_database_is_retried_then_a_clear_error() {
     let started = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
         .args(["--batches", "1", "--port", "1"])
+        .env("TWEETGEN_METRICS__LISTEN", ANY_PORT)
         .env("TWEETGEN_DATABASE__CONNECT_TIMEOUT_SECS", "3")
         .env("TWEETGEN_DATABASE__PASSWORD", "irrelevant")
         .output()
@@ -812,6 +818,7 @@ async fn a_permanent_error_exits_non_zero_with_a_clear_error() {
     let started = std::time::Instant::now();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tweetgen"))
         .args(["--batches", "2", "--dbname", &db])
+        .env("TWEETGEN_METRICS__LISTEN", ANY_PORT)
         .output()
         .await
         .unwrap();

@@ -1,0 +1,575 @@
+//! The generator's metrics, health and systemd notifications, against the
+//! real PostgreSQL of the local stack (`tests/stack.sh up`).
+//!
+//! The binary runs with its endpoint on an ephemeral port. What `/metrics`
+//! says, read by the Prometheus client library's own parser
+//! (`tests/prom_parse.py`), must equal what the database committed: an audit
+//! trigger in the test's database records every row the generator's own
+//! statements changed, in the same transaction, so it holds exactly the
+//! committed ones. The counters are compared while the generator is held
+//! still: the test locks the ledger table, and the generator's next
+//! transaction waits at its first statement with everything before it
+//! committed and counted.
+#![cfg(feature = "stack-tests")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set. These tests need the local stack: run `tests/run.sh`, \
+             or `tests/stack.sh up && eval \"$(tests/stack.sh env)\"` first"
+        )
+    })
+}
+
+async fn connect(dbname: &str) -> tokio_postgres::Client {
+    let conn = format!(
+        "host={} port={} dbname={dbname} user=postgres",
+        env("STACK_PG_SUPERUSER_SOCKET"),
+        env("TWEETGEN_DATABASE__PORT")
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL of the local stack is not reachable (tests/stack.sh up)");
+    tokio::spawn(connection);
+    client
+}
+
+/// Records each row a client statement of `tweetgen` changes.
+///
+/// Inserts are the generator's alone, and an AFTER INSERT trigger fires only
+/// for rows stored (not for those `ON CONFLICT DO NOTHING` skipped).
+/// Updates and deletes are also PostgreSQL's doing on its behalf (foreign
+/// key cascades and `SET NULL`, the follower-count trigger), which the
+/// generator does not count. Those run as queries inside a trigger, so the
+/// BEFORE ROW triggers of their rows fire at `pg_trigger_depth()` 2, while a
+/// client statement's fire at 1. (AFTER ROW triggers cannot tell: a foreign
+/// key queues its cascade's AFTER triggers on the client statement's level.)
+const AUDIT: &str = "
+CREATE TABLE metrics_audit (tbl text NOT NULL, op text NOT NULL);
+CREATE FUNCTION metrics_audit() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+  IF session_user = 'tweetgen' AND (TG_OP = 'INSERT' OR pg_trigger_depth() = 1) THEN
+    INSERT INTO metrics_audit VALUES (TG_TABLE_NAME, lower(TG_OP));
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    RETURN OLD;
+  END IF;
+  RETURN NEW;
+END $$;
+DO $$
+DECLARE t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['users', 'tweets', 'likes', 'follows'] LOOP
+    EXECUTE format('CREATE TRIGGER metrics_audit_insert AFTER INSERT ON %I
+      FOR EACH ROW EXECUTE FUNCTION metrics_audit()', t);
+    EXECUTE format('CREATE TRIGGER metrics_audit_change BEFORE UPDATE OR DELETE ON %I
+      FOR EACH ROW EXECUTE FUNCTION metrics_audit()', t);
+  END LOOP;
+END $$;
+";
+
+/// A brand-new database `tweetgen_test_<name>` with the project's schema,
+/// grants and the audit trigger; returns a superuser connection to it.
+async fn fresh_db(name: &str) -> (String, tokio_postgres::Client) {
+    let db = format!("tweetgen_test_{name}");
+    let su = connect("twitter").await;
+    // Two statements: a multi-statement string runs as one transaction.
+    su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    su.batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let client = connect(&db).await;
+    for f in ["001_schema.sql", "002_grants.sql"] {
+        let path = format!("{}/../../db/{f}", env!("CARGO_MANIFEST_DIR"));
+        client
+            .batch_execute(&std::fs::read_to_string(&path).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+    client.batch_execute(AUDIT).await.unwrap();
+    (db, client)
+}
+
+/// The `tweetgen` binary, with its endpoint on an ephemeral port.
+struct Generator {
+    child: Child,
+    addr: SocketAddr,
+    /// Everything it logged so far, for failure messages.
+    log: Arc<Mutex<String>>,
+}
+
+impl Generator {
+    async fn start(args: &[&str], envs: &[(&str, &str)]) -> Generator {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
+            .args(args)
+            .env("TWEETGEN_METRICS__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                // "serving /metrics, /healthz and /readyz on http://127.0.0.1:PORT"
+                if let Some((_, url)) = line.split_once("/readyz on http://")
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(url.trim().parse::<SocketAddr>().unwrap());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx)
+            .await
+            .unwrap_or_else(|_| panic!("no endpoint address logged:\n{}", log.lock().unwrap()))
+            .unwrap_or_else(|_| panic!("exited before serving:\n{}", log.lock().unwrap()));
+        Generator { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+
+    /// Waits until `/readyz` says 200.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get("/readyz").await;
+            if status == 200 {
+                assert_eq!(body, "ready");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never ready; last /readyz: {status} {body}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn scrape(&self) -> Scrape {
+        let (status, body) = self.get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        Scrape::parse(&body)
+    }
+
+    /// SIGTERM, then the exit status: the generator finishes its batch and
+    /// exits 0.
+    async fn terminate(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exited after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}\n{}", self.log());
+    }
+}
+
+/// One GET over a fresh connection, as a probe or scraper sends it.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// The readers' python (which has `prometheus-client`):
+/// `CDC_LAKE_READERS_PYTHON`, else what tests/readers.sh installs.
+fn parser_python() -> &'static str {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        if let Ok(python) = std::env::var("CDC_LAKE_READERS_PYTHON") {
+            return python;
+        }
+        let out = std::process::Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/readers.sh"
+            ))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("tests/readers.sh");
+        assert!(out.status.success(), "installing the readers failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// One scrape, as `prometheus_client`'s parser read it.
+struct Scrape {
+    samples: Vec<Value>,
+    text: String,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        use std::io::Write;
+        let mut child = std::process::Command::new(parser_python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/prom_parse.py"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tests/prom_parse.py");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Scrape {
+            samples: serde_json::from_slice(&out.stdout).unwrap(),
+            text: text.to_string(),
+        }
+    }
+
+    /// The value of sample `name` with exactly `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let found: Vec<&Value> = self
+            .samples
+            .iter()
+            .filter(|s| {
+                let have: BTreeMap<&str, &str> = s["labels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+                    .collect();
+                s["name"] == name && have == want
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name}{labels:?} in\n{}", self.text);
+        found[0]["value"].as_f64().unwrap()
+    }
+
+    /// The type the exposition declares for the family of sample `name`.
+    fn kind(&self, name: &str) -> &str {
+        self.samples
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in\n{}", self.text))["type"]
+            .as_str()
+            .unwrap()
+    }
+}
+
+const ROW_SERIES: [(&str, &str); 10] = [
+    ("users", "insert"),
+    ("users", "update"),
+    ("users", "delete"),
+    ("tweets", "insert"),
+    ("tweets", "update"),
+    ("tweets", "delete"),
+    ("likes", "insert"),
+    ("likes", "delete"),
+    ("follows", "insert"),
+    ("follows", "delete"),
+];
+
+async fn count(c: &impl tokio_postgres::GenericClient, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn wait_for_ledger(su: &tokio_postgres::Client, rows: i64, g: &Generator) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(su, "SELECT count(*) FROM tweetgen_batches").await < rows {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {rows} batches\n{}",
+            g.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Locks the ledger in `tx` and waits until the generator's transaction
+/// waits for it: from then on nothing commits and every counter is settled.
+/// Returns the generator's backend pid.
+async fn hold_still(tx: &tokio_postgres::Transaction<'_>, db: &str) -> i32 {
+    tx.batch_execute("LOCK TABLE tweetgen_batches IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = tx
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'tweetgen' AND wait_event_type = 'Lock'",
+                &[&db],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = waiting {
+            return row.get(0);
+        }
+        assert!(Instant::now() < deadline, "the generator never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every metric of the contract against the database, as seen from `tx`.
+async fn assert_metrics_match(
+    tx: &tokio_postgres::Transaction<'_>,
+    m: &Scrape,
+    reconnects: f64,
+    retries: f64,
+) {
+    let batches = count(tx, "SELECT count(*) FROM tweetgen_batches").await as f64;
+    assert_eq!(m.kind("tweetgen_batches_total"), "counter");
+    assert_eq!(m.value("tweetgen_batches_total", &[]), batches);
+
+    let audit: BTreeMap<(String, String), f64> = tx
+        .query(
+            "SELECT tbl, op, count(*) FROM metrics_audit GROUP BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get::<_, i64>(2) as f64))
+        .collect();
+    for (table, op) in audit.keys() {
+        assert!(
+            ROW_SERIES.contains(&(table.as_str(), op.as_str())),
+            "the generator wrote {table}/{op}, which has no series"
+        );
+    }
+    assert_eq!(m.kind("tweetgen_rows_total"), "counter");
+    for (table, op) in ROW_SERIES {
+        let committed = audit
+            .get(&(table.to_string(), op.to_string()))
+            .copied()
+            .unwrap_or(0.0);
+        let counted = m.value("tweetgen_rows_total", &[("table", table), ("op", op)]);
+        assert_eq!(
+            counted, committed,
+            "tweetgen_rows_total{{table={table},op={op}}}: {counted}, committed {committed}"
+        );
+    }
+
+    // Every batch here committed with its answer heard, so each has a
+    // BEGIN..COMMIT duration.
+    let h = "tweetgen_transaction_duration_seconds";
+    assert_eq!(m.kind(&format!("{h}_count")), "histogram");
+    assert_eq!(m.value(&format!("{h}_count"), &[]), batches);
+    assert_eq!(m.value(&format!("{h}_bucket"), &[("le", "+Inf")]), batches);
+    assert!(m.value(&format!("{h}_bucket"), &[("le", "60")]) <= batches);
+    assert!(m.value(&format!("{h}_sum"), &[]) > 0.0);
+
+    assert_eq!(m.value("tweetgen_reconnects_total", &[]), reconnects);
+    assert_eq!(m.value("tweetgen_retries_total", &[]), retries);
+}
+
+/// Batches of the default mix, a lost connection in the middle, and a
+/// concurrent writer that makes planned deletes find nothing: every counter
+/// equals what committed, twice.
+#[tokio::test]
+async fn metrics_equal_what_postgres_committed() {
+    let (db, mut su) = fresh_db("tel_metrics").await;
+    let g = Generator::start(
+        &["--dbname", &db, "--interval", "20ms", "--seed", "3"],
+        &[("TWEETGEN_WORKLOAD__NEW_USERS", "10")],
+    )
+    .await;
+    assert_eq!(g.get("/healthz").await, (200, "ok".to_string()));
+    g.wait_ready().await;
+    wait_for_ledger(&su, 12, &g).await;
+
+    // While it runs: held between two batches.
+    let tx = su.transaction().await.unwrap();
+    let pid = hold_still(&tx, &db).await;
+    let m = g.scrape().await;
+    assert_metrics_match(&tx, &m, 0.0, 0.0).await;
+    assert!(
+        m.value(
+            "tweetgen_rows_total",
+            &[("table", "likes"), ("op", "insert")]
+        ) > 0.0
+    );
+    assert!(
+        m.value(
+            "tweetgen_rows_total",
+            &[("table", "users"), ("op", "delete")]
+        ) > 0.0
+    );
+    assert_eq!(g.get("/readyz").await, (200, "ready".to_string()));
+
+    // The batch that waits is planned. Its likes and those the generator
+    // remembers vanish under it (so its unlikes, and later ones, delete
+    // nothing), and its connection is cut (so it is written again).
+    tx.batch_execute("DELETE FROM likes").await.unwrap();
+    tx.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let before = count(&tx, "SELECT count(*) FROM tweetgen_batches").await;
+    tx.commit().await.unwrap();
+
+    wait_for_ledger(&su, before + 5, &g).await;
+    g.wait_ready().await;
+    let tx = su.transaction().await.unwrap();
+    hold_still(&tx, &db).await;
+    let m = g.scrape().await;
+    assert_metrics_match(&tx, &m, 1.0, 1.0).await;
+    assert_eq!(g.get("/readyz").await, (200, "ready".to_string()));
+    tx.rollback().await.unwrap();
+    g.terminate().await;
+}
+
+/// Load mode counts its chunks and their rows the same way.
+#[tokio::test]
+async fn load_mode_metrics_equal_what_postgres_committed() {
+    let (db, mut su) = fresh_db("tel_load").await;
+    let g = Generator::start(
+        &["--dbname", &db, "--rate", "0", "--seed", "4"],
+        &[("TWEETGEN_LOAD__CHUNK_ROWS", "400")],
+    )
+    .await;
+    wait_for_ledger(&su, 4, &g).await;
+    let tx = su.transaction().await.unwrap();
+    hold_still(&tx, &db).await;
+    let m = g.scrape().await;
+    assert_metrics_match(&tx, &m, 0.0, 0.0).await;
+    assert!(
+        m.value(
+            "tweetgen_rows_total",
+            &[("table", "tweets"), ("op", "insert")]
+        ) > 0.0
+    );
+    tx.rollback().await.unwrap();
+    g.terminate().await;
+}
+
+/// Before the first connection the endpoint already answers, and says why
+/// it is not ready.
+#[tokio::test]
+async fn readyz_says_why_before_connecting() {
+    let g = Generator::start(
+        &["--port", "1", "--batches", "1"],
+        &[
+            ("TWEETGEN_DATABASE__CONNECT_TIMEOUT_SECS", "10"),
+            ("TWEETGEN_DATABASE__PASSWORD", "irrelevant"),
+        ],
+    )
+    .await;
+    assert_eq!(g.get("/healthz").await, (200, "ok".to_string()));
+    assert_eq!(
+        g.get("/readyz").await,
+        (503, "connecting to PostgreSQL".to_string())
+    );
+    let m = g.scrape().await;
+    assert_eq!(m.value("tweetgen_batches_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn bad_or_busy_listen_address_names_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
+        .arg("--check-config")
+        .env("TWEETGEN_METRICS__LISTEN", "localhost:9465")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`metrics.listen`"), "{err}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_tweetgen"))
+        .args(["--batches", "1"])
+        .env("TWEETGEN_METRICS__LISTEN", &addr)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot serve `metrics.listen`") && err.contains(&addr),
+        "{err}"
+    );
+}
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once connected,
+/// then WATCHDOG=1 at least every half watchdog interval even though the
+/// batch interval (60 s) is far longer.
+#[tokio::test]
+async fn notifies_systemd_ready_then_pings_the_watchdog_while_idle() {
+    let (db, _su) = fresh_db("tel_notify").await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let g = Generator::start(
+        &["--dbname", &db, "--interval", "60s"],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    )
+    .await;
+    let mut buf = vec![0u8; 512];
+    let mut recv = async |within: Duration| {
+        let n = tokio::time::timeout(within, socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no notification within {within:?}"))
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(Duration::from_secs(30)).await, "READY=1\n");
+    assert_eq!(g.get("/readyz").await, (200, "ready".to_string()));
+    // The first batch runs at once, then the loop only waits. Every ping
+    // must come within the 1 s bound (with scheduling slack).
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(recv(Duration::from_millis(1500)).await, "WATCHDOG=1\n");
+        pings += 1;
+    }
+    assert!(pings >= 4, "{pings} pings in 4 s");
+    g.terminate().await;
+}
