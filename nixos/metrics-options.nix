@@ -1,9 +1,9 @@
 # The `metrics` options of services.cdc-sink and services.tweetgen: where
 # the service serves GET /metrics, /healthz and /readyz. The module writes
 # them into the service's settings as `metrics.listen` ("" when disabled);
-# the pipeline's Prometheus scrapes the same address. `settings.metrics.listen`
-# itself is left alone: an assertion asks for these options instead, so that
-# the scrape target cannot drift from what the service listens on.
+# the pipeline's Prometheus scrapes the same address. Setting
+# `settings.metrics.listen` by hand is refused by an assertion that names
+# these options, so the scrape target cannot drift from the listener.
 lib: {
   service,
   port,
