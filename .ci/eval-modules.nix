@@ -81,7 +81,10 @@
       };
       environment.systemPackages = list;
       services.postgresql = lib.mkOption {
-        type = free;
+        type = lib.types.submodule {
+          freeformType = lib.types.lazyAttrsOf lib.types.anything;
+          options.ensureUsers = list;
+        };
         default = {};
       };
       services.apache-kafka = lib.mkOption {
@@ -89,6 +92,53 @@
         default = {};
       };
       services.minio = lib.mkOption {
+        type = free;
+        default = {};
+      };
+      services.prometheus = lib.mkOption {
+        type = lib.types.submodule {
+          freeformType = lib.types.lazyAttrsOf lib.types.anything;
+          options = {
+            listenAddress = lib.mkOption {
+              type = lib.types.str;
+              default = "0.0.0.0";
+            };
+            port = lib.mkOption {
+              type = lib.types.port;
+              default = 9090;
+            };
+            scrapeConfigs = list;
+            ruleFiles = list;
+            # With nixpkgs' default ports.
+            exporters = lib.mapAttrs (_: port:
+              lib.mkOption {
+                default = {};
+                type = lib.types.submodule {
+                  freeformType = lib.types.lazyAttrsOf lib.types.anything;
+                  options = {
+                    listenAddress = lib.mkOption {
+                      type = lib.types.str;
+                      default = "0.0.0.0";
+                    };
+                    port = lib.mkOption {
+                      type = lib.types.port;
+                      default = port;
+                    };
+                  };
+                };
+              }) {
+              postgres = 9187;
+              kafka = 8080;
+            };
+          };
+        };
+        default = {};
+      };
+      services.grafana = lib.mkOption {
+        type = free;
+        default = {};
+      };
+      services.pgadmin = lib.mkOption {
         type = free;
         default = {};
       };
@@ -103,6 +153,14 @@
             requires = list;
             wantedBy = list;
             path = list;
+            script = lib.mkOption {
+              type = lib.types.lines;
+              default = "";
+            };
+            environment = lib.mkOption {
+              type = lib.types.attrsOf lib.types.str;
+              default = {};
+            };
             serviceConfig = lib.mkOption {
               type = lib.types.lazyAttrsOf lib.types.anything;
               default = {};

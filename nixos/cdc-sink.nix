@@ -21,6 +21,11 @@ self: {
     CDC_SINK_S3__SECRET_ACCESS_KEY_FILE = "%d/s3-secret";
   };
   loadCredential = lib.optional (cfg.secretAccessKeyFile != null) "s3-secret:${cfg.secretAccessKeyFile}";
+  metrics = import ./metrics-options.nix lib {
+    service = "cdc-sink";
+    port = 9464;
+  };
+  listen = metrics.listen cfg.metrics;
 in {
   options.services.cdc-sink = {
     enable = lib.mkEnableOption "the CDC Parquet sink";
@@ -59,6 +64,8 @@ in {
       '';
     };
 
+    metrics = metrics.options;
+
     upkeep = {
       enable = lib.mkOption {
         type = lib.types.bool;
@@ -86,7 +93,13 @@ in {
         assertion = !(cfg.settings ? s3 && cfg.settings.s3 ? secret_access_key);
         message = "services.cdc-sink.settings.s3.secret_access_key would land in the Nix store: use secretAccessKeyFile.";
       }
+      {
+        assertion = cfg.settings.metrics.listen == listen;
+        message = "services.cdc-sink.settings.metrics.listen is set from services.cdc-sink.metrics.{enable,address,port}: set those instead.";
+      }
     ];
+
+    services.cdc-sink.settings.metrics.listen = lib.mkDefault listen;
 
     systemd.services.cdc-sink = {
       description = "Debezium to Delta Lake sink (cdc-sink)";
@@ -99,6 +112,15 @@ in {
         // {
           ExecStart = lib.escapeShellArgs [exe "--config" configFile];
           LoadCredential = loadCredential;
+          # The sink sends READY=1 once its consumer exists and the lake
+          # answers, then WATCHDOG=1 from its main loop (sd-notify): a loop
+          # stuck for 30 s is killed and restarted (Restart=on-failure).
+          Type = "notify";
+          NotifyAccess = "main";
+          WatchdogSec = "30s";
+          # Longer than the default give_up_after_secs (120) of its start-up
+          # retries, so that its own error is what ends a failed start.
+          TimeoutStartSec = "180s";
           # SIGTERM flushes every open segment and commits; give it time.
           TimeoutStopSec = 120;
         };
@@ -111,7 +133,12 @@ in {
       description = "Delta table upkeep for cdc-sink: compaction, vacuum, checkpoints";
       wants = ["network-online.target"];
       after = ["network-online.target" "minio.service"];
-      environment = secretEnvironment;
+      environment = lib.mkMerge [
+        secretEnvironment
+        # The same config file as the sink, but no metrics endpoint: the
+        # running sink holds that port.
+        {CDC_SINK_METRICS__LISTEN = "";}
+      ];
       serviceConfig =
         import ./hardening.nix
         // {

@@ -45,6 +45,9 @@ in {
     self.nixosModules.tweetgen
     self.nixosModules.cdc-sink
     self.nixosModules.debezium
+    # services.cdc-lake.{monitoring,pgadmin}: Prometheus, the exporters,
+    # Grafana, pgAdmin.
+    ./monitoring.nix
   ];
 
   options.services.cdc-lake = {
@@ -115,6 +118,8 @@ in {
         UMask = "0077";
       };
       path = [pkgs.openssl pkgs.coreutils];
+      # monitoring.nix appends `gen` lines for the credentials of Grafana
+      # and pgAdmin.
       script = ''
         mkdir -p ${secrets}
         chmod 0700 ${secrets}

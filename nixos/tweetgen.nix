@@ -16,6 +16,11 @@ self: {
       cp "$raw" "$out"
     '';
   ours = self.packages.${pkgs.stdenv.hostPlatform.system};
+  metrics = import ./metrics-options.nix lib {
+    service = "tweetgen";
+    port = 9465;
+  };
+  listen = metrics.listen cfg.metrics;
 in {
   options.services.tweetgen = {
     enable = lib.mkEnableOption "the tweetgen Twitter workload generator";
@@ -52,6 +57,8 @@ in {
       '';
     };
 
+    metrics = metrics.options;
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [];
@@ -66,7 +73,13 @@ in {
         assertion = !(cfg.settings ? database && cfg.settings.database ? password);
         message = "services.tweetgen.settings.database.password would land in the Nix store: use passwordFile.";
       }
+      {
+        assertion = cfg.settings.metrics.listen == listen;
+        message = "services.tweetgen.settings.metrics.listen is set from services.tweetgen.metrics.{enable,address,port}: set those instead.";
+      }
     ];
+
+    services.tweetgen.settings.metrics.listen = lib.mkDefault listen;
 
     systemd.services.tweetgen = {
       description = "Twitter workload generator (tweetgen)";
@@ -82,6 +95,14 @@ in {
             ++ cfg.extraArgs
           );
           LoadCredential = lib.optional (cfg.passwordFile != null) "db-password:${cfg.passwordFile}";
+          # READY=1 once connected to PostgreSQL, then WATCHDOG=1 from the
+          # batch loop (sd-notify): a loop stuck for 30 s is restarted.
+          Type = "notify";
+          NotifyAccess = "main";
+          WatchdogSec = "30s";
+          # Longer than database.connect_timeout_secs (120) of its start-up
+          # retries, so that its own error is what ends a failed start.
+          TimeoutStartSec = "180s";
         };
     };
   };

@@ -11,6 +11,10 @@
   nixpkgs.config.allowInsecurePredicate = pkg: lib.getName pkg == "minio";
 
   services.cdc-lake.enable = true;
+  # The web UI for PostgreSQL the docker-compose design had; off in the
+  # module, on here. (nixpkgs has no web UI for a KRaft Kafka: its only one,
+  # CMAK, needs ZooKeeper. Grafana's dashboard shows the consumer lag.)
+  services.cdc-lake.pgadmin.enable = true;
 
   networking.hostName = "cdc-lake";
   system.stateVersion = "26.05";
@@ -34,8 +38,9 @@
       diskSize = 8192;
       graphics = false;
       # host.address defaults to every interface of the host, which would
-      # put Kafka, the unauthenticated Connect REST API, PostgreSQL and
-      # MinIO on the LAN. Loopback only.
+      # put Kafka, the unauthenticated Connect REST API, PostgreSQL, MinIO,
+      # the UIs and the unauthenticated metrics endpoints on the LAN.
+      # Loopback only.
       forwardPorts =
         map (port: {
           from = "host";
@@ -45,11 +50,16 @@
           };
           guest = {inherit port;};
         }) [
+          3000 # Grafana
+          5050 # pgAdmin
           5432 # PostgreSQL
           8083 # Kafka Connect REST
           9000 # MinIO S3 API
           9001 # MinIO console
+          9090 # Prometheus
           9092 # Kafka
+          9464 # cdc-sink /metrics, /healthz, /readyz
+          9465 # tweetgen /metrics, /healthz, /readyz
         ];
     };
     # Forwarded connections arrive from the user-mode network, not loopback:
@@ -62,7 +72,12 @@
       "CONTROLLER://127.0.0.1:9093"
     ];
     services.debezium.settings.listeners = "http://0.0.0.0:8083";
-    networking.firewall.allowedTCPPorts = [5432 8083 9000 9001 9092];
+    services.grafana.settings.server.http_addr = "0.0.0.0";
+    services.prometheus.listenAddress = "0.0.0.0";
+    services.pgadmin.settings.DEFAULT_SERVER = "0.0.0.0";
+    services.cdc-sink.metrics.address = "0.0.0.0";
+    services.tweetgen.metrics.address = "0.0.0.0";
+    networking.firewall.allowedTCPPorts = [3000 5050 5432 8083 9000 9001 9090 9092 9464 9465];
     services.postgresql.enableTCPIP = true;
     services.postgresql.authentication = ''
       host twitter tweetgen 10.0.2.0/24 scram-sha-256

@@ -50,6 +50,20 @@
           sys.exit(f"unknown command {cmd}")
     '';
   in "${python}/bin/python3 ${script}";
+
+  # `promq QUERY` runs an instant query against the node's Prometheus, prints
+  # the result vector as JSON and fails when it is empty; so
+  # `promq 'up{job="cdc-sink"} == 1'` succeeds once the target is up.
+  promq = let
+    script = pkgs.writeText "promq.py" ''
+      import json, sys, urllib.parse, urllib.request
+      url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[1]})
+      with urllib.request.urlopen(url, timeout=10) as response:
+          result = json.load(response)["data"]["result"]
+      print(json.dumps(result))
+      sys.exit(0 if result else 1)
+    '';
+  in "${python}/bin/python3 ${script}";
 in {
   inherit python kafka s3;
 
@@ -63,14 +77,20 @@ in {
       cores = 4;
       diskSize = 8192;
     };
-    environment.systemPackages = [python kafka pkgs.postgresql_15];
+    environment.systemPackages = [python kafka pkgs.postgresql_15 pkgs.curl];
   };
 
   # Helpers of the test scripts. Each takes the machine it works on: the
   # test driver lints the script against the nodes a test really has.
   prelude = ''
+    import json
+    import re
+    import shlex
+
     LOCAL_S3 = "${s3} http://127.0.0.1:9000 /var/lib/cdc-lake/secrets/minio-root-password"
     KAFKA_BIN = "${kafka}/bin"
+    PROMQ = "${promq}"
+    CAPTURED = "${captured}".split(",")
 
 
     def start_and_wait(m):
@@ -115,6 +135,24 @@ in {
             'END { exit (bad || !("twitter.users" in seen) || !("twitter.tweets" in seen)) }'
             "'"
         )
+
+
+    def wait_for_query(m, query, timeout=300):
+        """Waits until the node's Prometheus answers `query` with a
+        non-empty vector, and returns that vector."""
+        m.wait_until_succeeds(f"{PROMQ} {shlex.quote(query)}", timeout=timeout)
+        return json.loads(m.succeed(f"{PROMQ} {shlex.quote(query)}"))
+
+
+    def rows_written(m):
+        """cdc_sink_rows_written_total per table, from the sink's /metrics."""
+        written = {}
+        for line in m.succeed("curl -fsS http://127.0.0.1:9464/metrics").splitlines():
+            sample = re.match(r"cdc_sink_rows_written_total[{]([^}]*)[}]\s+(\S+)$", line)
+            table = sample and re.search(r'table="([^"]*)"', sample.group(1))
+            if sample and table:
+                written[table.group(1)] = written.get(table.group(1), 0.0) + float(sample.group(2))
+        return written
 
 
     def settle_and_check(m, checks=""):
