@@ -210,6 +210,8 @@ pub struct Segment {
     pub last: i64,
     pub opened: Instant,
     pub bytes: usize,
+    /// The newest source commit time (ms) among the rows.
+    pub newest_source_ms: i64,
     groups: Vec<Group>,
 }
 
@@ -220,6 +222,7 @@ impl Segment {
             last: offset,
             opened: Instant::now(),
             bytes: 0,
+            newest_source_ms: i64::MIN,
             groups: Vec::new(),
         }
     }
@@ -260,6 +263,7 @@ impl Segment {
         self.groups[idx].append(row, partition, offset);
         self.cover(offset);
         self.bytes += bytes;
+        self.newest_source_ms = self.newest_source_ms.max(row.commit_ts_ms);
     }
 
     /// The segment's rows as record batches, one per group.

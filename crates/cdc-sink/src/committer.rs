@@ -37,6 +37,8 @@ pub struct Write {
     /// The write's first offset: where a fenced partition resumes at the
     /// latest.
     pub first: i64,
+    /// The newest source commit time (ms) of its rows.
+    pub newest_source_ms: i64,
     pub write: PartitionWrite,
 }
 
@@ -72,6 +74,7 @@ pub struct Landed {
     pub ticket: Ticket,
     pub first: i64,
     pub last: i64,
+    pub newest_source_ms: i64,
     pub fate: Fate,
 }
 
@@ -233,6 +236,7 @@ async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Fl
                     ticket: w.ticket,
                     first: w.first,
                     last: w.write.last,
+                    newest_source_ms: w.newest_source_ms,
                     fate,
                 }
             })

@@ -35,6 +35,7 @@ pub struct SinkConfig {
     pub output: OutputConfig,
     pub flush: FlushConfig,
     pub lake: LakeConfig,
+    pub metrics: MetricsConfig,
     /// After this long without Kafka brokers or a successful S3 write, the
     /// sink exits non-zero so that systemd restarts it.
     pub give_up_after_secs: u64,
@@ -130,6 +131,25 @@ pub struct FlushConfig {
     pub max_buffered_bytes: usize,
 }
 
+/// The operators' endpoint: `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// IP address and port, e.g. `127.0.0.1:9464`. Empty: no endpoint, and
+    /// no metrics are recorded.
+    pub listen: String,
+    /// `/readyz` fails when input has waited this long without a commit.
+    pub ready_window_secs: u64,
+}
+
+impl MetricsConfig {
+    /// Where to serve the endpoint; `None` when `listen` is empty. Only
+    /// meaningful on a validated configuration.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 /// Delta table upkeep: set as table properties when the sink creates a
 /// table, and used by `cdc-sink upkeep`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +224,10 @@ impl Default for SinkConfig {
                 max_age_ms: 10_000,
                 max_buffered_bytes: 16 * 1024 * 1024,
             },
+            metrics: MetricsConfig {
+                listen: "127.0.0.1:9464".into(),
+                ready_window_secs: 60,
+            },
             lake: LakeConfig {
                 checkpoint_interval: 100,
                 log_retention_hours: 168,
@@ -225,7 +249,7 @@ macro_rules! default_from_root {
         }
     )*};
 }
-default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush, LakeConfig => lake);
+default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush, LakeConfig => lake, MetricsConfig => metrics);
 
 /// librdkafka properties the sink sets itself; overriding them would break
 /// exactly-once delivery.
@@ -314,6 +338,17 @@ impl SinkConfig {
         }
         if self.flush.max_bytes == 0 {
             return invalid("flush.max_bytes", "must be greater than 0");
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(
+                "metrics.listen",
+                "must be an IP address and port such as 127.0.0.1:9464, or empty to disable the endpoint",
+            );
+        }
+        if self.metrics.ready_window_secs == 0 {
+            return invalid("metrics.ready_window_secs", "must be greater than 0");
         }
         if self.flush.max_age_ms == 0 {
             return invalid("flush.max_age_ms", "must be greater than 0");

@@ -49,6 +49,20 @@ pub enum DecodeError {
     Op(String),
 }
 
+impl DecodeError {
+    /// A short label for metrics: `json`, `envelope`, `schema`, `mismatch`
+    /// or `op`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Json(_) => "json",
+            DecodeError::Envelope(_) | DecodeError::Shape(_) => "envelope",
+            DecodeError::Schema(_) => "schema",
+            DecodeError::Mismatch { .. } => "mismatch",
+            DecodeError::Op(_) => "op",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Create,

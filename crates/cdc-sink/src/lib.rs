@@ -10,7 +10,7 @@
 //! writes behind the loop, staged ahead and committed in order;
 //! [`quarantine`] keeps what cannot be read; [`retry`] waits out failing
 //! dependencies; [`pipeline`] is the loop that ties them together;
-//! [`config`] and [`cli`] configure it.
+//! [`telemetry`] reports to operators; [`config`] and [`cli`] configure it.
 
 pub mod batch;
 pub mod cli;
@@ -25,4 +25,5 @@ pub mod quarantine;
 pub mod retry;
 pub mod schema;
 pub mod source;
+pub mod telemetry;
 pub mod upkeep;

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use cdc_sink::cli::{Cli, Command};
 use cdc_sink::config::SinkConfig;
-use cdc_sink::{pipeline, upkeep};
+use cdc_sink::{pipeline, telemetry, upkeep};
+use cdc_telemetry::Readiness;
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -33,6 +34,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));
-    pipeline::run(&config, stop_rx).await?;
+    // Served from the start, so a probe sees why the sink is not ready yet.
+    let readiness = Readiness::new("starting").with_gauge(telemetry::READY);
+    let _ops = telemetry::serve(&config.metrics, readiness.clone()).await?;
+    pipeline::run(&config, readiness, stop_rx).await?;
     Ok(())
 }

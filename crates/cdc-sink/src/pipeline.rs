@@ -14,10 +14,12 @@
 //! segment is flushed and, while flushes are still in flight, consumption
 //! is paused (librdkafka keeps polling, so the group membership holds).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cdc_telemetry::Readiness;
+use cdc_telemetry::systemd::{self, Watchdog};
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
 use tokio::sync::watch;
@@ -31,6 +33,7 @@ use crate::position::{Admit, Positions, Tp};
 use crate::quarantine::{Quarantine, s3_store};
 use crate::retry::{Dependency, with_retry};
 use crate::source::{Rebalance, Rebalances, Source};
+use crate::telemetry::{self as t, Meters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -74,6 +77,22 @@ enum FlushReason {
     Shutdown,
 }
 
+impl FlushReason {
+    fn label(self) -> &'static str {
+        match self {
+            FlushReason::Rolled(RollReason::Rows) => "rows",
+            FlushReason::Rolled(RollReason::Bytes) => "bytes",
+            FlushReason::Rolled(RollReason::Age) => "age",
+            FlushReason::Memory => "memory",
+            FlushReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A broker heard from within this long counts as connected (librdkafka
+/// reports every 5 s).
+const CONNECTED_WITHIN: Duration = Duration::from_secs(15);
+
 struct Sink {
     decoder: Decoder,
     segments: HashMap<Tp, Segment>,
@@ -87,12 +106,22 @@ struct Sink {
     /// committed.
     in_flight_bytes: usize,
     paused: bool,
+    /// When each flush in flight opened its oldest segment, in the order
+    /// they are committed.
+    in_flight_opened: VecDeque<Instant>,
     give_up: Duration,
     stats: Stats,
+    meters: Meters,
+    readiness: Readiness,
+    ready_window: Duration,
+    /// The last commit, or the last moment nothing was waiting to be
+    /// committed: readiness asks how long input has waited since.
+    last_progress: Instant,
 }
 
 pub async fn run(
     cfg: &SinkConfig,
+    readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
     let give_up = cfg.give_up_after();
@@ -113,11 +142,23 @@ pub async fn run(
         max_buffered: cfg.flush.max_buffered_bytes,
         in_flight_bytes: 0,
         paused: false,
+        in_flight_opened: VecDeque::new(),
         give_up,
         stats: Stats::default(),
+        meters: Meters::default(),
+        readiness,
+        ready_window: Duration::from_secs(cfg.metrics.ready_window_secs),
+        last_progress: Instant::now(),
     };
+    systemd::ready();
+    let watchdog = Watchdog::from_env();
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket, "sink started");
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Age-based flushes are checked on this tick: a quarter of the flush
+    // age (so a due segment waits at most that long), between 100 ms and 1 s.
+    let period =
+        (cfg.roll_policy().max_age / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
     loop {
         tokio::select! {
@@ -129,9 +170,11 @@ pub async fn run(
                 sink.hold_memory(&source)?;
             }
             _ = tick.tick() => {
+                watchdog.ping();
                 sink.apply_rebalances(&source, &mut rebalances);
                 sink.flush_due();
                 sink.hold_memory(&source)?;
+                sink.report(&source);
                 let down = source.broker_down_for();
                 if down >= sink.give_up {
                     return Err(PipelineError::KafkaDown(down.as_secs()));
@@ -165,9 +208,11 @@ pub async fn run(
     tracing::info!("shutting down: flushing open segments");
     sink.apply_rebalances(&source, &mut rebalances);
     let all: Vec<Tp> = sink.segments.keys().cloned().collect();
+    sink.readiness.set_not_ready("shutting down");
     sink.flush(all, FlushReason::Shutdown);
     sink.committer.close();
     while let Some(done) = sink.committer.next().await {
+        watchdog.ping();
         sink.on_flushed(&source, done?, CommitMode::Sync).await?;
     }
     tracing::info!(stats = ?sink.stats, "sink stopped");
@@ -261,6 +306,8 @@ impl Sink {
             }
         }
         self.stats.messages += 1;
+        let meters = self.meters.table(table_of(&tp.topic));
+        meters.messages.increment(1);
 
         let decoded = self.decoder.decode(payload);
         let segment = self
@@ -275,6 +322,7 @@ impl Sink {
             Ok(Decoded::Tombstone) => {
                 segment.cover(offset);
                 self.stats.tombstones += 1;
+                meters.tombstones.increment(1);
             }
             Err(err) => {
                 segment.cover(offset);
@@ -292,6 +340,8 @@ impl Sink {
                     source: g.error,
                 })?;
                 self.stats.quarantined += 1;
+                metrics::counter!(t::QUARANTINED, "topic" => tp.topic.clone(), "reason" => err.kind())
+                    .increment(1);
                 tracing::warn!(partition = %tp, offset, %error, quarantined_at = %path,
                     "malformed change event quarantined");
             }
@@ -343,6 +393,40 @@ impl Sink {
         Ok(())
     }
 
+    /// Updates the gauges and readiness (every tick).
+    fn report(&mut self, source: &Source) {
+        let now = Instant::now();
+        metrics::gauge!(t::BUFFERED_BYTES)
+            .set((self.buffered_bytes() + self.in_flight_bytes) as f64);
+        let oldest = self
+            .segments
+            .values()
+            .map(|s| s.opened)
+            .chain(self.in_flight_opened.front().copied())
+            .min();
+        metrics::gauge!(t::OLDEST_UNFLUSHED)
+            .set(oldest.map_or(0.0, |o| now.duration_since(o).as_secs_f64()));
+        if oldest.is_none() && source.lag() <= 0 {
+            self.last_progress = now;
+        }
+        let waited = now.duration_since(self.last_progress);
+        let down = source.broker_down_for();
+        self.readiness.set(if down > CONNECTED_WITHIN {
+            Err(format!(
+                "no Kafka broker reachable for {} s",
+                down.as_secs()
+            ))
+        } else if waited > self.ready_window {
+            Err(format!(
+                "input has waited {} s without a commit (metrics.ready_window_secs = {})",
+                waited.as_secs(),
+                self.ready_window.as_secs()
+            ))
+        } else {
+            Ok(())
+        });
+    }
+
     /// Flushes every segment due, together: one commit per table.
     fn flush_due(&mut self) {
         let mut due = Vec::new();
@@ -364,10 +448,13 @@ impl Sink {
         let mut tables: BTreeMap<String, Vec<Write>> = BTreeMap::new();
         let mut rowless = Vec::new();
         let mut bytes = 0;
+        let mut opened: Option<Instant> = None;
         for tp in tps {
             let Some(segment) = self.segments.remove(&tp) else {
                 continue;
             };
+            metrics::counter!(t::FLUSHES, "reason" => reason.label()).increment(1);
+            opened = Some(opened.map_or(segment.opened, |o| o.min(segment.opened)));
             let Some(position) = self.positions.get_mut(&tp) else {
                 continue;
             };
@@ -376,7 +463,8 @@ impl Sink {
                 continue;
             }
             bytes += segment.bytes;
-            let (first, last) = (segment.first, segment.last);
+            let (first, last, newest_source_ms) =
+                (segment.first, segment.last, segment.newest_source_ms);
             let stage = position.stage(last);
             let files = segment
                 .into_files()
@@ -387,6 +475,7 @@ impl Sink {
                 .push(Write {
                     ticket: stage.ticket,
                     first,
+                    newest_source_ms,
                     write: PartitionWrite {
                         tp,
                         last,
@@ -400,6 +489,8 @@ impl Sink {
         }
         tracing::debug!(?reason, tables = tables.len(), bytes, "flush handed over");
         self.in_flight_bytes += bytes;
+        self.in_flight_opened
+            .push_back(opened.unwrap_or_else(Instant::now));
         self.committer.submit(Flush {
             tables: tables
                 .into_iter()
@@ -419,10 +510,14 @@ impl Sink {
         mode: CommitMode,
     ) -> Result<(), PipelineError> {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
+        self.in_flight_opened.pop_front();
         let mut kafka = Vec::new();
         for l in &done.landed {
             match l.fate {
                 Fate::Committed => {
+                    self.meters
+                        .table(table_of(&l.tp.topic))
+                        .landed_source_ms(l.newest_source_ms);
                     if let Some(p) = self.positions.get_mut(&l.tp) {
                         p.committed(l.ticket, l.last);
                         kafka.push((l.tp.clone(), l.last + 1));
@@ -430,6 +525,7 @@ impl Sink {
                 }
                 Fate::Fenced => {
                     self.stats.fenced += 1;
+                    self.meters.table(table_of(&l.tp.topic)).fenced.increment(1);
                     // Whatever is buffered past the fenced write is dropped
                     // too: the position is read again from the lake, and the
                     // consumer sent there now, not at the partition's next
@@ -455,14 +551,22 @@ impl Sink {
                 kafka.push((tp.clone(), last + 1));
             }
         }
-        for t in &done.tables {
-            let o = &t.outcome;
+        for c in &done.tables {
+            let o = &c.outcome;
+            let m = self.meters.table(&c.table);
             if o.version.is_some() {
                 self.stats.commits += 1;
                 self.stats.files += o.files as u64;
+                m.commits.increment(1);
+                m.rows.increment(o.rows as u64);
+                m.files.increment(o.files as u64);
+                m.bytes.increment(o.bytes as u64);
+                m.commit_duration.record(c.took.as_secs_f64());
+                m.last_commit.set(unix_now());
+                self.last_progress = Instant::now();
             }
-            tracing::debug!(table = %t.table, version = ?o.version, files = o.files, rows = o.rows,
-                bytes = o.bytes, ms = t.took.as_millis() as u64, "committed");
+            tracing::debug!(table = %c.table, version = ?o.version, files = o.files, rows = o.rows,
+                bytes = o.bytes, ms = c.took.as_millis() as u64, "committed");
         }
         if let Err(e) = source.commit(&kafka, mode) {
             // Only lag reporting suffers: the lake has the positions.
@@ -470,4 +574,10 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -52,13 +52,21 @@ where
     f.retry(backoff)
         .when(|e| retryable(e))
         .notify(|e, after| {
+            metrics::counter!(crate::telemetry::RETRIES, "dependency" => dependency.name())
+                .increment(1);
+            // Waiting out a dependency is not a hung loop.
+            cdc_telemetry::systemd::Watchdog::from_env().ping();
             tracing::warn!(dependency = dependency.name(), error = %chain(e), retry_in = ?after,
                 "request failed, retrying");
         })
         .await
-        .map_err(|error| GaveUp {
-            secs: started.elapsed().as_secs(),
-            error,
+        .map_err(|error| {
+            metrics::counter!(crate::telemetry::GIVE_UPS, "dependency" => dependency.name())
+                .increment(1);
+            GaveUp {
+                secs: started.elapsed().as_secs(),
+                error,
+            }
         })
 }
 

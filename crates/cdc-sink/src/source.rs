@@ -8,6 +8,7 @@
 //! else happens. Kafka's committed offsets are written for lag tools only:
 //! where a partition resumes is decided by the lake (see `position`).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct SourceContext {
     /// Last time librdkafka reported a broker UP. A std mutex is fine: it
     /// is held for one assignment and never across an await.
     last_broker_up: Arc<Mutex<Instant>>,
+    /// Consumer lag summed over the assigned partitions, as of the last
+    /// statistics (every 5 s).
+    lag: Arc<AtomicI64>,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
@@ -49,6 +53,21 @@ impl ClientContext for SourceContext {
         if stats.brokers.values().any(|b| b.state == "UP") {
             *self.last_broker_up.lock().expect("not poisoned") = Instant::now();
         }
+        let mut total = 0;
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal unassigned partition; a lag
+                // of -1 means not known (not assigned to this member).
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                total += p.consumer_lag;
+                metrics::gauge!(crate::telemetry::CONSUMER_LAG,
+                    "topic" => topic.clone(), "partition" => partition.to_string())
+                .set(p.consumer_lag as f64);
+            }
+        }
+        self.lag.store(total, Ordering::Relaxed);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -89,6 +108,7 @@ impl ConsumerContext for SourceContext {
 pub struct Source {
     pub consumer: StreamConsumer<SourceContext>,
     last_broker_up: Arc<Mutex<Instant>>,
+    lag: Arc<AtomicI64>,
 }
 
 /// Rebalances, in the order librdkafka reported them. Kept apart from
@@ -100,9 +120,11 @@ impl Source {
     pub fn connect(cfg: &KafkaConfig) -> KafkaResult<(Source, Rebalances)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_broker_up = Arc::new(Mutex::new(Instant::now()));
+        let lag = Arc::new(AtomicI64::new(0));
         let context = SourceContext {
             events: tx,
             last_broker_up: last_broker_up.clone(),
+            lag: lag.clone(),
         };
         let mut client = ClientConfig::new();
         for (k, v) in &cfg.properties {
@@ -153,9 +175,16 @@ impl Source {
             Source {
                 consumer,
                 last_broker_up,
+                lag,
             },
             rx,
         ))
+    }
+
+    /// Messages not yet committed over the assigned partitions, as of
+    /// librdkafka's last statistics.
+    pub fn lag(&self) -> i64 {
+        self.lag.load(Ordering::Relaxed)
     }
 
     pub fn broker_down_for(&self) -> Duration {

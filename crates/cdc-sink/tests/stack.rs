@@ -159,6 +159,8 @@ fn store() -> Arc<dyn ObjectStore> {
 struct SinkProcess {
     child: Option<Child>,
     log: PathBuf,
+    /// Where it serves /metrics, /healthz and /readyz.
+    ops: std::net::SocketAddr,
 }
 
 impl SinkProcess {
@@ -207,8 +209,13 @@ fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> SinkProcess 
     let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("cdc-sink-{group}-{n}-{}.log", unique()));
     let file = std::fs::File::create(&log).unwrap();
+    // Tests run sinks side by side: each serves on a port of its own.
+    let ops = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-sink"));
-    cmd.env("CDC_SINK_OUTPUT__PREFIX", prefix)
+    cmd.env("CDC_SINK_METRICS__LISTEN", ops.to_string())
+        .env("CDC_SINK_OUTPUT__PREFIX", prefix)
         .env("CDC_SINK_KAFKA__GROUP_ID", group)
         .env("CDC_SINK_FLUSH__MAX_AGE_MS", "1000")
         .env("RUST_LOG", "info,cdc_sink=debug")
@@ -221,6 +228,7 @@ fn spawn_sink(prefix: &str, group: &str, extra: &[(&str, &str)]) -> SinkProcess 
     SinkProcess {
         child: Some(cmd.spawn().expect("start cdc-sink")),
         log,
+        ops,
     }
 }
 
@@ -1519,4 +1527,176 @@ fn s3_unreachable_exits_non_zero_without_committing() {
             e.offset()
         );
     }
+}
+
+/// One HTTP GET to a sink's ops endpoint: status code and body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the ops endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("an HTTP status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A scrape of `/metrics`, parsed by the Prometheus client library's own
+/// parser (`tests/prom_parse.py`): one JSON object per sample.
+fn scrape(addr: std::net::SocketAddr) -> Vec<Value> {
+    use std::io::Write;
+    let (status, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "/metrics answered {status}");
+    let mut child = Command::new(reader_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/prom_parse.py"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tests/prom_parse.py");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the exposition does not parse: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .and_then(|s| s["value"].as_f64())
+}
+
+/// The sink's metrics agree with what the lake and Kafka hold, read
+/// independently: messages per table with Kafka, rows written with the
+/// lake's rows (deltalake reader), files with the Delta log, freshness with
+/// the newest source time published; consumer lag falls to 0 once the input
+/// stops; /healthz and /readyz answer 200.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_match_the_lake_and_lag_drops_to_zero() {
+    let run = unique();
+    let prefix = format!("metrics-{run}");
+    let group = format!("metrics-{run}");
+    let _lock = PG_WRITERS.lock().await;
+    let pg = pg().await;
+    let start = watermarks(&kafka_consumer("metrics"), &TOPICS);
+    commit_offsets(&group, &start);
+    let sink = spawn_sink(&prefix, &group, &[]);
+    wait_log(&sink, "partitions assigned", 1, Duration::from_secs(60)).await;
+    assert_eq!(http_get(sink.ops, "/healthz").0, 200);
+
+    run_generator(20).await;
+    let until = published_barrier(&pg).await;
+    wait_committed(&group, &until).await;
+
+    // The input has stopped and everything is committed: every assigned
+    // partition's lag reaches 0 within a few statistics intervals (5 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let samples = scrape(sink.ops);
+        let lags: Vec<f64> = samples
+            .iter()
+            .filter(|s| s["name"] == "cdc_sink_consumer_lag")
+            .filter_map(|s| s["value"].as_f64())
+            .collect();
+        let partitions = until
+            .keys()
+            .filter(|(t, _)| TOPICS.contains(&t.as_str()))
+            .count();
+        if lags.len() >= partitions && lags.iter().all(|l| *l == 0.0) {
+            break samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumer lag did not drop to 0 for all {partitions} partitions: {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let (status, why) = http_get(sink.ops, "/readyz");
+    assert_eq!(status, 200, "/readyz: {why}");
+    assert_eq!(sample(&samples, "cdc_sink_ready", &[]), Some(1.0));
+
+    let messages = read_range(&start, &until);
+    let rows = lake_rows("deltalake", &prefix, &TABLES);
+    for (topic, table) in TOPICS.iter().zip(TABLES) {
+        let labels = [("table", table)];
+        let published: Vec<&Raw> = messages.iter().filter(|m| m.0 == *topic).collect();
+        assert_eq!(
+            sample(&samples, "cdc_sink_messages_total", &labels),
+            Some(published.len() as f64),
+            "{table}: messages consumed vs Kafka"
+        );
+        let in_lake = rows.iter().filter(|r| r.table == table).count();
+        assert!(in_lake > 0, "{table}: nothing landed");
+        assert_eq!(
+            sample(&samples, "cdc_sink_rows_written_total", &labels),
+            Some(in_lake as f64),
+            "{table}: rows written vs the lake"
+        );
+        let files = table_state(&prefix, table, &[]).files.len();
+        assert_eq!(
+            sample(&samples, "cdc_sink_files_written_total", &labels),
+            Some(files as f64),
+            "{table}: files written vs the Delta log"
+        );
+        let commits = sample(&samples, "cdc_sink_commits_total", &labels).unwrap();
+        assert_eq!(
+            sample(&samples, "cdc_sink_commit_duration_seconds_count", &labels),
+            Some(commits),
+            "{table}: one latency sample per commit"
+        );
+        // Freshness: the newest PostgreSQL commit time among the rows.
+        let newest_ms = published
+            .iter()
+            .filter_map(|m| m.4.as_ref())
+            .map(|v| {
+                let v: Value = serde_json::from_slice(v).unwrap();
+                v["payload"]["source"]["ts_ms"].as_i64().unwrap()
+            })
+            .max()
+            .unwrap();
+        let gauge = sample(&samples, "cdc_sink_lake_source_timestamp_seconds", &labels).unwrap();
+        assert!(
+            (gauge * 1000.0 - newest_ms as f64).abs() < 1.0,
+            "{table}: freshness gauge {gauge} vs newest source time {newest_ms} ms"
+        );
+    }
+    assert_eq!(
+        sample(&samples, "cdc_sink_oldest_unflushed_age_seconds", &[]),
+        Some(0.0)
+    );
+    assert_eq!(sample(&samples, "cdc_sink_buffered_bytes", &[]), Some(0.0));
+    terminate(sink);
 }
