@@ -3,6 +3,10 @@
 //! without starting a JVM every second.
 //!
 //! `committed BROKERS GROUP TOPIC`
+//!
+//! With `--to-end` it instead commits each partition's current high
+//! watermark for GROUP (a new group then starts at today's end), and prints
+//! their sum: tests/bench/sustained.sh measures only the events of its run.
 
 use std::time::Duration;
 
@@ -11,9 +15,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let to_end = args.iter().any(|a| a == "--to-end");
+    args.retain(|a| a != "--to-end");
     let [_, brokers, group, topic] = args.as_slice() else {
-        eprintln!("usage: committed BROKERS GROUP TOPIC");
+        eprintln!("usage: committed [--to-end] BROKERS GROUP TOPIC");
         std::process::exit(2);
     };
     let consumer: BaseConsumer = ClientConfig::new()
@@ -27,6 +33,23 @@ fn main() {
     let mut tpl = TopicPartitionList::new();
     for p in md.topics()[0].partitions() {
         tpl.add_partition(topic, p.id());
+    }
+    if to_end {
+        let mut ends = TopicPartitionList::new();
+        let mut sum = 0;
+        for p in md.topics()[0].partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            ends.add_partition_offset(topic, p.id(), Offset::Offset(high))
+                .expect("offset");
+            sum += high;
+        }
+        consumer
+            .commit(&ends, rdkafka::consumer::CommitMode::Sync)
+            .expect("commit");
+        println!("{sum}");
+        return;
     }
     let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(10))

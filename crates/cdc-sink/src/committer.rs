@@ -155,10 +155,20 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Flush>,
     tx: mpsc::UnboundedSender<Result<Flushed, LakeFailed>>,
 ) {
+    // Each staging is a task of its own: it must make progress while this
+    // loop awaits a commit (a staging that was merely a future here would
+    // sit unpolled meanwhile, and one holding a table's lock, to create the
+    // table, would block that commit forever). `buffered` only keeps them
+    // in order.
+    let stager = lake.clone();
     let mut staged = stream::poll_fn(move |cx| rx.poll_recv(cx))
-        .map(|flush| stage(&lake, give_up, flush))
+        .map(move |flush| {
+            let lake = stager.clone();
+            tokio::spawn(async move { stage(&lake, give_up, flush).await })
+        })
         .buffered(STAGE_AHEAD);
     while let Some(next) = staged.next().await {
+        let next = next.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let result = match next {
             Ok(s) => commit(&lake, give_up, s).await,
             Err(e) => Err(e),
@@ -260,4 +270,129 @@ async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Fl
         done.tables.push(report);
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use arrow::array::{Int32Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use chrono::NaiveDate;
+    use url::Url;
+
+    use super::*;
+    use crate::config::{LakeConfig, OutputConfig};
+    use crate::encode::writer_properties;
+    use crate::lake::DataFile;
+    use crate::position::Positions;
+    use crate::schema::meta;
+
+    fn batch(offset: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+                Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![offset])),
+                Arc::new(Int32Array::from(vec![0])),
+                Arc::new(Int64Array::from(vec![offset])),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Flushes of several new tables handed over back to back: each is
+    /// staged (creating its tables) while the one before commits. They all
+    /// land, in order, and every table holds each offset once. (A staging
+    /// that held a table's lock while not being polled once blocked the
+    /// commit before it forever.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn back_to_back_flushes_of_new_tables_all_commit_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Arc::new(Lake::at(
+            Url::from_directory_path(dir.path()).unwrap(),
+            HashMap::new(),
+            "g",
+            writer_properties(&OutputConfig::default()),
+            &LakeConfig::default(),
+        ));
+        let tables = ["a", "b", "c", "d"];
+        let mut positions = Positions::default();
+        for t in tables {
+            let tp = Tp::new(format!("db.{t}"), 0);
+            positions.assign(tp.clone());
+            positions.get_mut(&tp).unwrap().learn(None);
+        }
+        let mut committer = Committer::spawn(lake.clone(), Duration::from_secs(5));
+        let flushes = 6;
+        for offset in 0..flushes {
+            let tables = tables
+                .iter()
+                .map(|t| {
+                    let tp = Tp::new(format!("db.{t}"), 0);
+                    let position = positions.get_mut(&tp).unwrap();
+                    position.admit(offset);
+                    let stage = position.stage(offset);
+                    TableFlush {
+                        table: t.to_string(),
+                        writes: vec![Write {
+                            ticket: stage.ticket,
+                            first: offset,
+                            newest_source_ms: 0,
+                            write: PartitionWrite {
+                                tp,
+                                last: offset,
+                                expected: stage.expected,
+                                files: vec![DataFile {
+                                    date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
+                                    batch: batch(offset),
+                                }],
+                            },
+                        }],
+                    }
+                })
+                .collect();
+            committer.submit(Flush {
+                tables,
+                rowless: Vec::new(),
+                bytes: 0,
+            });
+        }
+        committer.close();
+        let mut landed = Vec::new();
+        let drained = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(done) = committer.next().await {
+                landed.extend(done.unwrap().landed);
+            }
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "the committer hung: {} writes landed",
+            landed.len()
+        );
+        assert_eq!(landed.len(), tables.len() * flushes as usize);
+        assert!(landed.iter().all(|l| l.fate == Fate::Committed));
+        for t in tables {
+            let offsets: Vec<i64> = landed
+                .iter()
+                .filter(|l| l.tp.topic == format!("db.{t}"))
+                .map(|l| l.last)
+                .collect();
+            assert_eq!(
+                offsets,
+                (0..flushes).collect::<Vec<_>>(),
+                "{t}: out of order"
+            );
+            let tp = Tp::new(format!("db.{t}"), 0);
+            assert_eq!(
+                lake.positions(t, &[tp]).await.unwrap(),
+                vec![Some(flushes - 1)]
+            );
+        }
+    }
 }
