@@ -89,6 +89,10 @@ impl FlushReason {
     }
 }
 
+/// Flushes in flight (one committing, one staged) beyond which segments
+/// that are merely due wait for the next.
+const DUE_FLUSHES_AHEAD: usize = 2;
+
 /// A broker heard from within this long counts as connected (librdkafka
 /// reports every 5 s).
 const CONNECTED_WITHIN: Duration = Duration::from_secs(15);
@@ -167,6 +171,7 @@ pub async fn run(
             done = sink.committer.next() => {
                 let done = done.ok_or(PipelineError::CommitterStopped)??;
                 sink.on_flushed(&source, done, CommitMode::Async).await?;
+                sink.flush_due();
                 sink.hold_memory(&source)?;
             }
             _ = tick.tick() => {
@@ -427,8 +432,15 @@ impl Sink {
         });
     }
 
-    /// Flushes every segment due, together: one commit per table.
+    /// Flushes every segment due, together: one commit per table. Waits
+    /// while [`DUE_FLUSHES_AHEAD`] flushes are in flight: segments due
+    /// meanwhile go together in the next flush once one has committed,
+    /// rather than queueing one small commit per tick behind a slow one
+    /// (with a short flush age that queue grew, and with it the latency).
     fn flush_due(&mut self) {
+        if self.committer.in_flight() >= DUE_FLUSHES_AHEAD {
+            return;
+        }
         let mut due = Vec::new();
         let mut reason = None;
         for (tp, s) in &self.segments {
