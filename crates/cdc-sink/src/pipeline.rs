@@ -351,7 +351,13 @@ impl Sink {
                     "malformed change event quarantined");
             }
         }
-        if let Some(reason) = self.segments[&tp].roll_reason(&self.policy) {
+        // A full segment goes at once (memory); one merely old enough waits
+        // for `flush_due`, which sends every due segment together and only
+        // while the committer keeps up. Flushing it here, one partition per
+        // message, queued small commits faster than they landed.
+        if let Some(reason @ (RollReason::Rows | RollReason::Bytes)) =
+            self.segments[&tp].roll_reason(&self.policy)
+        {
             self.flush(vec![tp], FlushReason::Rolled(reason));
         }
         Ok(())
