@@ -8,6 +8,7 @@
 //! A write whose commit fails for good ends the process: what was not
 //! committed is read again from Kafka by the next run.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub struct Flush {
     pub rowless: Vec<(Tp, i64)>,
     /// Decoded bytes the flush holds until it is committed.
     pub bytes: usize,
+    /// When its oldest segment opened.
+    pub opened: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,14 +96,20 @@ pub struct Flushed {
     pub landed: Vec<Landed>,
     pub rowless: Vec<(Tp, i64)>,
     pub tables: Vec<TableCommit>,
-    pub bytes: usize,
 }
 
 /// The handle the loop holds.
 pub struct Committer {
     flushes: Option<mpsc::UnboundedSender<Flush>>,
     flushed: mpsc::UnboundedReceiver<Result<Flushed, LakeFailed>>,
-    in_flight: usize,
+    /// Flushes handed over and not yet reported back, oldest first (they
+    /// are reported in that order).
+    in_flight: VecDeque<InFlight>,
+}
+
+struct InFlight {
+    bytes: usize,
+    opened: Instant,
 }
 
 impl Committer {
@@ -114,22 +123,37 @@ impl Committer {
         Committer {
             flushes: Some(flushes),
             flushed,
-            in_flight: 0,
+            in_flight: VecDeque::new(),
         }
     }
 
     pub fn submit(&mut self, flush: Flush) {
+        let held = InFlight {
+            bytes: flush.bytes,
+            opened: flush.opened,
+        };
         if let Some(tx) = &self.flushes
             && tx.send(flush).is_ok()
         {
-            self.in_flight += 1;
+            self.in_flight.push_back(held);
         }
         // Otherwise the task has stopped; `next` reports why.
     }
 
     /// Flushes handed over and not yet reported back.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight.len()
+    }
+
+    /// Decoded bytes the flushes in flight hold.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight.iter().map(|f| f.bytes).sum()
+    }
+
+    /// When the oldest row not yet committed was buffered, if one is in
+    /// flight.
+    pub fn oldest_in_flight(&self) -> Option<Instant> {
+        self.in_flight.front().map(|f| f.opened)
     }
 
     /// The next committed flush, in order. `None` once [`Committer::close`]
@@ -138,7 +162,7 @@ impl Committer {
     pub async fn next(&mut self) -> Option<Result<Flushed, LakeFailed>> {
         let done = self.flushed.recv().await;
         if done.is_some() {
-            self.in_flight = self.in_flight.saturating_sub(1);
+            self.in_flight.pop_front();
         }
         done
     }
@@ -189,7 +213,6 @@ struct StagedTable {
 struct StagedFlush {
     tables: Vec<StagedTable>,
     rowless: Vec<(Tp, i64)>,
-    bytes: usize,
 }
 
 async fn stage(lake: &Lake, give_up: Duration, flush: Flush) -> Result<StagedFlush, LakeFailed> {
@@ -216,7 +239,6 @@ async fn stage(lake: &Lake, give_up: Duration, flush: Flush) -> Result<StagedFlu
     Ok(StagedFlush {
         tables,
         rowless: flush.rowless,
-        bytes: flush.bytes,
     })
 }
 
@@ -263,7 +285,6 @@ async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Fl
         landed: Vec::new(),
         rowless: flush.rowless,
         tables: Vec::new(),
-        bytes: flush.bytes,
     };
     for (landed, report) in tables {
         done.landed.extend(landed);
@@ -360,6 +381,7 @@ mod tests {
                 tables,
                 rowless: Vec::new(),
                 bytes: 0,
+                opened: Instant::now(),
             });
         }
         committer.close();

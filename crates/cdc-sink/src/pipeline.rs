@@ -14,7 +14,7 @@
 //! segment is flushed and, while flushes are still in flight, consumption
 //! is paused (librdkafka keeps polling, so the group membership holds).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,13 +106,7 @@ struct Sink {
     quarantine: Quarantine,
     policy: RollPolicy,
     max_buffered: usize,
-    /// Decoded bytes of flushes handed to the committer and not yet
-    /// committed.
-    in_flight_bytes: usize,
     paused: bool,
-    /// When each flush in flight opened its oldest segment, in the order
-    /// they are committed.
-    in_flight_opened: VecDeque<Instant>,
     give_up: Duration,
     stats: Stats,
     meters: Meters,
@@ -144,9 +138,7 @@ pub async fn run(
         quarantine,
         policy: cfg.roll_policy(),
         max_buffered: cfg.flush.max_buffered_bytes,
-        in_flight_bytes: 0,
         paused: false,
-        in_flight_opened: VecDeque::new(),
         give_up,
         stats: Stats::default(),
         meters: Meters::default(),
@@ -367,14 +359,20 @@ impl Sink {
         self.segments.values().map(|s| s.bytes).sum()
     }
 
+    /// Buffered rows and flushes in flight: what `flush.max_buffered_bytes`
+    /// bounds.
+    fn held_bytes(&self) -> usize {
+        self.buffered_bytes() + self.committer.in_flight_bytes()
+    }
+
     /// Keeps buffered rows plus flushes in flight under the limit. Flushing
     /// frees nothing at once (rows become files in flight), but it is what
     /// frees memory once committed, so it happens while the buffer holds
     /// more than what is in flight; beyond that, consumption pauses until
     /// commits catch up.
     fn hold_memory(&mut self, source: &Source) -> Result<(), PipelineError> {
-        while self.buffered_bytes() + self.in_flight_bytes > self.max_buffered
-            && self.buffered_bytes() > self.in_flight_bytes
+        while self.held_bytes() > self.max_buffered
+            && self.buffered_bytes() > self.committer.in_flight_bytes()
         {
             let largest = self
                 .segments
@@ -386,13 +384,13 @@ impl Sink {
                 None => break,
             }
         }
-        let over = self.buffered_bytes() + self.in_flight_bytes > self.max_buffered;
+        let over = self.held_bytes() > self.max_buffered;
         if over != self.paused {
             if over {
                 source.pause()?;
                 tracing::debug!(
                     buffered = self.buffered_bytes(),
-                    in_flight = self.in_flight_bytes,
+                    in_flight = self.committer.in_flight_bytes(),
                     "memory limit reached: consumption paused"
                 );
             } else {
@@ -407,13 +405,12 @@ impl Sink {
     /// Updates the gauges and readiness (every tick).
     fn report(&mut self, source: &Source) {
         let now = Instant::now();
-        metrics::gauge!(t::BUFFERED_BYTES)
-            .set((self.buffered_bytes() + self.in_flight_bytes) as f64);
+        metrics::gauge!(t::BUFFERED_BYTES).set(self.held_bytes() as f64);
         let oldest = self
             .segments
             .values()
             .map(|s| s.opened)
-            .chain(self.in_flight_opened.front().copied())
+            .chain(self.committer.oldest_in_flight())
             .min();
         metrics::gauge!(t::OLDEST_UNFLUSHED)
             .set(oldest.map_or(0.0, |o| now.duration_since(o).as_secs_f64()));
@@ -471,7 +468,14 @@ impl Sink {
             let Some(segment) = self.segments.remove(&tp) else {
                 continue;
             };
-            metrics::counter!(t::FLUSHES, "reason" => reason.label()).increment(1);
+            // A flush of due segments counts each by its own reason.
+            let why = match reason {
+                FlushReason::Rolled(_) => segment
+                    .roll_reason(&self.policy)
+                    .map_or(reason, FlushReason::Rolled),
+                other => other,
+            };
+            metrics::counter!(t::FLUSHES, "reason" => why.label()).increment(1);
             opened = Some(opened.map_or(segment.opened, |o| o.min(segment.opened)));
             let Some(position) = self.positions.get_mut(&tp) else {
                 continue;
@@ -506,9 +510,7 @@ impl Sink {
             return;
         }
         tracing::debug!(?reason, tables = tables.len(), bytes, "flush handed over");
-        self.in_flight_bytes += bytes;
-        self.in_flight_opened
-            .push_back(opened.unwrap_or_else(Instant::now));
+
         self.committer.submit(Flush {
             tables: tables
                 .into_iter()
@@ -516,6 +518,7 @@ impl Sink {
                 .collect(),
             rowless,
             bytes,
+            opened: opened.unwrap_or_else(Instant::now),
         });
     }
 
@@ -527,8 +530,6 @@ impl Sink {
         done: Flushed,
         mode: CommitMode,
     ) -> Result<(), PipelineError> {
-        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
-        self.in_flight_opened.pop_front();
         let mut kafka = Vec::new();
         for l in &done.landed {
             match l.fate {

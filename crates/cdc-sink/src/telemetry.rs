@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use cdc_telemetry::Readiness;
-use cdc_telemetry::prometheus;
 use cdc_telemetry::server::{self, OpsServer};
 use metrics::{
     Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
@@ -51,9 +50,7 @@ pub async fn serve(
     let Some(addr) = config.listen_addr() else {
         return Ok(None);
     };
-    let recorder = prometheus::install().map_err(|e| ServeError(e.into()))?;
-    describe();
-    let ops = server::serve(addr, recorder, readiness)
+    let ops = server::start(addr, readiness, describe)
         .await
         .map_err(ServeError)?;
     Ok(Some(ops))

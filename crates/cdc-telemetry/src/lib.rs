@@ -22,7 +22,7 @@
 //! let readiness = Readiness::new("connecting");
 //! // `None`: the config's listen address is empty, nothing is served or recorded.
 //! let _ops = match listen {
-//!     Some(addr) => Some(server::start(addr, readiness.clone()).await?),
+//!     Some(addr) => Some(server::start(addr, readiness.clone(), || {}).await?),
 //!     None => None,
 //! };
 //! // ... connected:

@@ -72,11 +72,18 @@ impl Drop for OpsServer {
     }
 }
 
-/// Installs the metrics recorder ([`prometheus::install`]) and serves the
-/// endpoint on `addr`. Returns once the socket is bound, so that a busy or
-/// forbidden address fails the service's start, not some later scrape.
-pub async fn start(addr: SocketAddr, readiness: Readiness) -> Result<OpsServer, ServeError> {
+/// Installs the metrics recorder ([`prometheus::install`]), runs
+/// `describe` (the service's HELP lines and series that start at 0, so they
+/// are there from the first scrape) and serves the endpoint on `addr`.
+/// Returns once the socket is bound, so that a busy or forbidden address
+/// fails the service's start, not some later scrape.
+pub async fn start(
+    addr: SocketAddr,
+    readiness: Readiness,
+    describe: impl FnOnce(),
+) -> Result<OpsServer, ServeError> {
     let metrics = prometheus::install()?;
+    describe();
     serve(addr, metrics, readiness).await
 }
 

@@ -40,7 +40,7 @@ async fn get(addr: SocketAddr, path: &str) -> Reply {
 #[tokio::test]
 async fn serves_health_readiness_and_metrics() {
     let readiness = Readiness::new("connecting to the database");
-    let ops = server::start("127.0.0.1:0".parse().unwrap(), readiness.clone())
+    let ops = server::start("127.0.0.1:0".parse().unwrap(), readiness.clone(), || {})
         .await
         .unwrap();
     let addr = ops.local_addr();
@@ -98,7 +98,7 @@ async fn serves_health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn other_paths_and_methods_are_refused() {
-    let ops = server::start("127.0.0.1:0".parse().unwrap(), Readiness::default())
+    let ops = server::start("127.0.0.1:0".parse().unwrap(), Readiness::default(), || {})
         .await
         .unwrap();
     let addr = ops.local_addr();
@@ -118,14 +118,16 @@ async fn other_paths_and_methods_are_refused() {
 async fn a_busy_address_is_an_error_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = server::start(addr, Readiness::default()).await.unwrap_err();
+    let err = server::start(addr, Readiness::default(), || {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, ServeError::Bind { .. }), "{err:?}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
 
 #[tokio::test]
 async fn dropping_the_server_closes_the_port() {
-    let ops = server::start("127.0.0.1:0".parse().unwrap(), Readiness::default())
+    let ops = server::start("127.0.0.1:0".parse().unwrap(), Readiness::default(), || {})
         .await
         .unwrap();
     let addr = ops.local_addr();

@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use cdc_telemetry::Readiness;
-use cdc_telemetry::prometheus;
 use cdc_telemetry::server::{self, OpsServer};
 use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
 
@@ -54,10 +53,7 @@ pub async fn serve(
     let Some(addr) = config.listen_addr() else {
         return Ok(None);
     };
-    let recorder = prometheus::install().map_err(|e| ServeError(e.into()))?;
-    // Before the first scrape can happen: every series is there from the start.
-    describe();
-    let ops = server::serve(addr, recorder, readiness)
+    let ops = server::start(addr, readiness, describe)
         .await
         .map_err(ServeError)?;
     Ok(Some(ops))
