@@ -7,6 +7,8 @@ set -euo pipefail
 # command -> Debian package
 declare -A PKGS=(
   [java]=openjdk-17-jre-headless
+  # javac builds the Debezium value converter (debezium/converter).
+  [javac]=openjdk-17-jdk-headless
   [mvn]=maven
   [jq]=jq
   [curl]=curl

@@ -106,6 +106,30 @@ install_debezium() {
   fi
 }
 
+# The project's Debezium converter (debezium/converter): compiled with javac
+# against the connector's own jars and Kafka's connect-api, into the
+# connector's plugin directory, so Connect's plugin loader gives it the
+# connector's classes. Rebuilt when its source changes; a running Connect
+# loads the new jar only when restarted.
+install_converter() {
+  local src dir sum classes
+  src=$ROOT/debezium/converter/src
+  dir=$PLUGIN_DIR/debezium-connector-postgres
+  sum=$(find "$src" -name '*.java' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  [ -f "$dir/.converter-$sum" ] && return
+  log "building the value converter (debezium/converter)"
+  classes=$(mktemp -d)
+  javac --release 17 -nowarn -d "$classes" \
+    -cp "$(ls "$dir"/debezium-api-*.jar "$dir"/debezium-core-*.jar "$KAFKA_HOME"/libs/connect-api-*.jar | paste -sd:)" \
+    $(find "$src" -name '*.java') || die "javac failed on debezium/converter"
+  jar cf "$dir/cdc-lake-converter.jar" -C "$classes" . || die "jar failed"
+  rm -rf "$classes" "$dir"/.converter-*
+  touch "$dir/.converter-$sum"
+  if running connect 2>/dev/null; then
+    log "the converter changed: restart Connect to load it (tests/stack.sh down; tests/stack.sh up)"
+  fi
+}
+
 install_minio() {
   [ -x "$MINIO" ] && return
   log "building MinIO with go install (first run only, a few minutes)"
@@ -118,6 +142,7 @@ cmd_install() {
   mkdir -p "$CACHE/downloads" "$CACHE/bin"
   install_kafka
   install_debezium
+  install_converter
   install_minio
 }
 
