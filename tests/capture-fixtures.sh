@@ -7,6 +7,13 @@
 #   twitter.jsonl   events of the demo tables, including an unchanged-TOAST
 #                   placeholder and REPLICA IDENTITY FULL deletes
 #
+# `tests/capture-fixtures.sh exact` captures only
+#   exact_zoo.jsonl the values Debezium's own converters lose, through the
+#                   project's converter (debezium/converter): numeric NaN
+#                   and ±Infinity in scalars, arrays and a domain, p > 38,
+#                   bit strings, timetz, money, an enum, a range, and NULL
+#                   in a NOT NULL column's delete; snapshot and streaming
+#
 # Each line is one Kafka message value; an empty line is a tombstone. The
 # capture uses its own database, publication, slot and connector, removed
 # afterwards. Run `tests/stack.sh up` first.
@@ -19,6 +26,71 @@ su() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 
 
 # A fresh topic prefix per capture: topics of earlier captures stay behind.
 prefix=fixtures$(date +%s)
+
+if [ "${1:-}" = exact ]; then
+  curl -s -X DELETE "$STACK_CONNECT_URL/connectors/exact-postgres" >/dev/null || true
+  sleep 3
+  su -d postgres -c "DROP DATABASE IF EXISTS exact WITH (FORCE)" \
+    -c "SELECT pg_drop_replication_slot('exact_slot') FROM pg_replication_slots WHERE slot_name = 'exact_slot'" \
+    -c "CREATE DATABASE exact" >/dev/null
+  su -d exact <<'SQL'
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN price AS numeric(12,2);
+CREATE TABLE exact_zoo (
+    id      bigint PRIMARY KEY,
+    n       numeric(10,3),
+    n_req   numeric(10,3) NOT NULL,
+    free    numeric,
+    wide    numeric(40,5),
+    nums    numeric[],
+    amounts numeric(6,2)[],
+    vb      bit varying(16),
+    b4      bit(4),
+    b1      bit(1),
+    tz      timetz,
+    cash    money,
+    feeling mood,
+    cost    price,
+    span    int4range
+);
+INSERT INTO exact_zoo VALUES
+  (1, 'NaN', 1.5, 'Infinity', 'NaN', '{1.5,12345678901234567890.123456789,NaN,-Infinity,NULL}', '{1.25,NaN}',
+   B'00001011', B'0101', B'1', '12:34:56.789+05:30', 12.34, 'happy', 'NaN', '[1,5)');
+GRANT CONNECT ON DATABASE exact TO debezium;
+GRANT SELECT ON exact_zoo TO debezium;
+CREATE PUBLICATION exact_pub FOR TABLE exact_zoo;
+SQL
+  body=$(jq --arg prefix "$prefix" '. + {
+    "database.dbname": "exact", "topic.prefix": $prefix,
+    "table.include.list": "public.exact_zoo", "publication.name": "exact_pub",
+    "slot.name": "exact_slot", "snapshot.mode": "initial"}' debezium/twitter-postgres.json)
+  curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
+    "$STACK_CONNECT_URL/connectors/exact-postgres/config" >/dev/null
+  topic="$prefix.public.exact_zoo"
+  # The snapshot's one row is in Kafka once streaming can start.
+  for _ in $(seq 90); do
+    [ "$(kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$topic" -o beginning -e -q 2>/dev/null | wc -l)" -ge 1 ] && break
+    sleep 1
+  done
+  sleep 3
+  su -d exact <<'SQL'
+INSERT INTO exact_zoo VALUES
+  (2, 1.5, -2.125, '-Infinity', 12345678901234567890123456789012345.12345, '{}', '{1.25,NULL}',
+   B'1011', B'0000', B'0', '23:59:59.999999-08', -5.5, 'ok', 3.5, 'empty');
+UPDATE exact_zoo SET n = 2.5, amounts = '{3.50,NaN,NULL}', vb = B'0010', tz = '01:02:03-03:30' WHERE id = 1;
+DELETE FROM exact_zoo WHERE id = 2;
+SQL
+  for _ in $(seq 60); do
+    [ "$(kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$topic" -o beginning -e -q -f '%s\n' 2>/dev/null | wc -l)" -ge 5 ] && break
+    sleep 1
+  done
+  kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$topic" -o beginning -e -q -f '%s\n' >"$out/exact_zoo.jsonl"
+  curl -fsS -X DELETE "$STACK_CONNECT_URL/connectors/exact-postgres" >/dev/null
+  sleep 2
+  su -d postgres -c "SELECT pg_drop_replication_slot('exact_slot') FROM pg_replication_slots WHERE slot_name = 'exact_slot'" >/dev/null
+  echo "captured: $(wc -l <"$out/exact_zoo.jsonl") exact_zoo events"
+  exit 0
+fi
 curl -s -X DELETE "$STACK_CONNECT_URL/connectors/fixtures-postgres" >/dev/null || true
 sleep 3
 su -d postgres -c "DROP DATABASE IF EXISTS fixtures WITH (FORCE)" \

@@ -177,10 +177,12 @@ fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
         ) => get::<StringBuilder>(builder).append_null(),
         (ColumnType::Binary, Datum::Bytes(b)) => get::<BinaryBuilder>(builder).append_value(b),
         (ColumnType::Binary, _) => get::<BinaryBuilder>(builder).append_null(),
-        (ColumnType::Decimal { .. }, Datum::Decimal(v)) => {
+        (ColumnType::Decimal { .. } | ColumnType::NumericText { .. }, Datum::Decimal(v)) => {
             get::<Decimal128Builder>(builder).append_value(*v)
         }
-        (ColumnType::Decimal { .. }, _) => get::<Decimal128Builder>(builder).append_null(),
+        (ColumnType::Decimal { .. } | ColumnType::NumericText { .. }, _) => {
+            get::<Decimal128Builder>(builder).append_null()
+        }
         (ColumnType::Date, Datum::Int(v)) => get::<Date32Builder>(builder).append_value(*v as i32),
         (ColumnType::Date, _) => get::<Date32Builder>(builder).append_null(),
         (ColumnType::LocalTimestamp(_) | ColumnType::ZonedTimestamp, Datum::Int(v)) => {

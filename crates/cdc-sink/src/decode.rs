@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
+use crate::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema, is_numeric_special};
 
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
@@ -107,6 +107,10 @@ pub struct ChangeRow {
     /// Indices of columns whose value was Debezium's unavailable
     /// placeholder; their `values` entry is `Null`.
     pub unchanged: Vec<usize>,
+    /// Indices of NOT NULL columns that are NULL in this insert, update or
+    /// snapshot read: a value lost before the sink (the pipeline reports
+    /// it). Empty for deletes, whose image may carry only the key.
+    pub null_in_required: Vec<usize>,
     pub commit_ts_ms: i64,
     pub lsn: Option<i64>,
     pub tx_id: Option<i64>,
@@ -215,9 +219,14 @@ struct Source {
 /// with a schema or two in flight.
 const MAX_PREFIXES: usize = 32;
 
+/// Shapes with text siblings kept at most; past it the cache starts over.
+const MAX_SIBLING_SHAPES: usize = 1024;
+
 #[derive(Default)]
 pub struct Decoder {
     schemas: HashMap<u64, Arc<TableSchema>>,
+    /// Shapes with text siblings, by base schema id and sibling columns.
+    sibling_shapes: HashMap<(u64, Vec<usize>), (u64, Arc<TableSchema>)>,
     /// Raw schema JSON of recently seen schemas, most recent last.
     prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
 }
@@ -302,12 +311,29 @@ impl Decoder {
                 values.push(to_datum(&col.ty, &v).map_err(mismatch)?);
             }
         }
+        let null_in_required = if op == Op::Delete {
+            Vec::new()
+        } else {
+            schema
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| !c.optional && values[*i] == Datum::Null && !unchanged.contains(i))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let (schema_id, schema) = if schema.has_numeric_text {
+            self.move_specials(schema_id, schema, &mut values)
+        } else {
+            (schema_id, schema)
+        };
         Ok(Decoded::Row(ChangeRow {
             schema,
             schema_id,
             op,
             values,
             unchanged,
+            null_in_required,
             commit_ts_ms: payload.source.ts_ms,
             lsn: payload.source.lsn,
             tx_id: payload.source.tx_id,
@@ -336,6 +362,59 @@ impl Decoder {
         self.prefixes
             .push((raw.as_bytes().to_vec(), id, table.clone()));
         Ok((id, table))
+    }
+
+    /// Moves NaN and ±Infinity out of `decimal` columns (and lists of
+    /// them) into text siblings, and returns the shape of the row: the
+    /// schema itself when there were none.
+    fn move_specials(
+        &mut self,
+        schema_id: u64,
+        schema: Arc<TableSchema>,
+        values: &mut Vec<Datum>,
+    ) -> (u64, Arc<TableSchema>) {
+        let special = |d: &Datum| matches!(d, Datum::Str(_));
+        let moved: Vec<usize> = schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| match (&c.ty, &values[*i]) {
+                (ColumnType::NumericText { .. }, d) => special(d),
+                (ColumnType::List(item), Datum::List(items)) if item.holds_numeric_text() => {
+                    items.iter().any(special)
+                }
+                _ => false,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if moved.is_empty() {
+            return (schema_id, schema);
+        }
+        for &i in &moved {
+            let text = match std::mem::replace(&mut values[i], Datum::Null) {
+                Datum::List(items) => Datum::List(
+                    items
+                        .iter()
+                        .map(|d| as_text(&schema.columns[i].ty, d))
+                        .collect(),
+                ),
+                d => d,
+            };
+            values.push(text);
+        }
+        if self.sibling_shapes.len() >= MAX_SIBLING_SHAPES {
+            self.sibling_shapes.clear();
+        }
+        let key = (schema_id, moved);
+        let (id, shape) = self
+            .sibling_shapes
+            .entry(key)
+            .or_insert_with_key(|(id, moved)| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (id, moved).hash(&mut h);
+                (h.finish(), Arc::new(schema.with_text_siblings(moved)))
+            });
+        (*id, shape.clone())
     }
 
     /// Matches `{"schema":<known schema>,"payload":` and returns the payload
@@ -459,6 +538,9 @@ fn plain(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
                 .ok()
                 .map(|t| Ok(Datum::Int(t.timestamp_micros())))
         }),
+        ColumnType::NumericText { precision, scale } => {
+            text().map(|s| numeric_text(s, *precision, *scale, ty))
+        }
         ColumnType::Decimal { precision, .. } => text().and_then(|s| {
             if s == UNAVAILABLE_B64 {
                 return None;
@@ -560,6 +642,10 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
             .ok_or_else(expected)?;
             checked_precision(unscaled, *precision, ty)
         }
+        ColumnType::NumericText { precision, scale } => v
+            .as_str()
+            .ok_or_else(expected)
+            .and_then(|s| numeric_text(s, *precision, *scale, ty)),
         ColumnType::WideDecimal { scale } => v
             .as_str()
             .and_then(|s| BASE64.decode(s).ok())
@@ -606,6 +692,32 @@ fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
             }
             Ok(Datum::List(out))
         }
+    }
+}
+
+/// A `cdclake.Numeric` value: the decimal at the column's scale, or NaN and
+/// ±Infinity as their text (moved to the sibling column by the decoder).
+fn numeric_text(s: &str, precision: u8, scale: i8, ty: &ColumnType) -> Result<Datum, String> {
+    if is_numeric_special(s) {
+        return Ok(Datum::Str(s.to_string()));
+    }
+    let plain = without_exponent(s);
+    parse_decimal(plain.as_deref().unwrap_or(s), scale as u32)
+        .ok_or_else(|| format!("{ty:?}"))
+        .and_then(|u| checked_precision(u, precision, ty))
+}
+
+/// One value of a `NumericText` list as PostgreSQL's text, for the sibling.
+fn as_text(ty: &ColumnType, d: &Datum) -> Datum {
+    match (ty, d) {
+        (ColumnType::List(item), Datum::List(items)) => {
+            Datum::List(items.iter().map(|d| as_text(item, d)).collect())
+        }
+        (ColumnType::List(item), d) => as_text(item, d),
+        (ColumnType::NumericText { scale, .. }, Datum::Decimal(u)) => {
+            Datum::Str(format_decimal(*u, *scale as u32))
+        }
+        (_, d) => d.clone(),
     }
 }
 
@@ -843,6 +955,133 @@ pub(crate) mod tests {
             .position(|c| c.name == column)
             .unwrap();
         &row.values[i]
+    }
+
+    fn texts(items: &[Option<&str>]) -> Datum {
+        Datum::List(
+            items
+                .iter()
+                .map(|i| i.map_or(Datum::Null, |s| Datum::Str(s.into())))
+                .collect(),
+        )
+    }
+
+    fn names(row: &ChangeRow) -> Vec<&str> {
+        row.schema.columns.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    /// Real events through the project's converter (tests/capture-fixtures.sh
+    /// exact): a snapshot read, an insert, an update, a delete, a tombstone.
+    const EXACT: &str = include_str!("../tests/fixtures/exact_zoo.jsonl");
+
+    #[test]
+    fn numeric_specials_land_as_text_beside_the_decimal() {
+        let mut d = Decoder::new();
+        let rows = rows(decode_all(&mut d, EXACT));
+        assert_eq!(rows.len(), 4);
+        let (read, insert, update) = (&rows[0], &rows[1], &rows[2]);
+
+        // numeric(10,3) NaN: the decimal is NULL, `n__string` holds NaN. A
+        // domain over numeric(12,2) and a numeric(6,2)[] with a NaN element
+        // the same (the list's sibling holds the whole list as text).
+        assert_eq!(value(read, "n"), &Datum::Null);
+        assert_eq!(value(read, "n__string"), &Datum::Str("NaN".into()));
+        assert_eq!(value(read, "cost"), &Datum::Null);
+        assert_eq!(value(read, "cost__string"), &Datum::Str("NaN".into()));
+        assert_eq!(value(read, "amounts"), &Datum::Null);
+        assert_eq!(
+            value(read, "amounts__string"),
+            &texts(&[Some("1.25"), Some("NaN")])
+        );
+        assert_eq!(
+            &names(read)[15..],
+            ["n__string", "amounts__string", "cost__string"],
+            "siblings follow the table's own columns"
+        );
+        // Unconstrained and p > 38 numerics are text already: specials in place.
+        assert_eq!(value(read, "free"), &Datum::Str("Infinity".into()));
+        assert_eq!(value(read, "wide"), &Datum::Str("NaN".into()));
+        assert_eq!(
+            value(read, "nums"),
+            &texts(&[
+                Some("1.5"),
+                Some("12345678901234567890.123456789"),
+                Some("NaN"),
+                Some("-Infinity"),
+                None
+            ])
+        );
+        assert_eq!(
+            read.schema.arrow.field(1).data_type(),
+            &arrow::datatypes::DataType::Decimal128(10, 3)
+        );
+
+        // Bit strings keep every bit, leading zeros included.
+        assert_eq!(value(read, "vb"), &Datum::Str("00001011".into()));
+        assert_eq!(value(insert, "vb"), &Datum::Str("1011".into()));
+        assert_eq!(value(insert, "b4"), &Datum::Str("0000".into()));
+        assert_eq!(value(read, "b1"), &Datum::Bool(true));
+
+        // Without a special value a row keeps the table's own shape.
+        assert_eq!(names(insert).len(), 15);
+        assert_eq!(value(insert, "n"), &Datum::Decimal(1500));
+        assert_eq!(value(insert, "n_req"), &Datum::Decimal(-2125));
+        assert_eq!(value(insert, "cost"), &Datum::Decimal(350));
+        assert_eq!(value(insert, "free"), &Datum::Str("-Infinity".into()));
+        assert_eq!(
+            value(insert, "wide"),
+            &Datum::Str("12345678901234567890123456789012345.12345".into())
+        );
+        assert_eq!(
+            value(insert, "amounts"),
+            &Datum::List(vec![Datum::Decimal(125), Datum::Null])
+        );
+        // Only the column with a special value gets a sibling.
+        assert_eq!(value(update, "n"), &Datum::Decimal(2500));
+        assert_eq!(
+            value(update, "amounts__string"),
+            &texts(&[Some("3.50"), Some("NaN"), None])
+        );
+        assert!(!names(update).contains(&"n__string"));
+        // The same shape is one schema id (one file per flush), another
+        // shape another.
+        let again = rows_of(&mut d, EXACT);
+        assert_eq!(again[0].schema_id, read.schema_id);
+        assert_ne!(read.schema_id, insert.schema_id);
+        assert_ne!(read.schema_id, update.schema_id);
+    }
+
+    fn rows_of(d: &mut Decoder, corpus: &str) -> Vec<ChangeRow> {
+        rows(decode_all(d, corpus))
+    }
+
+    #[test]
+    fn null_in_a_not_null_column_is_flagged_except_in_deletes() {
+        let mut d = Decoder::new();
+        let rows = rows_of(&mut d, EXACT);
+        assert!(rows.iter().all(|r| r.null_in_required.is_empty()));
+        let delete = &rows[3];
+        assert_eq!(delete.op, Op::Delete);
+        assert_eq!(
+            value(delete, "n_req"),
+            &Datum::Null,
+            "DEFAULT identity: key only"
+        );
+        // The insert as it would be had the connector lost `n_req`.
+        let insert = EXACT.lines().nth(1).unwrap();
+        assert!(insert.contains(r#""n_req":"-2.125""#));
+        let lost = insert.replace(r#""n_req":"-2.125""#, r#""n_req":null"#);
+        let row = rows_of(&mut d, &lost).pop().unwrap();
+        assert_eq!(row.null_in_required, [2]);
+        // A nullable column's NULL is no loss.
+        let lost = insert.replace(r#""n":"1.500""#, r#""n":null"#);
+        assert!(
+            rows_of(&mut d, &lost)
+                .pop()
+                .unwrap()
+                .null_in_required
+                .is_empty()
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! segment is flushed and, while flushes are still in flight, consumption
 //! is paused (librdkafka keeps polling, so the group membership holds).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,9 @@ struct Sink {
     give_up: Duration,
     stats: Stats,
     meters: Meters,
+    /// (table, column) pairs already logged for a NULL in a NOT NULL
+    /// column: logged once each, counted every time.
+    lost_values: HashSet<(String, String)>,
     readiness: Readiness,
     ready_window: Duration,
     /// The last commit, or the last moment nothing was waiting to be
@@ -142,6 +145,7 @@ pub async fn run(
         give_up,
         stats: Stats::default(),
         meters: Meters::default(),
+        lost_values: HashSet::new(),
         readiness,
         ready_window: Duration::from_secs(cfg.metrics.ready_window_secs),
         last_progress: Instant::now(),
@@ -313,6 +317,9 @@ impl Sink {
             .or_insert_with(|| Segment::new(offset));
         match decoded {
             Ok(Decoded::Row(row)) => {
+                if !row.null_in_required.is_empty() {
+                    report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);
+                }
                 segment.push(&row, tp.partition, offset);
                 self.stats.rows += 1;
             }
@@ -592,6 +599,25 @@ impl Sink {
             tracing::warn!(error = %e, "committing Kafka offsets failed");
         }
         Ok(())
+    }
+}
+
+/// A NULL where PostgreSQL allows none: the connector lost the value (the
+/// row lands as it came, NULL included). Said once per table and column at
+/// WARN, counted every time.
+fn report_lost_values(
+    reported: &mut HashSet<(String, String)>,
+    table: &str,
+    row: &crate::decode::ChangeRow,
+) {
+    for &i in &row.null_in_required {
+        let column = &row.schema.columns[i].name;
+        metrics::counter!(t::NULL_IN_REQUIRED, "table" => table.to_string(), "column" => column.clone())
+            .increment(1);
+        if reported.insert((table.to_string(), column.clone())) {
+            tracing::warn!(table, column = %column, op = row.op.code(),
+                "a NOT NULL column arrived NULL: the connector lost its value (logged once per column)");
+        }
     }
 }
 

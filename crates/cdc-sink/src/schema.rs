@@ -69,6 +69,15 @@ pub enum ColumnType {
         precision: u8,
         scale: i8,
     },
+    /// `cdclake.Numeric` (the project's Debezium converter,
+    /// `debezium/converter`): PostgreSQL's decimal text of a `numeric(p,s)`
+    /// with p <= 38, stored as `decimal(p,s)`. NaN and ±Infinity, which
+    /// no decimal holds, go to a text sibling column (see
+    /// [`TableSchema::with_text_siblings`]).
+    NumericText {
+        precision: u8,
+        scale: i8,
+    },
     /// A Connect `Decimal` wider than 38 digits: kept exactly, as text.
     WideDecimal {
         scale: u32,
@@ -167,6 +176,18 @@ impl ColumnType {
                 }
             }
             ("struct", "io.debezium.data.VariableScaleDecimal") => ColumnType::VariableDecimal,
+            ("string", NUMERIC) => {
+                let param = |k: &str| s.parameters.get(k).and_then(|v| v.parse::<i64>().ok());
+                match (param("precision"), param("scale").unwrap_or(0)) {
+                    (Some(p @ 1..=38), s @ 0..=38) if s <= p => ColumnType::NumericText {
+                        precision: p as u8,
+                        scale: s as i8,
+                    },
+                    // Unconstrained or wider than Decimal128: the exact
+                    // text, specials included, as before the converter.
+                    _ => ColumnType::Utf8,
+                }
+            }
             ("boolean", _) => ColumnType::Bool,
             ("int8", _) => ColumnType::Int8,
             ("int16", _) => ColumnType::Int16,
@@ -200,6 +221,15 @@ impl ColumnType {
         }
     }
 
+    /// A `NumericText` column, or a list of them.
+    pub fn holds_numeric_text(&self) -> bool {
+        match self {
+            ColumnType::NumericText { .. } => true,
+            ColumnType::List(item) => item.holds_numeric_text(),
+            _ => false,
+        }
+    }
+
     pub fn arrow(&self) -> DataType {
         match self {
             ColumnType::Bool => DataType::Boolean,
@@ -214,7 +244,10 @@ impl ColumnType {
             | ColumnType::VariableDecimal
             | ColumnType::WideDecimal { .. } => DataType::Utf8,
             ColumnType::Binary => DataType::Binary,
-            ColumnType::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
+            ColumnType::Decimal { precision, scale }
+            | ColumnType::NumericText { precision, scale } => {
+                DataType::Decimal128(*precision, *scale)
+            }
             ColumnType::Date => DataType::Date32,
             ColumnType::LocalTimestamp(_) => DataType::Timestamp(TimeUnit::Microsecond, None),
             ColumnType::ZonedTimestamp => utc_micros(),
@@ -224,6 +257,20 @@ impl ColumnType {
             }
         }
     }
+}
+
+/// Schema names of the project's Debezium converter (`debezium/converter`).
+pub const NUMERIC: &str = "cdclake.Numeric";
+pub const BITS: &str = "cdclake.Bits";
+
+/// Suffix of the sibling column that holds, as text, the values a column's
+/// type cannot hold (numeric NaN and ±Infinity in a `decimal` column): the
+/// same `<name>__<type>` form schema evolution uses for a changed type.
+pub const TEXT_SIBLING: &str = "__string";
+
+/// PostgreSQL's numeric values that no decimal type can hold.
+pub fn is_numeric_special(s: &str) -> bool {
+    matches!(s, "NaN" | "Infinity" | "-Infinity")
 }
 
 /// Delta's `timestamp`: µs, adjusted to UTC.
@@ -255,6 +302,10 @@ pub mod meta {
 pub struct Column {
     pub name: String,
     pub ty: ColumnType,
+    /// Whether PostgreSQL allows NULL here (Connect `optional`). The lake
+    /// column is nullable either way; a NULL in an insert or update of a
+    /// NOT NULL column means a value was lost upstream, and is reported.
+    pub optional: bool,
 }
 
 /// One table shape: its columns in Connect order and the Arrow schema of
@@ -266,6 +317,9 @@ pub struct TableSchema {
     pub arrow: SchemaRef,
     /// Columns of a kind the mapper does not know, kept as JSON text.
     pub fallbacks: Vec<String>,
+    /// Whether a value may need a text sibling (a `NumericText` column or
+    /// list of them), so rows of other tables skip the check.
+    pub has_numeric_text: bool,
 }
 
 impl TableSchema {
@@ -290,8 +344,16 @@ impl TableSchema {
             if ColumnType::is_fallback(f) {
                 fallbacks.push(name.clone());
             }
-            columns.push(Column { name, ty });
+            // The project's converter marks every schema optional (a delete
+            // may lack the value) and says NOT NULL in a parameter.
+            let not_null = f.parameters.get("not_null").is_some_and(|v| v == "true");
+            columns.push(Column {
+                name,
+                ty,
+                optional: f.optional && !not_null,
+            });
         }
+        let has_numeric_text = columns.iter().any(|c| c.ty.holds_numeric_text());
         // Every table column is nullable: a delete under REPLICA IDENTITY
         // DEFAULT carries only the key, whatever the column's constraint.
         let mut fields: Vec<Field> = columns
@@ -303,7 +365,42 @@ impl TableSchema {
             columns,
             arrow: Arc::new(Schema::new(fields)),
             fallbacks,
+            has_numeric_text,
         })
+    }
+
+    /// This shape plus a text sibling `<name>__string` for each column in
+    /// `columns` (indices of `NumericText` columns or lists of them), after
+    /// the table's own columns: the shape of rows whose value in those
+    /// columns is NaN or ±Infinity. The decimal column is NULL in such a
+    /// row and the sibling holds PostgreSQL's text (a list column's
+    /// sibling holds the whole list as text). Rows of another shape are
+    /// another file, and the table gains the sibling column on first use.
+    pub fn with_text_siblings(&self, columns: &[usize]) -> TableSchema {
+        let mut all = self.columns.clone();
+        for &i in columns {
+            let c = &self.columns[i];
+            let ty = match c.ty {
+                ColumnType::List(_) => ColumnType::List(Box::new(ColumnType::Utf8)),
+                _ => ColumnType::Utf8,
+            };
+            all.push(Column {
+                name: format!("{}{TEXT_SIBLING}", c.name),
+                ty,
+                optional: true,
+            });
+        }
+        let mut fields: Vec<Field> = all
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow(), true))
+            .collect();
+        fields.extend(metadata_fields());
+        TableSchema {
+            columns: all,
+            arrow: Arc::new(Schema::new(fields)),
+            fallbacks: self.fallbacks.clone(),
+            has_numeric_text: self.has_numeric_text,
+        }
     }
 }
 
@@ -385,6 +482,30 @@ mod tests {
                 precision: 38,
                 scale: 2
             }
+        );
+    }
+
+    #[test]
+    fn converter_numerics_keep_their_decimal_type() {
+        let numeric = |params: &str| {
+            col(&format!(
+                r#"{{"type":"string","optional":true,"name":"cdclake.Numeric"{params}}}"#
+            ))
+        };
+        // The same Delta type as Debezium's `Decimal` gave a lake before.
+        assert_eq!(
+            numeric(r#","parameters":{"precision":"10","scale":"3"}"#).arrow(),
+            DataType::Decimal128(10, 3)
+        );
+        // Unconstrained, and wider than Decimal128: the exact text.
+        assert_eq!(numeric("").arrow(), DataType::Utf8);
+        assert_eq!(
+            numeric(r#","parameters":{"precision":"40","scale":"5"}"#).arrow(),
+            DataType::Utf8
+        );
+        assert_eq!(
+            col(r#"{"type":"string","name":"cdclake.Bits","parameters":{"length":"16"}}"#).arrow(),
+            DataType::Utf8
         );
     }
 

@@ -27,6 +27,7 @@ pub const COMMIT_DURATION: &str = "cdc_sink_commit_duration_seconds";
 pub const FLUSHES: &str = "cdc_sink_flushes_total";
 pub const QUARANTINED: &str = "cdc_sink_quarantined_total";
 pub const TOMBSTONES: &str = "cdc_sink_tombstones_total";
+pub const NULL_IN_REQUIRED: &str = "cdc_sink_null_in_not_null_column_total";
 pub const FENCED: &str = "cdc_sink_fenced_total";
 pub const RETRIES: &str = "cdc_sink_retries_total";
 pub const GIVE_UPS: &str = "cdc_sink_give_ups_total";
@@ -81,6 +82,10 @@ fn describe() {
         "Messages that are not change events, written to _quarantine/"
     );
     describe_counter!(TOMBSTONES, "Kafka tombstones skipped");
+    describe_counter!(
+        NULL_IN_REQUIRED,
+        "Rows whose NOT NULL column arrived NULL (a value lost before the sink), by table and column"
+    );
     describe_counter!(
         FENCED,
         "Writes dropped because another writer had advanced the partition"

@@ -15,6 +15,11 @@
  *    zeros ('1011' and '00001011' give the same byte). Here it is the bit
  *    string itself ("00001011"), named `cdclake.Bits`, declared length kept.
  *
+ * Every schema here is optional: a delete under REPLICA IDENTITY DEFAULT
+ * carries only the key, and a required schema would make Connect fail the
+ * task on the NULL of any other column. A NOT NULL column says so in the
+ * parameter `not_null`, which the sink reads as Connect's `optional`.
+ *
  * Everything else is left to Debezium. bit(1) stays a boolean, as Debezium
  * sends it. timetz cannot be helped here: while streaming, Debezium hands
  * converters an OffsetTime already moved to UTC.
@@ -52,27 +57,25 @@ public class ExactValueConverter implements CustomConverter<SchemaBuilder, Relat
         String type = column.typeName().toLowerCase();
         int jdbc = column.jdbcType();
         if (jdbc == Types.NUMERIC || jdbc == Types.DECIMAL) {
-            SchemaBuilder schema = numericSchema(column);
-            if (column.isOptional()) {
-                schema.optional();
-            }
-            registration.register(schema, ExactValueConverter::numericText);
+            registration.register(column(numericSchema(column), column), ExactValueConverter::numericText);
         } else if (type.equals("_numeric") || type.equals("_decimal")) {
             SchemaBuilder schema = SchemaBuilder.array(numericSchema(column).optional().build());
-            if (column.isOptional()) {
-                schema.optional();
-            }
-            registration.register(schema, ExactValueConverter::numericArray);
+            registration.register(column(schema, column), ExactValueConverter::numericArray);
         } else if (type.equals("varbit") || type.equals("bit varying")
                 || (type.equals("bit") && column.length().orElse(1) > 1)) {
             SchemaBuilder schema = SchemaBuilder.string().name(BITS);
             column.length().ifPresent(n -> schema.parameter("length", Integer.toString(n)));
             schema.parameter("varying", Boolean.toString(!type.equals("bit")));
-            if (column.isOptional()) {
-                schema.optional();
-            }
-            registration.register(schema, v -> v == null ? null : v.toString());
+            registration.register(column(schema, column), v -> v == null ? null : v.toString());
         }
+    }
+
+    /** The column's schema: optional, its NOT NULL as a parameter. */
+    private static SchemaBuilder column(SchemaBuilder schema, RelationalColumn column) {
+        if (!column.isOptional()) {
+            schema.parameter("not_null", "true");
+        }
+        return schema.optional();
     }
 
     private static SchemaBuilder numericSchema(RelationalColumn column) {
