@@ -46,18 +46,33 @@ in {
       inherit (plugin) hash;
     };
     dontUnpack = true;
+    # The project's value converter (debezium/converter; the connector JSON
+    # names it in `converters`) is compiled here against the connector's
+    # own jars and Kafka's connect-api, as tests/stack.sh does, into the
+    # connector's directory so Connect loads it with the connector.
+    nativeBuildInputs = [pkgs.jdk17_headless];
+    converterSrc = lib.fileset.toSource {
+      root = ../debezium/converter;
+      fileset = ../debezium/converter/src;
+    };
     installPhase = ''
       runHook preInstall
       mkdir -p $out/share/kafka-connect
       tar -xzf $src -C $out/share/kafka-connect
+      dir=$out/share/kafka-connect/debezium-connector-postgres
+      classes=$(mktemp -d)
+      javac --release 17 -nowarn -d "$classes" \
+        -cp "$(ls $dir/debezium-api-*.jar $dir/debezium-core-*.jar ${pkgs.apacheKafka_4_1}/libs/connect-api-*.jar | paste -sd:)" \
+        $(find $converterSrc -name '*.java')
+      jar cf $dir/cdc-lake-converter.jar -C "$classes" .
       runHook postInstall
     '';
     meta = {
       description = "Debezium PostgreSQL connector, as a Kafka Connect plugin directory";
       homepage = "https://debezium.io";
       license = lib.licenses.asl20;
-      # Jars from Maven Central, not built here.
-      sourceProvenance = [lib.sourceTypes.binaryBytecode];
+      # The connector's jars from Maven Central; the converter built here.
+      sourceProvenance = [lib.sourceTypes.binaryBytecode lib.sourceTypes.fromSource];
       platforms = lib.platforms.all;
     };
   };
