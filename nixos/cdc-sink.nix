@@ -48,7 +48,7 @@ in {
         flush.max_age_ms = 10000;
       };
       description = ''
-        cdc-sink configuration, rendered to TOML (see the README for every
+        cdc-sink configuration, rendered to TOML (see docs/operations.md for every
         key). Checked with `cdc-sink --check-config` at build time. Never put
         the S3 secret here: use {option}`services.cdc-sink.secretAccessKeyFile`.
       '';

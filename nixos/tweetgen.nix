@@ -41,7 +41,7 @@ in {
         };
       };
       description = ''
-        tweetgen configuration, rendered to TOML (see the README for every
+        tweetgen configuration, rendered to TOML (see docs/operations.md for every
         key). Checked with `tweetgen --check-config` at build time. Never put
         the password here: use {option}`services.tweetgen.passwordFile`.
       '';

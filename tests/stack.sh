@@ -25,7 +25,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KAFKA_VERSION=4.1.1
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 # The Go module proxy here serves this MinIO commit (2026-02-12); the pinned
-# RELEASE.2025-10-15T17-29-55Z pseudo-version is refused by it. See README.
+# RELEASE.2025-10-15T17-29-55Z pseudo-version is refused by it. See docs/design.md.
 MINIO_MODULE=github.com/minio/minio@v0.0.0-20260212201848-7aac2a2c5b7c
 
 CACHE=${CDC_LAKE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake}
@@ -51,7 +51,7 @@ MINIO_PASSWORD=cdclake-demo-password
 BUCKET=${LAKE_BUCKET:-lake}
 CONNECTOR=twitter-postgres
 
-# The one list of captured tables (README, "Capture another table"). The
+# The one list of captured tables (docs/operations.md, "Capture another table"). The
 # override lets a test capture a table of its own without editing the repo.
 CAPTURED_TABLES=${CDC_LAKE_CAPTURED_TABLES_FILE:-$ROOT/db/captured-tables}
 

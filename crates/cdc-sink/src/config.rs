@@ -219,7 +219,7 @@ impl Default for SinkConfig {
                 // the Parquet encoder take about twice that at a flush. With
                 // commits pipelined, 4 MiB segments and 16 MiB in all drain
                 // as fast as 8 and 32 MiB, at some 40 MiB less peak RSS
-                // (README, Measured).
+                // (docs/benchmarks.md).
                 max_bytes: 4 * 1024 * 1024,
                 max_age_ms: 10_000,
                 max_buffered_bytes: 16 * 1024 * 1024,

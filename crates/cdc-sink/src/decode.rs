@@ -558,7 +558,7 @@ const PG_TIMESTAMP_INFINITY: i64 = 9_223_372_036_825_200_000;
 const PG_TIMESTAMP_NEG_INFINITY: i64 = -9_223_372_036_832_400_000;
 /// Where `infinity` and `-infinity` land: the largest and smallest
 /// timestamps every Delta reader accepts (9999-12-31T23:59:59.999999 and
-/// 0001-01-01T00:00:00), documented in the README.
+/// 0001-01-01T00:00:00), documented in docs/design.md (Types).
 pub const TIMESTAMP_INFINITY_MICROS: i64 = 253_402_300_799_999_999;
 pub const TIMESTAMP_NEG_INFINITY_MICROS: i64 = -62_135_596_800_000_000;
 

@@ -48,7 +48,7 @@ pub enum SchemaError {
 ///
 /// Delta Lake has no TIME and no INTERVAL type and decimals stop at 38
 /// digits, so a few kinds land as a neighbouring type every reader knows;
-/// the README lists each choice.
+/// docs/design.md (Types) lists each choice.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColumnType {
     Bool,

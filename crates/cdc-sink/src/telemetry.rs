@@ -1,5 +1,5 @@
 //! What the sink reports to operators: the metrics of the pipeline's
-//! metrics contract (README, Monitoring), served with `/healthz` and
+//! metrics contract (docs/operations.md, Metrics), served with `/healthz` and
 //! `/readyz` on `metrics.listen` by `cdc-telemetry`.
 //!
 //! Per-message counters are handles registered once per table and kept in
