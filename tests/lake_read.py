@@ -3,8 +3,10 @@
     lake_read.py rows   --reader deltalake|duckdb --prefix P TABLE...
     lake_read.py state  --prefix P [--app-id ID]... TABLE...
     lake_read.py latest --prefix P --key COL [--key COL]... [--sql] TABLE
+    lake_read.py schema --prefix P TABLE...
 
-`latest` runs, in DuckDB, the query that gives the latest state of each
+`schema` prints each table's columns and their Arrow types as the
+`deltalake` reader sees them. `latest` runs, in DuckDB, the query that gives the latest state of each
 key (see `latest_state_sql`) and prints its rows like `rows` does; with
 --sql it prints the query instead.
 
@@ -200,6 +202,12 @@ def rows(args):
             )
 
 
+def schema(args):
+    for table in args.tables:
+        t = read_deltalake(args.prefix, table)
+        print(json.dumps({"table": table, "fields": {f.name: str(f.type) for f in t.schema}}))
+
+
 def state(args):
     from deltalake import DeltaTable
 
@@ -219,7 +227,7 @@ def state(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["rows", "state", "latest"])
+    p.add_argument("command", choices=["rows", "state", "latest", "schema"])
     p.add_argument("--key", action="append", default=[], help="key columns, for latest")
     p.add_argument("--sql", action="store_true", help="latest: print the query only")
     p.add_argument("--reader", default="deltalake", choices=["deltalake", "duckdb"])
@@ -227,7 +235,7 @@ def main():
     p.add_argument("--app-id", action="append", default=[], help="txn app ids to report")
     p.add_argument("tables", nargs="+")
     args = p.parse_args()
-    {"rows": rows, "state": state, "latest": latest}[args.command](args)
+    {"rows": rows, "state": state, "latest": latest, "schema": schema}[args.command](args)
 
 
 if __name__ == "__main__":

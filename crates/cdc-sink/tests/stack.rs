@@ -499,6 +499,13 @@ fn lake_rows(reader: &str, prefix: &str, tables: &[&str]) -> Vec<LakeRow> {
         .collect()
 }
 
+/// Each column of `table` and its Arrow type as the `deltalake` reader
+/// sees it (`tests/lake_read.py schema`).
+fn lake_schema(prefix: &str, table: &str) -> BTreeMap<String, String> {
+    let out = lake_read(&["schema", "--prefix", prefix, table]);
+    serde_json::from_value(out[0]["fields"].clone()).unwrap()
+}
+
 /// The latest state of each key of `table` as the shipped query computes
 /// it in DuckDB (`tests/lake_read.py latest`).
 fn latest_by_query(
@@ -1306,6 +1313,229 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
     }
 }
 
+/// A database of a test's own, captured by a connector of its own (the
+/// project's connector JSON with this database's names): what a test of
+/// value types needs without touching the demo tables.
+struct OwnCapture {
+    db: String,
+    connector: String,
+    config: Value,
+}
+
+impl OwnCapture {
+    /// Creates database `db` with `ddl` (which must create `table`), a
+    /// publication for it, and registers the connector, leaving out the
+    /// connector keys in `without`. Returns once the replication slot
+    /// exists: every later change reaches Kafka.
+    async fn start(db: &str, table: &str, ddl: &str, without: &[&str]) -> OwnCapture {
+        OwnCapture::sql("postgres", &format!("CREATE DATABASE {db}"));
+        OwnCapture::sql(
+            db,
+            &format!(
+                "{ddl}; GRANT SELECT ON {table} TO debezium; CREATE PUBLICATION {db}_pub FOR TABLE {table};"
+            ),
+        );
+        OwnCapture::sql(
+            "postgres",
+            &format!("GRANT CONNECT ON DATABASE {db} TO debezium"),
+        );
+        let mut config: Value =
+            serde_json::from_str(include_str!("../../../debezium/twitter-postgres.json")).unwrap();
+        for (k, v) in [
+            ("database.dbname", db),
+            ("database.port", &env("PGPORT")),
+            ("topic.prefix", db),
+            ("table.include.list", &format!("public.{table}")),
+            ("publication.name", &format!("{db}_pub")),
+            ("slot.name", db),
+            ("snapshot.mode", "initial"),
+            ("transforms.route.regex", &format!("{db}\\.public\\.(.*)")),
+            ("transforms.route.replacement", &format!("{db}.$1")),
+        ] {
+            config[k] = v.into();
+        }
+        for k in without {
+            config.as_object_mut().unwrap().remove(*k);
+        }
+        let capture = OwnCapture {
+            db: db.to_string(),
+            connector: format!("{db}-postgres"),
+            config,
+        };
+        capture.put_config();
+        capture.wait_state("RUNNING").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while capture.slot_count() == 0 {
+            assert!(Instant::now() < deadline, "slot {db} never appeared");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        capture
+    }
+
+    /// Runs `sql` as the superuser in database `db`.
+    fn sql(db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
+            .args(["-p", &env("PGPORT"), "-U", "postgres", "-d", db, "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn slot_count(&self) -> usize {
+        OwnCapture::sql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+                self.db
+            ),
+        )
+        .parse()
+        .unwrap()
+    }
+
+    /// Kafka Connect's REST API.
+    fn connect(method: &str, path: &str, body: Option<&Value>) -> std::process::Output {
+        let mut c = Command::new("curl");
+        c.args(["-fsS", "-X", method, "-H", "Content-Type: application/json"]);
+        if let Some(b) = body {
+            c.args(["--data", &b.to_string()]);
+        }
+        c.arg(format!("{}{path}", env("STACK_CONNECT_URL")))
+            .output()
+            .unwrap()
+    }
+
+    fn put_config(&self) {
+        let out = OwnCapture::connect(
+            "PUT",
+            &format!("/connectors/{}/config", self.connector),
+            Some(&self.config),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until the connector and all its tasks are in `state` (no task
+    /// at all for STOPPED).
+    async fn wait_state(&self, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = OwnCapture::connect(
+                "GET",
+                &format!("/connectors/{}/status", self.connector),
+                None,
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+            let done = v["connector"]["state"] == state
+                && if state == "STOPPED" {
+                    tasks.is_empty()
+                } else {
+                    !tasks.is_empty() && tasks.iter().all(|t| t["state"] == state)
+                };
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "connector {} never {state}: {v}",
+                self.connector
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Stops the connector (no task runs; changes wait in the slot).
+    async fn stop(&self) {
+        let path = format!("/connectors/{}/stop", self.connector);
+        assert!(OwnCapture::connect("PUT", &path, None).status.success());
+        self.wait_state("STOPPED").await;
+    }
+
+    /// Puts the configuration as it now is and resumes a stopped connector.
+    async fn reconfigure_and_resume(&self) {
+        self.put_config();
+        let path = format!("/connectors/{}/resume", self.connector);
+        assert!(OwnCapture::connect("PUT", &path, None).status.success());
+        self.wait_state("RUNNING").await;
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let conn = format!(
+            "host={} port={} dbname={} user=postgres",
+            env("STACK_PG_SUPERUSER_SOCKET"),
+            env("PGPORT"),
+            self.db
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("SET intervalstyle = iso_8601")
+            .await
+            .unwrap();
+        client
+    }
+}
+
+/// Removes the connector, its slot (it would hold WAL for ever) and the
+/// database, also when the test panicked.
+impl Drop for OwnCapture {
+    fn drop(&mut self) {
+        let _ = OwnCapture::connect("DELETE", &format!("/connectors/{}", self.connector), None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The slot can be dropped once the task has let go of it.
+        let drop_slot = format!(
+            "SELECT pg_drop_replication_slot('{0}') FROM pg_replication_slots \
+             WHERE slot_name = '{0}' AND NOT active",
+            self.db
+        );
+        while self.slot_count() > 0 {
+            OwnCapture::sql("postgres", &drop_slot);
+            if Instant::now() > deadline {
+                eprintln!("could not drop slot {}", self.db);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        OwnCapture::sql(
+            "postgres",
+            &format!("DROP DATABASE {} WITH (FORCE)", self.db),
+        );
+    }
+}
+
+/// Polls the lake (the `deltalake` reader) until `table` holds `n` change
+/// rows; panics with the sink's log past the deadline.
+async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize) -> Vec<LakeRow> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if !parquet_objects(prefix, table).await.is_empty() {
+            let rows = lake_rows("deltalake", prefix, &[table]);
+            if rows.len() >= n {
+                return rows;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table}: {n} changes never landed:\n{}",
+            sink.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A PostgreSQL table with every kind of value (NaN and ±Infinity in floats
 /// and numerics, scalars, arrays and a domain; numeric wider than 38
 /// digits; bit strings with leading zeros; timetz with an offset; money,
@@ -1320,88 +1550,101 @@ async fn special_values_round_trip_and_their_deletes_land() {
     let db = format!("zoo{run}");
     let prefix = format!("z-{run}");
     let group = format!("z-{run}");
-    let connector = format!("zoo-{run}");
-    let su = |sql: &str, db: &str| {
-        let out = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
-            .args(["-p", &env("PGPORT"), "-U", "postgres", "-d", db, "-c", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    su(&format!("CREATE DATABASE {db}"), "postgres");
-    su(
-        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN price AS numeric(12,2);
+    let capture = OwnCapture::start(&db, "zoo", CREATE_SQL, &[]).await;
+    OwnCapture::sql(&db, INSERT_SQL);
+    let sink = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
+    );
+    let mut rows = wait_lake_rows(&sink, &prefix, "zoo", 8).await;
+    terminate(sink);
+    assert_eq!(rows.len(), 8, "3 inserts, 4 updates, 1 delete");
+    offsets_once(&rows);
+    let zoo_pg = capture.client().await;
+    let state = latest_state(&mut rows);
+    assert_eq!(
+        state.get("2"),
+        Some(&None),
+        "the deleted NaN row is gone from the latest state"
+    );
+    assert_latest_state_matches(&zoo_pg, "zoo", &mut rows).await;
+    let mut duck = lake_rows("duckdb", &prefix, &["zoo"]);
+    assert_eq!(duck.len(), 8, "the same rows through DuckDB");
+    assert_latest_state_matches(&zoo_pg, "zoo", &mut duck).await;
+    drop(zoo_pg);
+    drop(capture);
+}
+
+/// A table whose lake was written before the value converter (Debezium's
+/// own `Decimal` and `Bits`) keeps working when the connector gains it:
+/// the decimal column keeps its type, a NaN lands in `<name>__string`
+/// beside it, a bit string lands as text beside the old binary column, and
+/// the latest state equals PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lake_written_before_the_converter_keeps_its_column_types() {
+    let run = unique();
+    let db = format!("mig{run}");
+    let prefix = format!("mig-{run}");
+    let group = format!("mig-{run}");
+    let mut capture = OwnCapture::start(
+        &db,
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, n numeric(10,3), b4 bit(4), amounts numeric(6,2)[]);
+         INSERT INTO t VALUES (1, 12.5, B'0101', '{1.25}')",
+        &["converters", "exact.type"],
+    )
+    .await;
+    let sink = spawn_sink(
+        &prefix,
+        &group,
+        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
+    );
+    wait_lake_rows(&sink, &prefix, "t", 1).await;
+    let before = lake_schema(&prefix, "t");
+    assert_eq!(before["n"], "decimal128(10, 3)");
+    assert_eq!(before["b4"], "binary", "Debezium's Bits bytes");
+
+    // Changes made while the connector is stopped are read by the
+    // reconfigured one: every one of them through the converter.
+    capture.stop().await;
+    OwnCapture::sql(
+        &db,
+        "INSERT INTO t VALUES (2, 'NaN', B'0011', '{NaN,2}');
+         UPDATE t SET n = 7.25 WHERE id = 1;",
+    );
+    capture.config["converters"] = "exact".into();
+    capture.config["exact.type"] = "io.cdclake.debezium.ExactValueConverter".into();
+    capture.reconfigure_and_resume().await;
+    let mut rows = wait_lake_rows(&sink, &prefix, "t", 3).await;
+    terminate(sink);
+    assert_eq!(rows.len(), 3, "a snapshot read, an insert, an update");
+
+    let after = lake_schema(&prefix, "t");
+    assert_eq!(after["n"], "decimal128(10, 3)", "the column keeps its type");
+    assert_eq!(after["n__string"], "string");
+    assert_eq!(after["b4"], "binary");
+    assert_eq!(after["b4__string"], "string");
+    assert_eq!(after["amounts"], "list<element: decimal128(6, 2)>");
+    assert_eq!(after["amounts__string"], "list<element: string>");
+    let pg = capture.client().await;
+    assert_latest_state_matches(&pg, "t", &mut rows).await;
+    let nan = rows.iter().find(|r| r.key() == "2").unwrap();
+    assert_eq!(nan.values["n"], None, "the decimal is NULL for a NaN");
+    assert_eq!(nan.values["n__string"].as_deref(), Some("NaN"));
+    drop(pg);
+    drop(capture);
+}
+
+const CREATE_SQL: &str =
+    "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN price AS numeric(12,2);
          CREATE TABLE zoo (id bigint PRIMARY KEY, r real, d double precision, n numeric(10,3), \
          t text, ts timestamptz, lts timestamp, dur interval, j jsonb, u uuid, b bytea, \
          tags text[], nums integer[], wide numeric(40,5), free numeric, free_arr numeric[], \
          amounts numeric(6,2)[], vb bit varying(16), b4 bit(4), tz timetz, cash money, \
          feeling mood, cost price, span int4range);
-         GRANT SELECT ON zoo TO debezium; CREATE PUBLICATION zoo_pub FOR TABLE zoo;",
-        &db,
-    );
-    su(
-        &format!("GRANT CONNECT ON DATABASE {db} TO debezium"),
-        "postgres",
-    );
-    let mut config: Value =
-        serde_json::from_str(include_str!("../../../debezium/twitter-postgres.json")).unwrap();
-    for (k, v) in [
-        ("database.dbname", db.as_str()),
-        ("database.port", &env("PGPORT")),
-        ("topic.prefix", db.as_str()),
-        ("table.include.list", "public.zoo"),
-        ("publication.name", "zoo_pub"),
-        ("slot.name", db.as_str()),
-        ("snapshot.mode", "no_data"),
-        ("transforms.route.regex", &format!("{db}\\.public\\.(.*)")),
-        ("transforms.route.replacement", &format!("{db}.$1")),
-    ] {
-        config[k] = v.into();
-    }
-    let connect = env("STACK_CONNECT_URL");
-    let http = |method: &str, path: &str, body: Option<&Value>| {
-        let mut c = Command::new("curl");
-        c.args(["-fsS", "-X", method, "-H", "Content-Type: application/json"]);
-        if let Some(b) = body {
-            c.args(["--data", &b.to_string()]);
-        }
-        c.arg(format!("{connect}{path}")).output().unwrap()
-    };
-    assert!(
-        http(
-            "PUT",
-            &format!("/connectors/{connector}/config"),
-            Some(&config)
-        )
-        .status
-        .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let out = http("GET", &format!("/connectors/{connector}/status"), None);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if v["tasks"]
-            .as_array()
-            .is_some_and(|t| !t.is_empty() && t.iter().all(|t| t["state"] == "RUNNING"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connector {connector} never ran: {v}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    // Debezium starts streaming a moment after the task reports RUNNING.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    su(
-        "INSERT INTO zoo VALUES
+         GRANT SELECT ON zoo TO debezium; CREATE PUBLICATION zoo_pub FOR TABLE zoo;";
+const INSERT_SQL: &str = "INSERT INTO zoo VALUES
            (1, 1.5, -2.25e5, 12345.678, 'héllo', '2024-02-29 13:14:15.654321+02', '2024-02-29 13:14:15.654321',
             '1 year 2 months 3 days 04:05:06.789', '{\"k\": [1, {\"x\": null}]}', '6f1c2a8e-2b1d-4f6e-9a51-0c7d3e5b9f10',
             '\\xdeadbeef', '{\"a\",\"b,c\",\"日本\"}', '{1,2,3}',
@@ -1417,94 +1660,7 @@ async fn special_values_round_trip_and_their_deletes_land() {
          UPDATE zoo SET n = 'NaN', amounts = '{NaN,2}', vb = B'0', wide = 'NaN', free = 'Infinity',
                         tz = '01:02:03-03:30', cost = 'NaN' WHERE id = 1;
          UPDATE zoo SET n = 7.5, amounts = '{0.01}', cost = 99.99, wide = 0.00001 WHERE id = 3;
-         DELETE FROM zoo WHERE id = 2;",
-        &db,
-    );
-    let sink = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
-    );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut rows = loop {
-        if !parquet_objects(&prefix, "zoo").await.is_empty() {
-            let rows = lake_rows("deltalake", &prefix, &["zoo"]);
-            if rows.len() >= 8 {
-                break rows;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "zoo changes never landed:\n{}",
-            sink.log_text()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    terminate(sink);
-    let _ = http("DELETE", &format!("/connectors/{connector}"), None);
-    assert_eq!(rows.len(), 8, "3 inserts, 4 updates, 1 delete");
-    offsets_once(&rows);
-    let conn = format!(
-        "host={} port={} dbname={db} user=postgres",
-        env("STACK_PG_SUPERUSER_SOCKET"),
-        env("PGPORT")
-    );
-    let (zoo_pg, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    zoo_pg
-        .batch_execute("SET intervalstyle = iso_8601")
-        .await
-        .unwrap();
-    let state = latest_state(&mut rows);
-    assert_eq!(
-        state.get("2"),
-        Some(&None),
-        "the deleted NaN row is gone from the latest state"
-    );
-    assert_latest_state_matches(&zoo_pg, "zoo", &mut rows).await;
-    let mut duck = lake_rows("duckdb", &prefix, &["zoo"]);
-    assert_eq!(duck.len(), 8, "the same rows through DuckDB");
-    assert_latest_state_matches(&zoo_pg, "zoo", &mut duck).await;
-    drop(zoo_pg);
-    // The slot must go, or it would hold WAL for ever.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new("psql")
-            .args(["-X", "-q", "-h"])
-            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
-            .args(["-p", &env("PGPORT"), "-U", "postgres", "-d", "postgres", "-c"])
-            .arg(format!(
-                "SELECT pg_drop_replication_slot('{db}') FROM pg_replication_slots WHERE slot_name = '{db}' AND NOT active"
-            ))
-            .output()
-            .unwrap();
-        let gone = Command::new("psql")
-            .args(["-X", "-tA", "-h"])
-            .arg(env("STACK_PG_SUPERUSER_SOCKET"))
-            .args([
-                "-p",
-                &env("PGPORT"),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-            ])
-            .arg(format!(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{db}'"
-            ))
-            .output()
-            .unwrap();
-        if out.status.success() && String::from_utf8_lossy(&gone.stdout).trim() == "0" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "could not drop slot {db}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    su(&format!("DROP DATABASE {db} WITH (FORCE)"), "postgres");
-}
+         DELETE FROM zoo WHERE id = 2;";
 
 /// Runs the sink until it exits on its own; panics if it is still running
 /// after `limit`.
