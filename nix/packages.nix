@@ -30,6 +30,8 @@ in {
     # The default feature `stack-tests` enables the tests that need the live
     # stack; the sandbox has none, so only the unit tests run here.
     buildNoDefaultFeatures = true;
+    # The benchmarks' tool (crates/bench-tools) is not part of the services.
+    cargoBuildFlags = ["--workspace" "--exclude" "cdc-bench-tools"];
     checkNoDefaultFeatures = true;
     meta = {
       description = "Change data capture from PostgreSQL to Delta Lake tables on S3 (tweetgen, cdc-sink)";

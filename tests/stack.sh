@@ -62,6 +62,25 @@ MINIO=$CACHE/bin/minio
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 
+# Stages that took a second or more, for the summary at the end.
+STAGES=()
+timed() { # timed LABEL COMMAND...: runs it; a line when it took time
+  local label=$1 t0 took
+  shift
+  t0=$(date +%s)
+  "$@"
+  took=$(($(date +%s) - t0))
+  if [ "$took" -gt 0 ]; then
+    log "$label: ${took}s"
+    STAGES+=("$(printf '%-34s %5ss' "$label" "$took")")
+  fi
+}
+summary() {
+  [ ${#STAGES[@]} -gt 0 ] || return 0
+  log "stage times:"
+  printf '[stack]   %s\n' "${STAGES[@]}" >&2
+}
+
 check_prereqs() {
   # Installs missing Debian packages when root, otherwise names them.
   bash "$ROOT/tests/prereqs.sh" || die "prerequisites missing (see above)"
@@ -138,12 +157,16 @@ install_minio() {
 }
 
 cmd_install() {
-  check_prereqs
+  timed "prerequisites (apt)" check_prereqs
+  install_servers
+}
+
+install_servers() {
   mkdir -p "$CACHE/downloads" "$CACHE/bin"
-  install_kafka
-  install_debezium
-  install_converter
-  install_minio
+  timed "Kafka jars (Maven Central)" install_kafka
+  timed "Debezium plugin (Maven Central)" install_debezium
+  timed "value converter (javac)" install_converter
+  timed "MinIO (go install)" install_minio
 }
 
 # -------------------------------------------------------------- lifecycle ---
@@ -458,11 +481,15 @@ start_minio() {
 
 cmd_up() {
   cmd_install
+  start_servers
+}
+
+start_servers() {
   mkdir -p "$STATE/run" "$STATE/logs"
-  start_postgres
-  start_minio
-  start_kafka
-  start_connect
+  timed "PostgreSQL start" start_postgres
+  timed "MinIO start" start_minio
+  timed "Kafka start" start_kafka
+  timed "Connect start and connector" start_connect
   log "stack is up (state in $STATE)"
   cmd_status
 }
@@ -479,11 +506,30 @@ cmd_capture() {
 }
 
 cmd_pipeline() {
-  cmd_up
-  log "building tweetgen and cdc-sink (release)"
-  local target=${CARGO_TARGET_DIR:-$CACHE/target}
-  (cd "$ROOT" && CARGO_TARGET_DIR=$target cargo build --release --locked -q) \
-    || die "cargo build failed"
+  local target=${CARGO_TARGET_DIR:-$CACHE/target} build_log=$CACHE/pipeline-build.log
+  local started build_pid
+  started=$(date +%s)
+  # The release build needs the prerequisites (headers, cmake) and then
+  # only crates.io and the CPU: it runs while the servers are fetched,
+  # built and started, instead of after them.
+  timed "prerequisites (apt)" check_prereqs
+  mkdir -p "$CACHE"
+  log "building tweetgen and cdc-sink (release) in the background: $build_log"
+  (cd "$ROOT" && CARGO_TARGET_DIR=$target cargo build --release --locked) >"$build_log" 2>&1 &
+  build_pid=$!
+  install_servers
+  start_servers
+  local waited=$(date +%s) last=0 n
+  while kill -0 "$build_pid" 2>/dev/null; do
+    n=$(grep -c '^ *Compiling' "$build_log" || true)
+    if [ $(($(date +%s) - last)) -ge 30 ]; then
+      log "waiting for the release build: $n crates compiled so far"
+      last=$(date +%s)
+    fi
+    sleep 2
+  done
+  wait "$build_pid" || { tail -n 30 "$build_log" >&2; die "cargo build failed (log: $build_log)"; }
+  STAGES+=("$(printf '%-34s %5ss' "release build (after the stack)" "$(($(date +%s) - waited))")")
   eval "$(cmd_env)"
   local name
   for name in tweetgen cdc-sink; do
@@ -496,6 +542,8 @@ cmd_pipeline() {
     fi
   done
   log "pipeline running: rows flow from PostgreSQL to s3://$BUCKET (logs in $STATE/logs)"
+  STAGES+=("$(printf '%-34s %5ss' "pipeline, in all" "$(($(date +%s) - started))")")
+  summary
   cmd_status
 }
 
@@ -564,8 +612,8 @@ EOF
 }
 
 case ${1:-} in
-  install) cmd_install ;;
-  up) cmd_up ;;
+  install) cmd_install; summary ;;
+  up) cmd_up; summary ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;

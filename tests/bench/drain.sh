@@ -17,8 +17,13 @@ cd "$(dirname "$0")/../.."
 events=${1:-1000000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
 cargo build --release --locked -q
-cargo build --release --locked -q -p cdc-sink --example committed
 eval "$(bash tests/stack.sh env)"
+# A running pipeline (tests/stack.sh pipeline) would write and read while
+# this measures, and its tweetgen holds the metrics port.
+if bash tests/stack.sh status 2>/dev/null | grep -Eq '^(tweetgen|cdc-sink) +(up|start)'; then
+  echo "stopping the stack's tweetgen and cdc-sink for the benchmark (tests/stack.sh pipeline starts them again)"
+  bash tests/stack.sh stop-pipeline
+fi
 topic=twitter.tweets
 total() { # sum of high watermarks of $topic
   for p in 0 1 2; do
@@ -34,7 +39,9 @@ if [ "$before" -lt "$events" ]; then
   # this topic holds enough, waiting for Debezium to catch up in between.
   while [ "$(total)" -lt "$events" ]; do
     need=$((events - $(total)))
-    "$CARGO_TARGET_DIR/release/tweetgen" --rate 0 --load-method copy --batches $(((need + 2499) / 2500)) >/dev/null 2>&1
+    TWEETGEN_METRICS__LISTEN= "$CARGO_TARGET_DIR/release/tweetgen" --rate 0 --load-method copy \
+      --batches $(((need + 2499) / 2500)) >/tmp/drain-fill.log 2>&1 \
+      || { echo "the fill's tweetgen failed (full log: /tmp/drain-fill.log):"; tail -20 /tmp/drain-fill.log; exit 1; }
     last=-1
     while [ "$(total)" -ne "$last" ]; do last=$(total); sleep 5; done
   done
@@ -61,7 +68,7 @@ peak=0
 while :; do
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
   [ "${hwm:-0}" -gt "$peak" ] && peak=$hwm
-  committed=$("$CARGO_TARGET_DIR/release/examples/committed" "$CDC_SINK_KAFKA__BROKERS" "$run" "$topic" 2>/dev/null || echo 0)
+  committed=$("$CARGO_TARGET_DIR/release/committed" "$CDC_SINK_KAFKA__BROKERS" "$run" "$topic" 2>/dev/null || echo 0)
   [ "$committed" -ge "$target" ] && break
   kill -0 $pid 2>/dev/null || { echo "sink died:"; tail -20 "/tmp/$run.log"; exit 1; }
   sleep 1

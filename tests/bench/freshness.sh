@@ -55,7 +55,6 @@ case $age in
 esac
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
 cargo build --release --locked -q
-cargo build --release --locked -q -p cdc-sink --example committed
 py=$(bash tests/readers.sh)
 eval "$(bash tests/stack.sh env)"
 broker=$CDC_SINK_KAFKA__BROKERS
@@ -120,7 +119,7 @@ echo "$now" >"$work/end.csv"
 deadline=$(($(date +%s) + age_ms / 1000 + 120))
 for t in $(cut -d, -f1 "$work/end.csv" | sort -u); do
   want=$(awk -F, -v t="$t" '$1 == t {s += $3} END {print s + 0}' "$work/end.csv")
-  until [ "$("$CARGO_TARGET_DIR/release/examples/committed" "$broker" "$run" "$t" 2>/dev/null || echo 0)" -ge "$want" ]; do
+  until [ "$("$CARGO_TARGET_DIR/release/committed" "$broker" "$run" "$t" 2>/dev/null || echo 0)" -ge "$want" ]; do
     kill -0 "$sink_pid" 2>/dev/null || { echo "sink died:" >&2; tail -20 "$work/sink.log" >&2; exit 1; }
     [ "$(date +%s)" -lt "$deadline" ] || { echo "the sink did not commit $t up to $want in time" >&2; exit 1; }
     sleep 1

@@ -26,7 +26,6 @@ secs=${1:-300}
 rate=${2:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
 cargo build --release --locked -q
-cargo build --release --locked -q -p cdc-sink --example committed
 eval "$(bash tests/stack.sh env)"
 export PGPASSWORD=$TWEETGEN_DATABASE__PASSWORD PGUSER=tweetgen
 export TWEETGEN_METRICS__LISTEN=
@@ -45,7 +44,7 @@ published() { # sum of the twitter.* topics' high watermarks
 }
 committed() {
   for t in "${topics[@]}"; do
-    "$CARGO_TARGET_DIR/release/examples/committed" "$CDC_SINK_KAFKA__BROKERS" "$run" "$t" 2>/dev/null || echo 0
+    "$CARGO_TARGET_DIR/release/committed" "$CDC_SINK_KAFKA__BROKERS" "$run" "$t" 2>/dev/null || echo 0
   done | awk '{s += $1} END {print s + 0}'
 }
 ticks() { # utime + stime of the given pids and of their exited children, in clock ticks
@@ -63,7 +62,7 @@ pids_of() { # a stack service's main pid and its children
 run=sustained-$(date +%s)
 # The group starts at the current end: only this run's events count.
 for t in "${topics[@]}"; do
-  "$CARGO_TARGET_DIR/release/examples/committed" --to-end "$CDC_SINK_KAFKA__BROKERS" "$run" "$t" >/dev/null
+  "$CARGO_TARGET_DIR/release/committed" --to-end "$CDC_SINK_KAFKA__BROKERS" "$run" "$t" >/dev/null
 done
 export CDC_SINK_KAFKA__GROUP_ID=$run CDC_SINK_OUTPUT__PREFIX=$run CDC_SINK_METRICS__LISTEN=
 "$CARGO_TARGET_DIR/release/cdc-sink" >"/tmp/$run.sink.log" 2>&1 &

@@ -2,7 +2,7 @@
 //! partitions. Used by tests/bench/drain.sh to see when a drain is done
 //! without starting a JVM every second.
 //!
-//! `committed BROKERS GROUP TOPIC`
+//! `committed BROKERS GROUP TOPIC` (built by `cargo build --release`)
 //!
 //! With `--to-end` it instead commits each partition's current high
 //! watermark for GROUP (a new group then starts at today's end), and prints
