@@ -52,7 +52,7 @@ in {
     # names it in `converters`) is compiled here against the connector's
     # own jars and Kafka's connect-api, as tests/stack.sh does, into the
     # connector's directory so Connect loads it with the connector.
-    nativeBuildInputs = [pkgs.jdk17_headless];
+    nativeBuildInputs = [pkgs.jdk17_headless pkgs.strip-nondeterminism];
     converterSrc = lib.fileset.toSource {
       root = ../debezium/converter;
       fileset = ../debezium/converter/src;
@@ -67,6 +67,8 @@ in {
         -cp "$(ls $dir/debezium-api-*.jar $dir/debezium-core-*.jar ${pkgs.apacheKafka_4_1}/libs/connect-api-*.jar | paste -sd:)" \
         $(find $converterSrc -name '*.java')
       jar cf $dir/cdc-lake-converter.jar -C "$classes" .
+      # JDK 17's jar stamps entries with the build time.
+      strip-nondeterminism --type jar $dir/cdc-lake-converter.jar
       runHook postInstall
     '';
     meta = {

@@ -114,9 +114,15 @@ impl Group {
             self.unchanged.append_null();
         } else {
             for &i in &row.unchanged {
-                self.unchanged
-                    .values()
-                    .append_value(&self.schema.columns[i].name);
+                let column = &self.schema.columns[i];
+                self.unchanged.values().append_value(&column.name);
+                // Its text sibling (NaN and ±Infinity) was not sent either:
+                // a reader carries both from the row's previous version.
+                if column.ty.holds_numeric_text() {
+                    self.unchanged
+                        .values()
+                        .append_value(self.schema.text_sibling(i));
+                }
             }
             self.unchanged.append(true);
         }
@@ -321,6 +327,35 @@ mod tests {
         // A message carries its schema: kilobytes for a row of hundreds.
         assert!(seg.bytes * 3 < raw, "{} decoded vs {raw} raw", seg.bytes);
         assert!(seg.bytes > seg.rows() * 48);
+    }
+
+    /// An unchanged TOASTed `numeric(6,2)[]` (Debezium's placeholder, as
+    /// the converter sends it) lists its text sibling as unchanged too: a
+    /// NaN it held lives there, and a reader must carry it as well.
+    #[test]
+    fn an_unchanged_numeric_column_lists_its_text_sibling() {
+        use arrow::array::{Array, AsArray};
+        let update = crate::decode::tests::EXACT.lines().nth(2).unwrap();
+        let update = update.replace(
+            r#""amounts":["3.50","NaN",null]"#,
+            &format!(r#""amounts":["{}"]"#, crate::decode::UNAVAILABLE),
+        );
+        let mut d = crate::decode::Decoder::new();
+        let Ok(crate::decode::Decoded::Row(row)) = d.decode(Some(update.as_bytes())) else {
+            panic!("not a row");
+        };
+        let mut seg = Segment::new(0);
+        seg.push(&row, 0, 0);
+        let files = seg.into_files().unwrap();
+        let unchanged = files[0]
+            .batch
+            .column_by_name(crate::schema::meta::UNCHANGED)
+            .unwrap()
+            .as_list::<i32>()
+            .value(0);
+        let names: Vec<&str> = unchanged.as_string::<i32>().iter().flatten().collect();
+        assert_eq!(names, ["amounts", "amounts__string"]);
+        assert_eq!(unchanged.len(), 2);
     }
 
     #[test]

@@ -972,7 +972,7 @@ pub(crate) mod tests {
 
     /// Real events through the project's converter (tests/capture-fixtures.sh
     /// exact): a snapshot read, an insert, an update, a delete, a tombstone.
-    const EXACT: &str = include_str!("../tests/fixtures/exact_zoo.jsonl");
+    pub(crate) const EXACT: &str = include_str!("../tests/fixtures/exact_zoo.jsonl");
 
     #[test]
     fn numeric_specials_land_as_text_beside_the_decimal() {
@@ -1053,6 +1053,21 @@ pub(crate) mod tests {
 
     fn rows_of(d: &mut Decoder, corpus: &str) -> Vec<ChangeRow> {
         rows(decode_all(d, corpus))
+    }
+
+    #[test]
+    fn a_sibling_name_the_table_already_has_is_not_reused() {
+        // The snapshot read, as if the table had a column `n__string` of
+        // its own (text, after `n`).
+        let read = EXACT.lines().next().unwrap();
+        let own = r#"{"type":"string","optional":true,"field":"n__string"}"#;
+        let read = read
+            .replacen(r#""field":"n"},"#, &format!(r#""field":"n"}},{own},"#), 2)
+            .replacen(r#""n":"NaN","#, r#""n":"NaN","n__string":"mine","#, 1);
+        let mut d = Decoder::new();
+        let row = rows_of(&mut d, &read).pop().unwrap();
+        assert_eq!(value(&row, "n__string"), &Datum::Str("mine".into()));
+        assert_eq!(value(&row, "n__string_"), &Datum::Str("NaN".into()));
     }
 
     #[test]

@@ -39,7 +39,6 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
-use secrecy::ExposeSecret;
 use url::Url;
 
 use crate::config::{LakeConfig, S3Config};
@@ -279,32 +278,6 @@ pub fn table_of(topic: &str) -> &str {
     topic.rsplit('.').next().unwrap_or(topic)
 }
 
-/// delta-rs storage options for S3 (or MinIO). They hold the secret key,
-/// so they are never logged.
-pub fn storage_options(
-    s3: &S3Config,
-) -> Result<HashMap<String, String>, crate::config::ConfigError> {
-    let mut o = HashMap::from([
-        ("AWS_REGION".to_string(), s3.region.clone()),
-        ("AWS_ACCESS_KEY_ID".to_string(), s3.access_key_id.clone()),
-    ]);
-    if let Some(secret) = s3.resolve_secret()? {
-        o.insert(
-            "AWS_SECRET_ACCESS_KEY".into(),
-            secret.expose_secret().to_string(),
-        );
-    }
-    if !s3.endpoint.is_empty() {
-        o.insert("AWS_ENDPOINT_URL".into(), s3.endpoint.clone());
-        o.insert(
-            "AWS_ALLOW_HTTP".into(),
-            s3.endpoint.starts_with("http://").to_string(),
-        );
-        o.insert("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(), "false".into());
-    }
-    Ok(o)
-}
-
 /// Puts `bytes` in one request, or as a multipart upload when large.
 async fn upload(store: &dyn ObjectStore, path: &Path, bytes: Bytes) -> object_store::Result<()> {
     if bytes.len() < MULTIPART_FROM {
@@ -339,7 +312,8 @@ impl Lake {
             format!("s3://{}/{prefix}/", s3.bucket)
         };
         let root = Url::parse(&root).map_err(|_| LakeError::Location(root.clone()))?;
-        let storage = storage_options(s3).map_err(|e| LakeError::Location(e.to_string()))?;
+        let storage =
+            crate::storage::options(s3).map_err(|e| LakeError::Location(e.to_string()))?;
         Ok(Lake::at(root, storage, group_id, props, lake))
     }
 
@@ -746,9 +720,8 @@ impl Lake {
         props: WriterProperties,
         lake: &LakeConfig,
     ) -> Lake {
-        // s3:// URLs resolve through the handlers deltalake-aws registers;
-        // registering again is harmless.
-        deltalake::aws::register_handlers(None);
+        // s3:// table URLs resolve through the sink's own S3 store.
+        crate::storage::register();
         Lake {
             root,
             storage,

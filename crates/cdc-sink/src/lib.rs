@@ -25,5 +25,6 @@ pub mod quarantine;
 pub mod retry;
 pub mod schema;
 pub mod source;
+pub mod storage;
 pub mod telemetry;
 pub mod upkeep;

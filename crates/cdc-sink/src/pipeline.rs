@@ -30,9 +30,10 @@ use crate::config::{ConfigError, SinkConfig};
 use crate::decode::{Decoded, Decoder};
 use crate::lake::{Lake, LakeError, PartitionWrite, table_of};
 use crate::position::{Admit, Positions, Tp};
-use crate::quarantine::{Quarantine, s3_store};
+use crate::quarantine::Quarantine;
 use crate::retry::{Dependency, with_retry};
 use crate::source::{Rebalance, Rebalances, Source};
+use crate::storage::s3_store;
 use crate::telemetry::{self as t, Meters};
 
 #[derive(Debug, thiserror::Error)]

@@ -6,16 +6,12 @@
 //! the same object.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, S3Config};
 use crate::position::Tp;
 
 /// What is kept of a message that could not be decoded: everything needed
@@ -38,34 +34,6 @@ pub fn quarantine_key(prefix: &Path, tp: &Tp, offset: i64) -> Path {
         .join(tp.topic.as_str())
         .join(format!("p{:03}", tp.partition))
         .join(format!("{offset:020}.json"))
-}
-
-/// The bucket, through object_store, which retries each request with
-/// backoff for up to `retry_for`.
-pub fn s3_store(cfg: &S3Config, retry_for: Duration) -> Result<Arc<dyn ObjectStore>, ConfigError> {
-    let mut b = AmazonS3Builder::new()
-        .with_bucket_name(&cfg.bucket)
-        .with_region(&cfg.region)
-        .with_access_key_id(&cfg.access_key_id)
-        .with_retry(object_store::RetryConfig {
-            max_retries: usize::MAX,
-            retry_timeout: retry_for,
-            backoff: object_store::BackoffConfig::default(),
-        });
-    if let Some(secret) = cfg.resolve_secret()? {
-        b = b.with_secret_access_key(secret.expose_secret());
-    }
-    if !cfg.endpoint.is_empty() {
-        b = b
-            .with_endpoint(&cfg.endpoint)
-            .with_allow_http(cfg.endpoint.starts_with("http://"))
-            .with_virtual_hosted_style_request(false);
-    }
-    let store = b.build().map_err(|e| ConfigError::Invalid {
-        key: "s3",
-        reason: e.to_string(),
-    })?;
-    Ok(Arc::new(store))
 }
 
 pub struct Quarantine {

@@ -369,6 +369,16 @@ impl TableSchema {
         })
     }
 
+    /// The name of column `i`'s text sibling: `<name>__string`, with more
+    /// `_` while the table has a column of that name of its own.
+    pub fn text_sibling(&self, i: usize) -> String {
+        let mut name = format!("{}{TEXT_SIBLING}", self.columns[i].name);
+        while self.columns.iter().any(|c| c.name == name) {
+            name.push('_');
+        }
+        name
+    }
+
     /// This shape plus a text sibling `<name>__string` for each column in
     /// `columns` (indices of `NumericText` columns or lists of them), after
     /// the table's own columns: the shape of rows whose value in those
@@ -379,13 +389,12 @@ impl TableSchema {
     pub fn with_text_siblings(&self, columns: &[usize]) -> TableSchema {
         let mut all = self.columns.clone();
         for &i in columns {
-            let c = &self.columns[i];
-            let ty = match c.ty {
+            let ty = match self.columns[i].ty {
                 ColumnType::List(_) => ColumnType::List(Box::new(ColumnType::Utf8)),
                 _ => ColumnType::Utf8,
             };
             all.push(Column {
-                name: format!("{}{TEXT_SIBLING}", c.name),
+                name: self.text_sibling(i),
                 ty,
                 optional: true,
             });

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, RecordBatch};
 use arrow::util::display::array_value_to_string;
 use cdc_sink::config::{S3Config, SinkConfig};
-use cdc_sink::quarantine::s3_store;
+use cdc_sink::storage::s3_store;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};

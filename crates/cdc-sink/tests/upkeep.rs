@@ -16,7 +16,7 @@ use cdc_sink::config::SinkConfig;
 use cdc_sink::encode::{encode, writer_properties};
 use cdc_sink::lake::{DataFile, Lake, PartitionWrite};
 use cdc_sink::position::Tp;
-use cdc_sink::quarantine::s3_store;
+use cdc_sink::storage::s3_store;
 use cdc_sink::upkeep::{Upkeep, UpkeepOptions};
 use chrono::NaiveDate;
 use deltalake::DeltaTableBuilder;

@@ -20,6 +20,11 @@
  * task on the NULL of any other column. A NOT NULL column says so in the
  * parameter `not_null`, which the sink reads as Connect's `optional`.
  *
+ * An unchanged TOASTed value reaches a converter as Debezium's marker, a
+ * bare java.lang.Object (only Debezium's own converters spell it); it is
+ * sent as Debezium's placeholder text, so the sink lists the column as
+ * unchanged instead of writing a value.
+ *
  * Everything else is left to Debezium. bit(1) stays a boolean, as Debezium
  * sends it. timetz cannot be helped here: while streaming, Debezium hands
  * converters an OffsetTime already moved to UTC.
@@ -66,7 +71,7 @@ public class ExactValueConverter implements CustomConverter<SchemaBuilder, Relat
             SchemaBuilder schema = SchemaBuilder.string().name(BITS);
             column.length().ifPresent(n -> schema.parameter("length", Integer.toString(n)));
             schema.parameter("varying", Boolean.toString(!type.equals("bit")));
-            registration.register(column(schema, column), v -> v == null ? null : v.toString());
+            registration.register(column(schema, column), ExactValueConverter::bitText);
         }
     }
 
@@ -89,10 +94,30 @@ public class ExactValueConverter implements CustomConverter<SchemaBuilder, Relat
         return schema;
     }
 
+    /** Debezium's marker object for an unchanged TOASTed value. */
+    private static boolean unchangedToast(Object v) {
+        return v.getClass() == Object.class;
+    }
+
+    /**
+     * A bit string as PostgreSQL spells it: text while streaming, a PGobject
+     * in a snapshot. A column default arrives already as Debezium's bytes,
+     * which no longer know their leading zeros: no default then.
+     */
+    static Object bitText(Object v) {
+        if (v == null || v instanceof byte[]) {
+            return null;
+        }
+        return unchangedToast(v) ? UNAVAILABLE : v.toString();
+    }
+
     /** PostgreSQL's own spelling of one numeric value. */
     static Object numericText(Object v) {
         if (v == null) {
             return null;
+        }
+        if (unchangedToast(v)) {
+            return UNAVAILABLE;
         }
         if (v instanceof SpecialValueDecimal) {
             SpecialValueDecimal d = (SpecialValueDecimal) v;
@@ -113,12 +138,17 @@ public class ExactValueConverter implements CustomConverter<SchemaBuilder, Relat
 
     /**
      * An array from PostgreSQL's text form (the driver's PgArray prints it):
-     * numerics are never quoted, so elements split on commas; the braces of
-     * a multi-dimensional array are flattened.
+     * numerics are never quoted, so elements split on commas. Bounds other
+     * than the default (`[0:2]={1,2,3}`) are dropped, and the braces of a
+     * multi-dimensional array are flattened: the elements in order, as
+     * Debezium's own array schema has one dimension.
      */
     static Object numericArray(Object v) {
         if (v == null) {
             return null;
+        }
+        if (unchangedToast(v)) {
+            return List.of(UNAVAILABLE);
         }
         if (v instanceof List) {
             List<Object> out = new ArrayList<>();
@@ -133,7 +163,8 @@ public class ExactValueConverter implements CustomConverter<SchemaBuilder, Relat
             return List.of(UNAVAILABLE);
         }
         List<Object> out = new ArrayList<>();
-        String inner = text.replace("{", "").replace("}", "").trim();
+        int braces = text.indexOf('{');
+        String inner = text.substring(Math.max(braces, 0)).replace("{", "").replace("}", "").trim();
         if (inner.isEmpty()) {
             return out;
         }
