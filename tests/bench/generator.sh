@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-30}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
-cargo build --release --locked -q -p tweetgen
+# The whole workspace, as tests/stack.sh pipeline builds it: building one
+# package alone unifies features differently and recompiles dependencies.
+cargo build --release --locked -q
 eval "$(bash tests/stack.sh env)"
 # psql reads the (demo) password from the environment, not its command line.
 export PGPASSWORD=$TWEETGEN_DATABASE__PASSWORD PGUSER=tweetgen
