@@ -4,8 +4,8 @@
 //! delta-rs finds the store of an `s3://` table through factories it keeps
 //! per URL scheme; [`register`] installs this module's. deltalake's own `s3`
 //! feature would install deltalake-aws's instead, which bring the AWS SDK
-//! (36 crates: credential chains, STS, DynamoDB locking) for nothing this
-//! sink uses, and which dominated a cold build. Commits do not need it:
+//! (48 crates, 20 of them `aws-*`: credential chains, STS, DynamoDB
+//! locking) for nothing this sink uses. Commits do not need it:
 //! delta-rs's default log store writes each `_delta_log/<version>.json` with
 //! `PutMode::Create`, which object_store's `AmazonS3` sends as
 //! `If-None-Match: *`, so of two writers of one version exactly one
