@@ -10,4 +10,5 @@ bash tests/stack.sh up
 # The end-to-end tests compare the lake with PostgreSQL: no other writer.
 bash tests/stack.sh stop-pipeline
 eval "$(bash tests/stack.sh env)"
-cargo test --workspace --locked --no-fail-fast "$@"
+# The crash tests hold the sink between upload and commit with a failpoint.
+cargo test --workspace --locked --no-fail-fast --features cdc-sink/failpoints "$@"

@@ -133,11 +133,6 @@ pub struct Lake {
     table_properties: BTreeMap<String, String>,
     /// One slot per table opened. A std mutex: held only to find a slot.
     tables: std::sync::Mutex<HashMap<String, Arc<TableSlot>>>,
-    /// Fault injection for the crash tests: a pause between putting a
-    /// flush's files and committing them, which widens the window a SIGKILL
-    /// must hit to leave written-but-uncommitted files. Set only by
-    /// `CDC_LAKE_FAULT_COMMIT_DELAY_MS`; never in production.
-    fault_commit_delay: Option<std::time::Duration>,
     /// Files being encoded at once, across all tables and flushes: one per
     /// core. Each holds an encoder's buffers, so more would only add memory.
     encoders: Arc<tokio::sync::Semaphore>,
@@ -657,7 +652,7 @@ impl Lake {
             tracing::info!(table, "table schema evolved");
         }
         tracing::debug!(table, files = outcome.files, "files uploaded; committing");
-        if let Some(pause) = self.fault_commit_delay {
+        if let Some(pause) = pause_before_commit() {
             tokio::time::sleep(pause).await;
         }
         let now = now_ms();
@@ -732,10 +727,6 @@ impl Lake {
             encoders: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
-            fault_commit_delay: std::env::var("CDC_LAKE_FAULT_COMMIT_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(std::time::Duration::from_millis),
         }
     }
 
@@ -748,6 +739,21 @@ impl Lake {
     pub fn storage(&self) -> &HashMap<String, String> {
         &self.storage
     }
+}
+
+/// The crash tests' failpoint `lake::before-commit`: a pause between putting
+/// a flush's files and committing them, which widens the window a SIGKILL
+/// must hit to leave written-but-uncommitted files
+/// (`FAILPOINTS=lake::before-commit=return(MILLISECONDS)`). Compiled only
+/// with the `failpoints` feature, which tests/run.sh enables; otherwise
+/// always `None`.
+fn pause_before_commit() -> Option<std::time::Duration> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("lake::before-commit", |ms: Option<String>| {
+        ms.and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    None
 }
 
 /// Reader 3 / writer 7 with `timestampNtz`, so that `timestamp` columns

@@ -10,6 +10,9 @@ use tokio::sync::watch;
 #[tokio::main]
 async fn main() -> ExitCode {
     cdc_telemetry::init();
+    // Test builds only: the failpoints named in FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -948,6 +948,10 @@ async fn wait_started(sink: &SinkProcess) {
 /// readers see exactly the published changes, no Kafka offset twice, and the
 /// latest state of every key equals PostgreSQL.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features cdc-sink/failpoints (tests/run.sh)"
+)]
 async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     let run = unique();
     let prefix = format!("e2e-{run}");
@@ -962,7 +966,7 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     let start = watermarks(&kafka_consumer("e2e"), &TOPICS);
     commit_offsets(&group, &start);
 
-    let fault = [("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "1500")];
+    let fault = [("FAILPOINTS", "lake::before-commit=return(1500)")];
     let mut sink = spawn_sink(&prefix, &group, &fault);
     let generator = tokio::spawn(run_generator(60));
     for round in 0..5u64 {
@@ -1140,6 +1144,10 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
 ///   offsets are rewound to 0), then a kill with rows written but not
 ///   committed.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features cdc-sink/failpoints (tests/run.sh)"
+)]
 async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     let tpl = EventTemplate::new().await;
     let sc = Scenario::new("replay", 1).await;
@@ -1176,7 +1184,7 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     // ... and that commit is lost: the group's offsets go back to 0.
     commit_offsets(&sc.group, &sc.until(0, 0));
     // 4. More rows, written but not committed when the sink dies.
-    let d = sc.spawn(&[("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "5000")]);
+    let d = sc.spawn(&[("FAILPOINTS", "lake::before-commit=return(5000)")]);
     let before = d.count(UPLOADED);
     let end = produce(5, false).await;
     wait_log(&d, UPLOADED, before + 1, Duration::from_secs(60)).await;
@@ -1248,13 +1256,17 @@ async fn log_start_moved_past_uncommitted_rows() {
 /// partition's `txn` version advanced and is dropped. No offset lands
 /// twice, none is lost.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features cdc-sink/failpoints (tests/run.sh)"
+)]
 async fn a_frozen_sink_is_fenced_when_it_wakes() {
     let tpl = Arc::new(EventTemplate::new().await);
     let sc = Scenario::new("fence", 2).await;
     let cfg = [("CDC_SINK_FLUSH__MAX_AGE_MS", "4000")];
     let a = sc.spawn(&[
         ("CDC_SINK_FLUSH__MAX_AGE_MS", "4000"),
-        ("CDC_LAKE_FAULT_COMMIT_DELAY_MS", "3000"),
+        ("FAILPOINTS", "lake::before-commit=return(3000)"),
     ]);
     let b = sc.spawn(&cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -1683,6 +1695,73 @@ const INSERT_SQL: &str = "INSERT INTO zoo VALUES
            amounts = (SELECT array_agg(CASE WHEN g = 500 THEN 'NaN'::numeric ELSE g END) FROM generate_series(1, 1000) g),
            long_bits = repeat('01', 10000)::varbit WHERE id = 3;
          UPDATE zoo SET r = 2.5 WHERE id = 3;";
+
+/// An insert whose NOT NULL column arrives NULL (a value the connector
+/// lost) lands as it came, and the sink says so: one WARN per table and
+/// column, and the metric counts every such row. A NULL in a nullable
+/// column, and a delete's key-only image, are no loss.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_null_in_a_not_null_column_is_logged_once_and_counted() {
+    let tpl = EventTemplate::new().await;
+    let sc = Scenario::new("lostvalue", 1).await;
+    let p = producer();
+    let lost = |id: i64| {
+        let mut v: Value = serde_json::from_slice(&tpl.event(id)).unwrap();
+        // users.display_name is NOT NULL; users.bio is nullable.
+        v["payload"]["after"]["display_name"] = Value::Null;
+        v["payload"]["after"]["bio"] = Value::Null;
+        serde_json::to_vec(&v).unwrap()
+    };
+    let required: Vec<String> = tpl.0["schema"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "after")
+        .unwrap()["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["optional"] == false)
+        .map(|f| f["field"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        required.contains(&"display_name".to_string()),
+        "{required:?}"
+    );
+    send(&p, &sc.topic, 0, Some(&tpl.event(1))).await;
+    send(&p, &sc.topic, 0, Some(&lost(2))).await;
+    let last = send(&p, &sc.topic, 0, Some(&lost(3))).await;
+
+    let sink = sc.spawn(&[]);
+    wait_committed(&sc.group, &sc.until(0, last + 1)).await;
+    let samples = scrape(sink.ops);
+    let warned = sink.count("a NOT NULL column arrived NULL");
+    terminate(sink);
+
+    let counted = sample(
+        &samples,
+        "cdc_sink_null_in_not_null_column_total",
+        &[("table", sc.table.as_str()), ("column", "display_name")],
+    );
+    assert_eq!(counted, Some(2.0), "every such row is counted");
+    assert_eq!(
+        sample(
+            &samples,
+            "cdc_sink_null_in_not_null_column_total",
+            &[("table", sc.table.as_str()), ("column", "bio")],
+        ),
+        None,
+        "a nullable column's NULL is no loss"
+    );
+    assert_eq!(warned, 1, "said once per table and column");
+    let rows = sc.rows("deltalake");
+    assert_eq!(rows.len(), 3, "the rows land as they came");
+    let nulls = rows
+        .iter()
+        .filter(|r| r.values["display_name"].is_none())
+        .count();
+    assert_eq!(nulls, 2);
+}
 
 /// Every Delta commit is a conditional put of `_delta_log/<version>.json`
 /// (cdc-sink's `storage`, without the AWS SDK): of two creates of one key
