@@ -16,6 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 events=${1:-1000000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
+# Benchmarks measure the release build (tests/stack.sh pipeline runs the
+# quicker unoptimised one): the first time, this compiles for a while.
+echo "building the release binaries (cargo build --release; about 14 minutes the first time on 2 cores)"
 cargo build --release --locked -q
 eval "$(bash tests/stack.sh env)"
 # A running pipeline (tests/stack.sh pipeline) would write and read while

@@ -54,6 +54,9 @@ case $age in
   *) echo "FLUSH_AGE needs a unit: 10s, 1s, 500ms" >&2; exit 2 ;;
 esac
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
+# Benchmarks measure the release build (tests/stack.sh pipeline runs the
+# quicker unoptimised one): the first time, this compiles for a while.
+echo "building the release binaries (cargo build --release; about 14 minutes the first time on 2 cores)"
 cargo build --release --locked -q
 py=$(bash tests/readers.sh)
 eval "$(bash tests/stack.sh env)"

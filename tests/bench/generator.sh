@@ -11,8 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-30}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
-# The whole workspace, as tests/stack.sh pipeline builds it: building one
+# The whole workspace, as the other benchmarks build it: building one
 # package alone unifies features differently and recompiles dependencies.
+# Benchmarks measure the release build (tests/stack.sh pipeline runs the
+# quicker unoptimised one): the first time, this compiles for a while.
+echo "building the release binaries (cargo build --release; about 14 minutes the first time on 2 cores)"
 cargo build --release --locked -q
 eval "$(bash tests/stack.sh env)"
 # psql reads the (demo) password from the environment, not its command line.

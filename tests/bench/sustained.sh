@@ -25,6 +25,9 @@ cd "$(dirname "$0")/../.."
 secs=${1:-300}
 rate=${2:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
+# Benchmarks measure the release build (tests/stack.sh pipeline runs the
+# quicker unoptimised one): the first time, this compiles for a while.
+echo "building the release binaries (cargo build --release; about 14 minutes the first time on 2 cores)"
 cargo build --release --locked -q
 eval "$(bash tests/stack.sh env)"
 export PGPASSWORD=$TWEETGEN_DATABASE__PASSWORD PGUSER=tweetgen
