@@ -81,3 +81,101 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Failure {
+        #[error("transient")]
+        Transient,
+        #[error("permanent")]
+        Permanent,
+        #[error("outer")]
+        Outer(#[source] std::io::Error),
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_until_the_call_succeeds() {
+        let calls = AtomicUsize::new(0);
+        let got = with_retry(
+            Dependency::S3,
+            Duration::from_secs(30),
+            |e| matches!(e, Failure::Transient),
+            || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => Err(Failure::Transient),
+                    n => Ok(n),
+                }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_error_that_may_not_pass_is_returned_at_once() {
+        let calls = AtomicUsize::new(0);
+        let started = Instant::now();
+        let got = with_retry(
+            Dependency::Lake,
+            Duration::from_secs(30),
+            |e| matches!(e, Failure::Transient),
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Failure::Permanent)
+            },
+        )
+        .await;
+        assert!(matches!(
+            got,
+            Err(GaveUp {
+                error: Failure::Permanent,
+                ..
+            })
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn it_gives_up_once_the_time_is_spent() {
+        let calls = AtomicUsize::new(0);
+        let started = Instant::now();
+        let got = with_retry(
+            Dependency::Kafka,
+            Duration::from_millis(600),
+            |_| true,
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Failure::Transient)
+            },
+        )
+        .await;
+        let gave_up = got.unwrap_err();
+        assert!(matches!(gave_up.error, Failure::Transient));
+        assert!(
+            calls.load(Ordering::SeqCst) >= 2,
+            "retried before giving up"
+        );
+        // The delays add up to at most the give-up time; it does not retry
+        // for ever.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let e = Failure::Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(chain(&e), "outer: disk on fire");
+        assert_eq!(chain(&Failure::Permanent), "permanent");
+    }
+}
