@@ -18,6 +18,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
+use crate::config::FlushConfig;
 use crate::decode::{ChangeRow, Datum};
 use crate::lake::DataFile;
 use crate::schema::{ColumnType, TableSchema};
@@ -38,6 +39,15 @@ pub enum RollReason {
 }
 
 impl RollPolicy {
+    /// The limits `flush.*` configures.
+    pub fn from_config(flush: &FlushConfig) -> RollPolicy {
+        RollPolicy {
+            max_rows: flush.max_rows,
+            max_bytes: flush.max_bytes,
+            max_age: Duration::from_millis(flush.max_age_ms),
+        }
+    }
+
     pub fn check(&self, rows: usize, bytes: usize, age: Duration) -> Option<RollReason> {
         if rows >= self.max_rows {
             Some(RollReason::Rows)

@@ -11,8 +11,6 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::RollPolicy;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid configuration: {0}")]
@@ -363,14 +361,6 @@ impl SinkConfig {
             return invalid("give_up_after_secs", "must be greater than 0");
         }
         Ok(())
-    }
-
-    pub fn roll_policy(&self) -> RollPolicy {
-        RollPolicy {
-            max_rows: self.flush.max_rows,
-            max_bytes: self.flush.max_bytes,
-            max_age: Duration::from_millis(self.flush.max_age_ms),
-        }
     }
 
     pub fn give_up_after(&self) -> Duration {

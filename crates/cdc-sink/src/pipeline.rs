@@ -140,7 +140,7 @@ pub async fn run(
         committer: Committer::spawn(lake.clone(), give_up),
         lake,
         quarantine,
-        policy: cfg.roll_policy(),
+        policy: RollPolicy::from_config(&cfg.flush),
         max_buffered: cfg.flush.max_buffered_bytes,
         paused: false,
         give_up,
@@ -157,7 +157,7 @@ pub async fn run(
     // Age-based flushes are checked on this tick: a quarter of the flush
     // age (so a due segment waits at most that long), between 100 ms and 1 s.
     let period =
-        (cfg.roll_policy().max_age / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        (sink.policy.max_age / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
