@@ -27,12 +27,32 @@ su() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 
 # A fresh topic prefix per capture: topics of earlier captures stay behind.
 prefix=fixtures$(date +%s)
 
-if [ "${1:-}" = exact ]; then
-  curl -s -X DELETE "$STACK_CONNECT_URL/connectors/exact-postgres" >/dev/null || true
+# Each capture has its own database DB, publication DB_pub, slot DB_slot
+# and connector DB-postgres (the project's connector JSON, renamed).
+fresh_db() { # fresh_db DB: drop what an earlier capture left, create DB
+  curl -s -X DELETE "$STACK_CONNECT_URL/connectors/$1-postgres" >/dev/null || true
   sleep 3
-  su -d postgres -c "DROP DATABASE IF EXISTS exact WITH (FORCE)" \
-    -c "SELECT pg_drop_replication_slot('exact_slot') FROM pg_replication_slots WHERE slot_name = 'exact_slot'" \
-    -c "CREATE DATABASE exact" >/dev/null
+  su -d postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" \
+    -c "SELECT pg_drop_replication_slot('$1_slot') FROM pg_replication_slots WHERE slot_name = '$1_slot'" \
+    -c "CREATE DATABASE $1" >/dev/null
+}
+register() { # register DB TABLE SNAPSHOT_MODE
+  local body
+  body=$(jq --arg prefix "$prefix" --arg db "$1" --arg table "$2" --arg mode "$3" '. + {
+    "database.dbname": $db, "topic.prefix": $prefix,
+    "table.include.list": ("public." + $table), "publication.name": ($db + "_pub"),
+    "slot.name": ($db + "_slot"), "snapshot.mode": $mode}' debezium/twitter-postgres.json)
+  curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
+    "$STACK_CONNECT_URL/connectors/$1-postgres/config" >/dev/null
+}
+remove() { # remove DB: the connector and its slot (the database stays, to look at)
+  curl -fsS -X DELETE "$STACK_CONNECT_URL/connectors/$1-postgres" >/dev/null
+  sleep 2
+  su -d postgres -c "SELECT pg_drop_replication_slot('$1_slot') FROM pg_replication_slots WHERE slot_name = '$1_slot'" >/dev/null
+}
+
+if [ "${1:-}" = exact ]; then
+  fresh_db exact
   su -d exact <<'SQL'
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN price AS numeric(12,2);
@@ -60,12 +80,7 @@ GRANT CONNECT ON DATABASE exact TO debezium;
 GRANT SELECT ON exact_zoo TO debezium;
 CREATE PUBLICATION exact_pub FOR TABLE exact_zoo;
 SQL
-  body=$(jq --arg prefix "$prefix" '. + {
-    "database.dbname": "exact", "topic.prefix": $prefix,
-    "table.include.list": "public.exact_zoo", "publication.name": "exact_pub",
-    "slot.name": "exact_slot", "snapshot.mode": "initial"}' debezium/twitter-postgres.json)
-  curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
-    "$STACK_CONNECT_URL/connectors/exact-postgres/config" >/dev/null
+  register exact exact_zoo initial
   topic="$prefix.public.exact_zoo"
   # The snapshot's one row is in Kafka once streaming can start.
   for _ in $(seq 90); do
@@ -85,17 +100,11 @@ SQL
     sleep 1
   done
   kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$topic" -o beginning -e -q -f '%s\n' >"$out/exact_zoo.jsonl"
-  curl -fsS -X DELETE "$STACK_CONNECT_URL/connectors/exact-postgres" >/dev/null
-  sleep 2
-  su -d postgres -c "SELECT pg_drop_replication_slot('exact_slot') FROM pg_replication_slots WHERE slot_name = 'exact_slot'" >/dev/null
+  remove exact
   echo "captured: $(wc -l <"$out/exact_zoo.jsonl") exact_zoo events"
   exit 0
 fi
-curl -s -X DELETE "$STACK_CONNECT_URL/connectors/fixtures-postgres" >/dev/null || true
-sleep 3
-su -d postgres -c "DROP DATABASE IF EXISTS fixtures WITH (FORCE)" \
-  -c "SELECT pg_drop_replication_slot('fixtures_slot') FROM pg_replication_slots WHERE slot_name = 'fixtures_slot'" \
-  -c "CREATE DATABASE fixtures" >/dev/null
+fresh_db fixtures
 su -d fixtures <<'SQL'
 CREATE TABLE type_zoo (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -138,12 +147,7 @@ GRANT SELECT ON type_zoo TO debezium;
 CREATE PUBLICATION fixtures_pub FOR TABLE type_zoo;
 SQL
 
-body=$(jq --arg prefix "$prefix" '. + {
-  "database.dbname": "fixtures", "topic.prefix": $prefix,
-  "table.include.list": "public.type_zoo", "publication.name": "fixtures_pub",
-  "slot.name": "fixtures_slot", "snapshot.mode": "no_data"}' debezium/twitter-postgres.json)
-curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
-  "$STACK_CONNECT_URL/connectors/fixtures-postgres/config" >/dev/null
+register fixtures type_zoo no_data
 for _ in $(seq 60); do
   state=$(curl -fsS "$STACK_CONNECT_URL/connectors/fixtures-postgres/status" 2>/dev/null | jq -r '[.tasks[].state] | join(",")' || true)
   [ "$state" = RUNNING ] && break
@@ -192,7 +196,5 @@ for t in twitter.users twitter.tweets; do
     | grep -e fixture_user -e 'fixture tweet' -e '^$' | grep -v '^$' >>"$out/twitter.jsonl" || true
 done
 
-curl -fsS -X DELETE "$STACK_CONNECT_URL/connectors/fixtures-postgres" >/dev/null
-sleep 2
-su -d postgres -c "SELECT pg_drop_replication_slot('fixtures_slot') FROM pg_replication_slots WHERE slot_name = 'fixtures_slot'" >/dev/null
+remove fixtures
 echo "captured: $(wc -l <"$out/type_zoo.jsonl") type_zoo events, $(wc -l <"$out/twitter.jsonl") twitter events"

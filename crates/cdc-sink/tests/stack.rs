@@ -1336,14 +1336,20 @@ struct OwnCapture {
     db: String,
     connector: String,
     config: Value,
+    /// The sink's lake prefix and consumer group for this capture.
+    prefix: String,
+    group: String,
 }
 
 impl OwnCapture {
-    /// Creates database `db` with `ddl` (which must create `table`), a
-    /// publication for it, and registers the connector, leaving out the
-    /// connector keys in `without`. Returns once the replication slot
-    /// exists: every later change reaches Kafka.
-    async fn start(db: &str, table: &str, ddl: &str, without: &[&str]) -> OwnCapture {
+    /// Creates a database `<kind><run>` with `ddl` (which must create
+    /// `table`), a publication for it, and registers the connector, leaving
+    /// out the connector keys in `without`. Returns once the replication
+    /// slot exists: every later change reaches Kafka.
+    async fn start(kind: &str, table: &str, ddl: &str, without: &[&str]) -> OwnCapture {
+        let run = unique();
+        let db = format!("{kind}{run}");
+        let db = db.as_str();
         OwnCapture::sql("postgres", &format!("CREATE DATABASE {db}"));
         OwnCapture::sql(
             db,
@@ -1377,6 +1383,8 @@ impl OwnCapture {
             db: db.to_string(),
             connector: format!("{db}-postgres"),
             config,
+            prefix: format!("{kind}-{run}"),
+            group: format!("{kind}-{run}"),
         };
         capture.put_config();
         capture.wait_state("RUNNING").await;
@@ -1402,6 +1410,16 @@ impl OwnCapture {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The sink, reading this capture's topics into its own prefix.
+    fn spawn_sink(&self) -> SinkProcess {
+        let topics = format!("[\"^{}\\\\..*\"]", self.db);
+        spawn_sink(
+            &self.prefix,
+            &self.group,
+            &[("CDC_SINK_KAFKA__TOPICS", &topics)],
+        )
     }
 
     fn slot_count(&self) -> usize {
@@ -1562,18 +1580,11 @@ async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize)
 /// others match exactly.
 #[tokio::test(flavor = "multi_thread")]
 async fn special_values_round_trip_and_their_deletes_land() {
-    let run = unique();
-    let db = format!("zoo{run}");
-    let prefix = format!("z-{run}");
-    let group = format!("z-{run}");
-    let capture = OwnCapture::start(&db, "zoo", CREATE_SQL, &[]).await;
-    OwnCapture::sql(&db, INSERT_SQL);
-    let sink = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
-    );
-    let mut rows = wait_lake_rows(&sink, &prefix, "zoo", 10).await;
+    let capture = OwnCapture::start("zoo", "zoo", CREATE_SQL, &[]).await;
+    OwnCapture::sql(&capture.db, INSERT_SQL);
+    let sink = capture.spawn_sink();
+    let prefix = &capture.prefix;
+    let mut rows = wait_lake_rows(&sink, prefix, "zoo", 10).await;
     terminate(sink);
     assert_eq!(rows.len(), 10, "3 inserts, 6 updates, 1 delete");
     // The last update left the TOASTed columns alone: they arrived as
@@ -1593,7 +1604,7 @@ async fn special_values_round_trip_and_their_deletes_land() {
         "the deleted NaN row is gone from the latest state"
     );
     assert_latest_state_matches(&zoo_pg, "zoo", &mut rows).await;
-    let mut duck = lake_rows("duckdb", &prefix, &["zoo"]);
+    let mut duck = lake_rows("duckdb", prefix, &["zoo"]);
     assert_eq!(duck.len(), 10, "the same rows through DuckDB");
     assert_latest_state_matches(&zoo_pg, "zoo", &mut duck).await;
     drop(zoo_pg);
@@ -1607,23 +1618,16 @@ async fn special_values_round_trip_and_their_deletes_land() {
 /// the latest state equals PostgreSQL.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lake_written_before_the_converter_keeps_its_column_types() {
-    let run = unique();
-    let db = format!("mig{run}");
-    let prefix = format!("mig-{run}");
-    let group = format!("mig-{run}");
     let mut capture = OwnCapture::start(
-        &db,
+        "mig",
         "t",
         "CREATE TABLE t (id bigint PRIMARY KEY, n numeric(10,3), b4 bit(4), amounts numeric(6,2)[]);
          INSERT INTO t VALUES (1, 12.5, B'0101', '{1.25}')",
         &["converters", "exact.type"],
     )
     .await;
-    let sink = spawn_sink(
-        &prefix,
-        &group,
-        &[("CDC_SINK_KAFKA__TOPICS", &format!("[\"^{db}\\\\..*\"]"))],
-    );
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
     wait_lake_rows(&sink, &prefix, "t", 1).await;
     let before = lake_schema(&prefix, "t");
     assert_eq!(before["n"], "decimal128(10, 3)");
@@ -1633,7 +1637,7 @@ async fn a_lake_written_before_the_converter_keeps_its_column_types() {
     // reconfigured one: every one of them through the converter.
     capture.stop().await;
     OwnCapture::sql(
-        &db,
+        &capture.db,
         "INSERT INTO t VALUES (2, 'NaN', B'0011', '{NaN,2}');
          UPDATE t SET n = 7.25 WHERE id = 1;",
     );
