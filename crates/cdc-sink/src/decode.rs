@@ -977,7 +977,7 @@ pub(crate) mod tests {
     #[test]
     fn numeric_specials_land_as_text_beside_the_decimal() {
         let mut d = Decoder::new();
-        let rows = rows(decode_all(&mut d, EXACT));
+        let rows = rows_of(&mut d, EXACT);
         assert_eq!(rows.len(), 4);
         let (read, insert, update) = (&rows[0], &rows[1], &rows[2]);
 
