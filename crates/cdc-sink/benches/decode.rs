@@ -6,10 +6,10 @@
 
 use std::hint::black_box;
 
-use cdc_sink::batch::Segment;
 use cdc_sink::config::SinkConfig;
 use cdc_sink::decode::{Decoded, Decoder};
-use cdc_sink::encode::{encode, writer_properties};
+use cdc_sink::lake::changelog::segment::Segment;
+use cdc_sink::lake::files::{encode, writer_properties};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// The demo tables' events, repeated to a corpus of `n` messages.

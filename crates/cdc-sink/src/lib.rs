@@ -1,30 +1,26 @@
 //! `cdc-sink`: Debezium change events from Kafka to Delta Lake tables on S3,
 //! exactly once.
 //!
-//! The flow, one module per job: [`source`] consumes Kafka; [`position`]
-//! decides which offsets may enter the lake; [`decode`] turns Debezium JSON
-//! into typed rows using the [`schema`] carried in each message; [`batch`]
-//! buffers rows per partition and rolls segments by rows, bytes or age;
-//! [`lake`] writes Parquet ([`encode`]) and commits it to Delta with the
-//! partitions' offsets in the same transaction; [`committer`] runs those
-//! writes behind the loop, staged ahead and committed in order;
-//! [`quarantine`] keeps what cannot be read; [`retry`] waits out failing
-//! dependencies; [`pipeline`] is the loop that ties them together;
-//! [`telemetry`] reports to operators; [`config`] and [`cli`] configure it.
+//! The folders follow the flow:
+//! - [`source`]: the Kafka consumer, and [`source::position`], the one type
+//!   that decides which offsets may enter the lake;
+//! - [`decode`]: Debezium JSON to typed rows, by the Connect schema each
+//!   message carries ([`decode::schema`]);
+//! - [`lake`]: everything written to S3: the tables ([`lake::table`]), the
+//!   Parquet files ([`lake::files`]), the changelog writer and its buffers
+//!   ([`lake::changelog`]), the [`lake::committer`] that runs it behind the
+//!   loop, [`lake::upkeep`] and the [`lake::quarantine`];
+//! - [`pipeline`]: the loop that ties them together, and the assigned
+//!   partitions it keeps ([`pipeline::partition`]).
+//!
+//! Beside the flow: [`retry`] waits out failing dependencies; [`telemetry`]
+//! reports to operators; [`config`] and [`cli`] configure it.
 
-pub mod batch;
 pub mod cli;
-pub mod committer;
 pub mod config;
 pub mod decode;
-pub mod encode;
 pub mod lake;
 pub mod pipeline;
-pub mod position;
-pub mod quarantine;
 pub mod retry;
-pub mod schema;
 pub mod source;
-pub mod storage;
 pub mod telemetry;
-pub mod upkeep;

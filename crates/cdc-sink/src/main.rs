@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use cdc_sink::cli::{Cli, Command};
 use cdc_sink::config::SinkConfig;
-use cdc_sink::{pipeline, telemetry, upkeep};
+use cdc_sink::lake::upkeep;
+use cdc_sink::{pipeline, telemetry};
 use cdc_telemetry::Readiness;
 use clap::Parser;
 use tokio::sync::watch;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, RecordBatch};
 use arrow::util::display::array_value_to_string;
 use cdc_sink::config::{S3Config, SinkConfig};
-use cdc_sink::storage::s3_store;
+use cdc_sink::lake::storage::s3_store;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -381,7 +381,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
     let table = format!("capture_test_{run}");
     let prefix = format!("capture-test-{run}");
     let s3 = s3_config();
-    let store = s3_store(&s3, Duration::from_secs(30)).unwrap();
+    let store = s3_store(&s3).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let list = tmp.path().join("captured-tables");
 

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cdc_sink::config::SinkConfig;
-use cdc_sink::position::Tp;
-use cdc_sink::quarantine::{QuarantineRecord, quarantine_key};
-use cdc_sink::storage::s3_store;
+use cdc_sink::lake::quarantine::{QuarantineRecord, quarantine_key};
+use cdc_sink::lake::storage::s3_store;
+use cdc_sink::source::position::Tp;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -153,7 +153,7 @@ fn sink_config(prefix: &str, group: &str) -> SinkConfig {
 }
 
 fn store() -> Arc<dyn ObjectStore> {
-    s3_store(&sink_config("", "x").s3, Duration::from_secs(30)).unwrap()
+    s3_store(&sink_config("", "x").s3).unwrap()
 }
 
 /// A running sink, killed if a failing test leaves it behind. Its log goes

@@ -13,13 +13,13 @@ use std::time::Duration;
 use arrow::array::{AsArray, Int32Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
 use cdc_sink::config::SinkConfig;
-use cdc_sink::encode::{encode, writer_properties};
-use cdc_sink::lake::{DataFile, Lake, PartitionWrite};
-use cdc_sink::position::Tp;
-use cdc_sink::storage::s3_store;
-use cdc_sink::upkeep::{Upkeep, UpkeepOptions};
+use cdc_sink::lake::changelog::{Changelog, DataFile, PartitionWrite};
+use cdc_sink::lake::files::{FileWriter, encode, writer_properties};
+use cdc_sink::lake::storage::s3_store;
+use cdc_sink::lake::table::LakeRoot;
+use cdc_sink::lake::upkeep::{Upkeep, UpkeepOptions};
+use cdc_sink::source::position::{Claim, Tp};
 use chrono::NaiveDate;
-use deltalake::DeltaTableBuilder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -68,7 +68,7 @@ fn rows(partition: i32, offsets: std::ops::Range<i64>) -> RecordBatch {
 
 /// A sink's flushes of Kafka partition 0, ten rows each, one date.
 struct Writer {
-    lake: Lake,
+    lake: Changelog,
     last: Option<i64>,
 }
 
@@ -77,8 +77,10 @@ impl Writer {
         let first = self.last.map_or(0, |l| l + 1);
         let write = PartitionWrite {
             tp: Tp::new(format!("db.{TABLE}"), 0),
-            last: first + 9,
-            expected: self.last,
+            claim: Claim {
+                expected: self.last,
+                last: first + 9,
+            },
             files: vec![DataFile {
                 date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
                 batch: rows(0, first..first + 10),
@@ -91,12 +93,8 @@ impl Writer {
 }
 
 /// (live files, Kafka offsets of every row) read through the Delta log.
-async fn read_table(lake: &Lake) -> (usize, Vec<i64>) {
-    let mut t = DeltaTableBuilder::from_url(lake.table_url(TABLE))
-        .unwrap()
-        .with_storage_options(lake.storage().clone())
-        .build()
-        .unwrap();
+async fn read_table(lake: &Changelog) -> (usize, Vec<i64>) {
+    let mut t = lake.root().handle(TABLE).unwrap();
     t.load().await.unwrap();
     let store = t.log_store().object_store(None);
     let mut offsets = Vec::new();
@@ -130,6 +128,15 @@ async fn read_table(lake: &Lake) -> (usize, Vec<i64>) {
     (files.len(), offsets)
 }
 
+fn changelog(cfg: &SinkConfig, prefix: &str) -> Changelog {
+    Changelog::new(
+        LakeRoot::new(&cfg.s3, prefix).unwrap(),
+        GROUP,
+        FileWriter::new(writer_properties(&cfg.output)),
+        &cfg.lake,
+    )
+}
+
 // Multi-threaded like the binary: delta-rs' checkpoint writer and vacuum
 // block a runtime thread on nested I/O, which on a current-thread runtime
 // waits out object_store's 30 s request timeout.
@@ -137,16 +144,7 @@ async fn read_table(lake: &Lake) -> (usize, Vec<i64>) {
 async fn upkeep_on_minio_while_the_sink_appends() {
     let prefix = prefix("appends");
     let cfg = config(&prefix);
-    let lake = || {
-        Lake::new(
-            &cfg.s3,
-            &prefix,
-            GROUP,
-            writer_properties(&cfg.output),
-            &cfg.lake,
-        )
-        .unwrap()
-    };
+    let lake = || changelog(&cfg, &prefix);
     let mut writer = Writer {
         lake: lake(),
         last: None,
@@ -156,7 +154,7 @@ async fn upkeep_on_minio_while_the_sink_appends() {
     }
 
     // A file of a flush attempt that never committed.
-    let bucket: Arc<dyn ObjectStore> = s3_store(&cfg.s3, Duration::from_secs(30)).unwrap();
+    let bucket: Arc<dyn ObjectStore> = s3_store(&cfg.s3).unwrap();
     let orphan = Path::from(format!(
         "{prefix}/{TABLE}/_cdc_date=2026-11-27/part-never-committed.parquet"
     ));
@@ -165,8 +163,8 @@ async fn upkeep_on_minio_while_the_sink_appends() {
 
     let upkeep = |retention| {
         Upkeep::new(
-            &lake(),
-            writer_properties(&cfg.output),
+            lake().root().clone(),
+            FileWriter::new(writer_properties(&cfg.output)),
             &cfg.lake,
             UpkeepOptions {
                 dry_run: false,
@@ -230,14 +228,7 @@ async fn the_subcommand() {
     let prefix = prefix("subcommand");
     let cfg = config(&prefix);
     let mut writer = Writer {
-        lake: Lake::new(
-            &cfg.s3,
-            &prefix,
-            GROUP,
-            writer_properties(&cfg.output),
-            &cfg.lake,
-        )
-        .unwrap(),
+        lake: changelog(&cfg, &prefix),
         last: None,
     };
     for _ in 0..3 {

@@ -1,6 +1,8 @@
 //! The loop: receive, decode, buffer, flush; commits run behind it.
 //!
-//! [`run`] owns the buffers and positions and selects over shutdown, the
+//! [`run`] connects to Kafka and the lake; [`run_with`] is the loop itself,
+//! over any [`Source`] (the tests' is scripted). It owns the assigned
+//! [`Partitions`] (positions and buffers) and selects over shutdown, the
 //! next committed flush, a one-second tick (age-based flushes, health) and
 //! the next Kafka message. A flush takes the due segments, groups them by
 //! table and hands them to the [`Committer`], which encodes, uploads and
@@ -14,7 +16,9 @@
 //! segment is flushed and, while flushes are still in flight, consumption
 //! is paused (librdkafka keeps polling, so the group membership holds).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub mod partition;
+
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,16 +28,18 @@ use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
 use tokio::sync::watch;
 
-use crate::batch::{RollPolicy, RollReason, Segment};
-use crate::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
 use crate::config::{ConfigError, SinkConfig};
-use crate::decode::{Decoded, Decoder};
-use crate::lake::{Lake, LakeError, PartitionWrite, table_of};
-use crate::position::{Admit, Positions, Tp};
-use crate::quarantine::Quarantine;
+use crate::decode::{ChangeRow, Decoded, Decoder};
+use crate::lake::changelog::roll::{RollPolicy, RollReason};
+use crate::lake::changelog::{Changelog, PartitionWrite};
+use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
+use crate::lake::quarantine::Quarantine;
+use crate::lake::storage::s3_store;
+use crate::lake::{LakeError, table_of};
+use crate::pipeline::partition::{Partitions, Taken};
 use crate::retry::{Dependency, with_retry};
-use crate::source::{Rebalance, Rebalances, Source};
-use crate::storage::s3_store;
+use crate::source::position::{Admit, Ticket, Tp};
+use crate::source::{KafkaSource, Rebalance, Rebalances, Source};
 use crate::telemetry::{self as t, Meters};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,66 +104,102 @@ const DUE_FLUSHES_AHEAD: usize = 2;
 /// reports every 5 s).
 const CONNECTED_WITHIN: Duration = Duration::from_secs(15);
 
-struct Sink {
+/// What the loop is told besides its source and lake.
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    pub policy: RollPolicy,
+    /// `flush.max_buffered_bytes`.
+    pub max_buffered: usize,
+    /// How long a failing dependency is waited out.
+    pub give_up: Duration,
+    /// `metrics.ready_window_secs`.
+    pub ready_window: Duration,
+}
+
+impl LoopSettings {
+    pub fn from_config(cfg: &SinkConfig) -> LoopSettings {
+        LoopSettings {
+            policy: RollPolicy::from_config(&cfg.flush),
+            max_buffered: cfg.flush.max_buffered_bytes,
+            give_up: cfg.give_up_after(),
+            ready_window: Duration::from_secs(cfg.metrics.ready_window_secs),
+        }
+    }
+}
+
+struct Sink<'s, S: Source> {
+    source: &'s S,
     decoder: Decoder,
-    segments: HashMap<Tp, Segment>,
-    positions: Positions,
-    lake: Arc<Lake>,
+    partitions: Partitions,
+    lake: Arc<Changelog>,
     committer: Committer,
     quarantine: Quarantine,
-    policy: RollPolicy,
-    max_buffered: usize,
+    settings: LoopSettings,
     paused: bool,
-    give_up: Duration,
     stats: Stats,
     meters: Meters,
     /// (table, column) pairs already logged for a NULL in a NOT NULL
     /// column: logged once each, counted every time.
     lost_values: HashSet<(String, String)>,
     readiness: Readiness,
-    ready_window: Duration,
     /// The last commit, or the last moment nothing was waiting to be
     /// committed: readiness asks how long input has waited since.
     last_progress: Instant,
 }
 
+/// Connects to Kafka, the lake and the quarantine as configured, and runs
+/// the loop until `shutdown`.
 pub async fn run(
     cfg: &SinkConfig,
     readiness: Readiness,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
-    let give_up = cfg.give_up_after();
-    let lake = Arc::new(Lake::from_config(cfg).map_err(|source| LakeFailed {
+    let lake = Arc::new(Changelog::from_config(cfg).map_err(|source| LakeFailed {
         secs: 0,
         source: Box::new(source),
     })?);
-    let quarantine = Quarantine::new(s3_store(&cfg.s3, give_up)?, &cfg.output.prefix);
-    let (source, mut rebalances) = Source::connect(&cfg.kafka)?;
+    let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
+    let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
+    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket, "sink started");
+    let settings = LoopSettings::from_config(cfg);
+    run_with(
+        &source, rebalances, lake, quarantine, settings, readiness, shutdown,
+    )
+    .await
+}
+
+/// The loop, over any source. Returns once `shutdown` is set and everything
+/// buffered has been committed.
+pub async fn run_with<S: Source>(
+    source: &S,
+    mut rebalances: Rebalances,
+    lake: Arc<Changelog>,
+    quarantine: Quarantine,
+    settings: LoopSettings,
+    readiness: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Stats, PipelineError> {
     let mut sink = Sink {
+        source,
         decoder: Decoder::new(),
-        segments: HashMap::new(),
-        positions: Positions::default(),
-        committer: Committer::spawn(lake.clone(), give_up),
+        partitions: Partitions::default(),
+        committer: Committer::spawn(lake.clone(), settings.give_up),
         lake,
         quarantine,
-        policy: RollPolicy::from_config(&cfg.flush),
-        max_buffered: cfg.flush.max_buffered_bytes,
         paused: false,
-        give_up,
         stats: Stats::default(),
         meters: Meters::default(),
         lost_values: HashSet::new(),
         readiness,
-        ready_window: Duration::from_secs(cfg.metrics.ready_window_secs),
         last_progress: Instant::now(),
+        settings,
     };
     systemd::ready();
     let watchdog = Watchdog::from_env();
-    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket, "sink started");
     // Age-based flushes are checked on this tick: a quarter of the flush
     // age (so a due segment waits at most that long), between 100 ms and 1 s.
-    let period =
-        (sink.policy.max_age / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let period = (sink.settings.policy.max_age / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
@@ -167,27 +209,27 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => break,
             done = sink.committer.next() => {
                 let done = done.ok_or(PipelineError::CommitterStopped)??;
-                sink.on_flushed(&source, done, CommitMode::Async).await?;
+                sink.on_flushed(done, CommitMode::Async).await?;
                 sink.flush_due();
-                sink.hold_memory(&source)?;
+                sink.hold_memory()?;
             }
             _ = tick.tick() => {
                 watchdog.ping();
-                sink.apply_rebalances(&source, &mut rebalances);
+                sink.apply_rebalances(&mut rebalances);
                 sink.flush_due();
-                sink.hold_memory(&source)?;
-                sink.report(&source);
+                sink.hold_memory()?;
+                sink.report();
                 let down = source.broker_down_for();
-                if down >= sink.give_up {
+                if down >= sink.settings.give_up {
                     return Err(PipelineError::KafkaDown(down.as_secs()));
                 }
                 if last_report.elapsed() >= Duration::from_secs(60) {
-                    tracing::info!(stats = ?sink.stats, open_segments = sink.segments.len(),
+                    tracing::info!(stats = ?sink.stats, open_segments = sink.partitions.open_segments(),
                         in_flight = sink.committer.in_flight(), "progress");
                     last_report = Instant::now();
                 }
             }
-            received = source.consumer.recv() => {
+            received = source.recv() => {
                 let msg = match received {
                     Ok(m) => m,
                     Err(e) => {
@@ -198,31 +240,31 @@ pub async fn run(
                     }
                 };
                 // Buffers of revoked partitions go before anything else.
-                sink.apply_rebalances(&source, &mut rebalances);
+                sink.apply_rebalances(&mut rebalances);
                 let tp = Tp::new(msg.topic(), msg.partition());
-                sink.on_message(&source, tp, msg.offset(), msg.key(), msg.payload()).await?;
+                sink.on_message(tp, msg.offset(), msg.key(), msg.payload()).await?;
                 drop(msg);
-                sink.hold_memory(&source)?;
+                sink.hold_memory()?;
             }
         }
     }
     // Drain: everything buffered is committed, then Kafka's offsets.
     tracing::info!("shutting down: flushing open segments");
-    sink.apply_rebalances(&source, &mut rebalances);
-    let all: Vec<Tp> = sink.segments.keys().cloned().collect();
+    sink.apply_rebalances(&mut rebalances);
+    let all = sink.partitions.buffered();
     sink.readiness.set_not_ready("shutting down");
     sink.flush(all, FlushReason::Shutdown);
     sink.committer.close();
     while let Some(done) = sink.committer.next().await {
         watchdog.ping();
-        sink.on_flushed(&source, done?, CommitMode::Sync).await?;
+        sink.on_flushed(done?, CommitMode::Sync).await?;
     }
     tracing::info!(stats = ?sink.stats, "sink stopped");
     Ok(sink.stats)
 }
 
-impl Sink {
-    fn apply_rebalances(&mut self, source: &Source, rebalances: &mut Rebalances) {
+impl<S: Source> Sink<'_, S> {
+    fn apply_rebalances(&mut self, rebalances: &mut Rebalances) {
         while let Ok(ev) = rebalances.try_recv() {
             match ev {
                 Rebalance::Revoked(tps) => {
@@ -230,19 +272,17 @@ impl Sink {
                         // The new owner resumes from the lake; writing this
                         // buffer now would only be fenced. Flushes in flight
                         // go on: the lake's txn check decides them.
-                        if self.segments.remove(&tp).is_some() {
+                        if self.partitions.revoke(&tp) {
                             self.stats.segments_dropped += 1;
                         }
-                        self.positions.revoke(&tp);
                     }
                 }
                 Rebalance::Assigned(tps) => {
                     for tp in tps {
-                        self.segments.remove(&tp);
-                        self.positions.assign(tp);
+                        self.partitions.assign(tp);
                     }
                     if self.paused
-                        && let Err(e) = source.pause()
+                        && let Err(e) = self.source.pause()
                     {
                         tracing::warn!(error = %e, "pausing new partitions failed");
                     }
@@ -259,7 +299,7 @@ impl Sink {
         let lake = &self.lake;
         let versions = with_retry(
             Dependency::Lake,
-            self.give_up,
+            self.settings.give_up,
             LakeError::is_retryable,
             || lake.positions(table, &tps),
         )
@@ -268,74 +308,98 @@ impl Sink {
             secs: g.secs,
             source: Box::new(g.error),
         })?;
-        if let Some(p) = self.positions.get_mut(tp) {
+        if self.partitions.is_assigned(tp) {
             tracing::info!(partition = %tp, lake_version = ?versions[0], "position read from the lake");
-            p.learn(versions[0]);
+            self.partitions.learn(tp, versions[0]);
+        }
+        Ok(())
+    }
+
+    /// Sends the consumer of `tp` to `to`. A failed seek (the partition
+    /// was revoked meanwhile, most likely) starts the position over, so
+    /// the next message asks again.
+    fn seek(&mut self, tp: &Tp, to: i64) {
+        tracing::info!(partition = %tp, to, "seeking to the lake's position");
+        if let Err(e) = self.source.seek(tp, to) {
+            tracing::warn!(partition = %tp, error = %e, "seek failed");
+            self.partitions.fence(tp, None, Some(to));
+        }
+    }
+
+    /// The restart sequence of a partition another writer advanced: its
+    /// buffer and position go, the position is read again from the lake,
+    /// and the consumer is sent there now, not at the partition's next
+    /// message (it may be quiet).
+    async fn restart(
+        &mut self,
+        tp: &Tp,
+        staged_by: Ticket,
+        dropped_from: i64,
+    ) -> Result<(), PipelineError> {
+        if !self
+            .partitions
+            .fence(tp, Some(staged_by), Some(dropped_from))
+        {
+            // Restarted since the write was staged, or revoked.
+            return Ok(());
+        }
+        self.learn_position(tp).await?;
+        if let Some(to) = self.partitions.seek_now(tp) {
+            self.seek(tp, to);
         }
         Ok(())
     }
 
     async fn on_message(
         &mut self,
-        source: &Source,
         tp: Tp,
         offset: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
     ) -> Result<(), PipelineError> {
         loop {
-            // A message fetched before a revoke was processed has no
-            // position: its new owner reads it again.
-            let Some(position) = self.positions.get_mut(&tp) else {
-                return Ok(());
-            };
-            match position.admit(offset) {
-                Admit::Accept => break,
-                Admit::Skip => {
+            match self.partitions.admit(&tp, offset) {
+                // A message fetched before a revoke was processed: its new
+                // owner reads it again.
+                None => return Ok(()),
+                Some(Admit::Accept) => break,
+                Some(Admit::Skip) => {
                     self.stats.skipped += 1;
                     return Ok(());
                 }
-                Admit::SeekTo(to) => {
-                    tracing::info!(partition = %tp, from = offset, to, "seeking to the lake's position");
-                    if let Err(e) = source.seek(&tp, to) {
-                        // Start over: the next message asks again.
-                        tracing::warn!(partition = %tp, error = %e, "seek failed");
-                        self.positions.fence(&tp, None, Some(to));
-                    }
+                Some(Admit::SeekTo(to)) => {
+                    self.seek(&tp, to);
                     return Ok(());
                 }
-                Admit::NeedsLakeVersion => self.learn_position(&tp).await?,
+                Some(Admit::NeedsLakeVersion) => self.learn_position(&tp).await?,
             }
         }
         self.stats.messages += 1;
         let meters = self.meters.table(table_of(&tp.topic));
         meters.messages.increment(1);
 
-        let decoded = self.decoder.decode(payload);
-        let segment = self
-            .segments
-            .entry(tp.clone())
-            .or_insert_with(|| Segment::new(offset));
-        match decoded {
+        match self.decoder.decode(payload) {
             Ok(Decoded::Row(row)) => {
                 if !row.null_in_required.is_empty() {
                     report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);
                 }
-                segment.push(&row, tp.partition, offset);
+                self.partitions
+                    .segment(&tp, offset)
+                    .push(&row, tp.partition, offset);
                 self.stats.rows += 1;
             }
             Ok(Decoded::Tombstone) => {
-                segment.cover(offset);
+                self.partitions.segment(&tp, offset).cover(offset);
                 self.stats.tombstones += 1;
                 meters.tombstones.increment(1);
             }
             Err(err) => {
-                segment.cover(offset);
+                self.partitions.segment(&tp, offset).cover(offset);
                 let error = err.to_string();
                 let q = &self.quarantine;
                 let path = with_retry(
                     Dependency::S3,
-                    self.give_up,
+                    self.settings.give_up,
                     |_| true,
                     || q.put(&tp, offset, key, payload, &error),
                 )
@@ -356,21 +420,17 @@ impl Sink {
         // while the committer keeps up. Flushing it here, one partition per
         // message, queued small commits faster than they landed.
         if let Some(reason @ (RollReason::Rows | RollReason::Bytes)) =
-            self.segments[&tp].roll_reason(&self.policy)
+            self.partitions.roll_reason(&tp, &self.settings.policy)
         {
             self.flush(vec![tp], FlushReason::Rolled(reason));
         }
         Ok(())
     }
 
-    fn buffered_bytes(&self) -> usize {
-        self.segments.values().map(|s| s.bytes).sum()
-    }
-
     /// Buffered rows and flushes in flight: what `flush.max_buffered_bytes`
     /// bounds.
     fn held_bytes(&self) -> usize {
-        self.buffered_bytes() + self.committer.in_flight_bytes()
+        self.partitions.buffered_bytes() + self.committer.in_flight_bytes()
     }
 
     /// Keeps buffered rows plus flushes in flight under the limit. Flushing
@@ -378,31 +438,26 @@ impl Sink {
     /// frees memory once committed, so it happens while the buffer holds
     /// more than what is in flight; beyond that, consumption pauses until
     /// commits catch up.
-    fn hold_memory(&mut self, source: &Source) -> Result<(), PipelineError> {
-        while self.held_bytes() > self.max_buffered
-            && self.buffered_bytes() > self.committer.in_flight_bytes()
+    fn hold_memory(&mut self) -> Result<(), PipelineError> {
+        while self.held_bytes() > self.settings.max_buffered
+            && self.partitions.buffered_bytes() > self.committer.in_flight_bytes()
         {
-            let largest = self
-                .segments
-                .iter()
-                .max_by_key(|(_, s)| s.bytes)
-                .map(|(tp, _)| tp.clone());
-            match largest {
+            match self.partitions.largest() {
                 Some(tp) => self.flush(vec![tp], FlushReason::Memory),
                 None => break,
             }
         }
-        let over = self.held_bytes() > self.max_buffered;
+        let over = self.held_bytes() > self.settings.max_buffered;
         if over != self.paused {
             if over {
-                source.pause()?;
+                self.source.pause()?;
                 tracing::debug!(
-                    buffered = self.buffered_bytes(),
+                    buffered = self.partitions.buffered_bytes(),
                     in_flight = self.committer.in_flight_bytes(),
                     "memory limit reached: consumption paused"
                 );
             } else {
-                source.resume()?;
+                self.source.resume()?;
                 tracing::debug!("consumption resumed");
             }
             self.paused = over;
@@ -411,32 +466,33 @@ impl Sink {
     }
 
     /// Updates the gauges and readiness (every tick).
-    fn report(&mut self, source: &Source) {
+    fn report(&mut self) {
         let now = Instant::now();
         metrics::gauge!(t::BUFFERED_BYTES).set(self.held_bytes() as f64);
         let oldest = self
-            .segments
-            .values()
-            .map(|s| s.opened)
+            .partitions
+            .oldest()
+            .into_iter()
             .chain(self.committer.oldest_in_flight())
             .min();
         metrics::gauge!(t::OLDEST_UNFLUSHED)
             .set(oldest.map_or(0.0, |o| now.duration_since(o).as_secs_f64()));
-        if oldest.is_none() && source.lag() <= 0 {
+        if oldest.is_none() && self.source.lag() <= 0 {
             self.last_progress = now;
         }
         let waited = now.duration_since(self.last_progress);
-        let down = source.broker_down_for();
+        let down = self.source.broker_down_for();
+        let window = self.settings.ready_window;
         self.readiness.set(if down > CONNECTED_WITHIN {
             Err(format!(
                 "no Kafka broker reachable for {} s",
                 down.as_secs()
             ))
-        } else if waited > self.ready_window {
+        } else if waited > window {
             Err(format!(
                 "input has waited {} s without a commit (metrics.ready_window_secs = {})",
                 waited.as_secs(),
-                self.ready_window.as_secs()
+                window.as_secs()
             ))
         } else {
             Ok(())
@@ -452,16 +508,10 @@ impl Sink {
         if self.committer.in_flight() >= DUE_FLUSHES_AHEAD {
             return;
         }
-        let mut due = Vec::new();
-        let mut reason = None;
-        for (tp, s) in &self.segments {
-            if let Some(r) = s.roll_reason(&self.policy) {
-                due.push(tp.clone());
-                reason = Some(r);
-            }
-        }
-        if let Some(r) = reason {
-            self.flush(due, FlushReason::Rolled(r));
+        let due = self.partitions.due(&self.settings.policy);
+        if let Some(&(_, reason)) = due.last() {
+            let tps = due.into_iter().map(|(tp, _)| tp).collect();
+            self.flush(tps, FlushReason::Rolled(reason));
         }
     }
 
@@ -473,29 +523,24 @@ impl Sink {
         let mut bytes = 0;
         let mut opened: Option<Instant> = None;
         for tp in tps {
-            let Some(segment) = self.segments.remove(&tp) else {
+            let Some(Taken { segment, stage }) = self.partitions.take(&tp) else {
                 continue;
             };
             // A flush of due segments counts each by its own reason.
             let why = match reason {
                 FlushReason::Rolled(_) => segment
-                    .roll_reason(&self.policy)
+                    .roll_reason(&self.settings.policy)
                     .map_or(reason, FlushReason::Rolled),
                 other => other,
             };
             metrics::counter!(t::FLUSHES, "reason" => why.label()).increment(1);
             opened = Some(opened.map_or(segment.opened, |o| o.min(segment.opened)));
-            let Some(position) = self.positions.get_mut(&tp) else {
-                continue;
-            };
-            if segment.rows() == 0 {
+            let Some(stage) = stage else {
                 rowless.push((tp, segment.last));
                 continue;
-            }
+            };
             bytes += segment.bytes;
-            let (first, last, newest_source_ms) =
-                (segment.first, segment.last, segment.newest_source_ms);
-            let stage = position.stage(last);
+            let (first, newest_source_ms) = (segment.first, segment.newest_source_ms);
             let files = segment
                 .into_files()
                 .expect("builders made from the segment's own schemas");
@@ -508,8 +553,7 @@ impl Sink {
                     newest_source_ms,
                     write: PartitionWrite {
                         tp,
-                        last,
-                        expected: stage.expected,
+                        claim: stage.claim,
                         files,
                     },
                 });
@@ -532,12 +576,7 @@ impl Sink {
 
     /// Applies a committed flush: positions move on, fenced partitions
     /// start over from the lake, and Kafka's offsets follow.
-    async fn on_flushed(
-        &mut self,
-        source: &Source,
-        done: Flushed,
-        mode: CommitMode,
-    ) -> Result<(), PipelineError> {
+    async fn on_flushed(&mut self, done: Flushed, mode: CommitMode) -> Result<(), PipelineError> {
         let mut kafka = Vec::new();
         for l in &done.landed {
             match l.fate {
@@ -545,36 +584,20 @@ impl Sink {
                     self.meters
                         .table(table_of(&l.tp.topic))
                         .landed_source_ms(l.newest_source_ms);
-                    if let Some(p) = self.positions.get_mut(&l.tp) {
-                        p.committed(l.ticket, l.last);
+                    if self.partitions.is_assigned(&l.tp) {
+                        self.partitions.committed(&l.tp, l.ticket, l.last);
                         kafka.push((l.tp.clone(), l.last + 1));
                     }
                 }
                 Fate::Fenced => {
                     self.stats.fenced += 1;
                     self.meters.table(table_of(&l.tp.topic)).fenced.increment(1);
-                    // Whatever is buffered past the fenced write is dropped
-                    // too: the position is read again from the lake, and the
-                    // consumer sent there now, not at the partition's next
-                    // message (it may be quiet).
-                    if !self.positions.fence(&l.tp, Some(l.ticket), Some(l.first)) {
-                        continue;
-                    }
-                    self.segments.remove(&l.tp);
-                    self.learn_position(&l.tp).await?;
-                    if let Some(to) = self.positions.get_mut(&l.tp).and_then(|p| p.seek_now())
-                        && let Err(e) = source.seek(&l.tp, to)
-                    {
-                        // Revoked meanwhile, most likely; otherwise the next
-                        // message asks again.
-                        tracing::warn!(partition = %l.tp, error = %e, "seek after a fence failed");
-                        self.positions.fence(&l.tp, None, Some(to));
-                    }
+                    self.restart(&l.tp, l.ticket, l.first).await?;
                 }
             }
         }
         for (tp, last) in &done.rowless {
-            if self.positions.get(tp).is_some() {
+            if self.partitions.is_assigned(tp) {
                 kafka.push((tp.clone(), last + 1));
             }
         }
@@ -595,7 +618,7 @@ impl Sink {
             tracing::debug!(table = %c.table, version = ?o.version, files = o.files, rows = o.rows,
                 bytes = o.bytes, ms = c.took.as_millis() as u64, "committed");
         }
-        if let Err(e) = source.commit(&kafka, mode) {
+        if let Err(e) = self.source.commit(&kafka, mode) {
             // Only lag reporting suffers: the lake has the positions.
             tracing::warn!(error = %e, "committing Kafka offsets failed");
         }
@@ -606,11 +629,7 @@ impl Sink {
 /// A NULL where PostgreSQL allows none: the connector lost the value (the
 /// row lands as it came, NULL included). Said once per table and column at
 /// WARN, counted every time.
-fn report_lost_values(
-    reported: &mut HashSet<(String, String)>,
-    table: &str,
-    row: &crate::decode::ChangeRow,
-) {
+fn report_lost_values(reported: &mut HashSet<(String, String)>, table: &str, row: &ChangeRow) {
     for &i in &row.null_in_required {
         let column = &row.schema.columns[i].name;
         metrics::counter!(t::NULL_IN_REQUIRED, "table" => table.to_string(), "column" => column.clone())

@@ -16,9 +16,10 @@ use futures::future::try_join_all;
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 
-use crate::lake::{CommitOutcome, Lake, LakeError, PartitionWrite, Staged};
-use crate::position::{Ticket, Tp};
+use crate::lake::LakeError;
+use crate::lake::changelog::{Changelog, CommitOutcome, PartitionWrite, Staged};
 use crate::retry::{Dependency, with_retry};
+use crate::source::position::{Ticket, Tp};
 
 /// Flushes staged ahead of the one being committed.
 const STAGE_AHEAD: usize = 2;
@@ -113,7 +114,7 @@ struct InFlight {
 }
 
 impl Committer {
-    pub fn spawn(lake: Arc<Lake>, give_up: Duration) -> Committer {
+    pub fn spawn(lake: Arc<Changelog>, give_up: Duration) -> Committer {
         let (flushes, rx) = mpsc::unbounded_channel();
         // Unbounded both ways: the loop bounds what is in flight by bytes
         // (see `pipeline`), and a bounded result channel could deadlock a
@@ -174,7 +175,7 @@ impl Committer {
 }
 
 async fn run(
-    lake: Arc<Lake>,
+    lake: Arc<Changelog>,
     give_up: Duration,
     mut rx: mpsc::UnboundedReceiver<Flush>,
     tx: mpsc::UnboundedSender<Result<Flushed, LakeFailed>>,
@@ -215,7 +216,11 @@ struct StagedFlush {
     rowless: Vec<(Tp, i64)>,
 }
 
-async fn stage(lake: &Lake, give_up: Duration, flush: Flush) -> Result<StagedFlush, LakeFailed> {
+async fn stage(
+    lake: &Changelog,
+    give_up: Duration,
+    flush: Flush,
+) -> Result<StagedFlush, LakeFailed> {
     let tables = try_join_all(flush.tables.into_iter().map(
         |TableFlush { table, writes }| async move {
             let started = Instant::now();
@@ -242,7 +247,11 @@ async fn stage(lake: &Lake, give_up: Duration, flush: Flush) -> Result<StagedFlu
     })
 }
 
-async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Flushed, LakeFailed> {
+async fn commit(
+    lake: &Changelog,
+    give_up: Duration,
+    flush: StagedFlush,
+) -> Result<Flushed, LakeFailed> {
     let tables = try_join_all(flush.tables.into_iter().map(|t| async move {
         let outcome = with_retry(Dependency::Lake, give_up, LakeError::is_retryable, || {
             lake.commit(&t.staged)
@@ -267,7 +276,7 @@ async fn commit(lake: &Lake, give_up: Duration, flush: StagedFlush) -> Result<Fl
                     tp: tp.clone(),
                     ticket: w.ticket,
                     first: w.first,
-                    last: w.write.last,
+                    last: w.write.claim.last,
                     newest_source_ms: w.newest_source_ms,
                     fate,
                 }
@@ -305,10 +314,11 @@ mod tests {
 
     use super::*;
     use crate::config::{LakeConfig, OutputConfig};
-    use crate::encode::writer_properties;
-    use crate::lake::DataFile;
-    use crate::position::Positions;
-    use crate::schema::meta;
+    use crate::decode::schema::meta;
+    use crate::lake::changelog::DataFile;
+    use crate::lake::files::{FileWriter, writer_properties};
+    use crate::lake::table::LakeRoot;
+    use crate::source::position::{Position, Tickets};
 
     fn batch(offset: i64) -> RecordBatch {
         RecordBatch::try_new(
@@ -334,19 +344,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn back_to_back_flushes_of_new_tables_all_commit_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = Arc::new(Lake::at(
-            Url::from_directory_path(dir.path()).unwrap(),
-            HashMap::new(),
+        let lake = Arc::new(Changelog::new(
+            LakeRoot::at(
+                Url::from_directory_path(dir.path()).unwrap(),
+                HashMap::new(),
+            ),
             "g",
-            writer_properties(&OutputConfig::default()),
+            FileWriter::new(writer_properties(&OutputConfig::default())),
             &LakeConfig::default(),
         ));
         let tables = ["a", "b", "c", "d"];
-        let mut positions = Positions::default();
+        let mut tickets = Tickets::default();
+        let mut positions = HashMap::new();
         for t in tables {
-            let tp = Tp::new(format!("db.{t}"), 0);
-            positions.assign(tp.clone());
-            positions.get_mut(&tp).unwrap().learn(None);
+            let mut p = Position::new(tickets.issue());
+            p.learn(None);
+            positions.insert(Tp::new(format!("db.{t}"), 0), p);
         }
         let mut committer = Committer::spawn(lake.clone(), Duration::from_secs(5));
         let flushes = 6;
@@ -366,8 +379,7 @@ mod tests {
                             newest_source_ms: 0,
                             write: PartitionWrite {
                                 tp,
-                                last: offset,
-                                expected: stage.expected,
+                                claim: stage.claim,
                                 files: vec![DataFile {
                                     date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
                                     batch: batch(offset),

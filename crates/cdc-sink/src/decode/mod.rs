@@ -10,6 +10,8 @@
 //! Debezium envelope (`{}`, `[]`, `{"payload":null}`, an empty value) is an
 //! error, and the pipeline quarantines it.
 
+pub mod schema;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -21,7 +23,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema, is_numeric_special};
+use crate::decode::schema::{
+    ColumnType, ConnectSchema, SchemaError, TableSchema, is_numeric_special,
+};
 
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
@@ -923,8 +927,8 @@ pub(crate) mod tests {
     }
 
     /// Real events captured from the local stack by tests/capture-fixtures.sh.
-    pub(crate) const TYPE_ZOO: &str = include_str!("../tests/fixtures/type_zoo.jsonl");
-    pub(crate) const TWITTER: &str = include_str!("../tests/fixtures/twitter.jsonl");
+    pub(crate) const TYPE_ZOO: &str = include_str!("../../tests/fixtures/type_zoo.jsonl");
+    pub(crate) const TWITTER: &str = include_str!("../../tests/fixtures/twitter.jsonl");
 
     fn decode_all(d: &mut Decoder, corpus: &str) -> Vec<Decoded> {
         corpus
@@ -972,7 +976,7 @@ pub(crate) mod tests {
 
     /// Real events through the project's converter (tests/capture-fixtures.sh
     /// exact): a snapshot read, an insert, an update, a delete, a tombstone.
-    pub(crate) const EXACT: &str = include_str!("../tests/fixtures/exact_zoo.jsonl");
+    pub(crate) const EXACT: &str = include_str!("../../tests/fixtures/exact_zoo.jsonl");
 
     #[test]
     fn numeric_specials_land_as_text_beside_the_decimal() {

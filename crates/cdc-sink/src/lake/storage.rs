@@ -58,10 +58,28 @@ pub fn options(s3: &S3Config) -> Result<HashMap<String, String>, ConfigError> {
     Ok(o)
 }
 
+/// How one S3 request is retried, for every client the sink builds (tables,
+/// quarantine, upkeep): a few quick attempts against a blip. Longer outages
+/// are the caller's to wait out, with the give-up time of [`crate::retry`];
+/// an unbounded retry here would hide them from it.
+fn request_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(15),
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+    }
+}
+
 /// An S3 client from storage options (object_store's `aws_*` keys, any
 /// case). Conditional put is set explicitly: commits rely on it.
 fn builder(options: &HashMap<String, String>) -> object_store::Result<AmazonS3Builder> {
-    let mut b = AmazonS3Builder::new().with_conditional_put(S3ConditionalPut::ETagMatch);
+    let mut b = AmazonS3Builder::new()
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        .with_retry(request_retry());
     for (key, value) in options {
         b = b.with_config(
             AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase())?,
@@ -71,9 +89,8 @@ fn builder(options: &HashMap<String, String>) -> object_store::Result<AmazonS3Bu
     Ok(b)
 }
 
-/// The quarantine's store: the bucket itself, its requests retried by
-/// object_store for up to `retry_for`.
-pub fn s3_store(cfg: &S3Config, retry_for: Duration) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+/// The bucket itself (the quarantine's store), built as the tables' are.
+pub fn s3_store(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, ConfigError> {
     let invalid = |e: object_store::Error| ConfigError::Invalid {
         key: "s3",
         reason: e.to_string(),
@@ -81,11 +98,6 @@ pub fn s3_store(cfg: &S3Config, retry_for: Duration) -> Result<Arc<dyn ObjectSto
     let store = builder(&options(cfg)?)
         .map_err(invalid)?
         .with_bucket_name(&cfg.bucket)
-        .with_retry(object_store::RetryConfig {
-            max_retries: usize::MAX,
-            retry_timeout: retry_for,
-            backoff: object_store::BackoffConfig::default(),
-        })
         .build()
         .map_err(invalid)?;
     Ok(Arc::new(store))

@@ -1,13 +1,18 @@
 //! The Kafka side: a consumer-group member whose offsets are only ever
 //! committed by hand, plus what it observes about rebalances and broker
-//! health.
+//! health; and [`position`], where each assigned partition stands.
 //!
-//! [`Source`] wraps the rdkafka `StreamConsumer`. Rebalances are reported as
+//! [`Source`] is what the loop needs of its input; [`KafkaSource`] wraps
+//! the rdkafka `StreamConsumer` (the pipeline's tests drive the loop with a
+//! scripted one). Rebalances are reported as
 //! [`Rebalance`] events on a channel that the pipeline drains before every
 //! message, so buffers of revoked partitions are dropped before anything
 //! else happens. Kafka's committed offsets are written for lag tools only:
 //! where a partition resumes is decided by the lake (see `position`).
 
+pub mod position;
+
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +28,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
-use crate::position::Tp;
+use crate::source::position::Tp;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalance {
@@ -105,19 +110,49 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-pub struct Source {
-    pub consumer: StreamConsumer<SourceContext>,
+/// What the loop needs of its input.
+pub trait Source {
+    type Message<'a>: rdkafka::Message
+    where
+        Self: 'a;
+
+    /// The next message of any assigned, unpaused partition. Cancel safe.
+    fn recv(&self) -> impl Future<Output = KafkaResult<Self::Message<'_>>> + Send;
+
+    /// Commits `offset` (the next to read) for each partition, for lag
+    /// tools: nothing in the sink reads these back.
+    fn commit(&self, offsets: &[(Tp, i64)], mode: CommitMode) -> KafkaResult<()>;
+
+    /// Stops fetching every assigned partition until [`Source::resume`];
+    /// the group membership holds meanwhile.
+    fn pause(&self) -> KafkaResult<()>;
+
+    fn resume(&self) -> KafkaResult<()>;
+
+    /// Sends the consumer of one partition to `offset`; whatever was
+    /// fetched before is discarded.
+    fn seek(&self, tp: &Tp, offset: i64) -> KafkaResult<()>;
+
+    /// Messages not yet committed over the assigned partitions.
+    fn lag(&self) -> i64;
+
+    /// How long since a broker was last heard from.
+    fn broker_down_for(&self) -> Duration;
+}
+
+pub struct KafkaSource {
+    consumer: StreamConsumer<SourceContext>,
     last_broker_up: Arc<Mutex<Instant>>,
     lag: Arc<AtomicI64>,
 }
 
 /// Rebalances, in the order librdkafka reported them. Kept apart from
-/// [`Source`] so that draining them never conflicts with a message still
+/// the source so that draining them never conflicts with a message still
 /// borrowed from the consumer.
 pub type Rebalances = mpsc::UnboundedReceiver<Rebalance>;
 
-impl Source {
-    pub fn connect(cfg: &KafkaConfig) -> KafkaResult<(Source, Rebalances)> {
+impl KafkaSource {
+    pub fn connect(cfg: &KafkaConfig) -> KafkaResult<(KafkaSource, Rebalances)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_broker_up = Arc::new(Mutex::new(Instant::now()));
         let lag = Arc::new(AtomicI64::new(0));
@@ -172,7 +207,7 @@ impl Source {
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok((
-            Source {
+            KafkaSource {
                 consumer,
                 last_broker_up,
                 lag,
@@ -180,20 +215,25 @@ impl Source {
             rx,
         ))
     }
+}
 
-    /// Messages not yet committed over the assigned partitions, as of
-    /// librdkafka's last statistics.
-    pub fn lag(&self) -> i64 {
+impl Source for KafkaSource {
+    type Message<'a> = rdkafka::message::BorrowedMessage<'a>;
+
+    fn recv(&self) -> impl Future<Output = KafkaResult<Self::Message<'_>>> + Send {
+        self.consumer.recv()
+    }
+
+    /// As of librdkafka's last statistics (every 5 s).
+    fn lag(&self) -> i64 {
         self.lag.load(Ordering::Relaxed)
     }
 
-    pub fn broker_down_for(&self) -> Duration {
+    fn broker_down_for(&self) -> Duration {
         self.last_broker_up.lock().expect("not poisoned").elapsed()
     }
 
-    /// Commits `offset` (the next to read) for each partition, for lag
-    /// tools: nothing in the sink reads these back.
-    pub fn commit(&self, offsets: &[(Tp, i64)], mode: CommitMode) -> KafkaResult<()> {
+    fn commit(&self, offsets: &[(Tp, i64)], mode: CommitMode) -> KafkaResult<()> {
         if offsets.is_empty() {
             return Ok(());
         }
@@ -204,21 +244,18 @@ impl Source {
         self.consumer.commit(&tpl, mode)
     }
 
-    /// Stops fetching every assigned partition. librdkafka keeps serving
-    /// the group (heartbeats, rebalances) and drops what it had prefetched;
-    /// after [`Source::resume`] it fetches again from the next offset the
-    /// pipeline has not received.
-    pub fn pause(&self) -> KafkaResult<()> {
+    /// librdkafka keeps serving the group (heartbeats, rebalances) and
+    /// drops what it had prefetched; after [`Source::resume`] it fetches
+    /// again from the next offset the pipeline has not received.
+    fn pause(&self) -> KafkaResult<()> {
         self.consumer.pause(&self.consumer.assignment()?)
     }
 
-    pub fn resume(&self) -> KafkaResult<()> {
+    fn resume(&self) -> KafkaResult<()> {
         self.consumer.resume(&self.consumer.assignment()?)
     }
 
-    /// Sends the consumer of one partition to `offset`. librdkafka discards
-    /// whatever it had fetched before the seek.
-    pub fn seek(&self, tp: &Tp, offset: i64) -> KafkaResult<()> {
+    fn seek(&self, tp: &Tp, offset: i64) -> KafkaResult<()> {
         // librdkafka refuses a seek to an absolute 0 on some versions;
         // the beginning is the same place.
         let to = if offset == 0 {

@@ -11,8 +11,8 @@
 //!   consumer is sent there (Kafka's committed offsets are only a lag
 //!   report and may be behind or ahead);
 //! - a commit must find the version it was built on, or another writer got
-//!   there first ([`Stage::expected`]); the caller then discards its work
-//!   and calls [`Positions::fence`], which starts over.
+//!   there first: [`Claim::judge`] says which, and a fenced partition
+//!   starts over ([`Position::fence`]).
 //!
 //! Commits are pipelined: a partition's next write is handed over
 //! ([`Position::stage`]) while its previous one is still in flight, so it
@@ -21,9 +21,9 @@
 //! assignment issues new tickets, so the outcome of a write staged before
 //! it (committed or fenced) no longer moves the position.
 //!
-//! Call sites never compare offsets themselves.
-
-use std::collections::HashMap;
+//! Call sites never compare offsets themselves. The pipeline keeps one
+//! [`Position`] per assigned partition, together with what that partition
+//! has buffered (`pipeline::partition`).
 
 /// A topic and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,13 +77,59 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket(u64);
 
+/// Issues tickets, never the same twice (across reassignments too).
+#[derive(Debug, Default)]
+pub struct Tickets {
+    issued: u64,
+}
+
+impl Tickets {
+    pub fn issue(&mut self) -> Ticket {
+        self.issued += 1;
+        Ticket(self.issued)
+    }
+}
+
 /// A write handed over for committing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stage {
+    pub claim: Claim,
+    pub ticket: Ticket,
+}
+
+/// What one partition's write claims of its table: the `txn` version it
+/// builds on and the one it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
     /// The `txn` version the table must hold when this write commits:
     /// anything else means another writer has committed since.
     pub expected: Option<i64>,
-    pub ticket: Ticket,
+    /// The write's last offset: the `txn` version it records.
+    pub last: i64,
+}
+
+/// Whether a write may commit, given the `txn` version the table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The table is where the write expects: commit it.
+    Commit,
+    /// The table already holds exactly this write: an earlier attempt of
+    /// it landed (its answer was lost and the commit retried).
+    Landed,
+    /// Another writer moved the partition: nothing of this write may land.
+    Fenced,
+}
+
+impl Claim {
+    pub fn judge(&self, found: Option<i64>) -> Verdict {
+        if found == self.expected {
+            Verdict::Commit
+        } else if found == Some(self.last) {
+            Verdict::Landed
+        } else {
+            Verdict::Fenced
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +148,9 @@ pub struct Position {
 }
 
 impl Position {
-    fn new(ticket: Ticket) -> Position {
+    /// A newly assigned partition: nothing is admitted before the lake's
+    /// version is learnt.
+    pub fn new(ticket: Ticket) -> Position {
         Position {
             state: State::Unknown,
             lake: None,
@@ -182,9 +230,34 @@ impl Position {
         debug_assert!(expected.is_none_or(|v| last > v));
         self.staged = Some(last);
         Stage {
-            expected,
+            claim: Claim { expected, last },
             ticket: self.ticket,
         }
+    }
+
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+
+    /// Another writer advanced this partition (or a seek failed):
+    /// everything buffered or in flight from `dropped_from` on is dropped,
+    /// and the position is read again from the lake. With `staged_by`, only
+    /// if this is still the position that staged the fenced write; returns
+    /// whether it started over.
+    pub fn fence(
+        &mut self,
+        tickets: &mut Tickets,
+        staged_by: Option<Ticket>,
+        dropped_from: Option<i64>,
+    ) -> bool {
+        if staged_by.is_some_and(|t| t != self.ticket) {
+            return false;
+        }
+        *self = Position {
+            dropped_from,
+            ..Position::new(tickets.issue())
+        };
+        true
     }
 
     /// A write holding offsets up to `last` landed. Ignored when the write
@@ -200,58 +273,6 @@ impl Position {
     }
 }
 
-/// The positions of the partitions this sink is assigned.
-#[derive(Debug, Default)]
-pub struct Positions {
-    parts: HashMap<Tp, Position>,
-    /// Tickets ever issued: never reused, across reassignments too.
-    issued: u64,
-}
-
-impl Positions {
-    fn ticket(&mut self) -> Ticket {
-        self.issued += 1;
-        Ticket(self.issued)
-    }
-
-    pub fn assign(&mut self, tp: Tp) {
-        let ticket = self.ticket();
-        self.parts.insert(tp, Position::new(ticket));
-    }
-
-    pub fn revoke(&mut self, tp: &Tp) {
-        self.parts.remove(tp);
-    }
-
-    pub fn get_mut(&mut self, tp: &Tp) -> Option<&mut Position> {
-        self.parts.get_mut(tp)
-    }
-
-    pub fn get(&self, tp: &Tp) -> Option<&Position> {
-        self.parts.get(tp)
-    }
-
-    /// Another writer advanced `tp` (or a seek failed): everything buffered
-    /// or in flight from `dropped_from` on is dropped, and the position is
-    /// read again from the lake. With `ticket`, only if the position is
-    /// still the one that staged the fenced write; returns whether it
-    /// started over.
-    pub fn fence(&mut self, tp: &Tp, ticket: Option<Ticket>, dropped_from: Option<i64>) -> bool {
-        let fresh = self.ticket();
-        let Some(p) = self.parts.get_mut(tp) else {
-            return false;
-        };
-        if ticket.is_some_and(|t| t != p.ticket) {
-            return false;
-        }
-        *p = Position {
-            dropped_from,
-            ..Position::new(fresh)
-        };
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,13 +283,31 @@ mod tests {
         p
     }
 
-    /// One assigned partition whose lake version is `lake`.
-    fn assigned(lake: Option<i64>) -> (Positions, Tp) {
-        let mut ps = Positions::default();
-        let tp = Tp::new("t", 0);
-        ps.assign(tp.clone());
-        ps.get_mut(&tp).unwrap().learn(lake);
-        (ps, tp)
+    /// A newly assigned partition whose lake version is `lake`, and the
+    /// tickets it was issued from.
+    fn assigned(lake: Option<i64>) -> (Position, Tickets) {
+        let mut tickets = Tickets::default();
+        let mut p = Position::new(tickets.issue());
+        p.learn(lake);
+        (p, tickets)
+    }
+
+    #[test]
+    fn a_claim_commits_only_on_the_version_it_builds_on() {
+        let claim = Claim {
+            expected: Some(10),
+            last: 14,
+        };
+        assert_eq!(claim.judge(Some(10)), Verdict::Commit);
+        assert_eq!(claim.judge(Some(14)), Verdict::Landed);
+        assert_eq!(claim.judge(Some(12)), Verdict::Fenced);
+        assert_eq!(claim.judge(None), Verdict::Fenced);
+        let first = Claim {
+            expected: None,
+            last: 3,
+        };
+        assert_eq!(first.judge(None), Verdict::Commit);
+        assert_eq!(first.judge(Some(3)), Verdict::Landed);
     }
 
     #[test]
@@ -316,32 +355,30 @@ mod tests {
         let mut p = known(Some(10));
         assert_eq!(p.admit(11), Admit::Accept);
         let first = p.stage(11);
-        assert_eq!(first.expected, Some(10));
+        assert_eq!(first.claim.expected, Some(10));
         assert_eq!(p.admit(12), Admit::Accept);
         assert_eq!(p.admit(13), Admit::Accept);
         // Staged while the first is still in flight: it builds on it.
         let second = p.stage(13);
-        assert_eq!(second.expected, Some(11));
+        assert_eq!(second.claim.expected, Some(11));
         p.committed(first.ticket, 11);
         p.committed(second.ticket, 13);
         assert_eq!(p.admit(14), Admit::Accept);
-        assert_eq!(p.stage(14).expected, Some(13));
+        assert_eq!(p.stage(14).claim.expected, Some(13));
     }
 
     #[test]
     fn fencing_starts_over_from_the_lake() {
-        let (mut ps, tp) = assigned(Some(10));
-        let p = ps.get_mut(&tp).unwrap();
+        let (mut p, mut tickets) = assigned(Some(10));
         assert_eq!(p.admit(11), Admit::Accept);
         let stage = p.stage(11);
-        assert!(ps.fence(&tp, Some(stage.ticket), Some(11)));
-        let p = ps.get_mut(&tp).unwrap();
+        assert!(p.fence(&mut tickets, Some(stage.ticket), Some(11)));
         assert_eq!(p.admit(12), Admit::NeedsLakeVersion);
         p.learn(Some(40));
         assert_eq!(p.admit(12), Admit::Skip);
         assert_eq!(p.admit(41), Admit::Accept);
         assert_eq!(
-            p.stage(41).expected,
+            p.stage(41).claim.expected,
             Some(40),
             "nothing staged before survives"
         );
@@ -351,33 +388,29 @@ mod tests {
     /// position: it has been read again from the lake.
     #[test]
     fn outcomes_of_writes_staged_before_a_fence_are_ignored() {
-        let (mut ps, tp) = assigned(Some(10));
-        let p = ps.get_mut(&tp).unwrap();
+        let (mut p, mut tickets) = assigned(Some(10));
         p.admit(11);
         let first = p.stage(11);
         p.admit(12);
         let second = p.stage(12);
-        assert!(ps.fence(&tp, Some(first.ticket), Some(11)));
+        assert!(p.fence(&mut tickets, Some(first.ticket), Some(11)));
         // The second write was fenced too, after the position started over.
-        assert!(!ps.fence(&tp, Some(second.ticket), Some(12)));
-        let p = ps.get_mut(&tp).unwrap();
+        assert!(!p.fence(&mut tickets, Some(second.ticket), Some(12)));
         p.learn(Some(30));
         p.committed(second.ticket, 12);
         assert_eq!(p.admit(31), Admit::Accept);
-        assert_eq!(p.stage(31).expected, Some(30));
+        assert_eq!(p.stage(31).claim.expected, Some(30));
         // A reassignment issues a new ticket as well.
-        let old = ps.get(&tp).unwrap().ticket;
-        ps.revoke(&tp);
-        ps.assign(tp.clone());
-        assert!(!ps.fence(&tp, Some(old), None));
+        let old = p.ticket();
+        let mut p = Position::new(tickets.issue());
+        assert!(!p.fence(&mut tickets, Some(old), None));
     }
 
     #[test]
     fn a_fenced_partition_seeks_without_waiting_for_a_message() {
-        let (mut ps, tp) = assigned(Some(10));
-        assert_eq!(ps.get_mut(&tp).unwrap().admit(11), Admit::Accept);
-        assert!(ps.fence(&tp, None, Some(11)));
-        let p = ps.get_mut(&tp).unwrap();
+        let (mut p, mut tickets) = assigned(Some(10));
+        assert_eq!(p.admit(11), Admit::Accept);
+        assert!(p.fence(&mut tickets, None, Some(11)));
         p.learn(Some(20));
         assert_eq!(p.seek_now(), Some(21));
         assert_eq!(p.admit(15), Admit::Skip, "fetched before the seek");
@@ -390,10 +423,9 @@ mod tests {
     /// rows it dropped: reading resumes at the first of them.
     #[test]
     fn a_fence_before_any_commit_resumes_at_the_dropped_rows() {
-        let (mut ps, tp) = assigned(None);
-        assert_eq!(ps.get_mut(&tp).unwrap().admit(0), Admit::Accept);
-        assert!(ps.fence(&tp, None, Some(0)));
-        let p = ps.get_mut(&tp).unwrap();
+        let (mut p, mut tickets) = assigned(None);
+        assert_eq!(p.admit(0), Admit::Accept);
+        assert!(p.fence(&mut tickets, None, Some(0)));
         assert_eq!(p.admit(50), Admit::NeedsLakeVersion);
         p.learn(None);
         assert_eq!(p.admit(50), Admit::SeekTo(0));

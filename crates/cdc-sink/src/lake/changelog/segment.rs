@@ -1,5 +1,5 @@
-//! Buffering: one open [`Segment`] per Kafka partition, and the
-//! [`RollPolicy`] that decides when it closes.
+//! The changelog's rows in memory: one open [`Segment`] per Kafka
+//! partition, until the [`RollPolicy`](super::roll::RollPolicy) closes it.
 //!
 //! A segment covers a contiguous offset range of one partition. Its rows are
 //! grouped by (schema, event date) into [`Group`]s, each of which becomes one
@@ -7,7 +7,7 @@
 //! date change never fails a write: it just starts another file.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::array::{
     ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
@@ -18,48 +18,10 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
-use crate::config::FlushConfig;
+use crate::decode::schema::{ColumnType, TableSchema};
 use crate::decode::{ChangeRow, Datum};
-use crate::lake::DataFile;
-use crate::schema::{ColumnType, TableSchema};
-
-/// When a segment closes: whichever limit is reached first.
-#[derive(Debug, Clone, Copy)]
-pub struct RollPolicy {
-    pub max_rows: usize,
-    pub max_bytes: usize,
-    pub max_age: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RollReason {
-    Rows,
-    Bytes,
-    Age,
-}
-
-impl RollPolicy {
-    /// The limits `flush.*` configures.
-    pub fn from_config(flush: &FlushConfig) -> RollPolicy {
-        RollPolicy {
-            max_rows: flush.max_rows,
-            max_bytes: flush.max_bytes,
-            max_age: Duration::from_millis(flush.max_age_ms),
-        }
-    }
-
-    pub fn check(&self, rows: usize, bytes: usize, age: Duration) -> Option<RollReason> {
-        if rows >= self.max_rows {
-            Some(RollReason::Rows)
-        } else if bytes >= self.max_bytes {
-            Some(RollReason::Bytes)
-        } else if age >= self.max_age {
-            Some(RollReason::Age)
-        } else {
-            None
-        }
-    }
-}
+use crate::lake::changelog::DataFile;
+use crate::lake::changelog::roll::{RollPolicy, RollReason};
 
 /// Rows of one schema and one event date.
 pub struct Group {
@@ -307,22 +269,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn policy_rolls_on_first_limit_reached() {
-        let p = RollPolicy {
-            max_rows: 10,
-            max_bytes: 100,
-            max_age: Duration::from_secs(10),
-        };
-        assert_eq!(p.check(9, 99, Duration::from_secs(9)), None);
-        assert_eq!(p.check(10, 0, Duration::ZERO), Some(RollReason::Rows));
-        assert_eq!(p.check(0, 100, Duration::ZERO), Some(RollReason::Bytes));
-        assert_eq!(
-            p.check(0, 0, Duration::from_secs(10)),
-            Some(RollReason::Age)
-        );
-    }
-
-    #[test]
     fn buffered_bytes_are_decoded_rows_not_messages() {
         let mut d = crate::decode::Decoder::new();
         let mut seg = Segment::new(0);
@@ -359,7 +305,7 @@ mod tests {
         let files = seg.into_files().unwrap();
         let unchanged = files[0]
             .batch
-            .column_by_name(crate::schema::meta::UNCHANGED)
+            .column_by_name(crate::decode::schema::meta::UNCHANGED)
             .unwrap()
             .as_list::<i32>()
             .value(0);

@@ -12,7 +12,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::position::Tp;
+use crate::source::position::Tp;
 
 /// What is kept of a message that could not be decoded: everything needed
 /// to replay it by hand once the cause is fixed.

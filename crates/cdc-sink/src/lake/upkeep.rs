@@ -35,29 +35,26 @@ use bytes::Bytes;
 use deltalake::checkpoints::{cleanup_metadata, create_checkpoint};
 use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, Add, Remove, StructType, Transaction};
+use deltalake::kernel::{Action, Remove, StructType, Transaction};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
 use deltalake::table::config::TablePropertiesExt;
 use deltalake::table::state::DeltaTableState;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
-use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
-use url::Url;
 
 use crate::config::{LakeConfig, SinkConfig};
-use crate::encode::{encode, writer_properties};
-use crate::lake::{Lake, LakeError};
-use crate::schema::meta;
+use crate::decode::schema::meta;
+use crate::lake::LakeError;
+use crate::lake::files::{FileError, FileWriter, PartitionValues, now_ms, writer_properties};
+use crate::lake::table::LakeRoot;
 
 /// The `txn` app id of compaction commits; see the module docs.
 const COMPACTION_APP_ID: &str = "cdc-sink-upkeep:compaction";
-/// Not a table: where the sink keeps messages it could not read.
-const QUARANTINE_DIR: &str = "_quarantine";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpkeepError {
@@ -70,13 +67,7 @@ pub enum UpkeepError {
         #[source]
         source: DeltaTableError,
     },
-    #[error("listing the tables under {root}")]
-    List {
-        root: String,
-        #[source]
-        source: object_store::Error,
-    },
-    #[error("reading or writing data file `{path}`")]
+    #[error("reading data file `{path}`")]
     Store {
         path: String,
         #[source]
@@ -94,11 +85,11 @@ pub enum UpkeepError {
         #[source]
         source: ArrowError,
     },
-    #[error("encoding a compacted file of table `{table}`")]
-    Encode {
+    #[error("writing a compacted file of table `{table}`")]
+    File {
         table: String,
         #[source]
-        source: ParquetError,
+        source: FileError,
     },
     /// Dropping the column would lose data, so the partition is not
     /// compacted at all.
@@ -175,9 +166,8 @@ struct LastCheckpoint {
 }
 
 pub struct Upkeep {
-    root: Url,
-    storage: HashMap<String, String>,
-    props: WriterProperties,
+    root: LakeRoot,
+    files: FileWriter,
     lake: LakeConfig,
     options: UpkeepOptions,
 }
@@ -185,10 +175,11 @@ pub struct Upkeep {
 /// Runs upkeep on every table of the configured lake, logging one line per
 /// table.
 pub async fn run(cfg: &SinkConfig, dry_run: bool) -> Result<Vec<TableReport>, UpkeepError> {
-    let lake = Lake::from_config(cfg).map_err(|e| UpkeepError::Lake(Box::new(e)))?;
+    let root =
+        LakeRoot::new(&cfg.s3, &cfg.output.prefix).map_err(|e| UpkeepError::Lake(Box::new(e)))?;
     Upkeep::new(
-        &lake,
-        writer_properties(&cfg.output),
+        root,
+        FileWriter::new(writer_properties(&cfg.output)),
         &cfg.lake,
         UpkeepOptions::new(&cfg.lake, dry_run),
     )
@@ -213,18 +204,17 @@ fn is_conflict(e: &DeltaTableError) -> bool {
 }
 
 impl Upkeep {
-    /// Upkeep for the tables of `lake` (same root and credentials), writing
-    /// with the sink's Parquet properties.
+    /// Upkeep for the tables under `root`, writing with `files` (the
+    /// sink's Parquet properties).
     pub fn new(
-        lake: &Lake,
-        props: WriterProperties,
+        root: LakeRoot,
+        files: FileWriter,
         config: &LakeConfig,
         options: UpkeepOptions,
     ) -> Upkeep {
         Upkeep {
-            root: lake.root().clone(),
-            storage: lake.storage().clone(),
-            props,
+            root,
+            files,
             lake: config.clone(),
             options,
         }
@@ -256,49 +246,15 @@ impl Upkeep {
 
     /// The top-level directories under the root that hold a Delta table.
     pub async fn tables(&self) -> Result<Vec<String>, UpkeepError> {
-        let list_err = |source| UpkeepError::List {
-            root: self.root.to_string(),
-            source,
-        };
-        let store = DeltaTableBuilder::from_url(self.root.clone())
-            .and_then(|b| b.with_storage_options(self.storage.clone()).build_storage())
-            .map_err(|source| UpkeepError::Delta {
-                table: self.root.to_string(),
-                source,
-            })?
-            .object_store(None);
-        let listing = store.list_with_delimiter(None).await.map_err(list_err)?;
-        let mut tables = Vec::new();
-        for dir in listing.common_prefixes {
-            let Some(name) = dir.filename().map(str::to_string) else {
-                continue;
-            };
-            if name == QUARANTINE_DIR {
-                continue;
-            }
-            let log = store
-                .list_with_delimiter(Some(&dir.clone().join("_delta_log")))
-                .await
-                .map_err(list_err)?;
-            if !log.objects.is_empty() {
-                tables.push(name);
-            }
-        }
-        tables.sort();
-        Ok(tables)
+        self.root
+            .tables()
+            .await
+            .map_err(|e| UpkeepError::Lake(Box::new(e)))
     }
 
     async fn open(&self, table: &str) -> Result<DeltaTable, UpkeepError> {
-        let url = self
-            .root
-            .join(&format!("{table}/"))
-            .expect("a directory name is a valid URL path segment");
         let err = delta_err(table);
-        let mut t = DeltaTableBuilder::from_url(url)
-            .map_err(&err)?
-            .with_storage_options(self.storage.clone())
-            .build()
-            .map_err(&err)?;
+        let mut t = self.root.handle(table).map_err(&err)?;
         t.load().await.map_err(&err)?;
         Ok(t)
     }
@@ -472,35 +428,27 @@ impl Upkeep {
             let batch = self
                 .rewrite(table, &store, &schema, &partition_columns, bin)
                 .await?;
-            let bytes = encode(&batch, &self.props).map_err(|source| UpkeepError::Encode {
-                table: table.to_string(),
-                source,
-            })?;
-            let path = new_file_path(&partition_columns, &bin.partition_values);
-            let size = bytes.len() as i64;
-            store
-                .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+            let partition: PartitionValues = partition_columns
+                .iter()
+                .map(|c| (c.clone(), bin.partition_values.get(c).cloned().flatten()))
+                .collect();
+            // Rows already in the table, rewritten: not a data change.
+            let add = self
+                .files
+                .put(store.as_ref(), partition, &batch, false)
                 .await
-                .map_err(|source| UpkeepError::Store {
-                    path: format!("{table}/{path}"),
+                .map_err(|source| UpkeepError::File {
+                    table: table.to_string(),
                     source,
                 })?;
-            written.push(Path::from(path.as_str()));
+            written.push(Path::from(add.path.as_str()));
             actions.extend(bin.files.iter().map(|f| Action::Remove(f.remove.clone())));
-            actions.push(Action::Add(Add {
-                path,
-                partition_values: bin.partition_values.clone(),
-                size,
-                modification_time: chrono::Utc::now().timestamp_millis(),
-                data_change: false,
-                stats: Some(format!(r#"{{"numRecords":{}}}"#, batch.num_rows())),
-                ..Default::default()
-            }));
+            actions.push(Action::Add(add));
         }
         actions.push(Action::Txn(Transaction::new_with_last_update(
             COMPACTION_APP_ID,
             state.version() as i64,
-            Some(chrono::Utc::now().timestamp_millis()),
+            Some(now_ms()),
         )));
         let operation = DeltaOperation::Optimize {
             predicate: None,
@@ -693,18 +641,6 @@ fn sort_by_kafka_position(batch: &RecordBatch) -> Result<RecordBatch, ArrowError
     arrow::compute::take_record_batch(batch, &UInt32Array::from(order))
 }
 
-/// A fresh name in the partition's Hive-style directory, like the sink's.
-fn new_file_path(partition_columns: &[String], values: &HashMap<String, Option<String>>) -> String {
-    let mut path = String::new();
-    for column in partition_columns {
-        let value = values.get(column).cloned().flatten();
-        let value = value.as_deref().unwrap_or("__HIVE_DEFAULT_PARTITION__");
-        path.push_str(&format!("{column}={value}/"));
-    }
-    path.push_str(&format!("part-{}.parquet", uuid::Uuid::new_v4()));
-    path
-}
-
 /// Live files and their bytes.
 fn live_files(state: &DeltaTableState) -> (usize, i64) {
     state
@@ -724,8 +660,10 @@ mod tests {
 
     use super::*;
     use crate::config::OutputConfig;
-    use crate::lake::{DataFile, PartitionWrite};
-    use crate::position::Tp;
+    use crate::lake::changelog::{Changelog, DataFile, PartitionWrite};
+    use crate::lake::files::encode;
+    use crate::lake::table::QUARANTINE_DIR;
+    use crate::source::position::{Claim, Tp};
 
     const TABLE: &str = "tweets";
 
@@ -765,7 +703,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         root: std::path::PathBuf,
-        lake: Lake,
+        lake: Changelog,
         /// The `txn` version each Kafka partition is at.
         last: BTreeMap<i32, i64>,
         next_offset: BTreeMap<i32, i64>,
@@ -775,13 +713,10 @@ mod tests {
         fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().to_path_buf();
-            let lake = Lake::at(
-                Url::from_directory_path(&root).unwrap(),
+            let lake = changelog(LakeRoot::at(
+                url::Url::from_directory_path(&root).unwrap(),
                 HashMap::new(),
-                "test-group",
-                writer_properties(&OutputConfig::default()),
-                &lake_config(),
-            );
+            ));
             Fixture {
                 _dir: dir,
                 root,
@@ -811,8 +746,10 @@ mod tests {
                 }
                 writes.push(PartitionWrite {
                     tp: Fixture::tp(p),
-                    last: self.next_offset[&p] - 1,
-                    expected: self.last.get(&p).copied(),
+                    claim: Claim {
+                        expected: self.last.get(&p).copied(),
+                        last: self.next_offset[&p] - 1,
+                    },
                     files,
                 });
             }
@@ -825,8 +762,8 @@ mod tests {
 
         fn upkeep(&self, dry_run: bool) -> Upkeep {
             Upkeep::new(
-                &self.lake,
-                writer_properties(&OutputConfig::default()),
+                self.lake.root().clone(),
+                FileWriter::new(writer_properties(&OutputConfig::default())),
                 &lake_config(),
                 UpkeepOptions {
                     dry_run,
@@ -854,27 +791,27 @@ mod tests {
         }
 
         async fn table(&self) -> DeltaTable {
-            let mut t = DeltaTableBuilder::from_url(self.lake.table_url(TABLE))
-                .unwrap()
-                .build()
-                .unwrap();
+            let mut t = self.lake.root().handle(TABLE).unwrap();
             t.load().await.unwrap();
             t
         }
 
         async fn positions(&self) -> Vec<Option<i64>> {
             // A fresh lake: nothing cached from before the upkeep.
-            let lake = Lake::at(
-                self.lake.root().clone(),
-                HashMap::new(),
-                "test-group",
-                writer_properties(&OutputConfig::default()),
-                &lake_config(),
-            );
+            let lake = changelog(self.lake.root().clone());
             lake.positions(TABLE, &[Fixture::tp(0), Fixture::tp(1)])
                 .await
                 .unwrap()
         }
+    }
+
+    fn changelog(root: LakeRoot) -> Changelog {
+        Changelog::new(
+            root,
+            "test-group",
+            FileWriter::new(writer_properties(&OutputConfig::default())),
+            &lake_config(),
+        )
     }
 
     /// Live files per `date`, in no particular order.
