@@ -206,7 +206,8 @@ pub async fn run_with<S: Source>(
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            // The watch guard stays inside: the loop's future is Send.
+            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
             done = sink.committer.next() => {
                 let done = done.ok_or(PipelineError::CommitterStopped)??;
                 sink.on_flushed(done, CommitMode::Async).await?;
@@ -646,3 +647,6 @@ fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests;
