@@ -84,6 +84,7 @@ impl Writer {
             files: vec![DataFile {
                 date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
                 batch: rows(0, first..first + 10),
+                key: None,
             }],
         };
         let outcome = self.lake.write(TABLE, &[write]).await.unwrap();

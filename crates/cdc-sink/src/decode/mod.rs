@@ -225,6 +225,28 @@ const MAX_PREFIXES: usize = 32;
 /// Shapes with text siblings kept at most; past it the cache starts over.
 const MAX_SIBLING_SHAPES: usize = 1024;
 
+/// Key schemas kept; past it the cache starts over.
+const MAX_KEY_SCHEMAS: usize = 256;
+
+/// A Kafka key as Debezium's JSON converter writes it: the primary key
+/// columns' schema and values.
+#[derive(Deserialize)]
+struct KeyEnvelope<'a> {
+    #[serde(borrow, default)]
+    schema: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct KeySchema {
+    #[serde(default)]
+    fields: Vec<KeyField>,
+}
+
+#[derive(Deserialize)]
+struct KeyField {
+    field: String,
+}
+
 #[derive(Default)]
 pub struct Decoder {
     schemas: HashMap<u64, Arc<TableSchema>>,
@@ -232,6 +254,8 @@ pub struct Decoder {
     sibling_shapes: HashMap<(u64, Vec<usize>), (u64, Arc<TableSchema>)>,
     /// Raw schema JSON of recently seen schemas, most recent last.
     prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
+    /// Primary key columns, by the raw JSON of the key's schema.
+    keys: HashMap<String, Arc<[String]>>,
 }
 
 impl Decoder {
@@ -242,6 +266,27 @@ impl Decoder {
     /// Distinct schemas seen so far.
     pub fn schema_count(&self) -> usize {
         self.schemas.len()
+    }
+
+    /// The primary key columns a Kafka key names, in key order: what the
+    /// current-state tables are keyed by. `None` for a table without a
+    /// primary key (Debezium sends no key) or a key that is not Debezium's.
+    pub fn key_columns(&mut self, key: Option<&[u8]>) -> Option<Arc<[String]>> {
+        let envelope: KeyEnvelope<'_> = serde_json::from_slice(key?).ok()?;
+        let raw = envelope.schema?.get();
+        if let Some(columns) = self.keys.get(raw) {
+            return Some(columns.clone());
+        }
+        let schema: KeySchema = serde_json::from_str(raw).ok()?;
+        if schema.fields.is_empty() {
+            return None;
+        }
+        let columns: Arc<[String]> = schema.fields.into_iter().map(|f| f.field).collect();
+        if self.keys.len() >= MAX_KEY_SCHEMAS {
+            self.keys.clear();
+        }
+        self.keys.insert(raw.to_string(), columns.clone());
+        Some(columns)
     }
 
     /// Decodes one Kafka message value; `None` is a Kafka tombstone.
@@ -467,6 +512,20 @@ pub(crate) mod tests {
     use super::*;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD as BASE64;
+
+    #[test]
+    fn keys_name_the_primary_key_columns() {
+        let mut d = Decoder::new();
+        let key = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"user_id"},{"type":"int64","optional":false,"field":"tweet_id"}],"optional":false,"name":"twitter.likes.Key"},"payload":{"user_id":1,"tweet_id":2}}"#;
+        let cols = d.key_columns(Some(key)).unwrap();
+        assert_eq!(&*cols, ["user_id".to_string(), "tweet_id".to_string()]);
+        assert!(
+            Arc::ptr_eq(&cols, &d.key_columns(Some(key)).unwrap()),
+            "cached"
+        );
+        assert_eq!(d.key_columns(None), None, "no primary key: no key");
+        assert_eq!(d.key_columns(Some(b"42")), None);
+    }
 
     #[test]
     fn decimal_bytes_are_twos_complement() {

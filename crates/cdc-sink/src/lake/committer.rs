@@ -383,6 +383,7 @@ mod tests {
                                 files: vec![DataFile {
                                     date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
                                     batch: batch(offset),
+                                    key: None,
                                 }],
                             },
                         }],

@@ -76,8 +76,20 @@ pub fn writer_properties(output: &OutputConfig) -> WriterProperties {
 /// by the roll policy (or upkeep's target size), so buffering one is
 /// cheaper than streaming it.
 pub fn encode(batch: &RecordBatch, props: &WriterProperties) -> Result<Bytes, ParquetError> {
+    encode_with(batch, props, &[])
+}
+
+/// [`encode`], with `footer` added to the file's key-value metadata.
+pub fn encode_with(
+    batch: &RecordBatch,
+    props: &WriterProperties,
+    footer: &[(String, String)],
+) -> Result<Bytes, ParquetError> {
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
     let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props.clone()))?;
+    for (key, value) in footer {
+        writer.append_key_value_metadata(KeyValue::new(key.clone(), value.clone()));
+    }
     writer.write(batch)?;
     writer.close()?;
     Ok(Bytes::from(buf))
@@ -136,17 +148,20 @@ impl FileWriter {
         }
     }
 
-    /// Encodes `batch` and puts it under a fresh name in `partition`'s
-    /// directory of the table whose store is `store`. The returned `Add`
-    /// says whether the rows are new (`data_change`: the changelog) or a
-    /// rewrite of rows already there (upkeep's compaction).
+    /// Encodes `batch` (with `footer` in its key-value metadata) and puts
+    /// it under a fresh name in `partition`'s directory of the table whose
+    /// store is `store`. The returned `Add` says whether the rows are new
+    /// (`data_change`: the changelog) or a rewrite of rows already there
+    /// (upkeep's compaction).
     pub async fn put(
         &self,
         store: &dyn ObjectStore,
         partition: PartitionValues,
         batch: &RecordBatch,
         data_change: bool,
+        footer: &[(String, String)],
     ) -> Result<Add, FileError> {
+        let footer = footer.to_vec();
         let props = self.props.clone();
         let permit = self
             .encoders
@@ -159,7 +174,7 @@ impl FileWriter {
         let rows = batch.num_rows();
         let to_encode = batch.clone();
         let bytes = match tokio::task::spawn_blocking(move || {
-            let bytes = encode(&to_encode, &props);
+            let bytes = encode_with(&to_encode, &props, &footer);
             drop(permit);
             bytes
         })

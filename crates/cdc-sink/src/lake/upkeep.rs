@@ -435,7 +435,7 @@ impl Upkeep {
             // Rows already in the table, rewritten: not a data change.
             let add = self
                 .files
-                .put(store.as_ref(), partition, &batch, false)
+                .put(store.as_ref(), partition, &batch, false, &[])
                 .await
                 .map_err(|source| UpkeepError::File {
                     table: table.to_string(),
@@ -742,6 +742,7 @@ mod tests {
                     files.push(DataFile {
                         date,
                         batch: rows(p, start..start + 3, with_note),
+                        key: None,
                     });
                 }
                 writes.push(PartitionWrite {

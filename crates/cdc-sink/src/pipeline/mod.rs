@@ -384,9 +384,11 @@ impl<S: Source> Sink<'_, S> {
                 if !row.null_in_required.is_empty() {
                     report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);
                 }
-                self.partitions
-                    .segment(&tp, offset)
-                    .push(&row, tp.partition, offset);
+                let segment = self.partitions.segment(&tp, offset);
+                segment.push(&row, tp.partition, offset);
+                if let Some(columns) = self.decoder.key_columns(key) {
+                    segment.key = Some(columns);
+                }
                 self.stats.rows += 1;
             }
             Ok(Decoded::Tombstone) => {

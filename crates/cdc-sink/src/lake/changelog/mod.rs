@@ -45,7 +45,14 @@ use crate::source::position::{Claim, Tp, Verdict};
 pub struct DataFile {
     pub date: NaiveDate,
     pub batch: RecordBatch,
+    /// The table's primary key columns, if it has one: kept in the file's
+    /// footer (`cdc.key`), where the current-state writer finds it.
+    pub key: Option<Arc<[String]>>,
 }
+
+/// The footer key naming a changelog file's primary key columns (a JSON
+/// array of column names).
+pub const KEY_METADATA: &str = "cdc.key";
 
 /// What one partition contributes to a table commit.
 #[derive(Clone)]
@@ -83,6 +90,7 @@ struct StagedFile {
     /// schema change before the commit means fitting them again.
     batch: RecordBatch,
     date: NaiveDate,
+    key: Option<Arc<[String]>>,
     add: Add,
 }
 
@@ -195,17 +203,20 @@ impl Changelog {
         for (i, w) in writes.iter().enumerate() {
             for file in &w.files {
                 let batch = conform(file.batch.clone(), &mut evolved).map_err(&err)?;
-                fitted.push((i, file.date, batch));
+                fitted.push((i, file.date, file.key.clone(), batch));
             }
         }
-        let put: Vec<(usize, StagedFile)> = stream::iter(fitted)
-            .map(|(i, date, batch)| {
-                let store = view.store.clone();
-                async move { Ok::<_, LakeError>((i, self.put(store.as_ref(), date, batch).await?)) }
-            })
-            .buffered(CONCURRENT_PUTS)
-            .try_collect()
-            .await?;
+        let put: Vec<(usize, StagedFile)> =
+            stream::iter(fitted)
+                .map(|(i, date, key, batch)| {
+                    let store = view.store.clone();
+                    async move {
+                        Ok::<_, LakeError>((i, self.put(store.as_ref(), date, key, batch).await?))
+                    }
+                })
+                .buffered(CONCURRENT_PUTS)
+                .try_collect()
+                .await?;
         for (i, file) in put {
             staged.writes[i].files.push(file);
         }
@@ -219,14 +230,30 @@ impl Changelog {
         &self,
         store: &dyn ObjectStore,
         date: NaiveDate,
+        key: Option<Arc<[String]>>,
         batch: RecordBatch,
     ) -> Result<StagedFile, LakeError> {
         let partition: PartitionValues = vec![(
             meta::DATE.to_string(),
             Some(date.format("%Y-%m-%d").to_string()),
         )];
-        let add = self.files.put(store, partition, &batch, true).await?;
-        Ok(StagedFile { batch, date, add })
+        let footer: Vec<(String, String)> = key
+            .iter()
+            .map(|k| {
+                let names = serde_json::to_string(&k[..]).expect("names serialise");
+                (KEY_METADATA.to_string(), names)
+            })
+            .collect();
+        let add = self
+            .files
+            .put(store, partition, &batch, true, &footer)
+            .await?;
+        Ok(StagedFile {
+            batch,
+            date,
+            key,
+            add,
+        })
     }
 
     /// Commits staged files, with one `txn` per partition, in one Delta
@@ -293,7 +320,9 @@ impl Changelog {
             let store = log_store.object_store(None);
             for f in ours.iter().flat_map(|w| &w.files) {
                 let batch = conform(f.batch.clone(), &mut evolved).map_err(&err)?;
-                let again = self.put(store.as_ref(), f.date, batch).await?;
+                let again = self
+                    .put(store.as_ref(), f.date, f.key.clone(), batch)
+                    .await?;
                 outcome.count(&again.add, again.batch.num_rows());
                 actions.push(Action::Add(again.add));
             }

@@ -192,6 +192,9 @@ pub struct Segment {
     pub bytes: usize,
     /// The newest source commit time (ms) among the rows.
     pub newest_source_ms: i64,
+    /// The table's primary key columns, as the last keyed message named
+    /// them; written into each file for the current-state tables.
+    pub key: Option<Arc<[String]>>,
     groups: Vec<Group>,
 }
 
@@ -203,6 +206,7 @@ impl Segment {
             opened: Instant::now(),
             bytes: 0,
             newest_source_ms: i64::MIN,
+            key: None,
             groups: Vec::new(),
         }
     }
@@ -248,12 +252,14 @@ impl Segment {
 
     /// The segment's rows as record batches, one per group.
     pub fn into_files(self) -> Result<Vec<DataFile>, ArrowError> {
+        let key = self.key;
         self.groups
             .into_iter()
             .map(|mut g| {
                 Ok(DataFile {
                     date: g.date,
                     batch: g.finish()?,
+                    key: key.clone(),
                 })
             })
             .collect()
