@@ -22,9 +22,8 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::admin::AdminOptions;
+use test_support::{env, repo_root, wait_until};
 
 /// The sink's flush interval (its default) and metadata refresh (its
 /// default): a new topic is subscribed within one refresh and its first
@@ -36,22 +35,6 @@ const LAND_WITHIN: Duration = Duration::from_secs(60);
 
 /// The columns the test reads back: (id, name, amount, _cdc_op) as text.
 type Row = (String, Option<String>, Option<String>, String);
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set. This test needs the local stack: run `tests/run.sh`, \
-             or `tests/stack.sh up && eval \"$(tests/stack.sh env)\"` first"
-        )
-    })
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 fn port_of(url: &str) -> String {
     url.rsplit(':')
@@ -96,16 +79,7 @@ fn stack_capture(list: Option<&Path>) -> Result<(), String> {
 /// The superuser over the stack's private socket: creating a table and
 /// changing the publication need it, as they do for a user.
 async fn pg_super() -> tokio_postgres::Client {
-    let conn = format!(
-        "host={} port={} dbname=twitter user=postgres connect_timeout=5",
-        env("STACK_PG_SUPERUSER_SOCKET"),
-        env("TWEETGEN_DATABASE__PORT"),
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL of the local stack is not reachable over STACK_PG_SUPERUSER_SOCKET");
-    tokio::spawn(connection);
-    client
+    test_support::pg::superuser("twitter").await
 }
 
 /// A running sink, killed if a failing test leaves it behind.
@@ -340,10 +314,7 @@ async fn clean_up(
     if let Err(e) = stack_capture(None) {
         errors.push(e);
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
-        .create()
-        .unwrap();
+    let admin = test_support::kafka::admin();
     let topic = format!("twitter.{table}");
     match admin
         .delete_topics(&[&topic], &AdminOptions::new())
@@ -408,16 +379,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
         stack_capture(Some(&list)).unwrap();
 
         // The writer is the workload's own role, as for any captured table.
-        let conn = format!(
-            "host={} port={} dbname=twitter user=tweetgen password={} connect_timeout=5",
-            env("TWEETGEN_DATABASE__HOST"),
-            env("TWEETGEN_DATABASE__PORT"),
-            env("TWEETGEN_DATABASE__PASSWORD")
-        );
-        let (app, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let app = test_support::pg::tweetgen().await;
         app.batch_execute(&format!(
             "INSERT INTO {table} VALUES (1, 'alpha', 1.50), (2, 'beta', NULL), (3, 'gamma', 3.25);
              UPDATE {table} SET name = 'beta2' WHERE id = 2;
@@ -459,33 +421,35 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
                     p.display()
                 ))
         );
-        loop {
-            let mut rows = match &python {
-                Some(p) => read_with_python(p, &s3, &uri),
-                None => read_with_log(store.as_ref(), &table_dir).await,
-            };
-            if let Some(r) = rows.as_mut() {
-                r.sort();
-            }
-            if rows.as_ref() == Some(&want) {
-                eprintln!(
-                    "{table} landed as a Delta table {:.1}s after its rows were committed",
-                    written.elapsed().as_secs_f64()
-                );
-                return;
-            }
-            assert!(
-                written.elapsed() < LAND_WITHIN,
+        // Reads until the rows are there: the deadline is the claim.
+        let store = store.as_ref();
+        wait_until(
+            &format!(
                 "{table}, added to the captured-tables list of the running pipeline, \
-                 did not land at {uri} within {LAND_WITHIN:?} (flush interval {FLUSH_MS} ms). \
-                 Last read: {}",
-                match &rows {
-                    None => "no Delta table there".to_string(),
-                    Some(r) => format!("{r:?}, want {want:?}"),
+                 to land at {uri} within {LAND_WITHIN:?} (flush interval {FLUSH_MS} ms), \
+                 as {want:?}"
+            ),
+            LAND_WITHIN.saturating_sub(written.elapsed()),
+            async || {
+                let mut rows = match &python {
+                    Some(p) => read_with_python(p, &s3, &uri),
+                    None => read_with_log(store, &table_dir).await,
+                };
+                if let Some(r) = rows.as_mut() {
+                    r.sort();
                 }
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+                match rows {
+                    Some(r) if r == want => Ok(()),
+                    Some(r) => Err(format!("{r:?}")),
+                    None => Err("no Delta table there".to_string()),
+                }
+            },
+        )
+        .await;
+        eprintln!(
+            "{table} landed as a Delta table {:.1}s after its rows were committed",
+            written.elapsed().as_secs_f64()
+        );
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
     let errors = clean_up(&mut sink, &table, store.as_ref(), &prefix, outcome.is_ok()).await;

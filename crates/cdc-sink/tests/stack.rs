@@ -20,14 +20,22 @@ use cdc_sink::source::position::Tp;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::admin::AdminOptions;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
+use test_support::kafka::{
+    Offsets, RawMessage, admin, commit_offsets, committed, consumer as kafka_consumer,
+    create_topic, producer, read_range, send, wait_committed, watermarks,
+};
+use test_support::lake::{
+    LakeRow, lake_rows, lake_schema, latest_by_query, primary_key, table_state,
+};
+use test_support::pg::count;
+use test_support::prom::{Scrape, scrape};
+use test_support::wait::{try_wait_until, try_wait_until_blocking};
+use test_support::{env, http, unique, wait_until};
 use tokio::sync::watch;
 
 /// Tests that write to PostgreSQL hold this, so that one test's writes
@@ -42,107 +50,8 @@ const TOPICS: [&str; 4] = [
 ];
 const TABLES: [&str; 4] = ["users", "tweets", "likes", "follows"];
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set. These tests need the local stack: run `tests/run.sh`, \
-             or `tests/stack.sh up && eval \"$(tests/stack.sh env)\"` first"
-        )
-    })
-}
-
-fn unique() -> String {
-    format!(
-        "{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    )
-}
-
 async fn pg() -> tokio_postgres::Client {
-    let conn = format!(
-        "host={} port={} dbname=twitter user=tweetgen password={} connect_timeout=5",
-        env("TWEETGEN_DATABASE__HOST"),
-        env("TWEETGEN_DATABASE__PORT"),
-        env("TWEETGEN_DATABASE__PASSWORD")
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL of the local stack is not reachable (tests/stack.sh up)");
-    tokio::spawn(connection);
-    client
-}
-
-fn kafka_consumer(group: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("kafka consumer")
-}
-
-/// High watermarks of every partition of `topics`.
-fn watermarks(c: &BaseConsumer, topics: &[&str]) -> BTreeMap<(String, i32), i64> {
-    let mut out = BTreeMap::new();
-    for t in topics {
-        let md = c
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .expect("Kafka of the local stack is not reachable (tests/stack.sh up)");
-        for p in md.topics()[0].partitions() {
-            let (_, high) = c
-                .fetch_watermarks(t, p.id(), Duration::from_secs(10))
-                .unwrap();
-            out.insert((t.to_string(), p.id()), high);
-        }
-    }
-    out
-}
-
-/// Every message of `topics` up to `until`, as (topic, partition, offset,
-/// key, value).
-type Raw = (String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
-
-/// Messages from `from` (the beginning where absent) up to `until`.
-fn read_range(
-    from: &BTreeMap<(String, i32), i64>,
-    until: &BTreeMap<(String, i32), i64>,
-) -> Vec<Raw> {
-    let c = kafka_consumer(&format!("reader-{}", unique()));
-    let mut tpl = TopicPartitionList::new();
-    let mut total = 0;
-    for (tp, high) in until.iter() {
-        // Retention or DeleteRecords may have moved the log start past 0.
-        let (log_start, _) = c
-            .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
-            .unwrap();
-        let low = from.get(tp).copied().unwrap_or(0).max(log_start);
-        total += (high - low).max(0);
-        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(low))
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (out.len() as i64) < total {
-        assert!(Instant::now() < deadline, "timed out reading topics back");
-        if let Some(m) = c.poll(Duration::from_millis(500)) {
-            let m = m.unwrap();
-            let high = until[&(m.topic().to_string(), m.partition())];
-            if m.offset() < high {
-                out.push((
-                    m.topic().to_string(),
-                    m.partition(),
-                    m.offset(),
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().map(<[u8]>::to_vec),
-                ));
-            }
-        }
-    }
-    out
+    test_support::pg::tweetgen().await
 }
 
 fn sink_config(prefix: &str, group: &str) -> SinkConfig {
@@ -256,103 +165,6 @@ fn signal(pid: u32, sig: &str) {
     );
 }
 
-/// Waits until `group` has committed every partition up to `until`. The
-/// sink commits Kafka only after the lake, so this is a "done" signal; the
-/// assertions then read the lake itself.
-async fn wait_committed(group: &str, until: &BTreeMap<(String, i32), i64>) {
-    let c = kafka_consumer(group);
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), _) in until.iter() {
-        tpl.add_partition(t, *p);
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let committed = c
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let behind: Vec<_> = committed
-            .elements()
-            .iter()
-            .filter_map(|e| {
-                let want = until[&(e.topic().to_string(), e.partition())];
-                let have = match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                };
-                (have < want).then(|| format!("{}[{}] {have}/{want}", e.topic(), e.partition()))
-            })
-            .collect();
-        if behind.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sink did not catch up: {behind:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Sets `group`'s committed offsets. The broker refuses while a member is
-/// registered, and a stopped sink's static membership lasts until its
-/// session times out (10 s), so this retries for a while.
-fn commit_offsets(group: &str, offsets: &BTreeMap<(String, i32), i64>) {
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in offsets {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
-    }
-    if tpl.count() == 0 {
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        match kafka_consumer(group).commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
-            Ok(()) => return,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("commit for {group} refused ({e}); retrying");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(e) => panic!("could not set {group}'s offsets: {e}"),
-        }
-    }
-}
-
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
-        .create()
-        .unwrap()
-}
-
-async fn create_topic(topic: &str, partitions: i32) {
-    let res = admin()
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("Kafka of the local stack is not reachable (tests/stack.sh up)");
-    for r in res {
-        r.unwrap();
-    }
-}
-
-fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", env("CDC_SINK_KAFKA__BROKERS"))
-        .create()
-        .unwrap()
-}
-
-async fn send(p: &FutureProducer, topic: &str, partition: i32, value: Option<&[u8]>) -> i64 {
-    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(partition);
-    if let Some(v) = value {
-        rec = rec.payload(v);
-    }
-    let delivery = p.send(rec, Duration::from_secs(10)).await.unwrap();
-    delivery.offset
-}
-
 /// A test of the sink on a topic of its own (`<kind>.<kind-initial><run>`),
 /// with its own consumer group and lake prefix; the table is the topic's
 /// last part.
@@ -386,7 +198,7 @@ impl Scenario {
         spawn_sink(&self.prefix, &self.group, &env)
     }
 
-    fn until(&self, partition: i32, end: i64) -> BTreeMap<(String, i32), i64> {
+    fn until(&self, partition: i32, end: i64) -> Offsets {
         [((self.topic.clone(), partition), end)].into()
     }
 
@@ -413,7 +225,7 @@ impl EventTemplate {
         let v = all
             .iter()
             .rev()
-            .filter_map(|(_, _, _, _, v)| v.as_ref())
+            .filter_map(|m| m.value.as_ref())
             .map(|v| serde_json::from_slice::<Value>(v).unwrap())
             .find(|v| v["payload"]["op"] == "c")
             .expect("twitter.users holds an insert");
@@ -426,133 +238,6 @@ impl EventTemplate {
         v["payload"]["after"]["username"] = format!("row{id}").into();
         v["payload"]["source"]["lsn"] = id.into();
         serde_json::to_vec(&v).unwrap()
-    }
-}
-
-/// One change row, read back through the Delta log by an independent
-/// reader (`tests/lake_read.py`).
-#[derive(Debug, Clone, serde::Deserialize)]
-struct LakeRow {
-    table: String,
-    values: BTreeMap<String, Option<String>>,
-    op: String,
-    lsn: Option<i64>,
-    partition: i32,
-    offset: i64,
-    unchanged: Vec<String>,
-}
-
-impl LakeRow {
-    fn key(&self) -> String {
-        primary_key(&self.table)
-            .iter()
-            .map(|k| self.values[*k].clone().expect("key column set"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-/// The readers' python, installed (or found installed) once per run.
-fn reader_python() -> &'static str {
-    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/readers.sh"
-            ))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("tests/readers.sh");
-        assert!(out.status.success(), "installing the lake readers failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
-
-fn lake_read(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(reader_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/lake_read.py"
-        ))
-        .args(args)
-        .output()
-        .expect("run tests/lake_read.py");
-    assert!(
-        out.status.success(),
-        "lake_read.py {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Every change row of `tables`, as `reader` sees them.
-fn lake_rows(reader: &str, prefix: &str, tables: &[&str]) -> Vec<LakeRow> {
-    let mut args = vec!["rows", "--reader", reader, "--prefix", prefix];
-    args.extend(tables);
-    lake_read(&args)
-        .into_iter()
-        .map(|v| serde_json::from_value(v).unwrap())
-        .collect()
-}
-
-/// Each column of `table` and its Arrow type as the `deltalake` reader
-/// sees it (`tests/lake_read.py schema`).
-fn lake_schema(prefix: &str, table: &str) -> BTreeMap<String, String> {
-    let out = lake_read(&["schema", "--prefix", prefix, table]);
-    serde_json::from_value(out[0]["fields"].clone()).unwrap()
-}
-
-/// The latest state of each key of `table` as the shipped query computes
-/// it in DuckDB (`tests/lake_read.py latest`).
-fn latest_by_query(
-    prefix: &str,
-    table: &str,
-) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
-    let mut args = vec!["latest", "--prefix", prefix];
-    for k in primary_key(table) {
-        args.extend(["--key", k]);
-    }
-    args.push(table);
-    lake_read(&args)
-        .into_iter()
-        .map(|v| {
-            let row: BTreeMap<String, Option<String>> = serde_json::from_value(v).unwrap();
-            let key = primary_key(table)
-                .iter()
-                .map(|k| row[*k].clone().expect("key column set"))
-                .collect::<Vec<_>>()
-                .join(",");
-            (key, row)
-        })
-        .collect()
-}
-
-/// The files `table`'s log holds, and the `txn` version of each app id.
-struct TableState {
-    files: BTreeSet<String>,
-    txn: BTreeMap<String, Option<i64>>,
-}
-
-fn table_state(prefix: &str, table: &str, app_ids: &[String]) -> TableState {
-    let mut args = vec!["state", "--prefix", prefix];
-    for a in app_ids {
-        args.extend(["--app-id", a.as_str()]);
-    }
-    args.push(table);
-    let v = lake_read(&args).remove(0);
-    TableState {
-        files: v["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f.as_str().unwrap().to_string())
-            .collect(),
-        txn: serde_json::from_value(v["txn"].clone()).unwrap(),
     }
 }
 
@@ -586,22 +271,14 @@ fn offsets_once(rows: &[LakeRow]) -> BTreeSet<(i32, i64)> {
     seen.into_iter().map(|(_, p, o)| (p, o)).collect()
 }
 
-fn primary_key(table: &str) -> &'static [&'static str] {
-    match table {
-        "likes" => &["user_id", "tweet_id"],
-        "follows" => &["follower_id", "followee_id"],
-        _ => &["id"],
-    }
-}
-
 /// (table, key, op, lsn) of every change event Debezium published.
-fn published(raw: &[Raw]) -> Vec<(String, String, String, i64)> {
+fn published(raw: &[RawMessage]) -> Vec<(String, String, String, i64)> {
     let mut out = Vec::new();
-    for (topic, _, _, key, value) in raw {
-        let Some(value) = value else { continue };
+    for m in raw {
+        let Some(value) = &m.value else { continue };
         let v: Value = serde_json::from_slice(value).unwrap();
-        let k: Value = serde_json::from_slice(key.as_ref().unwrap()).unwrap();
-        let table = topic.rsplit('.').next().unwrap();
+        let k: Value = serde_json::from_slice(m.key.as_ref().unwrap()).unwrap();
+        let table = m.topic.rsplit('.').next().unwrap();
         let key = primary_key(table)
             .iter()
             .map(|c| k["payload"][c].to_string())
@@ -797,32 +474,40 @@ async fn ensure_user_events() {
     let _lock = PG_WRITERS.lock().await;
     let pg = pg().await;
     let c = kafka_consumer("ensure");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        // Present events: retention or DeleteRecords may have emptied it.
-        let (start, end) = c
-            .fetch_watermarks("twitter.users", 0, Duration::from_secs(10))
-            .unwrap_or((0, 0));
-        if end > start {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no events reached twitter.users partition 0"
-        );
-        pg.execute(
-            "INSERT INTO users (username, display_name) VALUES ($1, 'Seed')",
-            &[&format!("seed_{}", unique())],
-        )
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Debezium may not stream yet on a brand-new stack: another insert now
+    // and then, not one per probe.
+    let mut last_insert: Option<Instant> = None;
+    wait_until(
+        "events in twitter.users partition 0",
+        Duration::from_secs(90),
+        async || {
+            // Present events: retention or DeleteRecords may have emptied it.
+            let (start, end) = c
+                .fetch_watermarks("twitter.users", 0, Duration::from_secs(10))
+                .unwrap_or((0, 0));
+            if end > start {
+                return Ok(());
+            }
+            if last_insert.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                pg.execute(
+                    "INSERT INTO users (username, display_name) VALUES ($1, 'Seed')",
+                    &[&format!("seed_{}", unique())],
+                )
+                .await
+                .unwrap();
+                last_insert = Some(Instant::now());
+            }
+            Err(format!("watermarks {start}..{end}"))
+        },
+    )
+    .await;
 }
 
 /// Waits until Debezium has published a row committed now, so that every
-/// earlier transaction is in Kafka too (Debezium publishes in commit order).
-async fn published_barrier(pg: &tokio_postgres::Client) -> BTreeMap<(String, i32), i64> {
+/// earlier transaction is in Kafka too (Debezium publishes in commit
+/// order), and until Kafka has acknowledged everything before it on every
+/// partition; returns the watermarks of the demo topics then.
+async fn published_barrier(pg: &tokio_postgres::Client) -> Offsets {
     let name = format!("barrier_{}", unique());
     pg.execute(
         "INSERT INTO users (username, display_name) VALUES ($1, 'Barrier')",
@@ -839,20 +524,37 @@ async fn published_barrier(pg: &tokio_postgres::Client) -> BTreeMap<(String, i32
     }
     c.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let barrier_lsn = loop {
         assert!(
             Instant::now() < deadline,
             "Debezium did not publish {name} within 60s"
         );
+        // The poll itself waits for the next message.
         if let Some(Ok(m)) = c.poll(Duration::from_millis(500))
-            && m.payload()
-                .is_some_and(|p| String::from_utf8_lossy(p).contains(&name))
+            && let Some(p) = m.payload()
+            && String::from_utf8_lossy(p).contains(&name)
         {
-            break;
+            let v: Value = serde_json::from_slice(p).unwrap();
+            break v["payload"]["source"]["lsn"].as_i64().expect("source.lsn");
         }
-    }
-    // Producer acks of other partitions may trail by a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    // The barrier is in Kafka, but the acknowledgements of earlier events
+    // on other partitions may trail it. Connect commits a source offset
+    // only once every record before it is acknowledged: an offset at or
+    // past the barrier's means all earlier events are in the topics.
+    let connector = test_support::connect::CONNECTOR;
+    wait_until(
+        &format!("{connector} to commit a source offset at or past the barrier {name}"),
+        Duration::from_secs(60),
+        async || {
+            let offset = test_support::connect::committed_source_offset(connector);
+            match offset.as_ref().and_then(|o| o["lsn"].as_i64()) {
+                Some(lsn) if lsn >= barrier_lsn => Ok(()),
+                _ => Err(format!("{offset:?}, barrier at lsn {barrier_lsn}")),
+            }
+        },
+    )
+    .await;
     watermarks(&c, &TOPICS)
 }
 
@@ -878,15 +580,19 @@ async fn smoke_insert_shows_up_as_debezium_event() {
     .unwrap();
     // The topic appears with Debezium's first event on a brand-new stack.
     let c = kafka_consumer(&format!("smoke-{}", unique()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let now = loop {
-        let now = watermarks(&c, &["twitter.tweets"]);
-        if !now.is_empty() {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "twitter.tweets never appeared");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let now = wait_until(
+        "twitter.tweets to appear",
+        Duration::from_secs(60),
+        async || {
+            let now = watermarks(&c, &["twitter.tweets"]);
+            if now.is_empty() {
+                Err("no such topic")
+            } else {
+                Ok(now)
+            }
+        },
+    )
+    .await;
     let mut tpl = TopicPartitionList::new();
     for tp in now.keys() {
         let from = before.get(tp).copied().unwrap_or(0);
@@ -917,18 +623,44 @@ async fn smoke_insert_shows_up_as_debezium_event() {
 
 /// Waits until the sink's log has `n` lines containing `needle`.
 async fn wait_log(sink: &SinkProcess, needle: &str, n: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while sink.count(needle) < n {
-        assert!(
-            Instant::now() < deadline,
-            "sink never logged {needle:?} {n} times:\n{}",
-            sink.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    try_wait_until(
+        &format!("the sink to log {needle:?} {n} times"),
+        limit,
+        async || match sink.count(needle) {
+            seen if seen >= n => Ok(()),
+            seen => Err(format!("{seen} times")),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", sink.log_text()));
+}
+
+/// Waits until the sink has admitted `n` Kafka messages of `table` (its
+/// `cdc_sink_messages_total`): they are in its buffer.
+async fn wait_admitted(sink: &SinkProcess, table: &str, n: f64) {
+    try_wait_until(
+        &format!("the sink to admit {n} messages of {table}"),
+        Duration::from_secs(60),
+        async || {
+            let m = scrape(sink.ops).await;
+            match m.sample("cdc_sink_messages_total", &[("table", table)]) {
+                Some(seen) if seen >= n => Ok(()),
+                seen => Err(format!("{seen:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", sink.log_text()));
 }
 
 const UPLOADED: &str = "files uploaded; committing";
+const ASSIGNED: &str = "partitions assigned";
+
+/// Lines of the sink's log saying one of its commits was fenced.
+fn fenced_lines(sink: &SinkProcess) -> usize {
+    sink.count("another writer advanced this partition")
+        + sink.count("commit lost to a concurrent writer")
+}
 
 /// Waits until the sink holds a partition: it has read a position.
 async fn wait_started(sink: &SinkProcess) {
@@ -964,15 +696,26 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     // a brand-new stack the topics may not exist yet: then the group starts
     // at the beginning, which is the start of the window too.
     let start = watermarks(&kafka_consumer("e2e"), &TOPICS);
-    commit_offsets(&group, &start);
+    commit_offsets(&group, &start).await;
 
     let fault = [("FAILPOINTS", "lake::before-commit=return(1500)")];
+    let ledger = "SELECT count(*) FROM tweetgen_batches";
+    let batches_before = count(&pg, ledger).await;
     let mut sink = spawn_sink(&prefix, &group, &fault);
     let generator = tokio::spawn(run_generator(60));
-    for round in 0..5u64 {
-        // A different moment each round: some kills land in the first
-        // flush after a restart, some later.
-        tokio::time::sleep(Duration::from_millis(300 + 400 * round)).await;
+    for round in 0..5i64 {
+        // A different moment each round, paced by the generator's progress
+        // (12 more of its 60 batches each round) rather than by the clock:
+        // some kills land in the first flush after a restart, some later.
+        wait_until(
+            &format!("the generator to commit {} batches", 12 * round),
+            Duration::from_secs(60),
+            async || match count(&pg, ledger).await - batches_before {
+                n if n >= 12 * round => Ok(()),
+                n => Err(format!("{n} batches")),
+            },
+        )
+        .await;
         let before = sink.count(UPLOADED);
         wait_log(&sink, UPLOADED, before + 1, Duration::from_secs(60)).await;
         // Within the 1.5 s the fault hook holds between upload and commit.
@@ -1168,13 +911,14 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     produce(10, false).await;
     let a = sc.spawn(&slow);
     wait_started(&a).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_admitted(&a, &sc.table, 10.0).await;
     a.kill_9();
-    // 2. The replay is stopped by SIGTERM half-way through the stream.
+    // 2. The replay is stopped by SIGTERM half-way through the stream:
+    // with the replayed ten and five new rows read, none flushed.
     let b = sc.spawn(&slow);
     wait_started(&b).await;
     let last = produce(5, false).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_admitted(&b, &sc.table, 15.0).await;
     terminate(b);
     // 3. Tombstones only: their segment commits to Kafka alone...
     let c = sc.spawn(&[]);
@@ -1182,7 +926,7 @@ async fn replays_after_sigterm_and_lost_kafka_commits_never_duplicate() {
     wait_committed(&sc.group, &sc.until(0, after_tombstones + 1)).await;
     terminate(c);
     // ... and that commit is lost: the group's offsets go back to 0.
-    commit_offsets(&sc.group, &sc.until(0, 0));
+    commit_offsets(&sc.group, &sc.until(0, 0)).await;
     // 4. More rows, written but not committed when the sink dies.
     let d = sc.spawn(&[("FAILPOINTS", "lake::before-commit=return(5000)")]);
     let before = d.count(UPLOADED);
@@ -1225,7 +969,7 @@ async fn log_start_moved_past_uncommitted_rows() {
     }
     let b = sc.spawn(&[("CDC_SINK_FLUSH__MAX_AGE_MS", "600000")]);
     wait_started(&b).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_admitted(&b, &sc.table, 10.0).await;
     b.kill_9();
     // Retention (here DeleteRecords) removes offsets 0..15.
     let mut delete = TopicPartitionList::new();
@@ -1283,6 +1027,8 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
                     let o = send(&p, &topic, part, Some(&tpl.event(id))).await;
                     last.insert((topic.clone(), part), o + 1);
                 }
+                // Paces the load (a steady trickle for the whole test);
+                // not synchronisation.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             last
@@ -1294,17 +1040,45 @@ async fn a_frozen_sink_is_fenced_when_it_wakes() {
     // Freeze it between upload and commit.
     let before = a.count(UPLOADED);
     wait_log(&a, UPLOADED, before + 1, Duration::from_secs(60)).await;
+    let b_assigned = b.count(ASSIGNED);
     signal(a.pid(), "-STOP");
-    // Past the 10 s session timeout, and long enough for the other sink to
-    // take over and commit.
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // Past the 10 s session timeout the group takes the frozen sink's
+    // partition away and gives it to the other...
+    wait_log(&b, ASSIGNED, b_assigned + 1, Duration::from_secs(90)).await;
+    // ... which commits it: with the frozen sink unable to commit anything,
+    // every partition's committed offset moving on is the other sink's
+    // doing (the lake first, then Kafka).
+    let partitions: Offsets = (0..2).map(|p| ((sc.topic.clone(), p), 0)).collect();
+    let taken_over = committed(&sc.group, &partitions);
+    wait_until(
+        "the other sink to commit every partition past where it took over",
+        Duration::from_secs(60),
+        async || {
+            let now = committed(&sc.group, &partitions);
+            if now.iter().all(|(tp, o)| *o > taken_over[tp]) {
+                Ok(())
+            } else {
+                Err(format!("{now:?}, at the take-over {taken_over:?}"))
+            }
+        },
+    )
+    .await;
     signal(a.pid(), "-CONT");
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Woken, it finishes the commit it was frozen in, and is fenced.
+    try_wait_until(
+        "the woken sink to be fenced",
+        Duration::from_secs(60),
+        async || match fenced_lines(&a) {
+            0 => Err("not yet"),
+            n => Ok(n),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", a.log_text()));
     stop_tx.send(true).unwrap();
     let until = producing.await.unwrap();
     wait_committed(&sc.group, &until).await;
-    let fenced = a.count("another writer advanced this partition")
-        + a.count("commit lost to a concurrent writer");
+    let fenced = fenced_lines(&a);
     terminate(a);
     terminate(b);
     assert!(fenced >= 1, "the woken sink was never fenced");
@@ -1388,11 +1162,15 @@ impl OwnCapture {
         };
         capture.put_config();
         capture.wait_state("RUNNING").await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while capture.slot_count() == 0 {
-            assert!(Instant::now() < deadline, "slot {db} never appeared");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_until(
+            &format!("replication slot {db} to appear"),
+            Duration::from_secs(60),
+            async || match capture.slot_count() {
+                0 => Err("no slot"),
+                _ => Ok(()),
+            },
+        )
+        .await;
         capture
     }
 
@@ -1434,20 +1212,8 @@ impl OwnCapture {
         .unwrap()
     }
 
-    /// Kafka Connect's REST API.
-    fn connect(method: &str, path: &str, body: Option<&Value>) -> std::process::Output {
-        let mut c = Command::new("curl");
-        c.args(["-fsS", "-X", method, "-H", "Content-Type: application/json"]);
-        if let Some(b) = body {
-            c.args(["--data", &b.to_string()]);
-        }
-        c.arg(format!("{}{path}", env("STACK_CONNECT_URL")))
-            .output()
-            .unwrap()
-    }
-
     fn put_config(&self) {
-        let out = OwnCapture::connect(
+        let out = test_support::connect::rest(
             "PUT",
             &format!("/connectors/{}/config", self.connector),
             Some(&self.config),
@@ -1462,37 +1228,37 @@ impl OwnCapture {
     /// Waits until the connector and all its tasks are in `state` (no task
     /// at all for STOPPED).
     async fn wait_state(&self, state: &str) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let out = OwnCapture::connect(
-                "GET",
-                &format!("/connectors/{}/status", self.connector),
-                None,
-            );
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-            let done = v["connector"]["state"] == state
-                && if state == "STOPPED" {
-                    tasks.is_empty()
-                } else {
-                    !tasks.is_empty() && tasks.iter().all(|t| t["state"] == state)
-                };
-            if done {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "connector {} never {state}: {v}",
-                self.connector
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        wait_until(
+            &format!("connector {} to be {state}", self.connector),
+            Duration::from_secs(90),
+            async || {
+                let out = test_support::connect::rest(
+                    "GET",
+                    &format!("/connectors/{}/status", self.connector),
+                    None,
+                );
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+                let done = v["connector"]["state"] == state
+                    && if state == "STOPPED" {
+                        tasks.is_empty()
+                    } else {
+                        !tasks.is_empty() && tasks.iter().all(|t| t["state"] == state)
+                    };
+                if done { Ok(()) } else { Err(v) }
+            },
+        )
+        .await;
     }
 
     /// Stops the connector (no task runs; changes wait in the slot).
     async fn stop(&self) {
         let path = format!("/connectors/{}/stop", self.connector);
-        assert!(OwnCapture::connect("PUT", &path, None).status.success());
+        assert!(
+            test_support::connect::rest("PUT", &path, None)
+                .status
+                .success()
+        );
         self.wait_state("STOPPED").await;
     }
 
@@ -1500,21 +1266,16 @@ impl OwnCapture {
     async fn reconfigure_and_resume(&self) {
         self.put_config();
         let path = format!("/connectors/{}/resume", self.connector);
-        assert!(OwnCapture::connect("PUT", &path, None).status.success());
+        assert!(
+            test_support::connect::rest("PUT", &path, None)
+                .status
+                .success()
+        );
         self.wait_state("RUNNING").await;
     }
 
     async fn client(&self) -> tokio_postgres::Client {
-        let conn = format!(
-            "host={} port={} dbname={} user=postgres",
-            env("STACK_PG_SUPERUSER_SOCKET"),
-            env("PGPORT"),
-            self.db
-        );
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = test_support::pg::superuser(&self.db).await;
         client
             .batch_execute("SET intervalstyle = iso_8601")
             .await
@@ -1527,21 +1288,32 @@ impl OwnCapture {
 /// database, also when the test panicked.
 impl Drop for OwnCapture {
     fn drop(&mut self) {
-        let _ = OwnCapture::connect("DELETE", &format!("/connectors/{}", self.connector), None);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let _ =
+            test_support::connect::rest("DELETE", &format!("/connectors/{}", self.connector), None);
         // The slot can be dropped once the task has let go of it.
         let drop_slot = format!(
             "SELECT pg_drop_replication_slot('{0}') FROM pg_replication_slots \
              WHERE slot_name = '{0}' AND NOT active",
             self.db
         );
-        while self.slot_count() > 0 {
-            OwnCapture::sql("postgres", &drop_slot);
-            if Instant::now() > deadline {
-                eprintln!("could not drop slot {}", self.db);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        let dropped = try_wait_until_blocking(
+            &format!("slot {} to be dropped", self.db),
+            Duration::from_secs(30),
+            || {
+                if self.slot_count() == 0 {
+                    return Ok(());
+                }
+                OwnCapture::sql("postgres", &drop_slot);
+                match self.slot_count() {
+                    0 => Ok(()),
+                    _ => Err("still there (its task still holds it)"),
+                }
+            },
+        );
+        // No panic in a drop, which may run while a failed test unwinds.
+        if let Err(e) = dropped {
+            eprintln!("{e}");
+            return;
         }
         OwnCapture::sql(
             "postgres",
@@ -1553,21 +1325,23 @@ impl Drop for OwnCapture {
 /// Polls the lake (the `deltalake` reader) until `table` holds `n` change
 /// rows; panics with the sink's log past the deadline.
 async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize) -> Vec<LakeRow> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if !parquet_objects(prefix, table).await.is_empty() {
+    try_wait_until(
+        &format!("{table}: {n} changes to land"),
+        Duration::from_secs(90),
+        async || {
+            if parquet_objects(prefix, table).await.is_empty() {
+                return Err("no table yet".to_string());
+            }
             let rows = lake_rows("deltalake", prefix, &[table]);
             if rows.len() >= n {
-                return rows;
+                Ok(rows)
+            } else {
+                Err(format!("{} changes", rows.len()))
             }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{table}: {n} changes never landed:\n{}",
-            sink.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; the sink's log:\n{}", sink.log_text()))
 }
 
 /// A PostgreSQL table with every kind of value (NaN and ±Infinity in floats
@@ -1738,19 +1512,17 @@ async fn a_null_in_a_not_null_column_is_logged_once_and_counted() {
 
     let sink = sc.spawn(&[]);
     wait_committed(&sc.group, &sc.until(0, last + 1)).await;
-    let samples = scrape(sink.ops);
+    let samples = scrape(sink.ops).await;
     let warned = sink.count("a NOT NULL column arrived NULL");
     terminate(sink);
 
-    let counted = sample(
-        &samples,
+    let counted = samples.sample(
         "cdc_sink_null_in_not_null_column_total",
         &[("table", sc.table.as_str()), ("column", "display_name")],
     );
     assert_eq!(counted, Some(2.0), "every such row is counted");
     assert_eq!(
-        sample(
-            &samples,
+        samples.sample(
             "cdc_sink_null_in_not_null_column_total",
             &[("table", sc.table.as_str()), ("column", "bio")],
         ),
@@ -1793,17 +1565,13 @@ async fn s3_conditional_put_lets_one_writer_win() {
 /// after `limit`.
 fn exit_within(sink: SinkProcess, limit: Duration) -> std::process::ExitStatus {
     let mut child = sink.take();
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("sink still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let exited = try_wait_until_blocking("the sink to exit", limit, || {
+        child.try_wait().unwrap().ok_or("still running")
+    });
+    exited.unwrap_or_else(|e| {
+        child.kill().unwrap();
+        panic!("sink still running after {limit:?}: {e}");
+    })
 }
 
 /// Without a reachable broker the sink retries for `give_up_after_secs`,
@@ -1863,76 +1631,6 @@ fn s3_unreachable_exits_non_zero_without_committing() {
     }
 }
 
-/// One HTTP GET to a sink's ops endpoint: status code and body.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the ops endpoint");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("an HTTP status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// A scrape of `/metrics`, parsed by the Prometheus client library's own
-/// parser (`tests/prom_parse.py`): one JSON object per sample.
-fn scrape(addr: std::net::SocketAddr) -> Vec<Value> {
-    use std::io::Write;
-    let (status, text) = http_get(addr, "/metrics");
-    assert_eq!(status, 200, "/metrics answered {status}");
-    let mut child = Command::new(reader_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/prom_parse.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tests/prom_parse.py");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the exposition does not parse: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The value of the sample `name` whose labels include `labels`.
-fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples
-        .iter()
-        .find(|s| {
-            s["name"] == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
-        })
-        .and_then(|s| s["value"].as_f64())
-}
-
 /// The sink's metrics agree with what the lake and Kafka hold, read
 /// independently: messages per table with Kafka, rows written with the
 /// lake's rows (deltalake reader), files with the Delta log, freshness with
@@ -1946,10 +1644,10 @@ async fn metrics_match_the_lake_and_lag_drops_to_zero() {
     let _lock = PG_WRITERS.lock().await;
     let pg = pg().await;
     let start = watermarks(&kafka_consumer("metrics"), &TOPICS);
-    commit_offsets(&group, &start);
+    commit_offsets(&group, &start).await;
     let sink = spawn_sink(&prefix, &group, &[]);
-    wait_log(&sink, "partitions assigned", 1, Duration::from_secs(60)).await;
-    assert_eq!(http_get(sink.ops, "/healthz").0, 200);
+    wait_log(&sink, ASSIGNED, 1, Duration::from_secs(60)).await;
+    assert_eq!(http::get(sink.ops, "/healthz").await.status, 200);
 
     run_generator(20).await;
     let until = published_barrier(&pg).await;
@@ -1957,80 +1655,80 @@ async fn metrics_match_the_lake_and_lag_drops_to_zero() {
 
     // The input has stopped and everything is committed: every assigned
     // partition's lag reaches 0 within a few statistics intervals (5 s).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let samples = loop {
-        let samples = scrape(sink.ops);
-        let lags: Vec<f64> = samples
-            .iter()
-            .filter(|s| s["name"] == "cdc_sink_consumer_lag")
-            .filter_map(|s| s["value"].as_f64())
-            .collect();
-        let partitions = until
-            .keys()
-            .filter(|(t, _)| TOPICS.contains(&t.as_str()))
-            .count();
-        if lags.len() >= partitions && lags.iter().all(|l| *l == 0.0) {
-            break samples;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "consumer lag did not drop to 0 for all {partitions} partitions: {lags:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let (status, why) = http_get(sink.ops, "/readyz");
+    let partitions = until
+        .keys()
+        .filter(|(t, _)| TOPICS.contains(&t.as_str()))
+        .count();
+    let samples: Scrape = wait_until(
+        &format!("consumer lag to drop to 0 for all {partitions} partitions"),
+        Duration::from_secs(30),
+        async || {
+            let samples = scrape(sink.ops).await;
+            let lags = samples.values("cdc_sink_consumer_lag");
+            if lags.len() >= partitions && lags.iter().all(|l| *l == 0.0) {
+                Ok(samples)
+            } else {
+                Err(format!("{lags:?}"))
+            }
+        },
+    )
+    .await;
+    let ready = http::get(sink.ops, "/readyz").await;
+    let (status, why) = (ready.status, ready.body);
     assert_eq!(status, 200, "/readyz: {why}");
-    assert_eq!(sample(&samples, "cdc_sink_ready", &[]), Some(1.0));
+    assert_eq!(samples.sample("cdc_sink_ready", &[]), Some(1.0));
 
     let messages = read_range(&start, &until);
     let rows = lake_rows("deltalake", &prefix, &TABLES);
     for (topic, table) in TOPICS.iter().zip(TABLES) {
         let labels = [("table", table)];
-        let published: Vec<&Raw> = messages.iter().filter(|m| m.0 == *topic).collect();
+        let published: Vec<&RawMessage> = messages.iter().filter(|m| m.topic == *topic).collect();
         assert_eq!(
-            sample(&samples, "cdc_sink_messages_total", &labels),
+            samples.sample("cdc_sink_messages_total", &labels),
             Some(published.len() as f64),
             "{table}: messages consumed vs Kafka"
         );
         let in_lake = rows.iter().filter(|r| r.table == table).count();
         assert!(in_lake > 0, "{table}: nothing landed");
         assert_eq!(
-            sample(&samples, "cdc_sink_rows_written_total", &labels),
+            samples.sample("cdc_sink_rows_written_total", &labels),
             Some(in_lake as f64),
             "{table}: rows written vs the lake"
         );
         let files = table_state(&prefix, table, &[]).files.len();
         assert_eq!(
-            sample(&samples, "cdc_sink_files_written_total", &labels),
+            samples.sample("cdc_sink_files_written_total", &labels),
             Some(files as f64),
             "{table}: files written vs the Delta log"
         );
-        let commits = sample(&samples, "cdc_sink_commits_total", &labels).unwrap();
+        let commits = samples.sample("cdc_sink_commits_total", &labels).unwrap();
         assert_eq!(
-            sample(&samples, "cdc_sink_commit_duration_seconds_count", &labels),
+            samples.sample("cdc_sink_commit_duration_seconds_count", &labels),
             Some(commits),
             "{table}: one latency sample per commit"
         );
         // Freshness: the newest PostgreSQL commit time among the rows.
         let newest_ms = published
             .iter()
-            .filter_map(|m| m.4.as_ref())
+            .filter_map(|m| m.value.as_ref())
             .map(|v| {
                 let v: Value = serde_json::from_slice(v).unwrap();
                 v["payload"]["source"]["ts_ms"].as_i64().unwrap()
             })
             .max()
             .unwrap();
-        let gauge = sample(&samples, "cdc_sink_lake_source_timestamp_seconds", &labels).unwrap();
+        let gauge = samples
+            .sample("cdc_sink_lake_source_timestamp_seconds", &labels)
+            .unwrap();
         assert!(
             (gauge * 1000.0 - newest_ms as f64).abs() < 1.0,
             "{table}: freshness gauge {gauge} vs newest source time {newest_ms} ms"
         );
     }
     assert_eq!(
-        sample(&samples, "cdc_sink_oldest_unflushed_age_seconds", &[]),
+        samples.sample("cdc_sink_oldest_unflushed_age_seconds", &[]),
         Some(0.0)
     );
-    assert_eq!(sample(&samples, "cdc_sink_buffered_bytes", &[]), Some(0.0));
+    assert_eq!(samples.sample("cdc_sink_buffered_bytes", &[]), Some(0.0));
     terminate(sink);
 }

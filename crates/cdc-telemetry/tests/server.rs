@@ -1,37 +1,14 @@
-//! The ops endpoint over a real socket: a hand-written HTTP/1.1 client, so
-//! the test sees exactly the bytes a scraper or a probe gets.
+//! The ops endpoint over a real socket: test-support's hand-written HTTP/1.1
+//! client, so the test sees exactly the bytes a scraper or a probe gets.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use cdc_telemetry::Readiness;
 use cdc_telemetry::server::{self, ServeError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_support::http::{Reply, request};
+use test_support::wait_until;
 use tokio::net::TcpStream;
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let (headers, body) = raw.split_once("\r\n\r\n").expect("a response head");
-    let status = headers
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {headers:?}"));
-    Reply {
-        status,
-        headers: headers.to_lowercase(),
-        body: body.to_string(),
-    }
-}
 
 async fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path).await
@@ -132,12 +109,15 @@ async fn dropping_the_server_closes_the_port() {
         .unwrap();
     let addr = ops.local_addr();
     drop(ops);
-    // The accept task is aborted asynchronously; give it a moment.
-    for _ in 0..50 {
-        if TcpStream::connect(addr).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("{addr} still accepts connections after the server was dropped");
+    // The accept task is aborted asynchronously: wait until a connection
+    // is refused.
+    wait_until(
+        &format!("{addr} to refuse connections after the server was dropped"),
+        Duration::from_secs(1),
+        async || match TcpStream::connect(addr).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("a connection was accepted"),
+        },
+    )
+    .await;
 }

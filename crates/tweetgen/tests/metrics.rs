@@ -15,35 +15,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use test_support::pg::{TestDb, count};
+use test_support::prom::Scrape;
+use test_support::{http, wait_until};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set. These tests need the local stack: run `tests/run.sh`, \
-             or `tests/stack.sh up && eval \"$(tests/stack.sh env)\"` first"
-        )
-    })
-}
-
-async fn connect(dbname: &str) -> tokio_postgres::Client {
-    let conn = format!(
-        "host={} port={} dbname={dbname} user=postgres",
-        env("STACK_PG_SUPERUSER_SOCKET"),
-        env("TWEETGEN_DATABASE__PORT")
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL of the local stack is not reachable (tests/stack.sh up)");
-    tokio::spawn(connection);
-    client
-}
 
 /// Records each row a client statement of `tweetgen` changes.
 ///
@@ -82,25 +61,9 @@ END $$;
 /// A brand-new database `tweetgen_test_<name>` with the project's schema,
 /// grants and the audit trigger; returns a superuser connection to it.
 async fn fresh_db(name: &str) -> (String, tokio_postgres::Client) {
-    let db = format!("tweetgen_test_{name}");
-    let su = connect("twitter").await;
-    // Two statements: a multi-statement string runs as one transaction.
-    su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .unwrap();
-    su.batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let client = connect(&db).await;
-    for f in ["001_schema.sql", "002_grants.sql"] {
-        let path = format!("{}/../../db/{f}", env!("CARGO_MANIFEST_DIR"));
-        client
-            .batch_execute(&std::fs::read_to_string(&path).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{f}: {e}"));
-    }
-    client.batch_execute(AUDIT).await.unwrap();
-    (db, client)
+    let TestDb { name: db, su } = test_support::pg::fresh_db(name).await;
+    su.batch_execute(AUDIT).await.unwrap();
+    (db, su)
 }
 
 /// The `tweetgen` binary, with its endpoint on an ephemeral port.
@@ -153,32 +116,29 @@ impl Generator {
         self.log.lock().unwrap().clone()
     }
 
+    /// One GET to its endpoint: status and body.
     async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.addr, path).await
+        let reply = http::get(self.addr, path).await;
+        (reply.status, reply.body)
     }
 
     /// Waits until `/readyz` says 200.
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (status, body) = self.get("/readyz").await;
-            if status == 200 {
-                assert_eq!(body, "ready");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never ready; last /readyz: {status} {body}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let body = test_support::wait::try_wait_until(
+            "/readyz to answer 200",
+            Duration::from_secs(30),
+            async || match self.get("/readyz").await {
+                (200, body) => Ok(body),
+                (status, body) => Err(format!("{status} {body}")),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("never ready: {e}\n{}", self.log()));
+        assert_eq!(body, "ready");
     }
 
     async fn scrape(&self) -> Scrape {
-        let (status, body) = self.get("/metrics").await;
-        assert_eq!(status, 200, "{body}");
-        Scrape::parse(&body)
+        test_support::prom::scrape(self.addr).await
     }
 
     /// SIGTERM, then the exit status: the generator finishes its batch and
@@ -199,107 +159,6 @@ impl Generator {
     }
 }
 
-/// One GET over a fresh connection, as a probe or scraper sends it.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
-/// The readers' python (which has `prometheus-client`):
-/// `CDC_LAKE_READERS_PYTHON`, else what tests/readers.sh installs.
-fn parser_python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        if let Ok(python) = std::env::var("CDC_LAKE_READERS_PYTHON") {
-            return python;
-        }
-        let out = std::process::Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/readers.sh"
-            ))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("tests/readers.sh");
-        assert!(out.status.success(), "installing the readers failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
-
-/// One scrape, as `prometheus_client`'s parser read it.
-struct Scrape {
-    samples: Vec<Value>,
-    text: String,
-}
-
-impl Scrape {
-    fn parse(text: &str) -> Scrape {
-        use std::io::Write;
-        let mut child = std::process::Command::new(parser_python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/prom_parse.py"
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run tests/prom_parse.py");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Scrape {
-            samples: serde_json::from_slice(&out.stdout).unwrap(),
-            text: text.to_string(),
-        }
-    }
-
-    /// The value of sample `name` with exactly `labels`.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
-        let found: Vec<&Value> = self
-            .samples
-            .iter()
-            .filter(|s| {
-                let have: BTreeMap<&str, &str> = s["labels"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
-                    .collect();
-                s["name"] == name && have == want
-            })
-            .collect();
-        assert_eq!(found.len(), 1, "{name}{labels:?} in\n{}", self.text);
-        found[0]["value"].as_f64().unwrap()
-    }
-
-    /// The type the exposition declares for the family of sample `name`.
-    fn kind(&self, name: &str) -> &str {
-        self.samples
-            .iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("no {name} in\n{}", self.text))["type"]
-            .as_str()
-            .unwrap()
-    }
-}
-
 const ROW_SERIES: [(&str, &str); 10] = [
     ("users", "insert"),
     ("users", "update"),
@@ -313,20 +172,17 @@ const ROW_SERIES: [(&str, &str); 10] = [
     ("follows", "delete"),
 ];
 
-async fn count(c: &impl tokio_postgres::GenericClient, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
 async fn wait_for_ledger(su: &tokio_postgres::Client, rows: i64, g: &Generator) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(su, "SELECT count(*) FROM tweetgen_batches").await < rows {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {rows} batches\n{}",
-            g.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    test_support::wait::try_wait_until(
+        &format!("{rows} batches in the ledger"),
+        Duration::from_secs(60),
+        async || match count(su, "SELECT count(*) FROM tweetgen_batches").await {
+            n if n >= rows => Ok(()),
+            n => Err(format!("{n} batches")),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", g.log()));
 }
 
 /// Locks the ledger in `tx` and waits until the generator's transaction
@@ -336,22 +192,22 @@ async fn hold_still(tx: &tokio_postgres::Transaction<'_>, db: &str) -> i32 {
     tx.batch_execute("LOCK TABLE tweetgen_batches IN EXCLUSIVE MODE")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting = tx
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
-                 AND application_name = 'tweetgen' AND wait_event_type = 'Lock'",
-                &[&db],
-            )
-            .await
-            .unwrap();
-        if let Some(row) = waiting {
-            return row.get(0);
-        }
-        assert!(Instant::now() < deadline, "the generator never waited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the generator to wait for the ledger's lock",
+        Duration::from_secs(30),
+        async || {
+            let waiting = tx
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                     AND application_name = 'tweetgen' AND wait_event_type = 'Lock'",
+                    &[&db],
+                )
+                .await
+                .unwrap();
+            waiting.map(|row| row.get::<_, i32>(0)).ok_or("not waiting")
+        },
+    )
+    .await
 }
 
 /// Every metric of the contract against the database, as seen from `tx`.

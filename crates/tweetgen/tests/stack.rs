@@ -6,6 +6,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use test_support::pg::{TestDb, count, fresh_db};
+use test_support::{env, wait_until};
 use tokio::sync::{mpsc, oneshot, watch};
 use tweetgen::config::Config;
 use tweetgen::db::{BeforeCommit, CommitHook, is_retryable};
@@ -19,15 +21,6 @@ static STACK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// once, and the default port may be a running pipeline's.
 const ANY_PORT: &str = "127.0.0.1:0";
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set. These tests need the local stack: run `tests/run.sh`, \
-             or `tests/stack.sh up && eval \"$(tests/stack.sh env)\"` first"
-        )
-    })
-}
-
 fn config() -> Config {
     // Reads TWEETGEN_DATABASE__* from the environment, as the binary does.
     env("TWEETGEN_DATABASE__PASSWORD");
@@ -39,16 +32,7 @@ fn config() -> Config {
 
 /// Superuser connection over the stack's private unix socket.
 async fn superuser() -> tokio_postgres::Client {
-    let conn = format!(
-        "host={} port={} dbname=twitter user=postgres",
-        env("STACK_PG_SUPERUSER_SOCKET"),
-        env("TWEETGEN_DATABASE__PORT")
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL of the local stack is not reachable (tests/stack.sh up)");
-    tokio::spawn(connection);
-    client
+    test_support::pg::superuser("twitter").await
 }
 
 fn no_stop() -> watch::Receiver<bool> {
@@ -80,10 +64,6 @@ async fn schema_applies_twice() {
         .unwrap()
         .get(0);
     assert_eq!(pubtables, 4);
-}
-
-async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Rows inserted and deleted per table since the database was created,
@@ -140,8 +120,32 @@ async fn n_batches_write_n_ledger_rows_and_the_configured_rows() {
     );
     assert_eq!(count(&su, "SELECT count(*) FROM tweetgen_batches").await, n);
 
-    // The generator's backend has exited, so its statistics are flushed.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The statistics are flushed by the generator's backend (at exit, or
+    // now and then while it runs), all tables at once: once its backend is
+    // gone and the ledger's inserts are all counted, so are the others.
+    wait_until(
+        "the generator's backend to exit and its statistics to be flushed",
+        Duration::from_secs(30),
+        async || {
+            let backends = count(
+                &su,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = '{db}' AND usename = 'tweetgen'"
+                ),
+            )
+            .await;
+            let ledger = stats(&su).await["tweetgen_batches"].inserted;
+            if backends == 0 && ledger == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{backends} backends, {ledger} ledger inserts counted"
+                ))
+            }
+        },
+    )
+    .await;
     let stats = stats(&su).await;
     let inserted = |t: &str| stats[t].inserted;
     let per = |k: u32, batches: i64| i64::from(k) * batches;
@@ -287,6 +291,9 @@ async fn the_top_percent_of_users_get_a_fifth_of_follows_and_likes() {
 #[tokio::test]
 async fn survives_a_postgres_restart_mid_run() {
     let _exclusive = STACK.write().await;
+    let su = superuser().await;
+    let ledger_rows = "SELECT count(*) FROM tweetgen_batches";
+    let before = count(&su, ledger_rows).await;
     let cfg = config();
     let handle = tokio::spawn(async move {
         let mut cfg = cfg;
@@ -302,7 +309,17 @@ async fn survives_a_postgres_restart_mid_run() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Mid-run: some batches are in, most are still to come.
+    wait_until(
+        "the generator to commit 5 batches",
+        Duration::from_secs(60),
+        async || match count(&su, ledger_rows).await - before {
+            n if n >= 5 => Ok(()),
+            n => Err(format!("{n} batches")),
+        },
+    )
+    .await;
+    drop(su);
     let data = format!("{}/postgres", env("STACK_STATE"));
     let pg_ctl = "/usr/lib/postgresql/15/bin/pg_ctl";
     let status = if running_as_root() {
@@ -417,47 +434,6 @@ async fn ledger(c: &tokio_postgres::Client, run_id: i64) -> Vec<i64> {
     .iter()
     .map(|r| r.get(0))
     .collect()
-}
-
-/// A brand-new database `tweetgen_test_<name>` with the project's schema and
-/// grants, so a test knows every row in it and none of its tests' runs
-/// interfere.
-struct TestDb {
-    name: String,
-    /// Superuser connection to it.
-    su: tokio_postgres::Client,
-}
-
-async fn fresh_db(name: &str) -> TestDb {
-    let db = format!("tweetgen_test_{name}");
-    let su = superuser().await;
-    // Two statements: a multi-statement string runs as one transaction.
-    su.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .unwrap();
-    su.batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let conn = format!(
-        "host={} port={} dbname={db} user=postgres",
-        env("STACK_PG_SUPERUSER_SOCKET"),
-        env("TWEETGEN_DATABASE__PORT")
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    for f in ["001_schema.sql", "002_grants.sql"] {
-        let path = format!("{}/../../db/{f}", env!("CARGO_MANIFEST_DIR"));
-        client
-            .batch_execute(&std::fs::read_to_string(&path).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{f}: {e}"));
-    }
-    TestDb {
-        name: db,
-        su: client,
-    }
 }
 
 fn config_for(db: &str, seed: u64) -> Config {
@@ -727,14 +703,15 @@ async fn commit_acknowledgement_lost_is_resolved_by_the_ledger() {
     proxy.swallow.store(true, Ordering::SeqCst);
     go.send(()).unwrap();
     // Wait until the server has committed: the ledger row is visible.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while ledger(&su, at.run_id).await != vec![1, 2, 3] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "batch 3 never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "batch 3 to commit",
+        Duration::from_secs(30),
+        async || match ledger(&su, at.run_id).await {
+            l if l == [1, 2, 3] => Ok(()),
+            l => Err(format!("ledger {l:?}")),
+        },
+    )
+    .await;
     assert_eq!(
         backend(&su, at.backend_pid).await.map(|b| b.state),
         Some("idle".to_string()),
