@@ -10,12 +10,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arrow::array::{Array, ArrayRef, Int64Array, UInt32Array, new_null_array};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use deltalake::kernel::Add;
+use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+use deltalake::kernel::{Add, StructType};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
@@ -23,11 +28,23 @@ use parquet::file::properties::WriterProperties;
 use tokio::sync::Semaphore;
 
 use crate::config::{CompressionCodec, OutputConfig};
+use crate::decode::schema::meta;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("encoding Parquet failed")]
     Encode(#[from] ParquetError),
+    #[error("reading Parquet file `{path}`")]
+    Read {
+        path: String,
+        #[source]
+        source: ParquetError,
+    },
+    /// Dropping the column would lose data, so the file is not rewritten.
+    #[error("file `{path}` has column `{column}`, which the table does not")]
+    UnknownColumn { path: String, column: String },
+    #[error("rows of different files do not fit one schema")]
+    Arrow(#[from] ArrowError),
     #[error("putting data file `{path}` failed")]
     Put {
         path: String,
@@ -201,6 +218,137 @@ impl FileWriter {
             ..Default::default()
         })
     }
+}
+
+/// One data file, read whole (files are bounded: compaction reads small
+/// ones, the current-state writer the changelog's and its own).
+pub struct ReadFile {
+    pub path: String,
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    /// The footer's key-value metadata.
+    pub footer: HashMap<String, String>,
+}
+
+impl ReadFile {
+    pub fn read(path: String, bytes: Bytes) -> Result<ReadFile, FileError> {
+        let read_err = |source| FileError::Read {
+            path: path.clone(),
+            source,
+        };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(read_err)?;
+        let footer = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .into_iter()
+            .flatten()
+            .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+            .collect();
+        let reader = builder.build().map_err(read_err)?;
+        let schema = arrow::record_batch::RecordBatchReader::schema(&reader);
+        let batches = reader
+            .collect::<Result<Vec<_>, ArrowError>>()
+            .map_err(|e| read_err(ParquetError::ArrowError(e.to_string())))?;
+        Ok(ReadFile {
+            path,
+            schema,
+            batches,
+            footer,
+        })
+    }
+}
+
+/// The schema of rows read from several files of a table: the table's data
+/// columns in table order, each with the Arrow type the files were written
+/// with (the sink's types; the Delta schema is coarser, e.g. about time
+/// zones), nullable wherever some file lacks the column. A file column the
+/// table does not know is an error: dropping it would lose data.
+pub fn output_schema(
+    table_schema: &StructType,
+    partition_columns: &[String],
+    files: &[ReadFile],
+) -> Result<SchemaRef, FileError> {
+    for file in files {
+        if let Some(extra) = file
+            .schema
+            .fields()
+            .iter()
+            .find(|f| table_schema.field(f.name()).is_none())
+        {
+            return Err(FileError::UnknownColumn {
+                path: file.path.clone(),
+                column: extra.name().clone(),
+            });
+        }
+    }
+    let mut fields = Vec::new();
+    for column in table_schema.fields() {
+        if partition_columns.contains(column.name()) {
+            continue;
+        }
+        let found: Vec<&Field> = files
+            .iter()
+            .filter_map(|f| f.schema.field_with_name(column.name()).ok())
+            .collect();
+        let field = match found.first() {
+            Some(first) => {
+                let everywhere = found.len() == files.len();
+                first
+                    .as_ref()
+                    .clone()
+                    .with_nullable(first.is_nullable() || !everywhere)
+            }
+            None => TryIntoArrow::<Field>::try_into_arrow(column)
+                .map_err(FileError::Arrow)?
+                .with_nullable(true),
+        };
+        fields.push(field);
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// `batch` in `schema`: columns by name, cast where a file holds a
+/// narrower type, null where the file predates the column.
+pub fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast(c, field.data_type()),
+            None => Ok(new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<_, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Rows ordered by (Kafka partition, offset), stably, so that readers that
+/// take a file's row order for change order see it.
+pub fn sort_by_kafka_position(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let key = |name: &str| -> Result<Option<Int64Array>, ArrowError> {
+        batch
+            .column_by_name(name)
+            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64))
+            .transpose()
+            .map(|c| {
+                c.map(|c| {
+                    c.as_any()
+                        .downcast_ref::<Int64Array>()
+                        .cloned()
+                        .expect("cast to Int64")
+                })
+            })
+    };
+    let (Some(partition), Some(offset)) = (key(meta::KAFKA_PARTITION)?, key(meta::KAFKA_OFFSET)?)
+    else {
+        return Ok(batch.clone());
+    };
+    let at = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    // `sort_by_key` is stable: rows with equal positions keep file order.
+    order.sort_by_key(|&i| (at(&partition, i as usize), at(&offset, i as usize)));
+    arrow::compute::take_record_batch(batch, &UInt32Array::from(order))
 }
 
 #[cfg(test)]

@@ -28,12 +28,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::array::RecordBatch;
 use arrow::error::ArrowError;
-use bytes::Bytes;
 use deltalake::checkpoints::{cleanup_metadata, create_checkpoint};
-use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Remove, StructType, Transaction};
 use deltalake::operations::vacuum::VacuumMode;
@@ -43,14 +40,14 @@ use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableError};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::errors::ParquetError;
 use serde::Deserialize;
 
 use crate::config::{LakeConfig, SinkConfig};
-use crate::decode::schema::meta;
 use crate::lake::LakeError;
-use crate::lake::files::{FileError, FileWriter, PartitionValues, now_ms, writer_properties};
+use crate::lake::files::{
+    FileError, FileWriter, PartitionValues, ReadFile, align, now_ms, output_schema,
+    sort_by_kafka_position, writer_properties,
+};
 use crate::lake::table::LakeRoot;
 
 /// The `txn` app id of compaction commits; see the module docs.
@@ -73,31 +70,19 @@ pub enum UpkeepError {
         #[source]
         source: object_store::Error,
     },
-    #[error("reading Parquet file `{path}`")]
-    Parquet {
-        path: String,
-        #[source]
-        source: ParquetError,
-    },
     #[error("rewriting the files of table `{table}`")]
     Rewrite {
         table: String,
         #[source]
         source: ArrowError,
     },
-    #[error("writing a compacted file of table `{table}`")]
+    /// Reading or writing a file of the table; a file with a column the
+    /// table does not know leaves its partition uncompacted.
+    #[error("compacting the files of table `{table}`")]
     File {
         table: String,
         #[source]
         source: FileError,
-    },
-    /// Dropping the column would lose data, so the partition is not
-    /// compacted at all.
-    #[error("file `{path}` has column `{column}`, which table `{table}` does not")]
-    UnknownColumn {
-        table: String,
-        path: String,
-        column: String,
     },
 }
 
@@ -497,13 +482,23 @@ impl Upkeep {
             };
             let got = store.get(&f.path).await.map_err(store_err)?;
             let bytes = got.bytes().await.map_err(store_err)?;
-            files.push(InputFile::read(f.path.to_string(), bytes)?);
+            files.push(ReadFile::read(f.path.to_string(), bytes).map_err(|source| {
+                UpkeepError::File {
+                    table: table.to_string(),
+                    source,
+                }
+            })?);
         }
         let rewrite_err = |source| UpkeepError::Rewrite {
             table: table.to_string(),
             source,
         };
-        let schema = output_schema(table, schema, partition_columns, &files)?;
+        let schema = output_schema(schema, partition_columns, &files).map_err(|source| {
+            UpkeepError::File {
+                table: table.to_string(),
+                source,
+            }
+        })?;
         let mut batches = Vec::new();
         for file in &files {
             for batch in &file.batches {
@@ -513,132 +508,6 @@ impl Upkeep {
         let batch = arrow::compute::concat_batches(&schema, &batches).map_err(rewrite_err)?;
         sort_by_kafka_position(&batch).map_err(rewrite_err)
     }
-}
-
-/// One input file, read whole: files are small, that is why they are
-/// being compacted.
-struct InputFile {
-    path: String,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-}
-
-impl InputFile {
-    fn read(path: String, bytes: Bytes) -> Result<InputFile, UpkeepError> {
-        let parquet_err = |source| UpkeepError::Parquet {
-            path: path.clone(),
-            source,
-        };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(parquet_err)?
-            .build()
-            .map_err(parquet_err)?;
-        let schema = arrow::record_batch::RecordBatchReader::schema(&reader);
-        let batches = reader
-            .collect::<Result<Vec<_>, ArrowError>>()
-            .map_err(|e| parquet_err(ParquetError::ArrowError(e.to_string())))?;
-        Ok(InputFile {
-            path,
-            schema,
-            batches,
-        })
-    }
-}
-
-/// The schema of a compacted file: the table's data columns in table order,
-/// each with the Arrow type the files were written with (the sink's types;
-/// the Delta schema is coarser, e.g. about time zones), nullable wherever
-/// some file lacks the column.
-fn output_schema(
-    table: &str,
-    table_schema: &StructType,
-    partition_columns: &[String],
-    files: &[InputFile],
-) -> Result<SchemaRef, UpkeepError> {
-    for file in files {
-        if let Some(extra) = file
-            .schema
-            .fields()
-            .iter()
-            .find(|f| table_schema.field(f.name()).is_none())
-        {
-            return Err(UpkeepError::UnknownColumn {
-                table: table.to_string(),
-                path: file.path.clone(),
-                column: extra.name().clone(),
-            });
-        }
-    }
-    let mut fields = Vec::new();
-    for column in table_schema.fields() {
-        if partition_columns.contains(column.name()) {
-            continue;
-        }
-        let found: Vec<&Field> = files
-            .iter()
-            .filter_map(|f| f.schema.field_with_name(column.name()).ok())
-            .collect();
-        let field = match found.first() {
-            Some(first) => {
-                let everywhere = found.len() == files.len();
-                first
-                    .as_ref()
-                    .clone()
-                    .with_nullable(first.is_nullable() || !everywhere)
-            }
-            None => TryIntoArrow::<Field>::try_into_arrow(column)
-                .map_err(|e: ArrowError| UpkeepError::Rewrite {
-                    table: table.to_string(),
-                    source: e,
-                })?
-                .with_nullable(true),
-        };
-        fields.push(field);
-    }
-    Ok(Arc::new(Schema::new(fields)))
-}
-
-/// `batch` in `schema`: columns by name, cast where a file holds a
-/// narrower type, null where the file predates the column.
-fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
-    let columns: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|field| match batch.column_by_name(field.name()) {
-            Some(c) if c.data_type() == field.data_type() => Ok(c.clone()),
-            Some(c) => arrow::compute::cast(c, field.data_type()),
-            None => Ok(new_null_array(field.data_type(), batch.num_rows())),
-        })
-        .collect::<Result<_, _>>()?;
-    RecordBatch::try_new(schema.clone(), columns)
-}
-
-/// Rows ordered by (Kafka partition, offset), stably, so that readers that
-/// take a file's row order for change order see it.
-fn sort_by_kafka_position(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let key = |name: &str| -> Result<Option<Int64Array>, ArrowError> {
-        batch
-            .column_by_name(name)
-            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64))
-            .transpose()
-            .map(|c| {
-                c.map(|c| {
-                    c.as_any()
-                        .downcast_ref::<Int64Array>()
-                        .cloned()
-                        .expect("cast to Int64")
-                })
-            })
-    };
-    let (Some(partition), Some(offset)) = (key(meta::KAFKA_PARTITION)?, key(meta::KAFKA_OFFSET)?)
-    else {
-        return Ok(batch.clone());
-    };
-    let at = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
-    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
-    // `sort_by_key` is stable: rows with equal positions keep file order.
-    order.sort_by_key(|&i| (at(&partition, i as usize), at(&offset, i as usize)));
-    arrow::compute::take_record_batch(batch, &UInt32Array::from(order))
 }
 
 /// Live files and their bytes.
@@ -653,7 +522,10 @@ fn live_files(state: &DeltaTableState) -> (usize, i64) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use arrow::array::{Int32Array, StringArray};
+    use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use crate::decode::schema::meta;
     use arrow::datatypes::DataType;
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     use chrono::NaiveDate;
@@ -840,10 +712,7 @@ mod tests {
                 .bytes()
                 .await
                 .unwrap();
-            for batch in InputFile::read(f.path().to_string(), bytes)
-                .unwrap()
-                .batches
-            {
+            for batch in ReadFile::read(f.path().to_string(), bytes).unwrap().batches {
                 out.extend(row_strings(&batch, &date));
             }
         }
@@ -891,7 +760,7 @@ mod tests {
             .await
             .unwrap();
         let mut out = Vec::new();
-        for batch in InputFile::read(path.to_string(), bytes).unwrap().batches {
+        for batch in ReadFile::read(path.to_string(), bytes).unwrap().batches {
             let col = |name| {
                 arrow::compute::cast(batch.column_by_name(name).unwrap(), &DataType::Int64)
                     .unwrap()
