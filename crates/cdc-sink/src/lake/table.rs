@@ -29,6 +29,10 @@ use crate::lake::LakeError;
 /// Not a table: where the sink keeps messages it could not read.
 pub const QUARANTINE_DIR: &str = "_quarantine";
 
+/// Where the current-state tables live: `<root>/_current/<table>/`, beside
+/// the changelogs at `<root>/<table>/`.
+pub const MIRROR_DIR: &str = "_current";
+
 /// Where the lake's tables live (one directory each under `root`) and the
 /// delta-rs storage options to reach them.
 #[derive(Clone)]
@@ -93,16 +97,32 @@ impl LakeRoot {
             .object_store(None))
     }
 
-    /// The names of the top-level directories that hold a Delta table.
+    /// The changelog tables: the top-level directories that hold a Delta
+    /// table (`_quarantine` and `_current` are not changelogs).
     pub async fn tables(&self) -> Result<Vec<String>, LakeError> {
+        self.tables_under(None).await
+    }
+
+    /// The current-state tables, by the name of the table they mirror.
+    pub async fn mirror_tables(&self) -> Result<Vec<String>, LakeError> {
+        self.tables_under(Some(MIRROR_DIR)).await
+    }
+
+    /// The table directory of the mirror of `table`, relative to the root.
+    pub fn mirror_of(table: &str) -> String {
+        format!("{MIRROR_DIR}/{table}")
+    }
+
+    async fn tables_under(&self, dir: Option<&str>) -> Result<Vec<String>, LakeError> {
         let store = self.store().map_err(delta_err("(root)"))?;
-        let listing = store.list_with_delimiter(None).await?;
+        let under = dir.map(object_store::path::Path::from);
+        let listing = store.list_with_delimiter(under.as_ref()).await?;
         let mut tables = Vec::new();
         for dir in listing.common_prefixes {
             let Some(name) = dir.filename().map(str::to_string) else {
                 continue;
             };
-            if name == QUARANTINE_DIR {
+            if under.is_none() && (name == QUARANTINE_DIR || name == MIRROR_DIR) {
                 continue;
             }
             let log = store
@@ -271,52 +291,63 @@ impl Tables {
         Ok(out)
     }
 
-    /// Creates the table (partitioned by `date`) if no writer has yet.
-    ///
-    /// Version 0 is committed directly rather than through delta-rs'
-    /// `CreateBuilder`, which would list every legacy writer feature of
-    /// writer version 7 (invariants among them, which delta-rs only writes
-    /// with DataFusion); the protocol here lists exactly what the sink
-    /// uses.
+    /// Creates a changelog table (partitioned by `date`) if no writer has
+    /// yet.
     async fn create(
         &self,
         table: &str,
         t: &DeltaTable,
         file_schema: &Schema,
     ) -> Result<(), LakeError> {
-        let err = delta_err(table);
-        let schema = table_schema(file_schema).map_err(&err)?;
-        let metadata =
-            deltalake::kernel::new_metadata(&schema, [meta::DATE], self.properties.iter())
-                .map_err(|e| err(e.into()))?
-                .with_name(table.to_string())
-                .map_err(|e| err(e.into()))?;
-        let protocol = protocol();
-        let operation = DeltaOperation::Create {
-            mode: SaveMode::ErrorIfExists,
-            location: self.root.table_url(table),
-            protocol: protocol.clone(),
-            metadata: metadata.clone(),
-        };
-        // No retries: a create that loses the race for version 0 must not
-        // be committed again as version 1 (delta-rs would retry it), which
-        // would give the table a second identity and fail every writer
-        // whose snapshot predates it with "metadata changed".
-        let created = CommitBuilder::default()
-            .with_max_retries(0)
-            .with_actions(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
-            .build(None, t.log_store(), operation)
-            .await;
-        match created {
-            Ok(_) => tracing::info!(table, "created Delta table"),
-            // Another writer created it first: that is fine, it is opened next.
-            Err(_) if t.verify_deltatable_existence().await.map_err(&err)? => {
-                tracing::info!(table, "another writer created the Delta table first");
-            }
-            Err(e) => return Err(err(e)),
-        }
-        Ok(())
+        let schema = table_schema(file_schema).map_err(delta_err(table))?;
+        create_table(t, table, &schema, &[meta::DATE], self.properties.iter()).await
     }
+}
+
+/// Creates table `name` at `t`'s location with `schema`, unless another
+/// writer did first (then it is left as that writer made it).
+///
+/// Version 0 is committed directly rather than through delta-rs'
+/// `CreateBuilder`, which would list every legacy writer feature of writer
+/// version 7 (invariants among them, which delta-rs only writes with
+/// DataFusion); the protocol here lists exactly what the sink uses.
+pub async fn create_table<'a>(
+    t: &DeltaTable,
+    name: &str,
+    schema: &StructType,
+    partition_columns: &[&str],
+    properties: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), LakeError> {
+    let err = delta_err(name);
+    let metadata = deltalake::kernel::new_metadata(schema, partition_columns, properties)
+        .map_err(|e| err(e.into()))?
+        .with_name(name.to_string())
+        .map_err(|e| err(e.into()))?;
+    let protocol = protocol();
+    let operation = DeltaOperation::Create {
+        mode: SaveMode::ErrorIfExists,
+        location: t.table_url().clone(),
+        protocol: protocol.clone(),
+        metadata: metadata.clone(),
+    };
+    // No retries: a create that loses the race for version 0 must not be
+    // committed again as version 1 (delta-rs would retry it), which would
+    // give the table a second identity and fail every writer whose snapshot
+    // predates it with "metadata changed".
+    let created = CommitBuilder::default()
+        .with_max_retries(0)
+        .with_actions(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
+        .build(None, t.log_store(), operation)
+        .await;
+    match created {
+        Ok(_) => tracing::info!(table = name, "created Delta table"),
+        // Another writer created it first: that is fine, it is opened next.
+        Err(_) if t.verify_deltatable_existence().await.map_err(&err)? => {
+            tracing::info!(table = name, "another writer created the Delta table first");
+        }
+        Err(e) => return Err(err(e)),
+    }
+    Ok(())
 }
 
 /// `txn` versions as of one table version. Looking one up replays the log

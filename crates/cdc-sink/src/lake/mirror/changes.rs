@@ -1,0 +1,258 @@
+//! The changes of some changelog rows, reduced to the last one per primary
+//! key.
+//!
+//! Rows are applied in Kafka order: by partition, then offset. Debezium
+//! keys every event of a row by its primary key, so all changes of one key
+//! are in one partition and that order is their commit order; a primary
+//! key update is a delete of the old key and a create of the new one, two
+//! keys. Unchanged TOASTed values (`_cdc_unchanged_cols`) are carried from
+//! the key's previous image: an earlier change in the same rows, or the
+//! current-state table's row.
+
+use std::collections::HashMap;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+
+use crate::decode::schema::meta;
+
+/// Where one column of a surviving row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Row `n` of the changes.
+    Change(usize),
+    /// The key's row in the current-state table (an unchanged TOASTed
+    /// value whose previous image is not among the changes).
+    Existing,
+}
+
+/// What becomes of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The key's row is change `row`, except for `carried` columns (by
+    /// index in the changes' schema), which come from elsewhere.
+    Upsert {
+        row: usize,
+        carried: Vec<(usize, Source)>,
+    },
+    Delete,
+}
+
+/// Changelog rows reduced to one outcome per key.
+pub struct Changes {
+    /// The changelog rows, in Kafka order.
+    pub rows: RecordBatch,
+    /// Each key's outcome, by the key's row encoding.
+    pub outcomes: HashMap<OwnedRow, Outcome>,
+    pub converter: RowConverter,
+    /// The newest source commit time (µs since the epoch) and LSN among the
+    /// rows.
+    pub newest_commit_us: Option<i64>,
+    pub newest_lsn: Option<i64>,
+}
+
+/// The row encoding of the `key` columns of `batch`: ordered like the key
+/// values, comparable across batches of the same key types.
+pub fn key_converter(schema: &SchemaRef, key: &[String]) -> Result<RowConverter, ArrowError> {
+    let fields = key
+        .iter()
+        .map(|k| {
+            Ok(SortField::new(
+                schema.field_with_name(k)?.data_type().clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>, ArrowError>>()?;
+    RowConverter::new(fields)
+}
+
+pub fn key_rows(
+    converter: &RowConverter,
+    batch: &RecordBatch,
+    key: &[String],
+) -> Result<Rows, ArrowError> {
+    let columns = key
+        .iter()
+        .map(|k| {
+            batch
+                .column_by_name(k)
+                .cloned()
+                .ok_or_else(|| ArrowError::SchemaError(format!("no key column `{k}`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    converter.convert_columns(&columns)
+}
+
+impl Changes {
+    /// Reduces `rows` (changelog rows already in Kafka order) by `key`.
+    pub fn reduce(rows: RecordBatch, key: &[String]) -> Result<Changes, ArrowError> {
+        let converter = key_converter(&rows.schema(), key)?;
+        let keys = key_rows(&converter, &rows, key)?;
+        let schema = rows.schema();
+        let column = |name: &str| {
+            rows.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| ArrowError::SchemaError(format!("no column `{name}`")))
+        };
+        let op = column(meta::OP)?;
+        let op = op.as_string::<i32>();
+        let unchanged = rows.column_by_name(meta::UNCHANGED).cloned();
+        let unchanged = unchanged.as_ref().map(|u| u.as_list::<i32>());
+        let commit_ts = rows
+            .column_by_name(meta::COMMIT_TS)
+            .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok());
+        let lsn = rows.column_by_name(meta::LSN).cloned();
+
+        let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
+        for i in 0..rows.num_rows() {
+            let k = keys.row(i).owned();
+            if op.is_valid(i) && op.value(i) == "d" {
+                outcomes.insert(k, Outcome::Delete);
+                continue;
+            }
+            let mut carried = Vec::new();
+            if let Some(list) = unchanged
+                && list.is_valid(i)
+            {
+                let names = list.value(i);
+                let names = names.as_string::<i32>();
+                for n in 0..names.len() {
+                    if !names.is_valid(n) {
+                        continue;
+                    }
+                    let Ok(c) = schema.index_of(names.value(n)) else {
+                        continue;
+                    };
+                    let from = match outcomes.get(&k) {
+                        Some(Outcome::Upsert { row, carried }) => carried
+                            .iter()
+                            .find(|(col, _)| *col == c)
+                            .map_or(Source::Change(*row), |(_, s)| *s),
+                        // Deleted since: nothing to carry; the row keeps
+                        // what the changelog has.
+                        Some(Outcome::Delete) => Source::Change(i),
+                        None => Source::Existing,
+                    };
+                    if from != Source::Change(i) {
+                        carried.push((c, from));
+                    }
+                }
+            }
+            outcomes.insert(k, Outcome::Upsert { row: i, carried });
+        }
+        let newest = |a: &Option<arrow::array::ArrayRef>| {
+            a.as_ref().and_then(|a| {
+                let a = a.as_primitive_opt::<arrow::datatypes::Int64Type>()?;
+                arrow::compute::max(a)
+            })
+        };
+        Ok(Changes {
+            newest_commit_us: newest(&commit_ts),
+            newest_lsn: newest(&lsn),
+            rows,
+            outcomes,
+            converter,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use arrow::array::{ArrayRef, Int64Array, ListBuilder, StringArray, StringBuilder};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    /// Changelog rows: `(id, op, note, unchanged)`.
+    fn rows(changes: &[(i64, &str, &str, &[&str])]) -> RecordBatch {
+        let mut unchanged = ListBuilder::new(StringBuilder::new());
+        for (_, _, _, u) in changes {
+            for c in *u {
+                unchanged.values().append_value(c);
+            }
+            unchanged.append(true);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(changes.iter().map(|c| c.0))),
+            Arc::new(StringArray::from_iter_values(changes.iter().map(|c| c.2))),
+            Arc::new(StringArray::from_iter_values(changes.iter().map(|c| c.1))),
+            Arc::new(unchanged.finish()),
+        ];
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+            Field::new(meta::OP, DataType::Utf8, true),
+            Field::new(
+                meta::UNCHANGED,
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                true,
+            ),
+        ]);
+        RecordBatch::try_new(Arc::new(schema), columns).unwrap()
+    }
+
+    fn outcome(c: &Changes, id: i64) -> Option<Outcome> {
+        let key = c
+            .converter
+            .convert_columns(&[Arc::new(Int64Array::from(vec![id])) as ArrayRef])
+            .unwrap();
+        c.outcomes.get(&key.row(0).owned()).cloned()
+    }
+
+    #[test]
+    fn the_last_change_per_key_wins() {
+        let c = Changes::reduce(
+            rows(&[
+                (1, "c", "a", &[]),
+                (2, "c", "b", &[]),
+                (1, "u", "a2", &[]),
+                (2, "d", "b", &[]),
+                (3, "d", "x", &[]),
+                (3, "c", "y", &[]),
+            ]),
+            &["id".to_string()],
+        )
+        .unwrap();
+        let upsert = |row| {
+            Some(Outcome::Upsert {
+                row,
+                carried: vec![],
+            })
+        };
+        assert_eq!(outcome(&c, 1), upsert(2));
+        assert_eq!(outcome(&c, 2), Some(Outcome::Delete));
+        assert_eq!(outcome(&c, 3), upsert(5), "re-created after its delete");
+    }
+
+    #[test]
+    fn unchanged_toasted_values_come_from_the_previous_image() {
+        let c = Changes::reduce(
+            rows(&[
+                (1, "c", "long", &[]),
+                (1, "u", "__debezium_unavailable_value", &["note"]),
+                (1, "u", "__debezium_unavailable_value", &["note"]),
+                (2, "u", "__debezium_unavailable_value", &["note"]),
+            ]),
+            &["id".to_string()],
+        )
+        .unwrap();
+        assert_eq!(
+            outcome(&c, 1),
+            Some(Outcome::Upsert {
+                row: 2,
+                carried: vec![(1, Source::Change(0))]
+            }),
+            "through two updates, from the create"
+        );
+        assert_eq!(
+            outcome(&c, 2),
+            Some(Outcome::Upsert {
+                row: 3,
+                carried: vec![(1, Source::Existing)]
+            }),
+            "from the current-state table's row"
+        );
+    }
+}

@@ -1,0 +1,872 @@
+//! Current-state tables: for every captured table with a primary key, a
+//! Delta table at `<root>/_current/<table>/` holding exactly its rows, one
+//! per key, deletes removed.
+//!
+//! A mirror is a function of its changelog: [`Mirror::sync`] applies the
+//! changelog versions after the one the mirror was last synced to, and
+//! commits the result with a `txn` action (`cdc-sink-mirror`, version = the
+//! changelog version it now reflects) in the same Delta transaction. A
+//! crash anywhere leaves the mirror at a whole changelog version, and the
+//! next sync starts from there: nothing is applied twice. The sink syncs a
+//! table's mirror after each changelog commit to it; `cdc-sink mirror`
+//! syncs (or rebuilds) from the changelog alone, which is also how a lake
+//! written before mirrors gets them.
+//!
+//! Writing is copy-on-write, without deletion vectors, so every Delta
+//! reader opens a mirror with no options. Each file holds a disjoint range
+//! of primary keys, sorted, its first and last key in its footer; a sync
+//! reduces its changes to the last per key, rewrites only the files whose
+//! range holds a changed key (keys past the end go to the last file while
+//! it is small, then to a new one), and commits the removes, the adds and
+//! the `txn` together. Two writers of one mirror (two sinks of a group)
+//! conflict on the files they both remove or on the `txn`, and the loser
+//! syncs again from the newer state.
+//!
+//! Upkeep never compacts a mirror: delta-rs' conflict checker ignores
+//! `dataChange=false` removes, so a compaction racing a sync could bring
+//! rows back. It only checkpoints and vacuums them.
+
+pub mod changes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, new_empty_array};
+use arrow::compute::interleave;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::row::{OwnedRow, RowConverter};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, MetadataExt, Remove, StructType, Transaction};
+use deltalake::logstore::ObjectStoreRef;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use parquet::file::metadata::ParquetMetaDataReader;
+use serde_json::json;
+
+use crate::decode::schema::meta;
+use crate::lake::LakeError;
+use crate::lake::changelog::KEY_METADATA;
+use crate::lake::files::{
+    FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
+};
+use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
+use crate::lake::table::{LakeRoot, create_table, delta_err};
+
+/// The `txn` app id of mirror commits: its version is the changelog
+/// version the mirror reflects.
+pub const APP_ID: &str = "cdc-sink-mirror";
+/// Footer keys of a mirror file: its first and last key (row encoding,
+/// hex).
+const KEY_MIN: &str = "cdc.key_min";
+const KEY_MAX: &str = "cdc.key_max";
+/// The mirror table's property naming its primary key (a JSON array).
+pub const KEY_PROPERTY: &str = "cdc.primaryKey";
+
+/// Changelog columns a mirror leaves out: they describe a change, not a
+/// row. `_cdc_lsn` and `_cdc_commit_ts` stay: the row's last change.
+const CHANGE_ONLY: [&str; 6] = [
+    meta::OP,
+    meta::TX_ID,
+    meta::KAFKA_PARTITION,
+    meta::KAFKA_OFFSET,
+    meta::UNCHANGED,
+    meta::DATE,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error(transparent)]
+    Lake(#[from] Box<LakeError>),
+    #[error("reading or writing a file of the mirror of `{table}`")]
+    File {
+        table: String,
+        #[source]
+        source: FileError,
+    },
+    #[error("building rows of the mirror of `{table}`")]
+    Arrow {
+        table: String,
+        #[source]
+        source: ArrowError,
+    },
+    #[error("the primary key of `{table}` in its changelog files is not a list of columns")]
+    BadKey { table: String },
+}
+
+impl From<LakeError> for MirrorError {
+    fn from(e: LakeError) -> Self {
+        MirrorError::Lake(Box::new(e))
+    }
+}
+
+impl MirrorError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            MirrorError::Lake(e) => e.is_retryable(),
+            MirrorError::File { source, .. } => source.is_retryable(),
+            MirrorError::Arrow { .. } | MirrorError::BadKey { .. } => false,
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Synced {
+    /// The changelog version the mirror reflects now (`None`: no mirror).
+    pub through: Option<i64>,
+    /// The mirror version written, if anything was committed.
+    pub version: Option<i64>,
+    /// Applied from the whole changelog rather than the versions since the
+    /// last sync (a new mirror, a rebuild, or a gap no longer in the log).
+    pub full: bool,
+    pub upserts: usize,
+    pub deletes: usize,
+    pub files_removed: usize,
+    pub files_added: usize,
+    /// The table has no primary key: no mirror.
+    pub no_key: bool,
+    /// Lost to a concurrent writer: sync again.
+    pub conflict: bool,
+    /// The newest source commit time (µs) among the rows applied.
+    pub newest_commit_us: Option<i64>,
+}
+
+/// One live mirror file and the keys it holds.
+#[derive(Debug, Clone)]
+struct FileRange {
+    path: String,
+    size: i64,
+    min: Vec<u8>,
+    max: Vec<u8>,
+}
+
+/// Changes routed to one file (`None`: a new file).
+struct Bucket {
+    file: Option<usize>,
+    keys: Vec<OwnedRow>,
+}
+
+pub struct Mirror {
+    root: LakeRoot,
+    files: FileWriter,
+    properties: BTreeMap<String, String>,
+    /// Files are cut at about this many encoded bytes.
+    target_bytes: usize,
+    /// New keys past the last file go into it while it is smaller than
+    /// this, then into a new file.
+    tail_bytes: usize,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Mirror {
+    pub fn new(
+        root: LakeRoot,
+        files: FileWriter,
+        properties: BTreeMap<String, String>,
+        target_bytes: usize,
+    ) -> Mirror {
+        Mirror {
+            root,
+            files,
+            properties,
+            target_bytes: target_bytes.max(1),
+            tail_bytes: target_bytes / 4,
+        }
+    }
+
+    pub fn root(&self) -> &LakeRoot {
+        &self.root
+    }
+
+    /// Brings the mirror of `table` to its changelog's latest version
+    /// (with `rebuild`, from the whole changelog, replacing every file).
+    pub async fn sync(&self, table: &str, rebuild: bool) -> Result<Synced, MirrorError> {
+        let err = delta_err(table);
+        let mut changelog = self.root.handle(table).map_err(&err)?;
+        if !changelog
+            .verify_deltatable_existence()
+            .await
+            .map_err(&err)?
+        {
+            return Ok(Synced::default());
+        }
+        changelog.load().await.map_err(&err)?;
+        let target = changelog.version().unwrap_or(0) as i64;
+
+        let name = LakeRoot::mirror_of(table);
+        let merr = delta_err(&name);
+        let mut mirror = self.root.handle(&name).map_err(&merr)?;
+        let exists = mirror.verify_deltatable_existence().await.map_err(&merr)?;
+        let applied = if exists {
+            mirror.load().await.map_err(&merr)?;
+            let state = mirror.snapshot().map_err(&merr)?;
+            state
+                .transaction_version(mirror.log_store().as_ref(), APP_ID)
+                .await
+                .map_err(&merr)?
+        } else {
+            None
+        };
+        if applied == Some(target) && !rebuild {
+            return Ok(Synced {
+                through: applied,
+                ..Synced::default()
+            });
+        }
+
+        let store = changelog.log_store().object_store(None);
+        let incremental = match applied {
+            Some(a) if !rebuild && a < target => self.appended(&changelog, a, target).await?,
+            _ => None,
+        };
+        let (files, full) = match incremental {
+            Some(paths) => match read_all(table, &store, &paths).await? {
+                Some(files) => (files, false),
+                // Compacted and vacuumed since: only the live files are left.
+                None => (self.live(table, &changelog, &store).await?, true),
+            },
+            None => (self.live(table, &changelog, &store).await?, true),
+        };
+
+        let key = match key_of(table, &files, exists.then_some(&mirror))? {
+            Some(key) => key,
+            None => {
+                return Ok(Synced {
+                    no_key: true,
+                    ..Synced::default()
+                });
+            }
+        };
+        if !exists
+            && files
+                .iter()
+                .all(|f| f.batches.iter().all(|b| b.num_rows() == 0))
+        {
+            return Ok(Synced::default());
+        }
+
+        // The changes, in Kafka order, reduced to one outcome per key.
+        let arrow_err = |source| MirrorError::Arrow {
+            table: table.to_string(),
+            source,
+        };
+        let state = changelog.snapshot().map_err(&err)?;
+        let partition_columns = state.metadata().partition_columns().to_vec();
+        let schema = output_schema(state.schema().as_ref(), &partition_columns, &files).map_err(
+            |source| MirrorError::File {
+                table: table.to_string(),
+                source,
+            },
+        )?;
+        let mut batches = Vec::new();
+        for f in &files {
+            for b in &f.batches {
+                batches.push(align(b, &schema).map_err(arrow_err)?);
+            }
+        }
+        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
+        let rows = sort_by_kafka_position(&rows).map_err(arrow_err)?;
+        let changes = Changes::reduce(rows, &key).map_err(arrow_err)?;
+
+        if !exists {
+            self.create(table, &mirror, &mirror_schema(&schema), &key)
+                .await?;
+            mirror.load().await.map_err(&merr)?;
+        }
+        let outcome = self
+            .apply(table, &mirror, &key, &changes, full, target)
+            .await?;
+        if outcome.conflict {
+            tracing::info!(
+                table,
+                "mirror commit lost to a concurrent writer; syncing again"
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// The data files the changelog's versions `after+1..=through` added
+    /// (compactions add none: they rewrite rows already there). `None` if
+    /// a version is no longer in the log.
+    async fn appended(
+        &self,
+        changelog: &DeltaTable,
+        after: i64,
+        through: i64,
+    ) -> Result<Option<Vec<Path>>, MirrorError> {
+        let err = delta_err(changelog.table_url().as_str());
+        let log = changelog.log_store();
+        let mut paths = Vec::new();
+        for v in after + 1..=through {
+            let Some(bytes) = log.read_commit_entry(v as u64).await.map_err(&err)? else {
+                return Ok(None);
+            };
+            for line in bytes.split(|b| *b == b'\n') {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let Some(add) = action.get("add") else {
+                    continue;
+                };
+                if add.get("dataChange").and_then(|d| d.as_bool()) != Some(true) {
+                    continue;
+                }
+                if let Some(path) = add.get("path").and_then(|p| p.as_str()) {
+                    let path = percent_decode(path);
+                    paths.push(Path::from(path.as_str()));
+                }
+            }
+        }
+        Ok(Some(paths))
+    }
+
+    /// Every live file of the changelog, read.
+    async fn live(
+        &self,
+        table: &str,
+        changelog: &DeltaTable,
+        store: &ObjectStoreRef,
+    ) -> Result<Vec<ReadFile>, MirrorError> {
+        let paths: Vec<Path> = changelog
+            .snapshot()
+            .map_err(delta_err(table))?
+            .log_data()
+            .iter()
+            .map(|f| f.object_store_path())
+            .collect();
+        read_all(table, store, &paths).await?.ok_or_else(|| {
+            MirrorError::Lake(Box::new(LakeError::Location(format!(
+                "a live file of `{table}` is missing"
+            ))))
+        })
+    }
+
+    async fn create(
+        &self,
+        table: &str,
+        mirror: &DeltaTable,
+        schema: &SchemaRef,
+        key: &[String],
+    ) -> Result<(), MirrorError> {
+        let name = LakeRoot::mirror_of(table);
+        let nullable: Vec<Field> = schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        let delta: StructType =
+            (&Schema::new(nullable))
+                .try_into_kernel()
+                .map_err(|e: ArrowError| MirrorError::Arrow {
+                    table: table.to_string(),
+                    source: e,
+                })?;
+        let mut properties = self.properties.clone();
+        properties.insert(
+            KEY_PROPERTY.to_string(),
+            serde_json::to_string(key).expect("names serialise"),
+        );
+        create_table(mirror, &name, &delta, &[], properties.iter()).await?;
+        Ok(())
+    }
+
+    /// Applies `changes` to the mirror's files and commits them with the
+    /// `txn` of changelog version `through`.
+    async fn apply(
+        &self,
+        table: &str,
+        mirror: &DeltaTable,
+        key: &[String],
+        changes: &Changes,
+        full: bool,
+        through: i64,
+    ) -> Result<Synced, MirrorError> {
+        let name = LakeRoot::mirror_of(table);
+        let merr = delta_err(&name);
+        let arrow_err = |source| MirrorError::Arrow {
+            table: table.to_string(),
+            source,
+        };
+        let file_err = |source| MirrorError::File {
+            table: table.to_string(),
+            source,
+        };
+        let store = mirror.log_store().object_store(None);
+        let state = mirror.snapshot().map_err(&merr)?.clone();
+        let target_schema = mirror_schema(&changes.rows.schema());
+        let converter = &changes.converter;
+
+        // The live files and their key ranges.
+        let mut ranges = Vec::new();
+        for f in state.log_data().iter() {
+            ranges.push(
+                read_range(&store, f.object_store_path(), f.size())
+                    .await
+                    .map_err(file_err)?,
+            );
+        }
+        ranges.sort_by(|a, b| a.min.cmp(&b.min));
+
+        // Route every changed key to the file whose range holds it (or
+        // would, extended); a full sync replaces every file.
+        let mut keys: Vec<&OwnedRow> = changes.outcomes.keys().collect();
+        keys.sort();
+        let mut buckets: BTreeMap<Option<usize>, Bucket> = BTreeMap::new();
+        let mut removed = Vec::new();
+        if full {
+            removed = ranges.iter().map(|r| r.path.clone()).collect();
+        }
+        for k in keys {
+            let file = if full || ranges.is_empty() {
+                None
+            } else {
+                let bytes = k.as_ref();
+                let i = ranges
+                    .partition_point(|r| r.min.as_slice() <= bytes)
+                    .saturating_sub(1);
+                let r = &ranges[i];
+                let past_end = bytes > r.max.as_slice();
+                let is_delete = matches!(changes.outcomes[k], Outcome::Delete);
+                if is_delete && (past_end || bytes < r.min.as_slice()) {
+                    // Not in any file: nothing to delete.
+                    continue;
+                }
+                if past_end && i == ranges.len() - 1 && r.size >= self.tail_bytes as i64 {
+                    None
+                } else {
+                    Some(i)
+                }
+            };
+            if file.is_none() && matches!(changes.outcomes[k], Outcome::Delete) {
+                continue;
+            }
+            buckets
+                .entry(file)
+                .or_insert_with(|| Bucket {
+                    file,
+                    keys: Vec::new(),
+                })
+                .keys
+                .push(k.clone());
+        }
+
+        let changed = project(&changes.rows, &target_schema).map_err(arrow_err)?;
+        let mut actions = Vec::new();
+        let mut added = 0;
+        for bucket in buckets.values() {
+            let old = match bucket.file {
+                Some(i) => {
+                    let path = Path::from(ranges[i].path.as_str());
+                    let bytes = store
+                        .get(&path)
+                        .await
+                        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?
+                        .bytes()
+                        .await
+                        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
+                    let f = ReadFile::read(ranges[i].path.clone(), bytes).map_err(file_err)?;
+                    removed.push(ranges[i].path.clone());
+                    let aligned = f
+                        .batches
+                        .iter()
+                        .map(|b| align(b, &target_schema))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(arrow_err)?;
+                    arrow::compute::concat_batches(&target_schema, &aligned).map_err(arrow_err)?
+                }
+                None => RecordBatch::new_empty(target_schema.clone()),
+            };
+            let merged = merge(
+                &old,
+                &changed,
+                changes,
+                bucket,
+                key,
+                converter,
+                &target_schema,
+            )
+            .map_err(arrow_err)?;
+            for chunk in self.chunks(&merged) {
+                let add = self
+                    .put(&store, &chunk, key, converter)
+                    .await
+                    .map_err(|e| match e {
+                        PutError::File(source) => MirrorError::File {
+                            table: table.to_string(),
+                            source,
+                        },
+                        PutError::Arrow(source) => MirrorError::Arrow {
+                            table: table.to_string(),
+                            source,
+                        },
+                    })?;
+                actions.push(Action::Add(add));
+                added += 1;
+            }
+        }
+        let now = now_ms();
+        for path in &removed {
+            actions.push(Action::Remove(Remove {
+                path: path.clone(),
+                data_change: true,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: Some(false),
+                ..Default::default()
+            }));
+        }
+
+        // Columns the changelog gained since the mirror was created.
+        let current = state.schema().as_ref().clone();
+        let mut evolved = current.clone();
+        crate::lake::table::conform(RecordBatch::new_empty(target_schema.clone()), &mut evolved)
+            .map_err(&merr)?;
+        if evolved != current {
+            let metadata = state
+                .metadata()
+                .clone()
+                .with_schema(&evolved)
+                .map_err(|e| merr(e.into()))?;
+            actions.push(Action::Metadata(metadata));
+        }
+        actions.push(Action::Txn(Transaction::new_with_last_update(
+            APP_ID,
+            through,
+            Some(now),
+        )));
+
+        let mut app = HashMap::from([("cdc.changelogVersion".to_string(), json!(through))]);
+        if let Some(us) = changes.newest_commit_us {
+            app.insert("cdc.sourceCommitTsMicros".to_string(), json!(us));
+        }
+        if let Some(lsn) = changes.newest_lsn {
+            app.insert("cdc.sourceLsn".to_string(), json!(lsn));
+        }
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let committed = CommitBuilder::from(CommitProperties::default().with_metadata(app))
+            .with_max_retries(0)
+            .with_actions(actions)
+            .build(Some(state.snapshot()), mirror.log_store(), operation)
+            .await;
+        let (upserts, deletes) = changes.outcomes.values().fold((0, 0), |(u, d), o| match o {
+            Outcome::Upsert { .. } => (u + 1, d),
+            Outcome::Delete => (u, d + 1),
+        });
+        let mut synced = Synced {
+            through: Some(through),
+            full,
+            upserts,
+            deletes,
+            files_removed: removed.len(),
+            files_added: added,
+            newest_commit_us: changes.newest_commit_us,
+            ..Synced::default()
+        };
+        match committed {
+            Ok(done) => {
+                synced.version = Some(done.version() as i64);
+                Ok(synced)
+            }
+            Err(DeltaTableError::Transaction { source }) if is_conflict(&source) => {
+                // The files just put stay unreferenced: vacuum removes them.
+                synced.through = None;
+                synced.conflict = true;
+                Ok(synced)
+            }
+            Err(e) => Err(merr(e).into()),
+        }
+    }
+
+    /// `batch` cut into files of about the target size (by its Arrow size;
+    /// Parquet is smaller still).
+    fn chunks(&self, batch: &RecordBatch) -> Vec<RecordBatch> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Vec::new();
+        }
+        let bytes = batch.get_array_memory_size().max(1);
+        let per_file = ((self.target_bytes as u128 * rows as u128) / bytes as u128).max(1) as usize;
+        (0..rows)
+            .step_by(per_file)
+            .map(|start| batch.slice(start, per_file.min(rows - start)))
+            .collect()
+    }
+
+    /// Puts one mirror file (rows sorted by key) with its key range in its
+    /// footer.
+    async fn put(
+        &self,
+        store: &ObjectStoreRef,
+        batch: &RecordBatch,
+        key: &[String],
+        converter: &RowConverter,
+    ) -> Result<deltalake::kernel::Add, PutError> {
+        let keys = key_rows(converter, batch, key).map_err(PutError::Arrow)?;
+        let footer = vec![
+            (
+                KEY_METADATA.to_string(),
+                serde_json::to_string(key).expect("names serialise"),
+            ),
+            (KEY_MIN.to_string(), hex(keys.row(0).as_ref())),
+            (
+                KEY_MAX.to_string(),
+                hex(keys.row(batch.num_rows() - 1).as_ref()),
+            ),
+        ];
+        self.files
+            .put(store.as_ref(), Vec::new(), batch, true, &footer)
+            .await
+            .map_err(PutError::File)
+    }
+}
+
+enum PutError {
+    File(FileError),
+    Arrow(ArrowError),
+}
+
+fn is_conflict(e: &TransactionError) -> bool {
+    matches!(
+        e,
+        TransactionError::CommitConflict(_) | TransactionError::VersionAlreadyExists(_)
+    )
+}
+
+/// Delta log paths are percent-encoded; object store paths are not.
+fn percent_decode(path: &str) -> String {
+    url::Url::parse(&format!("file:///{path}"))
+        .ok()
+        .and_then(|u| {
+            u.to_file_path()
+                .ok()
+                .map(|p| p.to_string_lossy().trim_start_matches('/').to_string())
+        })
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// Reads `paths`; `None` if one is gone.
+async fn read_all(
+    table: &str,
+    store: &ObjectStoreRef,
+    paths: &[Path],
+) -> Result<Option<Vec<ReadFile>>, MirrorError> {
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        let got = match store.get(p).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(MirrorError::Lake(Box::new(LakeError::Store(e)))),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
+        files.push(
+            ReadFile::read(p.to_string(), bytes).map_err(|source| MirrorError::File {
+                table: table.to_string(),
+                source,
+            })?,
+        );
+    }
+    Ok(Some(files))
+}
+
+/// The primary key: from the newest changelog file that names one, else
+/// from the mirror's own property.
+fn key_of(
+    table: &str,
+    files: &[ReadFile],
+    mirror: Option<&DeltaTable>,
+) -> Result<Option<Vec<String>>, MirrorError> {
+    let named = files
+        .iter()
+        .rev()
+        .find_map(|f| f.footer.get(KEY_METADATA).cloned())
+        .or_else(|| {
+            let state = mirror?.snapshot().ok()?;
+            state.metadata().configuration().get(KEY_PROPERTY).cloned()
+        });
+    match named {
+        None => Ok(None),
+        Some(json) => serde_json::from_str::<Vec<String>>(&json)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .map(Some)
+            .ok_or_else(|| MirrorError::BadKey {
+                table: table.to_string(),
+            }),
+    }
+}
+
+/// A mirror file's key range, from its footer.
+async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<FileRange, FileError> {
+    let read_err = |source| FileError::Read {
+        path: path.to_string(),
+        source,
+    };
+    let general = |m: String| read_err(parquet::errors::ParquetError::General(m));
+    // The footer alone: its length and magic, then the metadata.
+    let len = size as u64;
+    if len < 12 {
+        return Err(general("too short for a Parquet file".into()));
+    }
+    let get = |range: std::ops::Range<u64>| {
+        let path = path.clone();
+        async move {
+            store
+                .get_ranges(&path, &[range])
+                .await
+                .map(|mut r| r.remove(0))
+        }
+    };
+    let store_err = |e: object_store::Error| general(e.to_string());
+    let tail = get(len - 8..len).await.map_err(store_err)?;
+    if &tail[4..8] != b"PAR1" {
+        return Err(general("no Parquet magic".into()));
+    }
+    let footer = u32::from_le_bytes(tail[0..4].try_into().expect("four bytes")) as u64;
+    if footer + 8 > len {
+        return Err(general("footer longer than the file".into()));
+    }
+    let bytes = get(len - 8 - footer..len - 8).await.map_err(store_err)?;
+    let metadata = ParquetMetaDataReader::decode_metadata(&bytes).map_err(read_err)?;
+    let kv: HashMap<String, String> = metadata
+        .file_metadata()
+        .key_value_metadata()
+        .into_iter()
+        .flatten()
+        .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+        .collect();
+    let bound = |k: &str| {
+        kv.get(k).and_then(|h| unhex(h)).ok_or_else(|| {
+            read_err(parquet::errors::ParquetError::General(format!(
+                "a mirror file without `{k}` in its footer"
+            )))
+        })
+    };
+    Ok(FileRange {
+        path: path.to_string(),
+        size,
+        min: bound(KEY_MIN)?,
+        max: bound(KEY_MAX)?,
+    })
+}
+
+/// The mirror's columns: the changelog's, without those of a change.
+fn mirror_schema(changelog: &SchemaRef) -> SchemaRef {
+    let fields: Vec<Field> = changelog
+        .fields()
+        .iter()
+        .filter(|f| !CHANGE_ONLY.contains(&f.name().as_str()))
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// `batch`'s columns of `schema`, by name.
+fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    align(batch, schema)
+}
+
+/// The rows of one file after the changes routed to it: its old rows
+/// (`old`, in `schema`) with the changed keys replaced or removed, sorted
+/// by key.
+fn merge(
+    old: &RecordBatch,
+    changed: &RecordBatch,
+    changes: &Changes,
+    bucket: &Bucket,
+    key: &[String],
+    converter: &RowConverter,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, ArrowError> {
+    // Per output row: where each column comes from, as (array, row) with
+    // array 0 = old, 1 = changed.
+    enum Plan {
+        Old(usize),
+        New {
+            row: usize,
+            carried: Vec<(usize, (usize, usize))>,
+        },
+    }
+    let old_keys = key_rows(converter, old, key)?;
+    let mut by_key: HashMap<OwnedRow, usize> = HashMap::with_capacity(old.num_rows());
+    for i in 0..old.num_rows() {
+        by_key.insert(old_keys.row(i).owned(), i);
+    }
+    let changed_schema = changes.rows.schema();
+    let mut entries: Vec<(OwnedRow, Plan)> = Vec::with_capacity(old.num_rows() + bucket.keys.len());
+    for (k, i) in &by_key {
+        if !changes.outcomes.contains_key(k) {
+            entries.push((k.clone(), Plan::Old(*i)));
+        }
+    }
+    for k in &bucket.keys {
+        let Outcome::Upsert { row, carried } = &changes.outcomes[k] else {
+            continue;
+        };
+        let mut from = Vec::new();
+        for (column, source) in carried {
+            // Carried columns are named in the changelog's schema.
+            let Ok(c) = schema.index_of(changed_schema.field(*column).name()) else {
+                continue;
+            };
+            match source {
+                Source::Change(j) => from.push((c, (1, *j))),
+                Source::Existing => {
+                    if let Some(i) = by_key.get(k) {
+                        from.push((c, (0, *i)));
+                    }
+                }
+            }
+        }
+        entries.push((
+            k.clone(),
+            Plan::New {
+                row: *row,
+                carried: from,
+            },
+        ));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for (c, field) in schema.fields().iter().enumerate() {
+        let indices: Vec<(usize, usize)> = entries
+            .iter()
+            .map(|(_, plan)| match plan {
+                Plan::Old(i) => (0, *i),
+                Plan::New { row, carried } => carried
+                    .iter()
+                    .find(|(col, _)| *col == c)
+                    .map_or((1, *row), |(_, at)| *at),
+            })
+            .collect();
+        if indices.is_empty() {
+            columns.push(new_empty_array(field.data_type()));
+            continue;
+        }
+        let arrays: [&dyn Array; 2] = [old.column(c).as_ref(), changed.column(c).as_ref()];
+        columns.push(interleave(&arrays, &indices)?);
+    }
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,310 @@
+//! Mirrors of changelogs written through the sink's own commit path, in a
+//! temporary directory, read back through the Delta log and the Parquet
+//! files.
+
+use std::collections::BTreeMap;
+
+use arrow::array::{
+    AsArray, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Int64Type};
+use chrono::NaiveDate;
+use deltalake::DeltaTableBuilder;
+
+use super::*;
+use crate::config::{LakeConfig, OutputConfig};
+use crate::decode::schema::utc_micros;
+use crate::lake::changelog::{Changelog, DataFile, PartitionWrite};
+use crate::lake::files::writer_properties;
+use crate::source::position::{Claim, Tp};
+
+const TABLE: &str = "items";
+
+/// One change: `(partition, id, op, note, unchanged note?)`.
+type Change<'a> = (i32, i64, &'a str, &'a str, bool);
+
+struct Lake {
+    _dir: tempfile::TempDir,
+    root: LakeRoot,
+    changelog: Changelog,
+    /// The last offset committed per partition.
+    last: BTreeMap<i32, i64>,
+    lsn: i64,
+}
+
+impl Lake {
+    fn new() -> Lake {
+        let dir = tempfile::tempdir().unwrap();
+        let root = LakeRoot::at(
+            url::Url::from_directory_path(dir.path()).unwrap(),
+            Default::default(),
+        );
+        let changelog = Changelog::new(
+            root.clone(),
+            "g",
+            FileWriter::new(writer_properties(&OutputConfig::default())),
+            &LakeConfig::default(),
+        );
+        Lake {
+            _dir: dir,
+            root,
+            changelog,
+            last: BTreeMap::new(),
+            lsn: 1000,
+        }
+    }
+
+    fn mirror(&self, target_bytes: usize) -> Mirror {
+        Mirror::new(
+            self.root.clone(),
+            FileWriter::new(writer_properties(&OutputConfig::default())),
+            LakeConfig::default().table_properties(),
+            target_bytes,
+        )
+    }
+
+    /// Commits `changes` to the changelog as one flush (one file per
+    /// partition), keyed by `id` unless `keyed` is false.
+    async fn commit(&mut self, changes: &[Change<'_>], keyed: bool) {
+        let mut by_partition: BTreeMap<i32, Vec<&Change>> = BTreeMap::new();
+        for c in changes {
+            by_partition.entry(c.0).or_default().push(c);
+        }
+        let mut writes = Vec::new();
+        for (p, cs) in by_partition {
+            let first = self.last.get(&p).map_or(0, |l| l + 1);
+            let mut unchanged = ListBuilder::new(StringBuilder::new());
+            let mut lsns = Vec::new();
+            for c in &cs {
+                if c.4 {
+                    unchanged.values().append_value("note");
+                }
+                unchanged.append(true);
+                self.lsn += 1;
+                lsns.push(self.lsn);
+            }
+            let n = cs.len();
+            let offsets: Vec<i64> = (first..first + n as i64).collect();
+            let schema = Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("note", DataType::Utf8, true),
+                Field::new(meta::OP, DataType::Utf8, true),
+                Field::new(meta::COMMIT_TS, utc_micros(), true),
+                Field::new(meta::LSN, DataType::Int64, true),
+                Field::new(meta::TX_ID, DataType::Int64, true),
+                Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+                Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
+                Field::new(
+                    meta::UNCHANGED,
+                    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                    true,
+                ),
+            ]);
+            let batch = RecordBatch::try_new(
+                Arc::new(schema),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(cs.iter().map(|c| c.1))),
+                    Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.3))),
+                    Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.2))),
+                    Arc::new(
+                        TimestampMicrosecondArray::from_iter_values(
+                            lsns.iter().map(|l| 1_700_000_000_000_000 + l),
+                        )
+                        .with_timezone("UTC"),
+                    ),
+                    Arc::new(Int64Array::from(lsns.clone())),
+                    Arc::new(Int64Array::from(vec![7; n])),
+                    Arc::new(Int32Array::from(vec![p; n])),
+                    Arc::new(Int64Array::from(offsets.clone())),
+                    Arc::new(unchanged.finish()),
+                ],
+            )
+            .unwrap();
+            writes.push(PartitionWrite {
+                tp: Tp::new(format!("db.{TABLE}"), p),
+                claim: Claim {
+                    expected: self.last.get(&p).copied(),
+                    last: *offsets.last().unwrap(),
+                },
+                files: vec![DataFile {
+                    date: NaiveDate::from_ymd_opt(2026, 12, 4).unwrap(),
+                    batch,
+                    key: keyed.then(|| Arc::from(vec!["id".to_string()])),
+                }],
+            });
+            self.last.insert(p, *offsets.last().unwrap());
+        }
+        let outcome = self.changelog.write(TABLE, &writes).await.unwrap();
+        assert!(outcome.fenced.is_empty());
+    }
+
+    /// The mirror's rows as `id -> note`, read through its Delta log and
+    /// Parquet files; panics on a key held twice.
+    async fn rows(&self) -> BTreeMap<i64, String> {
+        let mut t = DeltaTableBuilder::from_url(self.root.table_url(&LakeRoot::mirror_of(TABLE)))
+            .unwrap()
+            .build()
+            .unwrap();
+        t.load().await.unwrap();
+        let store = t.log_store().object_store(None);
+        let mut out = BTreeMap::new();
+        for f in t.snapshot().unwrap().log_data().iter() {
+            let bytes = store
+                .get(&f.object_store_path())
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            for b in ReadFile::read(f.path().to_string(), bytes).unwrap().batches {
+                let ids = b.column_by_name("id").unwrap();
+                let ids = ids.as_primitive::<Int64Type>();
+                let notes = b.column_by_name("note").unwrap();
+                let notes = notes.as_string::<i32>();
+                assert!(b.column_by_name(meta::OP).is_none(), "no change columns");
+                assert!(b.column_by_name(meta::LSN).is_some());
+                for i in 0..b.num_rows() {
+                    let dup = out.insert(ids.value(i), notes.value(i).to_string());
+                    assert!(dup.is_none(), "key {} twice", ids.value(i));
+                }
+            }
+        }
+        out
+    }
+
+    async fn live_files(&self) -> usize {
+        let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+        t.load().await.unwrap();
+        t.snapshot().unwrap().log_data().num_files()
+    }
+}
+
+fn expect(rows: &[(i64, &str)]) -> BTreeMap<i64, String> {
+    rows.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+const UNAVAILABLE: &str = crate::decode::UNAVAILABLE;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_holds_the_last_image_of_every_key_and_no_deleted_one() {
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(32 << 20);
+    lake.commit(
+        &[
+            (0, 1, "c", "one", false),
+            (0, 2, "c", "two", false),
+            (1, 3, "c", "three", false),
+            (0, 1, "u", "one'", false),
+        ],
+        true,
+    )
+    .await;
+    let first = mirror.sync(TABLE, false).await.unwrap();
+    assert!(first.full && first.version.is_some(), "{first:?}");
+    assert_eq!(
+        lake.rows().await,
+        expect(&[(1, "one'"), (2, "two"), (3, "three")])
+    );
+
+    // Two more flushes before the next sync: both applied, in order. An
+    // unchanged TOASTed note is carried from the mirror's row; key 3
+    // moves to key 4 (a primary-key update: a delete and a create, here
+    // in different partitions).
+    lake.commit(
+        &[
+            (0, 2, "u", UNAVAILABLE, true),
+            (1, 3, "d", "three", false),
+            (0, 4, "c", "four", false),
+        ],
+        true,
+    )
+    .await;
+    lake.commit(
+        &[
+            (0, 1, "d", "one'", false),
+            (0, 5, "c", "five", false),
+            (0, 5, "u", UNAVAILABLE, true),
+        ],
+        true,
+    )
+    .await;
+    let second = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!second.full, "{second:?}");
+    assert_eq!(second.through, Some(3));
+    let want = expect(&[(2, "two"), (4, "four"), (5, "five")]);
+    assert_eq!(lake.rows().await, want);
+
+    // Nothing new: nothing committed.
+    let again = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(again.version, None);
+    assert_eq!(again.through, Some(3));
+
+    // A rebuild from the whole changelog ends the same.
+    let rebuilt = mirror.sync(TABLE, true).await.unwrap();
+    assert!(rebuilt.full);
+    assert_eq!(lake.rows().await, want);
+}
+
+/// A sync rewrites only the files whose key range holds a changed key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_rewrite_only_the_files_that_hold_their_keys() {
+    let mut lake = Lake::new();
+    // Small files: a few thousand rows each. Notes that do not compress,
+    // so that files are as large as their rows.
+    let mirror = lake.mirror(256 << 10);
+    let mut seed: u64 = 7;
+    let notes: Vec<String> = (0..20_000)
+        .map(|_| {
+            (0..4)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    format!("{seed:016x}")
+                })
+                .collect()
+        })
+        .collect();
+    let creates: Vec<Change> = (0..20_000)
+        .map(|i| (0, i as i64, "c", notes[i].as_str(), false))
+        .collect();
+    lake.commit(&creates, true).await;
+    mirror.sync(TABLE, false).await.unwrap();
+    let files = lake.live_files().await;
+    assert!(files > 4, "{files} files");
+
+    lake.commit(
+        &[(0, 17, "u", "changed", false), (0, 5, "d", "", false)],
+        true,
+    )
+    .await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(synced.files_removed, 1, "{synced:?}");
+    let rows = lake.rows().await;
+    assert_eq!(rows.len(), 19_999);
+    assert_eq!(rows[&17], "changed");
+    assert!(!rows.contains_key(&5));
+
+    // A new key past the end goes to the last file (while it is small)
+    // or a new one: one file written, at most the last one rewritten.
+    lake.commit(&[(0, 50_000, "c", "new", false)], true).await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(
+        synced.files_removed <= 1 && synced.files_added == 1,
+        "{synced:?}"
+    );
+    assert_eq!(lake.rows().await.len(), 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_primary_key_gets_no_mirror() {
+    let mut lake = Lake::new();
+    lake.commit(&[(0, 1, "c", "one", false)], false).await;
+    let synced = lake.mirror(32 << 20).sync(TABLE, false).await.unwrap();
+    assert!(synced.no_key);
+    assert!(
+        lake.root.mirror_tables().await.unwrap().is_empty(),
+        "nothing created"
+    );
+}
