@@ -33,6 +33,7 @@ pub struct SinkConfig {
     pub output: OutputConfig,
     pub flush: FlushConfig,
     pub lake: LakeConfig,
+    pub mirror: MirrorConfig,
     pub metrics: MetricsConfig,
     /// After this long without Kafka brokers or a successful S3 write, the
     /// sink exits non-zero so that systemd restarts it.
@@ -167,6 +168,19 @@ pub struct LakeConfig {
     pub compact_target_bytes: usize,
 }
 
+/// The current-state tables (`<prefix>/_current/<table>`), kept in step
+/// with the changelogs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Keep a current-state table of every captured table with a primary
+    /// key.
+    pub enabled: bool,
+    /// Files of a current-state table are cut at about this size; the last
+    /// one takes new keys until it is a quarter of it.
+    pub target_file_bytes: usize,
+}
+
 impl LakeConfig {
     pub fn table_properties(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -233,6 +247,10 @@ impl Default for SinkConfig {
                 compact_min_files: 20,
                 compact_target_bytes: 128 * 1024 * 1024,
             },
+            mirror: MirrorConfig {
+                enabled: true,
+                target_file_bytes: 32 * 1024 * 1024,
+            },
             give_up_after_secs: 120,
         }
     }
@@ -247,7 +265,7 @@ macro_rules! default_from_root {
         }
     )*};
 }
-default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush, LakeConfig => lake, MetricsConfig => metrics);
+default_from_root!(KafkaConfig => kafka, S3Config => s3, OutputConfig => output, FlushConfig => flush, LakeConfig => lake, MirrorConfig => mirror, MetricsConfig => metrics);
 
 /// librdkafka properties the sink sets itself; overriding them would break
 /// exactly-once delivery.
@@ -307,6 +325,9 @@ impl SinkConfig {
         }
         if self.lake.compact_min_files < 2 {
             return invalid("lake.compact_min_files", "must be at least 2");
+        }
+        if self.mirror.target_file_bytes < 1024 * 1024 {
+            return invalid("mirror.target_file_bytes", "must be at least 1 MiB");
         }
         if let Some(k) = self
             .kafka

@@ -36,6 +36,10 @@ pub const OLDEST_UNFLUSHED: &str = "cdc_sink_oldest_unflushed_age_seconds";
 pub const LAST_COMMIT: &str = "cdc_sink_last_commit_timestamp_seconds";
 pub const LAKE_SOURCE_TIMESTAMP: &str = "cdc_sink_lake_source_timestamp_seconds";
 pub const READY: &str = "cdc_sink_ready";
+pub const MIRROR_COMMITS: &str = "cdc_sink_mirror_commits_total";
+pub const MIRROR_ERRORS: &str = "cdc_sink_mirror_errors_total";
+pub const MIRROR_CHANGELOG_VERSION: &str = "cdc_sink_mirror_changelog_version";
+pub const MIRROR_SOURCE_TIMESTAMP: &str = "cdc_sink_mirror_source_timestamp_seconds";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve `metrics.listen`")]
@@ -113,6 +117,23 @@ fn describe() {
         "PostgreSQL commit time of the newest row in the lake; freshness is time() minus this"
     );
     describe_gauge!(READY, "1 while /readyz answers 200");
+    describe_counter!(
+        MIRROR_COMMITS,
+        "Commits to the current-state table, by table"
+    );
+    describe_counter!(
+        MIRROR_ERRORS,
+        "Syncs of a current-state table that failed (retried at the next commit), by table"
+    );
+    describe_gauge!(
+        MIRROR_CHANGELOG_VERSION,
+        "The changelog version the current-state table reflects"
+    );
+    describe_gauge!(
+        MIRROR_SOURCE_TIMESTAMP,
+        Unit::Seconds,
+        "PostgreSQL commit time of the newest change in the current-state table"
+    );
     for reason in ["rows", "bytes", "age", "memory", "shutdown"] {
         counter!(FLUSHES, "reason" => reason).absolute(0);
     }

@@ -16,6 +16,7 @@
 //! segment is flushed and, while flushes are still in flight, consumption
 //! is paused (librdkafka keeps polling, so the group membership holds).
 
+pub mod mirrors;
 pub mod partition;
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,9 +34,13 @@ use crate::decode::{ChangeRow, Decoded, Decoder};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
+use crate::lake::files::{FileWriter, writer_properties};
+use crate::lake::mirror::Mirror;
 use crate::lake::quarantine::Quarantine;
 use crate::lake::storage::s3_store;
+use crate::lake::table::LakeRoot;
 use crate::lake::{LakeError, table_of};
+use crate::pipeline::mirrors::Mirrors;
 use crate::pipeline::partition::{Partitions, Taken};
 use crate::retry::{Dependency, with_retry};
 use crate::source::position::{Admit, Ticket, Tp};
@@ -127,6 +132,14 @@ impl LoopSettings {
     }
 }
 
+/// Where the loop writes.
+pub struct Outputs {
+    pub changelog: Arc<Changelog>,
+    pub quarantine: Quarantine,
+    /// The current-state tables, if kept.
+    pub mirror: Option<Arc<Mirror>>,
+}
+
 struct Sink<'s, S: Source> {
     source: &'s S,
     decoder: Decoder,
@@ -134,6 +147,7 @@ struct Sink<'s, S: Source> {
     lake: Arc<Changelog>,
     committer: Committer,
     quarantine: Quarantine,
+    mirrors: Option<Mirrors>,
     settings: LoopSettings,
     paused: bool,
     stats: Stats,
@@ -159,13 +173,29 @@ pub async fn run(
         source: Box::new(source),
     })?);
     let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
+    let mirror = cfg.mirror.enabled.then(|| {
+        Arc::new(Mirror::new(
+            lake.root().clone(),
+            FileWriter::new(writer_properties(&cfg.output)),
+            cfg.lake.table_properties(),
+            cfg.mirror.target_file_bytes,
+        ))
+    });
     let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
-    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket, "sink started");
+    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket,
+        mirrors = cfg.mirror.enabled, "sink started");
     let settings = LoopSettings::from_config(cfg);
-    run_with(
-        &source, rebalances, lake, quarantine, settings, readiness, shutdown,
-    )
-    .await
+    let outputs = Outputs {
+        changelog: lake,
+        quarantine,
+        mirror,
+    };
+    run_with(&source, rebalances, outputs, settings, readiness, shutdown).await
+}
+
+/// The lake a configuration names, for tools that write no changelog.
+pub fn lake_root(cfg: &SinkConfig) -> Result<LakeRoot, LakeError> {
+    LakeRoot::new(&cfg.s3, &cfg.output.prefix)
 }
 
 /// The loop, over any source. Returns once `shutdown` is set and everything
@@ -173,8 +203,7 @@ pub async fn run(
 pub async fn run_with<S: Source>(
     source: &S,
     mut rebalances: Rebalances,
-    lake: Arc<Changelog>,
-    quarantine: Quarantine,
+    outputs: Outputs,
     settings: LoopSettings,
     readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
@@ -183,9 +212,10 @@ pub async fn run_with<S: Source>(
         source,
         decoder: Decoder::new(),
         partitions: Partitions::default(),
-        committer: Committer::spawn(lake.clone(), settings.give_up),
-        lake,
-        quarantine,
+        committer: Committer::spawn(outputs.changelog.clone(), settings.give_up),
+        lake: outputs.changelog,
+        quarantine: outputs.quarantine,
+        mirrors: outputs.mirror.map(|m| Mirrors::spawn(m, settings.give_up)),
         paused: false,
         stats: Stats::default(),
         meters: Meters::default(),
@@ -259,6 +289,10 @@ pub async fn run_with<S: Source>(
     while let Some(done) = sink.committer.next().await {
         watchdog.ping();
         sink.on_flushed(done?, CommitMode::Sync).await?;
+    }
+    if let Some(mirrors) = sink.mirrors.take() {
+        tracing::info!("shutting down: syncing current-state tables");
+        mirrors.finish().await;
     }
     tracing::info!(stats = ?sink.stats, "sink stopped");
     Ok(sink.stats)
@@ -617,6 +651,9 @@ impl<S: Source> Sink<'_, S> {
                 m.commit_duration.record(c.took.as_secs_f64());
                 m.last_commit.set(unix_now());
                 self.last_progress = Instant::now();
+                if let Some(mirrors) = &self.mirrors {
+                    mirrors.changed(&c.table);
+                }
             }
             tracing::debug!(table = %c.table, version = ?o.version, files = o.files, rows = o.rows,
                 bytes = o.bytes, ms = c.took.as_millis() as u64, "committed");

@@ -283,11 +283,15 @@ impl Running {
             ready_window: Duration::from_secs(60),
         };
         let task = tokio::spawn(async move {
+            let outputs = Outputs {
+                changelog,
+                quarantine,
+                mirror: None,
+            };
             run_with(
                 &*source,
                 rebalances,
-                changelog,
-                quarantine,
+                outputs,
                 settings,
                 Readiness::new("starting"),
                 shutdown,

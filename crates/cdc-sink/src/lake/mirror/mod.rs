@@ -159,6 +159,22 @@ pub struct Mirror {
     /// New keys past the last file go into it while it is smaller than
     /// this, then into a new file.
     tail_bytes: usize,
+    /// Each table's changelog and mirror, as of the last sync.
+    open: tokio::sync::Mutex<HashMap<String, (DeltaTable, DeltaTable)>>,
+}
+
+/// Brings `t` to its latest version, loading it the first time; `false`
+/// if there is no table there (yet).
+async fn refresh(t: &mut DeltaTable) -> Result<bool, DeltaTableError> {
+    if t.version().is_some() {
+        t.update_state().await?;
+        return Ok(true);
+    }
+    if !t.verify_deltatable_existence().await? {
+        return Ok(false);
+    }
+    t.load().await?;
+    Ok(true)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -185,6 +201,7 @@ impl Mirror {
             properties,
             target_bytes: target_bytes.max(1),
             tail_bytes: target_bytes / 4,
+            open: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -195,24 +212,43 @@ impl Mirror {
     /// Brings the mirror of `table` to its changelog's latest version
     /// (with `rebuild`, from the whole changelog, replacing every file).
     pub async fn sync(&self, table: &str, rebuild: bool) -> Result<Synced, MirrorError> {
+        // The tables stay open between syncs, so that each reads only the
+        // log entries since the last (the changelog may go long without a
+        // checkpoint). One sync at a time: a tokio mutex, held throughout.
+        let mut open = self.open.lock().await;
+        let (mut changelog, mut mirror) = match open.remove(table) {
+            Some(pair) => pair,
+            None => (
+                self.root.handle(table).map_err(delta_err(table))?,
+                self.root
+                    .handle(&LakeRoot::mirror_of(table))
+                    .map_err(delta_err(table))?,
+            ),
+        };
+        let synced = self
+            .sync_open(table, &mut changelog, &mut mirror, rebuild)
+            .await?;
+        open.insert(table.to_string(), (changelog, mirror));
+        Ok(synced)
+    }
+
+    async fn sync_open(
+        &self,
+        table: &str,
+        changelog: &mut DeltaTable,
+        mirror: &mut DeltaTable,
+        rebuild: bool,
+    ) -> Result<Synced, MirrorError> {
         let err = delta_err(table);
-        let mut changelog = self.root.handle(table).map_err(&err)?;
-        if !changelog
-            .verify_deltatable_existence()
-            .await
-            .map_err(&err)?
-        {
+        if !refresh(changelog).await.map_err(&err)? {
             return Ok(Synced::default());
         }
-        changelog.load().await.map_err(&err)?;
         let target = changelog.version().unwrap_or(0) as i64;
 
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
-        let mut mirror = self.root.handle(&name).map_err(&merr)?;
-        let exists = mirror.verify_deltatable_existence().await.map_err(&merr)?;
+        let exists = refresh(mirror).await.map_err(&merr)?;
         let applied = if exists {
-            mirror.load().await.map_err(&merr)?;
             let state = mirror.snapshot().map_err(&merr)?;
             state
                 .transaction_version(mirror.log_store().as_ref(), APP_ID)
@@ -230,19 +266,19 @@ impl Mirror {
 
         let store = changelog.log_store().object_store(None);
         let incremental = match applied {
-            Some(a) if !rebuild && a < target => self.appended(&changelog, a, target).await?,
+            Some(a) if !rebuild && a < target => self.appended(changelog, a, target).await?,
             _ => None,
         };
         let (files, full) = match incremental {
             Some(paths) => match read_all(table, &store, &paths).await? {
                 Some(files) => (files, false),
                 // Compacted and vacuumed since: only the live files are left.
-                None => (self.live(table, &changelog, &store).await?, true),
+                None => (self.live(table, changelog, &store).await?, true),
             },
-            None => (self.live(table, &changelog, &store).await?, true),
+            None => (self.live(table, changelog, &store).await?, true),
         };
 
-        let key = match key_of(table, &files, exists.then_some(&mirror))? {
+        let key = match key_of(table, &files, exists.then_some(&*mirror))? {
             Some(key) => key,
             None => {
                 return Ok(Synced {
@@ -283,12 +319,12 @@ impl Mirror {
         let changes = Changes::reduce(rows, &key).map_err(arrow_err)?;
 
         if !exists {
-            self.create(table, &mirror, &mirror_schema(&schema), &key)
+            self.create(table, mirror, &mirror_schema(&schema), &key)
                 .await?;
             mirror.load().await.map_err(&merr)?;
         }
         let outcome = self
-            .apply(table, &mirror, &key, &changes, full, target)
+            .apply(table, mirror, &key, &changes, full, target)
             .await?;
         if outcome.conflict {
             tracing::info!(

@@ -1,0 +1,140 @@
+//! Keeps the current-state tables in step with the changelogs: a task beside
+//! the loop, told which tables' changelogs just committed, that syncs their
+//! mirrors one table at a time. Notices for a table arriving while it syncs
+//! coalesce into one more sync, so a slow mirror catches up in few commits
+//! instead of queueing one per flush. At start it syncs every changelog
+//! (a crash between a changelog commit and its mirror's, or a lake written
+//! before mirrors); at shutdown it finishes what is pending.
+//!
+//! A mirror that fails is logged and counted and tried again at its table's
+//! next commit: the changelog, which the mirror is rebuilt from, goes on.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::lake::mirror::{Mirror, MirrorError};
+use crate::retry::{Dependency, chain, with_retry};
+use crate::telemetry as t;
+
+/// Syncs lost to a concurrent writer in a row before a table waits for its
+/// next commit.
+const MAX_CONFLICTS: usize = 5;
+
+pub struct Mirrors {
+    changed: Option<mpsc::UnboundedSender<String>>,
+    task: JoinHandle<()>,
+}
+
+impl Mirrors {
+    pub fn spawn(mirror: Arc<Mirror>, give_up: Duration) -> Mirrors {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Mirrors {
+            changed: Some(tx),
+            task: tokio::spawn(run(mirror, give_up, rx)),
+        }
+    }
+
+    /// `table`'s changelog committed: its mirror is behind.
+    pub fn changed(&self, table: &str) {
+        if let Some(tx) = &self.changed {
+            let _ = tx.send(table.to_string());
+        }
+    }
+
+    /// Syncs what is pending, then stops.
+    pub async fn finish(mut self) {
+        self.changed = None;
+        if let Err(e) = self.task.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut pending: BTreeSet<String> = match mirror.root().tables().await {
+        Ok(tables) => tables.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "listing the changelogs failed; mirrors sync as their tables commit");
+            BTreeSet::new()
+        }
+    };
+    let mut no_key = HashSet::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(table) => {
+                    pending.insert(table);
+                }
+                None => break,
+            }
+        }
+        while let Ok(table) = rx.try_recv() {
+            pending.insert(table);
+        }
+        let Some(table) = pending.pop_first() else {
+            continue;
+        };
+        sync(&mirror, give_up, &table, &mut no_key).await;
+    }
+}
+
+/// Syncs one table's mirror, again while it loses to a concurrent writer.
+async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut HashSet<String>) {
+    for _ in 0..MAX_CONFLICTS {
+        let synced = with_retry(Dependency::Lake, give_up, MirrorError::is_retryable, || {
+            mirror.sync(table, false)
+        })
+        .await;
+        let synced = match synced {
+            Ok(s) => s,
+            Err(gave_up) => {
+                metrics::counter!(t::MIRROR_ERRORS, "table" => table.to_string()).increment(1);
+                tracing::error!(table, error = %chain(&gave_up.error),
+                    "syncing the current-state table failed; trying again at its next commit");
+                return;
+            }
+        };
+        if synced.conflict {
+            continue;
+        }
+        if synced.no_key {
+            if no_key.insert(table.to_string()) {
+                tracing::info!(
+                    table,
+                    "no primary key: no current-state table (the changelog is unaffected)"
+                );
+            }
+            return;
+        }
+        if let Some(through) = synced.through {
+            metrics::gauge!(t::MIRROR_CHANGELOG_VERSION, "table" => table.to_string())
+                .set(through as f64);
+        }
+        if synced.version.is_some() {
+            metrics::counter!(t::MIRROR_COMMITS, "table" => table.to_string()).increment(1);
+            if let Some(us) = synced.newest_commit_us {
+                metrics::gauge!(t::MIRROR_SOURCE_TIMESTAMP, "table" => table.to_string())
+                    .set(us as f64 / 1e6);
+            }
+            if synced.full {
+                tracing::info!(table, through = ?synced.through, upserts = synced.upserts,
+                    "current-state table built from the whole changelog");
+            } else {
+                tracing::debug!(table, through = ?synced.through, upserts = synced.upserts,
+                    deletes = synced.deletes, files_removed = synced.files_removed,
+                    files_added = synced.files_added, "current-state table synced");
+            }
+        }
+        return;
+    }
+    tracing::warn!(
+        table,
+        "the current-state table kept losing to concurrent writers; trying again at its next commit"
+    );
+}
