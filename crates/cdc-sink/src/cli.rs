@@ -47,6 +47,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Bring the current-state tables up to their changelogs (all, or
+    /// one), then exit. Also how a lake written before them gets them.
+    Mirror {
+        /// Only this table (its changelog's directory name).
+        #[arg(long)]
+        table: Option<String>,
+        /// Rebuild from the whole changelog, replacing every file. Run it
+        /// with the sinks stopped, or they rebuild alongside.
+        #[arg(long)]
+        rebuild: bool,
+    },
 }
 
 impl Cli {

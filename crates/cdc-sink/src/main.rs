@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use cdc_sink::cli::{Cli, Command};
 use cdc_sink::config::SinkConfig;
-use cdc_sink::lake::upkeep;
+use cdc_sink::lake::{mirror, upkeep};
 use cdc_sink::{pipeline, telemetry};
 use cdc_telemetry::Readiness;
 use clap::Parser;
@@ -32,9 +32,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("configuration OK\n{config:#?}");
         return Ok(());
     }
-    if let Some(Command::Upkeep { dry_run }) = cli.command {
-        upkeep::run(&config, dry_run).await?;
-        return Ok(());
+    match cli.command {
+        Some(Command::Upkeep { dry_run }) => {
+            upkeep::run(&config, dry_run).await?;
+            return Ok(());
+        }
+        Some(Command::Mirror { table, rebuild }) => {
+            mirror::run(&config, table.as_deref(), rebuild).await?;
+            return Ok(());
+        }
+        None => {}
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(cdc_telemetry::shutdown_signal(stop_tx));

@@ -673,6 +673,57 @@ impl Mirror {
     }
 }
 
+/// `cdc-sink mirror`: syncs (or rebuilds) the current-state table of
+/// `table`, or of every changelog, and prints one line per table.
+pub async fn run(
+    cfg: &crate::config::SinkConfig,
+    table: Option<&str>,
+    rebuild: bool,
+) -> Result<Vec<Synced>, MirrorError> {
+    let mirror = Mirror::new(
+        LakeRoot::new(&cfg.s3, &cfg.output.prefix)?,
+        FileWriter::new(crate::lake::files::writer_properties(&cfg.output)),
+        cfg.lake.table_properties(),
+        cfg.mirror.target_file_bytes,
+    );
+    let tables = match table {
+        Some(t) => vec![t.to_string()],
+        None => mirror.root().tables().await?,
+    };
+    let mut done = Vec::new();
+    for t in tables {
+        let mut synced = mirror.sync(&t, rebuild).await?;
+        // Lost to a running sink's commit: again from the newer state.
+        for _ in 0..10 {
+            if !synced.conflict {
+                break;
+            }
+            synced = mirror.sync(&t, rebuild).await?;
+        }
+        if synced.conflict {
+            println!("{t}: lost to concurrent writers ten times; not synced");
+            continue;
+        }
+        if synced.no_key {
+            println!("{t}: no primary key, no current-state table");
+        } else {
+            println!(
+                "{t}: through changelog version {:?}, {} upserts, {} deletes{}",
+                synced.through,
+                synced.upserts,
+                synced.deletes,
+                if synced.full {
+                    " (from the whole changelog)"
+                } else {
+                    ""
+                }
+            );
+        }
+        done.push(synced);
+    }
+    Ok(done)
+}
+
 enum PutError {
     File(FileError),
     Arrow(ArrowError),
