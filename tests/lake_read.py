@@ -4,6 +4,11 @@
     lake_read.py state  --prefix P [--app-id ID]... TABLE...
     lake_read.py latest --prefix P --key COL [--key COL]... [--sql] TABLE
     lake_read.py schema --prefix P TABLE...
+    lake_read.py table  --reader deltalake|duckdb|polars --prefix P TABLE...
+
+`table` prints each row of the current-state table of TABLE
+(`_current/TABLE`), opened with no options, one JSON object per row: its
+columns (without `_cdc_*`) as canonical text.
 
 `schema` prints each table's columns and their Arrow types as the
 `deltalake` reader sees them. `latest` runs, in DuckDB, the query that gives the latest state of each
@@ -202,6 +207,33 @@ def rows(args):
             )
 
 
+def read_polars(prefix, table):
+    import polars as pl
+
+    return pl.read_delta(uri(prefix, table), storage_options=storage_options()).to_arrow()
+
+
+def table_rows(args):
+    read = {"deltalake": read_deltalake, "duckdb": read_duckdb, "polars": read_polars}[args.reader]
+    for table in args.tables:
+        t = read(args.prefix, f"_current/{table}")
+        if isinstance(t, pa.RecordBatchReader):
+            t = t.read_all()
+        cols = columns(t)
+        for i in range(t.num_rows):
+            print(
+                json.dumps(
+                    {
+                        "table": table,
+                        "values": {
+                            c: canon(v[i]) for c, v in cols.items() if not c.startswith("_cdc_")
+                        },
+                        "lsn": cols["_cdc_lsn"][i],
+                    }
+                )
+            )
+
+
 def schema(args):
     for table in args.tables:
         t = read_deltalake(args.prefix, table)
@@ -227,15 +259,17 @@ def state(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["rows", "state", "latest", "schema"])
+    p.add_argument("command", choices=["rows", "state", "latest", "schema", "table"])
     p.add_argument("--key", action="append", default=[], help="key columns, for latest")
     p.add_argument("--sql", action="store_true", help="latest: print the query only")
-    p.add_argument("--reader", default="deltalake", choices=["deltalake", "duckdb"])
+    p.add_argument("--reader", default="deltalake", choices=["deltalake", "duckdb", "polars"])
     p.add_argument("--prefix", default="")
     p.add_argument("--app-id", action="append", default=[], help="txn app ids to report")
     p.add_argument("tables", nargs="+")
     args = p.parse_args()
-    {"rows": rows, "state": state, "latest": latest, "schema": schema}[args.command](args)
+    {"rows": rows, "state": state, "latest": latest, "schema": schema, "table": table_rows}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

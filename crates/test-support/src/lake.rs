@@ -160,3 +160,33 @@ pub fn table_state(prefix: &str, table: &str, app_ids: &[String]) -> TableState 
         txn: serde_json::from_value(v["txn"].clone()).unwrap(),
     }
 }
+
+/// One row of a current-state table, as a reader sees it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct MirrorRow {
+    pub table: String,
+    /// The table's columns, without `_cdc_*`, as canonical text.
+    pub values: BTreeMap<String, Option<String>>,
+    pub lsn: Option<i64>,
+}
+
+impl MirrorRow {
+    /// The row's key as the lake writes it: "1", or "3,17" for two columns.
+    pub fn key(&self) -> String {
+        primary_key(&self.table)
+            .iter()
+            .map(|k| self.values[*k].clone().expect("key column set"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Every row of the current-state table of `table` under `prefix`, as
+/// `reader` ("deltalake", "duckdb" or "polars") sees it, opened with no
+/// options (`lake_read.py table`).
+pub fn mirror_rows(reader: &str, prefix: &str, table: &str) -> Vec<MirrorRow> {
+    lake_read(&["table", "--reader", reader, "--prefix", prefix, table])
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect()
+}
