@@ -40,6 +40,9 @@ pub const MIRROR_COMMITS: &str = "cdc_sink_mirror_commits_total";
 pub const MIRROR_ERRORS: &str = "cdc_sink_mirror_errors_total";
 pub const MIRROR_CHANGELOG_VERSION: &str = "cdc_sink_mirror_changelog_version";
 pub const MIRROR_SOURCE_TIMESTAMP: &str = "cdc_sink_mirror_source_timestamp_seconds";
+pub const MIRROR_ROWS_WRITTEN: &str = "cdc_sink_mirror_rows_written_total";
+pub const MIRROR_BYTES_WRITTEN: &str = "cdc_sink_mirror_bytes_written_total";
+pub const CHANGELOG_VERSION: &str = "cdc_sink_changelog_version";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve `metrics.listen`")]
@@ -128,6 +131,19 @@ fn describe() {
     describe_gauge!(
         MIRROR_CHANGELOG_VERSION,
         "The changelog version the current-state table reflects"
+    );
+    describe_counter!(
+        MIRROR_ROWS_WRITTEN,
+        "Rows written to current-state table files (rewritten and changed), by table"
+    );
+    describe_counter!(
+        MIRROR_BYTES_WRITTEN,
+        Unit::Bytes,
+        "Parquet bytes written to current-state table files, by table"
+    );
+    describe_gauge!(
+        CHANGELOG_VERSION,
+        "The changelog's Delta version after this sink's last commit to it; minus cdc_sink_mirror_changelog_version, how far the current-state table is behind"
     );
     describe_gauge!(
         MIRROR_SOURCE_TIMESTAMP,

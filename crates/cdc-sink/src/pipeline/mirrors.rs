@@ -118,6 +118,10 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut Hash
         }
         if synced.version.is_some() {
             metrics::counter!(t::MIRROR_COMMITS, "table" => table.to_string()).increment(1);
+            metrics::counter!(t::MIRROR_ROWS_WRITTEN, "table" => table.to_string())
+                .increment(synced.rows_written as u64);
+            metrics::counter!(t::MIRROR_BYTES_WRITTEN, "table" => table.to_string())
+                .increment(synced.bytes_written as u64);
             if let Some(us) = synced.newest_commit_us {
                 metrics::gauge!(t::MIRROR_SOURCE_TIMESTAMP, "table" => table.to_string())
                     .set(us as f64 / 1e6);

@@ -651,6 +651,10 @@ impl<S: Source> Sink<'_, S> {
                 m.commit_duration.record(c.took.as_secs_f64());
                 m.last_commit.set(unix_now());
                 self.last_progress = Instant::now();
+                if let Some(version) = o.version {
+                    metrics::gauge!(t::CHANGELOG_VERSION, "table" => c.table.clone())
+                        .set(version as f64);
+                }
                 if let Some(mirrors) = &self.mirrors {
                     mirrors.changed(&c.table);
                 }

@@ -127,6 +127,10 @@ pub struct Synced {
     pub deletes: usize,
     pub files_removed: usize,
     pub files_added: usize,
+    /// Rows in the files written (rows rewritten plus rows changed), and
+    /// their Parquet bytes.
+    pub rows_written: usize,
+    pub bytes_written: usize,
     /// The table has no primary key: no mirror.
     pub no_key: bool,
     /// Lost to a concurrent writer: sync again.
@@ -503,6 +507,7 @@ impl Mirror {
         let changed = project(&changes.rows, &target_schema).map_err(arrow_err)?;
         let mut actions = Vec::new();
         let mut added = 0;
+        let (mut rows_written, mut bytes_written) = (0, 0);
         for bucket in buckets.values() {
             let old = match bucket.file {
                 Some(i) => {
@@ -536,6 +541,7 @@ impl Mirror {
                 &target_schema,
             )
             .map_err(arrow_err)?;
+            rows_written += merged.num_rows();
             for chunk in self.chunks(&merged) {
                 let add = self
                     .put(&store, &chunk, key, converter)
@@ -550,6 +556,7 @@ impl Mirror {
                             source,
                         },
                     })?;
+                bytes_written += add.size as usize;
                 actions.push(Action::Add(add));
                 added += 1;
             }
@@ -612,6 +619,8 @@ impl Mirror {
             deletes,
             files_removed: removed.len(),
             files_added: added,
+            rows_written,
+            bytes_written,
             newest_commit_us: changes.newest_commit_us,
             ..Synced::default()
         };
