@@ -704,6 +704,7 @@ async fn wait_admitted(sink: &SinkProcess, table: &str, n: f64) {
 }
 
 const UPLOADED: &str = "files uploaded; committing";
+const MIRROR_PUT: &str = "mirror files put; committing";
 const ASSIGNED: &str = "partitions assigned";
 
 /// Lines of the sink's log saying one of its commits was fenced.
@@ -734,7 +735,7 @@ async fn wait_started(sink: &SinkProcess) {
     not(feature = "failpoints"),
     ignore = "needs --features cdc-sink/failpoints (tests/run.sh)"
 )]
-async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
+async fn end_to_end_exactly_once_across_kills_between_write_and_commit() {
     let run = unique();
     let prefix = format!("e2e-{run}");
     let group = format!("e2e-{run}");
@@ -748,26 +749,32 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     let start = watermarks(&kafka_consumer("e2e"), &TOPICS);
     commit_offsets(&group, &start).await;
 
-    let fault = [("FAILPOINTS", "lake::before-commit=return(1500)")];
+    let fault = [(
+        "FAILPOINTS",
+        "lake::before-commit=return(1500);mirror::before-commit=return(1500)",
+    )];
     let ledger = "SELECT count(*) FROM tweetgen_batches";
     let batches_before = count(&pg, ledger).await;
     let mut sink = spawn_sink(&prefix, &group, &fault);
     let generator = tokio::spawn(run_generator(60));
-    for round in 0..5i64 {
+    for round in 0..10i64 {
         // A different moment each round, paced by the generator's progress
-        // (12 more of its 60 batches each round) rather than by the clock:
+        // (6 more of its 60 batches each round) rather than by the clock:
         // some kills land in the first flush after a restart, some later.
         wait_until(
-            &format!("the generator to commit {} batches", 12 * round),
+            &format!("the generator to commit {} batches", 6 * round),
             Duration::from_secs(60),
             async || match count(&pg, ledger).await - batches_before {
-                n if n >= 12 * round => Ok(()),
+                n if n >= 6 * round => Ok(()),
                 n => Err(format!("{n} batches")),
             },
         )
         .await;
-        let before = sink.count(UPLOADED);
-        wait_log(&sink, UPLOADED, before + 1, Duration::from_secs(60)).await;
+        // Five kills between a changelog flush's upload and its commit,
+        // five between a current-state table's rewrite and its commit.
+        let window = if round % 2 == 0 { UPLOADED } else { MIRROR_PUT };
+        let before = sink.count(window);
+        wait_log(&sink, window, before + 1, Duration::from_secs(60)).await;
         // Within the 1.5 s the fault hook holds between upload and commit.
         sink.kill_9();
         sink = spawn_sink(&prefix, &group, &fault);
@@ -791,6 +798,21 @@ async fn end_to_end_exactly_once_across_five_kills_between_write_and_commit() {
     assert!(
         orphans >= 1,
         "5 kills between upload and commit, but no uncommitted file in S3"
+    );
+    let mut mirror_orphans = 0;
+    for table in TABLES {
+        let mirror = format!("_current/{table}");
+        let live = table_state(&prefix, &mirror, &[]).files;
+        let all = parquet_objects(&prefix, &mirror).await;
+        assert!(
+            live.is_subset(&all),
+            "{mirror}: the log names missing files"
+        );
+        mirror_orphans += all.difference(&live).count();
+    }
+    assert!(
+        mirror_orphans >= 1,
+        "5 kills between a mirror rewrite and its commit, but no uncommitted mirror file"
     );
 
     // Exactly the published changes, by both readers.

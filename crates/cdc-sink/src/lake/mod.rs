@@ -73,6 +73,30 @@ impl LakeError {
     }
 }
 
+/// The crash tests' failpoints: a pause between putting a commit's files
+/// and committing them, which widens the window a SIGKILL must hit to
+/// leave written-but-uncommitted files. `lake::before-commit` (the
+/// changelog) and `mirror::before-commit` (a current-state table), set as
+/// `FAILPOINTS=NAME=return(MILLISECONDS)`. Compiled only with the
+/// `failpoints` feature, which tests/run.sh enables; otherwise a no-op.
+pub async fn failpoint_pause(name: &'static str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let pause: Option<std::time::Duration> = (|| {
+            fail::fail_point!(name, |ms: Option<String>| {
+                ms.and_then(|ms| ms.parse().ok())
+                    .map(std::time::Duration::from_millis)
+            });
+            None
+        })();
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
 /// The `txn` application id of one partition within one consumer group.
 pub fn app_id(group_id: &str, tp: &Tp) -> String {
     format!("cdc-sink:{group_id}:{}:{}", tp.topic, tp.partition)

@@ -340,9 +340,7 @@ impl Changelog {
             tracing::info!(table, "table schema evolved");
         }
         tracing::debug!(table, files = outcome.files, "files uploaded; committing");
-        if let Some(pause) = pause_before_commit() {
-            tokio::time::sleep(pause).await;
-        }
+        crate::lake::failpoint_pause("lake::before-commit").await;
         let now = now_ms();
         for w in &ours {
             actions.push(Action::Txn(Transaction::new_with_last_update(
@@ -394,19 +392,4 @@ impl Changelog {
             Err(e) => Err(err(e)),
         }
     }
-}
-
-/// The crash tests' failpoint `lake::before-commit`: a pause between putting
-/// a flush's files and committing them, which widens the window a SIGKILL
-/// must hit to leave written-but-uncommitted files
-/// (`FAILPOINTS=lake::before-commit=return(MILLISECONDS)`). Compiled only
-/// with the `failpoints` feature, which tests/run.sh enables; otherwise
-/// always `None`.
-fn pause_before_commit() -> Option<std::time::Duration> {
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!("lake::before-commit", |ms: Option<String>| {
-        ms.and_then(|ms| ms.parse().ok())
-            .map(std::time::Duration::from_millis)
-    });
-    None
 }

@@ -598,6 +598,13 @@ impl Mirror {
         if let Some(lsn) = changes.newest_lsn {
             app.insert("cdc.sourceLsn".to_string(), json!(lsn));
         }
+        tracing::debug!(
+            table,
+            files = added,
+            removed = removed.len(),
+            "mirror files put; committing"
+        );
+        crate::lake::failpoint_pause("mirror::before-commit").await;
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: None,
