@@ -1485,6 +1485,42 @@ async fn special_values_round_trip_and_their_deletes_land() {
     drop(capture);
 }
 
+/// The current-state table follows a table through a column added
+/// mid-stream, a primary-key update (a delete of the old key and a create
+/// of the new one), deletes, and a row re-inserted after its delete: it
+/// equals PostgreSQL through every reader.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_current_state_table_follows_new_columns_and_key_updates() {
+    let capture = OwnCapture::start(
+        "cur",
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 50) g",
+        &[],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    wait_lake_rows(&sink, &prefix, "t", 50).await;
+    OwnCapture::sql(
+        &capture.db,
+        "ALTER TABLE t ADD COLUMN b integer;
+         UPDATE t SET b = id * 10 WHERE id <= 10;
+         INSERT INTO t VALUES (51, 'new', 510);
+         UPDATE t SET id = 1000 WHERE id = 7;
+         DELETE FROM t WHERE id IN (3, 4);
+         INSERT INTO t VALUES (3, 'again', 30);",
+    );
+    // 50 reads, 10 updates, 1 insert, a delete and a create for the key
+    // update, 2 deletes, 1 insert.
+    wait_lake_rows(&sink, &prefix, "t", 66).await;
+    terminate(sink);
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+    drop(pg);
+    drop(capture);
+}
+
 /// A table whose lake was written before the value converter (Debezium's
 /// own `Decimal` and `Bits`) keeps working when the connector gains it:
 /// the decimal column keeps its type, a NaN lands in `<name>__string`
