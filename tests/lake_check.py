@@ -13,6 +13,8 @@ For each captured table:
     and offset, which is per-key commit order since Debezium keys messages
     by primary key; deletes removed) has exactly PostgreSQL's rows: the
     same count and the same keys.
+With --mirrors, also: the table's current-state table (`_current/<table>`)
+has exactly PostgreSQL's rows: the same count and keys, no key twice.
 With --restart-checks, also:
   - each Kafka partition that has rows has a `txn` version (app id
     `cdc-sink:<group>:<topic>:<partition>`) at or past its last row's
@@ -251,6 +253,18 @@ def check_table(args, store, table, key):
         f"only in PostgreSQL (first 5): {missing}; only in the lake: {extra}"
     )
     print(line + f" == PostgreSQL ({len(pg_keys)} rows, same keys)")
+    if args.mirrors:
+        mirror_uri = posixpath.join(f"s3://{args.bucket}", args.prefix, "_current", table)
+        current = DeltaTable(mirror_uri, storage_options=args.storage_options).to_pyarrow_table()
+        rows = list(zip(*([str(v) for v in current.column(k).to_pylist()] for k in key)))
+        mirror_keys = set(rows)
+        assert len(rows) == len(mirror_keys), f"{table}: a key twice in the current-state table"
+        missing, extra = sorted(pg_keys - mirror_keys)[:5], sorted(mirror_keys - pg_keys)[:5]
+        assert mirror_keys == pg_keys, (
+            f"{table}: the current-state table has {len(mirror_keys)} keys, PostgreSQL "
+            f"{len(pg_keys)}; only in PostgreSQL (first 5): {missing}; only in it: {extra}"
+        )
+        print(f"{table}: current-state table == PostgreSQL ({len(rows)} rows, same keys)")
 
 
 def main():
@@ -271,6 +285,8 @@ def main():
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comparison")
     p.add_argument("--expect", action="append", default=[], metavar="TABLE=CHANGES:LIVE",
                    help="also require exactly this many change rows and live keys")
+    p.add_argument("--mirrors", action="store_true",
+                   help="also compare each current-state table with PostgreSQL")
     p.add_argument("--restart-checks", action="store_true",
                    help="also check txn versions and count unreferenced Parquet objects")
     args = p.parse_args()
