@@ -66,6 +66,16 @@ in {
 
     metrics = metrics.options;
 
+    mirrors.enable = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Keep a current-state table of every captured table with a primary
+        key at `<prefix>/_current/<table>`, beside its changelog (the
+        `mirror.*` settings). Off, the lake holds the changelogs only.
+      '';
+    };
+
     upkeep = {
       enable = lib.mkOption {
         type = lib.types.bool;
@@ -100,6 +110,7 @@ in {
     ];
 
     services.cdc-sink.settings.metrics.listen = lib.mkDefault listen;
+    services.cdc-sink.settings.mirror.enabled = lib.mkDefault cfg.mirrors.enable;
 
     systemd.services.cdc-sink = {
       description = "Debezium to Delta Lake sink (cdc-sink)";
