@@ -9,7 +9,7 @@
 //! A mirror that fails is logged and counted and tried again at its table's
 //! next commit: the changelog, which the mirror is rebuilt from, goes on.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,36 +56,65 @@ impl Mirrors {
     }
 }
 
+/// Tables waiting for a sync, in turn, each once.
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<String>,
+    queued: HashSet<String>,
+}
+
+impl Pending {
+    fn push(&mut self, table: String) {
+        if self.queued.insert(table.clone()) {
+            self.queue.push_back(table);
+        }
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        let table = self.queue.pop_front()?;
+        self.queued.remove(&table);
+        Some(table)
+    }
+}
+
 async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedReceiver<String>) {
-    let mut pending: BTreeSet<String> = match mirror.root().tables().await {
-        Ok(tables) => tables.into_iter().collect(),
+    let mut pending = Pending::default();
+    match mirror.root().tables().await {
+        Ok(tables) => tables.into_iter().for_each(|t| pending.push(t)),
         Err(e) => {
             tracing::warn!(error = %chain(&e), "listing the changelogs failed; mirrors sync as their tables commit");
-            BTreeSet::new()
         }
-    };
+    }
     let mut no_key = HashSet::new();
     loop {
-        if pending.is_empty() {
+        if pending.queue.is_empty() {
             match rx.recv().await {
-                Some(table) => {
-                    pending.insert(table);
-                }
+                Some(table) => pending.push(table),
                 None => break,
             }
         }
         while let Ok(table) = rx.try_recv() {
-            pending.insert(table);
+            pending.push(table);
         }
-        let Some(table) = pending.pop_first() else {
+        let Some(table) = pending.pop() else {
             continue;
         };
-        sync(&mirror, give_up, &table, &mut no_key).await;
+        if sync(&mirror, give_up, &table, &mut no_key).await {
+            // One bounded batch of commits applied: the rest after the
+            // other tables' turn.
+            pending.push(table);
+        }
     }
 }
 
 /// Syncs one table's mirror, again while it loses to a concurrent writer.
-async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut HashSet<String>) {
+/// Returns whether its changelog has more to apply.
+async fn sync(
+    mirror: &Mirror,
+    give_up: Duration,
+    table: &str,
+    no_key: &mut HashSet<String>,
+) -> bool {
     for _ in 0..MAX_CONFLICTS {
         let synced = with_retry(Dependency::Lake, give_up, MirrorError::is_retryable, || {
             mirror.sync(table, false)
@@ -97,12 +126,13 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut Hash
                 metrics::counter!(t::MIRROR_ERRORS, "table" => table.to_string()).increment(1);
                 tracing::error!(table, error = %chain(&gave_up.error),
                     "syncing the current-state table failed; trying again at its next commit");
-                return;
+                return false;
             }
         };
         if synced.conflict {
             continue;
         }
+
         if synced.no_key {
             if no_key.insert(table.to_string()) {
                 tracing::info!(
@@ -110,7 +140,7 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut Hash
                     "no primary key: no current-state table (the changelog is unaffected)"
                 );
             }
-            return;
+            return false;
         }
         if let Some(through) = synced.through {
             metrics::gauge!(t::MIRROR_CHANGELOG_VERSION, "table" => table.to_string())
@@ -135,10 +165,11 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str, no_key: &mut Hash
                     files_added = synced.files_added, "current-state table synced");
             }
         }
-        return;
+        return synced.behind;
     }
     tracing::warn!(
         table,
         "the current-state table kept losing to concurrent writers; trying again at its next commit"
     );
+    false
 }

@@ -135,8 +135,16 @@ pub struct Synced {
     pub no_key: bool,
     /// Lost to a concurrent writer: sync again.
     pub conflict: bool,
+    /// The changelog has versions past `through`: sync again.
+    pub behind: bool,
     /// The newest source commit time (µs) among the rows applied.
     pub newest_commit_us: Option<i64>,
+}
+
+/// Changelog files to apply, and the version they bring the mirror to.
+struct Appended {
+    paths: Vec<Path>,
+    through: i64,
 }
 
 /// One live mirror file and the keys it holds.
@@ -163,6 +171,9 @@ pub struct Mirror {
     /// New keys past the last file go into it while it is smaller than
     /// this, then into a new file.
     tail_bytes: usize,
+    /// Changelog Parquet bytes one sync applies at most (at least one
+    /// commit's): what bounds its memory.
+    sync_bytes: usize,
     /// Each table's changelog and mirror, as of the last sync.
     open: tokio::sync::Mutex<HashMap<String, (DeltaTable, DeltaTable)>>,
 }
@@ -205,6 +216,7 @@ impl Mirror {
             properties,
             target_bytes: target_bytes.max(1),
             tail_bytes: target_bytes / 4,
+            sync_bytes: (target_bytes / 2).max(1),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -268,18 +280,28 @@ impl Mirror {
             });
         }
 
+        // The changelog's commits since the last sync (from version 0 for
+        // a new mirror), a bounded batch of them at a time, so that memory
+        // does not grow with how far behind the mirror is; the caller syncs
+        // again while `through` is short of the changelog. A rebuild, or
+        // commits no longer in the log or whose files were compacted and
+        // vacuumed since, take the live files instead, all at once.
         let store = changelog.log_store().object_store(None);
-        let incremental = match applied {
-            Some(a) if !rebuild && a < target => self.appended(changelog, a, target).await?,
-            _ => None,
+        let from = if rebuild {
+            None
+        } else {
+            Some(applied.unwrap_or(-1))
         };
-        let (files, full) = match incremental {
-            Some(paths) => match read_all(table, &store, &paths).await? {
-                Some(files) => (files, false),
-                // Compacted and vacuumed since: only the live files are left.
-                None => (self.live(table, changelog, &store).await?, true),
+        let incremental = match from {
+            Some(a) => self.appended(changelog, a, target).await?,
+            None => None,
+        };
+        let (files, full, through) = match incremental {
+            Some(batch) => match read_all(table, &store, &batch.paths).await? {
+                Some(files) => (files, false, batch.through),
+                None => (self.live(table, changelog, &store).await?, true, target),
             },
-            None => (self.live(table, changelog, &store).await?, true),
+            None => (self.live(table, changelog, &store).await?, true, target),
         };
 
         let key = match key_of(table, &files, exists.then_some(&*mirror))? {
@@ -312,13 +334,16 @@ impl Mirror {
                 source,
             },
         )?;
+        // Each intermediate goes as soon as the next is made: the peak is
+        // about twice the changes, not four times.
         let mut batches = Vec::new();
-        for f in &files {
-            for b in &f.batches {
-                batches.push(align(b, &schema).map_err(arrow_err)?);
+        for f in files {
+            for b in f.batches {
+                batches.push(align(&b, &schema).map_err(arrow_err)?);
             }
         }
         let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
+        drop(batches);
         let rows = sort_by_kafka_position(&rows).map_err(arrow_err)?;
         let changes = Changes::reduce(rows, &key).map_err(arrow_err)?;
 
@@ -327,9 +352,10 @@ impl Mirror {
                 .await?;
             mirror.load().await.map_err(&merr)?;
         }
-        let outcome = self
-            .apply(table, mirror, &key, &changes, full, target)
+        let mut outcome = self
+            .apply(table, mirror, &key, &changes, full, through)
             .await?;
+        outcome.behind = through < target;
         if outcome.conflict {
             tracing::info!(
                 table,
@@ -339,19 +365,26 @@ impl Mirror {
         Ok(outcome)
     }
 
-    /// The data files the changelog's versions `after+1..=through` added
-    /// (compactions add none: they rewrite rows already there). `None` if
-    /// a version is no longer in the log.
+    /// The data files the changelog's versions from `after+1` added
+    /// (compactions add none: they rewrite rows already there), up to
+    /// `target` or until they hold [`Mirror::sync_bytes`]. `None` if a
+    /// version is no longer in the log.
     async fn appended(
         &self,
         changelog: &DeltaTable,
         after: i64,
-        through: i64,
-    ) -> Result<Option<Vec<Path>>, MirrorError> {
+        target: i64,
+    ) -> Result<Option<Appended>, MirrorError> {
         let err = delta_err(changelog.table_url().as_str());
         let log = changelog.log_store();
         let mut paths = Vec::new();
-        for v in after + 1..=through {
+        let mut taken = 0;
+        let mut through = after;
+        for v in after + 1..=target {
+            if taken >= self.sync_bytes {
+                break;
+            }
+            through = v;
             let Some(bytes) = log.read_commit_entry(v as u64).await.map_err(&err)? else {
                 return Ok(None);
             };
@@ -368,10 +401,11 @@ impl Mirror {
                 if let Some(path) = add.get("path").and_then(|p| p.as_str()) {
                     let path = percent_decode(path);
                     paths.push(Path::from(path.as_str()));
+                    taken += add.get("size").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
                 }
             }
         }
-        Ok(Some(paths))
+        Ok(Some(Appended { paths, through }))
     }
 
     /// Every live file of the changelog, read.
