@@ -216,7 +216,7 @@ impl Mirror {
             properties,
             target_bytes: target_bytes.max(1),
             tail_bytes: target_bytes / 4,
-            sync_bytes: (target_bytes / 2).max(1),
+            sync_bytes: (target_bytes / 8).max(1),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
