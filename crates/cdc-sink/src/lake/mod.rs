@@ -48,6 +48,12 @@ pub enum LakeError {
     File(#[from] FileError),
     #[error("object store request failed")]
     Store(#[from] object_store::Error),
+    #[error("listing the tables under {root}")]
+    List {
+        root: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("lake location `{0}` is not a valid URL")]
     Location(String),
 }
@@ -67,7 +73,7 @@ impl LakeError {
                     | DeltaTableError::InvalidTableLocation(_)
             ),
             LakeError::File(e) => e.is_retryable(),
-            LakeError::Store(_) => true,
+            LakeError::Store(_) | LakeError::List { .. } => true,
             LakeError::Arrow(_) | LakeError::Location(_) => false,
         }
     }

@@ -116,7 +116,17 @@ impl LakeRoot {
     async fn tables_under(&self, dir: Option<&str>) -> Result<Vec<String>, LakeError> {
         let store = self.store().map_err(delta_err("(root)"))?;
         let under = dir.map(object_store::path::Path::from);
-        let listing = store.list_with_delimiter(under.as_ref()).await?;
+        let list_err = |source| LakeError::List {
+            root: match dir {
+                Some(d) => format!("{}{d}/", self.root),
+                None => self.root.to_string(),
+            },
+            source,
+        };
+        let listing = store
+            .list_with_delimiter(under.as_ref())
+            .await
+            .map_err(list_err)?;
         let mut tables = Vec::new();
         for dir in listing.common_prefixes {
             let Some(name) = dir.filename().map(str::to_string) else {
@@ -127,7 +137,8 @@ impl LakeRoot {
             }
             let log = store
                 .list_with_delimiter(Some(&dir.clone().join("_delta_log")))
-                .await?;
+                .await
+                .map_err(list_err)?;
             if !log.objects.is_empty() {
                 tables.push(name);
             }
