@@ -47,6 +47,7 @@ use serde::Deserialize;
 
 use crate::config::{LakeConfig, SinkConfig};
 use crate::lake::LakeError;
+use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, PartitionValues, ReadFile, align, now_ms, output_schema,
     sort_by_kafka_position, writer_properties,
@@ -427,7 +428,7 @@ impl Upkeep {
         let mut actions = Vec::new();
         let mut written = Vec::new();
         for bin in &bins {
-            let batch = self
+            let (batch, footer) = self
                 .rewrite(table, &store, &schema, &partition_columns, bin)
                 .await?;
             let partition: PartitionValues = partition_columns
@@ -437,7 +438,7 @@ impl Upkeep {
             // Rows already in the table, rewritten: not a data change.
             let add = self
                 .files
-                .put(store.as_ref(), partition, &batch, false, &[])
+                .put(store.as_ref(), partition, &batch, false, &footer)
                 .await
                 .map_err(|source| UpkeepError::File {
                     table: table.to_string(),
@@ -482,7 +483,7 @@ impl Upkeep {
 
     /// The rows of `bin`'s files as one batch in the table's column order
     /// (columns a file predates are null), sorted by Kafka partition and
-    /// offset.
+    /// offset; and the footer the new file keeps (the primary key).
     async fn rewrite(
         &self,
         table: &str,
@@ -490,7 +491,7 @@ impl Upkeep {
         schema: &StructType,
         partition_columns: &[String],
         bin: &Bin,
-    ) -> Result<RecordBatch, UpkeepError> {
+    ) -> Result<(RecordBatch, Vec<(String, String)>), UpkeepError> {
         let mut files = Vec::with_capacity(bin.files.len());
         for f in &bin.files {
             let store_err = |source| UpkeepError::Store {
@@ -523,7 +524,15 @@ impl Upkeep {
             }
         }
         let batch = arrow::compute::concat_batches(&schema, &batches).map_err(rewrite_err)?;
-        sort_by_kafka_position(&batch).map_err(rewrite_err)
+        // The primary key the changelog files name goes on with their rows
+        // (the current-state tables read it from there).
+        let footer = files
+            .iter()
+            .rev()
+            .find_map(|f| f.footer.get(KEY_METADATA))
+            .map(|k| vec![(KEY_METADATA.to_string(), k.clone())])
+            .unwrap_or_default();
+        Ok((sort_by_kafka_position(&batch).map_err(rewrite_err)?, footer))
     }
 }
 

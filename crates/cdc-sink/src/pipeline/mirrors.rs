@@ -4,7 +4,7 @@
 //! coalesce into one more sync, so a slow mirror catches up in few commits
 //! instead of queueing one per flush. At start it syncs every changelog
 //! (a crash between a changelog commit and its mirror's, or a lake written
-//! before mirrors); at shutdown it finishes what is pending.
+//! before mirrors); at shutdown each pending table gets one more sync.
 //!
 //! A mirror that fails is logged and counted and tried again at its table's
 //! next commit: the changelog, which the mirror is rebuilt from, goes on.
@@ -86,20 +86,36 @@ async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedRece
         }
     }
     let mut no_key = HashSet::new();
+    // Until the loop stops: then each table still pending gets one more
+    // sync (one bounded batch), and a mirror further behind catches up at
+    // the next start, so that a stop never waits on a long catch-up.
+    let mut stopping = false;
     loop {
         if pending.queue.is_empty() {
+            if stopping {
+                break;
+            }
             match rx.recv().await {
                 Some(table) => pending.push(table),
-                None => break,
+                None => stopping = true,
             }
         }
-        while let Ok(table) = rx.try_recv() {
-            pending.push(table);
+        if !stopping {
+            loop {
+                match rx.try_recv() {
+                    Ok(table) => pending.push(table),
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+            }
         }
         let Some(table) = pending.pop() else {
             continue;
         };
-        if sync(&mirror, give_up, &table, &mut no_key).await {
+        if sync(&mirror, give_up, &table, &mut no_key).await && !stopping {
             // One bounded batch of commits applied: the rest after the
             // other tables' turn.
             pending.push(table);

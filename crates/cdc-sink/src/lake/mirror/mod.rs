@@ -174,6 +174,12 @@ pub struct Mirror {
     /// Changelog Parquet bytes one sync applies at most (at least one
     /// commit's): what bounds its memory.
     sync_bytes: usize,
+    /// Tables found without a primary key, and the changelog version they
+    /// were looked at through.
+    no_key: std::sync::Mutex<HashMap<String, i64>>,
+    /// Key ranges of mirror files, by path (files never change): read from
+    /// a footer once, or known from writing the file.
+    ranges: std::sync::Mutex<HashMap<String, FileRange>>,
     /// Each table's changelog and mirror, as of the last sync.
     open: tokio::sync::Mutex<HashMap<String, (DeltaTable, DeltaTable)>>,
 }
@@ -217,6 +223,8 @@ impl Mirror {
             target_bytes: target_bytes.max(1),
             tail_bytes: target_bytes / 4,
             sync_bytes: (target_bytes / 8).max(1),
+            ranges: std::sync::Mutex::new(HashMap::new()),
+            no_key: std::sync::Mutex::new(HashMap::new()),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -287,10 +295,18 @@ impl Mirror {
         // commits no longer in the log or whose files were compacted and
         // vacuumed since, take the live files instead, all at once.
         let store = changelog.log_store().object_store(None);
+        // A table known to have no key is looked at again only from where
+        // it was last looked at: its files are not read again every commit.
+        let looked = self
+            .no_key
+            .lock()
+            .expect("not poisoned")
+            .get(table)
+            .copied();
         let from = if rebuild {
             None
         } else {
-            Some(applied.unwrap_or(-1))
+            Some(applied.or(looked).unwrap_or(-1))
         };
         let incremental = match from {
             Some(a) => self.appended(changelog, a, target).await?,
@@ -307,12 +323,26 @@ impl Mirror {
         let key = match key_of(table, &files, exists.then_some(&*mirror))? {
             Some(key) => key,
             None => {
+                self.no_key
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(table.to_string(), through);
                 return Ok(Synced {
                     no_key: true,
+                    behind: through < target,
                     ..Synced::default()
                 });
             }
         };
+        if !exists && looked.is_some() && from != Some(-1) {
+            // Keyed from some version on (a primary key added): the
+            // mirror starts from the changelog's beginning.
+            self.no_key.lock().expect("not poisoned").remove(table);
+            return Ok(Synced {
+                behind: true,
+                ..Synced::default()
+            });
+        }
         if !exists
             && files
                 .iter()
@@ -351,6 +381,14 @@ impl Mirror {
             self.create(table, mirror, &mirror_schema(&schema), &key)
                 .await?;
             mirror.load().await.map_err(&merr)?;
+            if mirror.version() != Some(0) {
+                // Another writer created it and synced it first: these
+                // changes, read for an empty mirror, no longer apply.
+                return Ok(Synced {
+                    conflict: true,
+                    ..Synced::default()
+                });
+            }
         }
         let mut outcome = self
             .apply(table, mirror, &key, &changes, full, through)
@@ -486,12 +524,27 @@ impl Mirror {
 
         // The live files and their key ranges.
         let mut ranges = Vec::new();
-        for f in state.log_data().iter() {
-            ranges.push(
-                read_range(&store, f.object_store_path(), f.size())
-                    .await
-                    .map_err(file_err)?,
-            );
+        let needs_ranges = !full && !changes.outcomes.is_empty();
+        for f in state.log_data().iter().filter(|_| needs_ranges) {
+            let path = f.object_store_path();
+            let cached = self
+                .ranges
+                .lock()
+                .expect("not poisoned")
+                .get(path.as_ref())
+                .cloned();
+            let range = match cached {
+                Some(r) => r,
+                None => {
+                    let r = read_range(&store, path, f.size()).await?;
+                    self.ranges
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(r.path.clone(), r.clone());
+                    r
+                }
+            };
+            ranges.push(range);
         }
         ranges.sort_by(|a, b| a.min.cmp(&b.min));
 
@@ -502,7 +555,11 @@ impl Mirror {
         let mut buckets: BTreeMap<Option<usize>, Bucket> = BTreeMap::new();
         let mut removed = Vec::new();
         if full {
-            removed = ranges.iter().map(|r| r.path.clone()).collect();
+            removed = state
+                .log_data()
+                .iter()
+                .map(|f| f.object_store_path().to_string())
+                .collect();
         }
         for k in keys {
             let file = if full || ranges.is_empty() {
@@ -670,7 +727,7 @@ impl Mirror {
                 synced.version = Some(done.version() as i64);
                 Ok(synced)
             }
-            Err(DeltaTableError::Transaction { source }) if is_conflict(&source) => {
+            Err(e) if is_conflict(&e) => {
                 // The files just put stay unreferenced: vacuum removes them.
                 synced.through = None;
                 synced.conflict = true;
@@ -705,21 +762,32 @@ impl Mirror {
         converter: &RowConverter,
     ) -> Result<deltalake::kernel::Add, PutError> {
         let keys = key_rows(converter, batch, key).map_err(PutError::Arrow)?;
+        let min = keys.row(0).as_ref().to_vec();
+        let max = keys.row(batch.num_rows() - 1).as_ref().to_vec();
         let footer = vec![
             (
                 KEY_METADATA.to_string(),
                 serde_json::to_string(key).expect("names serialise"),
             ),
-            (KEY_MIN.to_string(), hex(keys.row(0).as_ref())),
-            (
-                KEY_MAX.to_string(),
-                hex(keys.row(batch.num_rows() - 1).as_ref()),
-            ),
+            (KEY_MIN.to_string(), hex(&min)),
+            (KEY_MAX.to_string(), hex(&max)),
         ];
-        self.files
+        let add = self
+            .files
             .put(store.as_ref(), Vec::new(), batch, true, &footer)
             .await
-            .map_err(PutError::File)
+            .map_err(PutError::File)?;
+        let range = FileRange {
+            path: add.path.clone(),
+            size: add.size,
+            min,
+            max,
+        };
+        self.ranges
+            .lock()
+            .expect("not poisoned")
+            .insert(range.path.clone(), range);
+        Ok(add)
     }
 }
 
@@ -779,10 +847,18 @@ enum PutError {
     Arrow(ArrowError),
 }
 
-fn is_conflict(e: &TransactionError) -> bool {
+/// Another writer committed to the mirror since this sync read it. With
+/// no retries (see `apply`), delta-rs reports that as running out of
+/// attempts, a conflict, or the version already existing.
+fn is_conflict(e: &DeltaTableError) -> bool {
     matches!(
         e,
-        TransactionError::CommitConflict(_) | TransactionError::VersionAlreadyExists(_)
+        DeltaTableError::VersionAlreadyExists(_)
+            | DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(_)
+                    | TransactionError::VersionAlreadyExists(_)
+                    | TransactionError::MaxCommitAttempts(_)
+            }
     )
 }
 
@@ -853,16 +929,19 @@ fn key_of(
 }
 
 /// A mirror file's key range, from its footer.
-async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<FileRange, FileError> {
-    let read_err = |source| FileError::Read {
-        path: path.to_string(),
-        source,
+/// A mirror file's key range, from its footer (two ranged GETs: the
+/// footer's length, then the footer). A failed request may pass; a file
+/// without the range will not.
+async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<FileRange, LakeError> {
+    let bad = |m: String| {
+        LakeError::File(FileError::Read {
+            path: path.to_string(),
+            source: parquet::errors::ParquetError::General(m),
+        })
     };
-    let general = |m: String| read_err(parquet::errors::ParquetError::General(m));
-    // The footer alone: its length and magic, then the metadata.
     let len = size as u64;
     if len < 12 {
-        return Err(general("too short for a Parquet file".into()));
+        return Err(bad("too short for a Parquet file".into()));
     }
     let get = |range: std::ops::Range<u64>| {
         let path = path.clone();
@@ -873,17 +952,21 @@ async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<Fil
                 .map(|mut r| r.remove(0))
         }
     };
-    let store_err = |e: object_store::Error| general(e.to_string());
-    let tail = get(len - 8..len).await.map_err(store_err)?;
+    let tail = get(len - 8..len).await?;
     if &tail[4..8] != b"PAR1" {
-        return Err(general("no Parquet magic".into()));
+        return Err(bad("no Parquet magic".into()));
     }
     let footer = u32::from_le_bytes(tail[0..4].try_into().expect("four bytes")) as u64;
-    if footer + 8 > len {
-        return Err(general("footer longer than the file".into()));
+    if footer + 12 > len {
+        return Err(bad("footer longer than the file".into()));
     }
-    let bytes = get(len - 8 - footer..len - 8).await.map_err(store_err)?;
-    let metadata = ParquetMetaDataReader::decode_metadata(&bytes).map_err(read_err)?;
+    let bytes = get(len - 8 - footer..len - 8).await?;
+    let metadata = ParquetMetaDataReader::decode_metadata(&bytes).map_err(|source| {
+        LakeError::File(FileError::Read {
+            path: path.to_string(),
+            source,
+        })
+    })?;
     let kv: HashMap<String, String> = metadata
         .file_metadata()
         .key_value_metadata()
@@ -892,11 +975,9 @@ async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<Fil
         .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
         .collect();
     let bound = |k: &str| {
-        kv.get(k).and_then(|h| unhex(h)).ok_or_else(|| {
-            read_err(parquet::errors::ParquetError::General(format!(
-                "a mirror file without `{k}` in its footer"
-            )))
-        })
+        kv.get(k)
+            .and_then(|h| unhex(h))
+            .ok_or_else(|| bad(format!("a mirror file without `{k}` in its footer")))
     };
     Ok(FileRange {
         path: path.to_string(),

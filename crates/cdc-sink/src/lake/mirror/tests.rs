@@ -339,3 +339,34 @@ async fn a_table_without_a_primary_key_gets_no_mirror() {
         "nothing created"
     );
 }
+
+/// Two writers of one mirror (two sinks of a group) sync it at once, from
+/// before it exists: whichever loses the create or a commit says so and
+/// syncs again; neither fails, and the mirror ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_one_mirror_end_exact() {
+    let mut lake = Lake::new();
+    let a = lake.mirror(32 << 20);
+    let b = lake.mirror(32 << 20);
+    for round in 0..5i64 {
+        let base = round * 10;
+        let changes: Vec<Change> = (0..10)
+            .map(|i| (0, base + i, "c", "x", false))
+            .chain([(0, base, "d", "x", false)])
+            .collect();
+        lake.commit(&changes, true).await;
+        let (ra, rb) = tokio::join!(a.sync(TABLE, false), b.sync(TABLE, false));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        // At most one of them lost; the loser catches up on its next sync.
+        assert!(!(ra.conflict && rb.conflict), "{ra:?} {rb:?}");
+        for m in [&a, &b] {
+            let again = m.sync(TABLE, false).await.unwrap();
+            assert!(!again.conflict && !again.behind, "{again:?}");
+        }
+    }
+    let want: BTreeMap<i64, String> = (0..50)
+        .filter(|i| i % 10 != 0)
+        .map(|i| (i, "x".to_string()))
+        .collect();
+    assert_eq!(lake.rows().await, want);
+}
