@@ -130,6 +130,29 @@ def table_log(fs, root):
     return versions
 
 
+def mirror_log(fs, root):
+    """The current-state table's commits: (changelog version reflected,
+    Last-Modified ms), oldest first; empty if there is no such table."""
+    if fs.get_file_info(f"{root}/_delta_log").type == pafs.FileType.NotFound:
+        return []
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/_delta_log")):
+        if not LOG_ENTRY.match(info.base_name):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            for line in f.read().decode().splitlines():
+                if line.strip() and "commitInfo" in line:
+                    ci = json.loads(line).get("commitInfo", {})
+                    if "cdc.changelogVersion" in ci:
+                        out.append((int(ci["cdc.changelogVersion"]), round(info.mtime.timestamp() * 1000)))
+    return sorted(out, key=lambda x: x[1])
+
+
+def mirror_visible(log, version):
+    """When the current-state table first reflected changelog `version`."""
+    return next((ms for v, ms in log if v >= version), None)
+
+
 def read_file(fs, path):
     t = pq.read_table(
         path,
@@ -166,7 +189,7 @@ def main():
                 topic, part, off, ts, size = line.split()
                 kafka[(topic.rsplit(".", 1)[-1], int(part), int(off))] = (int(ts), int(size))
 
-    rows = []  # (table, commit_ms, visible_ms, commit_info_ms, file_put_ms, partition, offset)
+    rows = []  # (table, commit_ms, visible_ms, commit_info_ms, file_put_ms, partition, offset, in_mirror_ms)
     seen = set()
     versions_in_window = {}
     for table in args.tables:
@@ -175,6 +198,7 @@ def main():
             print(f"{table}: no Delta table under s3://{root}", file=sys.stderr)
             continue
         log = table_log(fs, root)
+        mirror = mirror_log(fs, f"{BUCKET}/{args.prefix.strip('/')}/_current/{table}")
         added = {}
         for version, (last_modified, commit_ts, adds) in log.items():
             for path, put_ms in adds:
@@ -195,7 +219,8 @@ def main():
                     if op == "r" or not args.from_ms <= commit_ms <= args.to_ms:
                         continue  # snapshot reads, warm-up, after the run
                     versions_in_window.setdefault(table, set()).add(version)
-                    rows.append((table, commit_ms, last_modified, commit_ts, put_ms, part, off))
+                    rows.append((table, commit_ms, last_modified, commit_ts, put_ms, part, off,
+                                 mirror_visible(mirror, version)))
 
     if not rows:
         sys.exit("no rows in the measured window")
@@ -212,6 +237,11 @@ def main():
         of = [r[2] - r[1] for r in rows if r[0] == table]
         if of:
             print(f"  {table:9} {fmt(summary(of))}")
+    in_mirror = [r[7] - r[1] for r in rows if r[7] is not None]
+    if in_mirror:
+        print("PostgreSQL commit -> visible in the current-state table _current/<table> (s):")
+        print(f"  all       {fmt(summary(in_mirror))}")
+        print(f"  rows never in a current-state table commit: {sum(1 for r in rows if r[7] is None)}")
     with_ci = [r[3] - r[1] for r in rows if r[3] is not None]
     print(f"same, to commitInfo.timestamp instead of Last-Modified:\n  all       {fmt(summary(with_ci))}")
     gap = sorted(r[2] - r[3] for r in rows if r[3] is not None)
