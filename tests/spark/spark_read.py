@@ -2,12 +2,16 @@
 """Read cdc-sink Delta tables with Spark 3.5 + delta-spark, with no read options.
 
 Usage:
-  python spark_read.py --all-types PATH [--cdc PATH [--key id]] [--jars a.jar,b.jar]
+  python spark_read.py [--all-types PATH] [--cdc PATH] [--current PATH] [--key id]
+                       [--jars a.jar,b.jar]
 
   --all-types PATH  a table with every supported column type (the stack test's
                     `zoo` table): printSchema, count, every row.
   --cdc PATH        a CDC table (e.g. `users`): schema, count per _cdc_op,
                     history, txn actions, and the latest state of each key.
+  --current PATH    a current-state table (`_current/<table>`): schema, row
+                    count, distinct keys (must equal the count), its commits'
+                    cdc.* position, and the first rows by key.
   --key COL         the table's key column(s), comma-separated (default: id).
   --datetime-rebase CORRECTED  opt-in session setting, see session().
   --jars LIST       delta-spark_2.12-<v>.jar,delta-storage-<v>.jar. Without it,
@@ -111,10 +115,34 @@ def cdc(spark, path, key):
     latest.orderBy(*key.split(",")).show(5, truncate=False)
 
 
+def current(spark, path, key):
+    banner(f"current-state table {path}")
+    df = spark.read.format("delta").load(path)  # no options
+    df.printSchema()
+    cols = key.split(",")
+    n = df.count()
+    keys = df.select(*cols).distinct().count()
+    print("count:", n)
+    print("distinct keys:", keys, "(one row per key)" if keys == n else "(KEYS REPEAT)")
+    banner("how current: the last commits' cdc.* info")
+    spark.sql(f"DESCRIBE HISTORY delta.`{path}`").selectExpr(
+        "version", "operation", "userMetadata", "operationParameters"
+    ).show(3, truncate=False)
+    log = spark.read.json(path.rstrip("/") + "/_delta_log/*.json")
+    if "commitInfo" in log.columns:
+        log.where("commitInfo IS NOT NULL").selectExpr(
+            "commitInfo.`cdc.changelogVersion` AS changelog_version",
+            "commitInfo.`cdc.sourceLsn` AS source_lsn",
+            "commitInfo.`cdc.sourceCommitTsMicros` AS source_commit_ts_us",
+        ).orderBy("changelog_version", ascending=False).show(3)
+    df.orderBy(*cols).show(5, truncate=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--all-types")
     ap.add_argument("--cdc")
+    ap.add_argument("--current")
     ap.add_argument("--key", default="id")
     ap.add_argument("--jars")
     ap.add_argument("--datetime-rebase", choices=["CORRECTED", "LEGACY"],
@@ -128,6 +156,8 @@ def main():
             all_types(spark, a.all_types)
         if a.cdc:
             cdc(spark, a.cdc, a.key)
+        if a.current:
+            current(spark, a.current, a.key)
     finally:
         spark.stop()
 

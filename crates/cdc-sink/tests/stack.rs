@@ -378,6 +378,21 @@ async fn assert_latest_state_matches(
 /// rows, through every reader: the same keys (no ghost rows, none
 /// missing), and every column equal.
 async fn assert_mirror_equals_pg(pg: &tokio_postgres::Client, prefix: &str, table: &str) {
+    for reader in ["deltalake", "duckdb", "polars"] {
+        if let Err(diff) = mirror_diff(pg, reader, prefix, table).await {
+            panic!("{diff}");
+        }
+    }
+}
+
+/// How the current-state table of `table`, read by `reader`, differs from
+/// PostgreSQL's rows (the first difference found), if it does.
+async fn mirror_diff(
+    pg: &tokio_postgres::Client,
+    reader: &str,
+    prefix: &str,
+    table: &str,
+) -> Result<(), String> {
     let key = primary_key(table).join(", ");
     let pg_keys: Vec<String> = pg
         .query(&format!("SELECT concat_ws(',', {key}) FROM {table}"), &[])
@@ -388,40 +403,56 @@ async fn assert_mirror_equals_pg(pg: &tokio_postgres::Client, prefix: &str, tabl
         .collect();
     let refs: Vec<&String> = pg_keys.iter().collect();
     let pg_rows = pg_state(pg, table, &refs).await;
-    for reader in ["deltalake", "duckdb", "polars"] {
-        let rows = mirror_rows(reader, prefix, table);
-        let mut mirror = BTreeMap::new();
-        for r in &rows {
-            assert!(
-                mirror
-                    .insert(r.key(), fold_text_siblings(&r.values))
-                    .is_none(),
+    let rows = mirror_rows(reader, prefix, table);
+    let mut mirror = BTreeMap::new();
+    for r in &rows {
+        if mirror
+            .insert(r.key(), fold_text_siblings(&r.values))
+            .is_some()
+        {
+            return Err(format!(
                 "{reader}: {table} key {} twice in the current-state table",
                 r.key()
-            );
+            ));
         }
-        assert_eq!(
-            mirror.keys().collect::<Vec<_>>(),
-            pg_rows.keys().collect::<Vec<_>>(),
-            "{reader}: {table}: the current-state table's keys differ from PostgreSQL's"
-        );
-        for (k, row) in &mirror {
-            for (col, v) in row {
-                assert_eq!(
-                    Some(v),
-                    pg_rows[k].get(col),
-                    "{reader}: {table} key {k} column {col} in the current-state table"
-                );
+    }
+    if !mirror.keys().eq(pg_rows.keys()) {
+        let extra: Vec<_> = mirror
+            .keys()
+            .filter(|k| !pg_rows.contains_key(*k))
+            .collect();
+        let missing: Vec<_> = pg_rows
+            .keys()
+            .filter(|k| !mirror.contains_key(*k))
+            .collect();
+        return Err(format!(
+            "{reader}: {table}: the current-state table's keys differ from PostgreSQL's: \
+             {} not in PostgreSQL (first {:?}), {} missing (first {:?})",
+            extra.len(),
+            extra.first(),
+            missing.len(),
+            missing.first()
+        ));
+    }
+    for (k, row) in &mirror {
+        for (col, v) in row {
+            if Some(v) != pg_rows[k].get(col) {
+                return Err(format!(
+                    "{reader}: {table} key {k} column {col} in the current-state table: \
+                     {v:?}, PostgreSQL {:?}",
+                    pg_rows[k].get(col)
+                ));
             }
-            assert_eq!(
-                row.len(),
-                pg_rows[k].len(),
+        }
+        if row.len() != pg_rows[k].len() {
+            return Err(format!(
                 "{reader}: {table} key {k}: columns {:?} vs {:?}",
                 row.keys().collect::<Vec<_>>(),
                 pg_rows[k].keys().collect::<Vec<_>>()
-            );
+            ));
         }
     }
+    Ok(())
 }
 
 /// The same canonical text, computed by PostgreSQL, for the rows whose
@@ -1509,6 +1540,166 @@ async fn a_current_state_table_follows_new_columns_and_key_updates() {
     assert_mirror_equals_pg(&pg, &prefix, "t").await;
     drop(pg);
     drop(capture);
+}
+
+/// Two sinks of one consumer group share a table's partitions, so both
+/// rewrite its current-state table and race each other's commits; meanwhile
+/// `cdc-sink upkeep` runs again and again, compacting the changelog and
+/// checkpointing the mirror. Inserts, updates, deletes and primary-key
+/// updates go on throughout. Afterwards the mirror equals PostgreSQL
+/// through every reader, and both sinks and upkeep are shown to have done
+/// their part while the writes went on.
+#[tokio::test(flavor = "multi_thread")]
+async fn current_state_tables_stay_equal_with_two_sinks_and_upkeep_running() {
+    let capture = OwnCapture::start(
+        "duo",
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, a text, n integer);
+         INSERT INTO t SELECT g, 'a' || g, g FROM generate_series(1, 2000) g",
+        &[],
+    )
+    .await;
+    // The sinks subscribe by pattern, which sees a topic created later
+    // only at a metadata refresh: start them once the snapshot is in.
+    let topic = format!("{}.t", capture.db);
+    wait_until(
+        "the snapshot of t in Kafka",
+        Duration::from_secs(120),
+        async || {
+            let n: i64 = watermarks(&kafka_consumer("duo"), &[&topic]).values().sum();
+            if n >= 2000 {
+                Ok(())
+            } else {
+                Err(format!("{n} events"))
+            }
+        },
+    )
+    .await;
+    // The topic of `t` has three partitions (the stack's default): each
+    // sink gets at least one once both have joined.
+    let a = capture.spawn_sink();
+    let b = capture.spawn_sink();
+    // Both have joined (the first to join may have read the snapshot
+    // already, so the other may see no message before the writes).
+    wait_log(&a, ASSIGNED, 1, Duration::from_secs(60)).await;
+    wait_log(&b, ASSIGNED, 1, Duration::from_secs(60)).await;
+    let prefix = capture.prefix.clone();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let upkeep = {
+        let (prefix, group) = (prefix.clone(), capture.group.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut logs = Vec::new();
+            while !*stop_rx.borrow() {
+                let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+                    .arg("upkeep")
+                    .env("CDC_SINK_OUTPUT__PREFIX", &prefix)
+                    .env("CDC_SINK_KAFKA__GROUP_ID", &group)
+                    .env("CDC_SINK_LAKE__COMPACT_MIN_FILES", "2")
+                    .env("RUST_LOG", "info")
+                    .output()
+                    .unwrap();
+                let text = strip_ansi(
+                    &(String::from_utf8_lossy(&out.stdout).to_string()
+                        + &String::from_utf8_lossy(&out.stderr)),
+                );
+                assert!(out.status.success(), "upkeep failed:\n{text}");
+                logs.push(text);
+            }
+            logs
+        })
+    };
+
+    for round in 0..30i64 {
+        let base = 10_000 + round * 50;
+        OwnCapture::sql(
+            &capture.db,
+            &format!(
+                "INSERT INTO t SELECT g, 'r{round}-' || g, g FROM generate_series({base}, {}) g;
+                 UPDATE t SET a = a || '+', n = n + 1 WHERE id % 9 = {};
+                 DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY md5(id::text || '{round}') LIMIT 7);
+                 UPDATE t SET id = id + 1000000 WHERE id = (SELECT min(id) FROM t WHERE id < 10000);",
+                base + 49,
+                round % 9
+            ),
+        );
+        // Paces the writes over several flushes of both sinks (1 s each);
+        // not synchronisation.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+
+    let pg = capture.client().await;
+    wait_until(
+        "the current-state table to equal PostgreSQL",
+        Duration::from_secs(120),
+        async || mirror_diff(&pg, "deltalake", &prefix, "t").await,
+    )
+    .await;
+    stop_tx.send(true).unwrap();
+    let upkeep_logs = upkeep.await.unwrap();
+    let (sa, sb) = (scrape(a.ops).await, scrape(b.ops).await);
+    terminate(a);
+    terminate(b);
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+
+    // Both sinks rewrote the mirror.
+    for (name, s) in [("first", &sa), ("second", &sb)] {
+        let commits = s.value("cdc_sink_mirror_commits_total", &[("table", "t")]);
+        assert!(commits > 0.0, "the {name} sink committed no mirror rewrite");
+        assert_eq!(
+            s.sample("cdc_sink_mirror_errors_total", &[("table", "t")]),
+            None,
+            "the {name} sink failed a mirror sync"
+        );
+    }
+    // Upkeep compacted the changelog and checkpointed the mirror while
+    // the sinks wrote.
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_string))
+    };
+    let lines: Vec<&str> = upkeep_logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|l| l.contains(" upkeep"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| field(l, "table").as_deref() == Some("t")
+                && field(l, "compacted").is_some_and(|c| c != "0")),
+        "upkeep never compacted the changelog in {} runs:\n{}",
+        upkeep_logs.len(),
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| field(l, "table").as_deref() == Some("_current/t")
+                && field(l, "checkpoint").is_some_and(|c| c.starts_with("Some"))),
+        "upkeep never checkpointed the mirror:\n{}",
+        lines.join("\n")
+    );
+    drop(pg);
+    drop(capture);
+}
+
+/// `text` without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A table whose lake was written before the value converter (Debezium's
