@@ -1610,6 +1610,10 @@ async fn current_state_tables_stay_equal_with_two_sinks_and_upkeep_running() {
         })
     };
 
+    let writes_began_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
     for round in 0..30i64 {
         let base = 10_000 + round * 50;
         OwnCapture::sql(
@@ -1652,6 +1656,54 @@ async fn current_state_tables_stay_equal_with_two_sinks_and_upkeep_running() {
             "the {name} sink failed a mirror sync"
         );
     }
+    // How current each commit says the mirror is never goes back, though
+    // two writers commit batches of different partitions; at the end every
+    // partition is through a change made after the writes began.
+    let mut marks = Vec::new();
+    let log: Vec<_> = store()
+        .list(Some(&Path::from(format!("{prefix}/_current/t/_delta_log"))))
+        .try_collect()
+        .await
+        .unwrap();
+    for meta in log
+        .iter()
+        .filter(|m| m.location.as_ref().ends_with(".json"))
+    {
+        let bytes = store()
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        for line in bytes.split(|b| *b == b'\n') {
+            let Ok(action) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            if let Some(info) = action.get("commitInfo")
+                && let Some(v) = info.get("cdc.changelogVersion")
+            {
+                marks.push((
+                    v.as_i64().unwrap(),
+                    info["cdc.sourceCommitTsMicros"].as_i64(),
+                    info["cdc.partitions"].as_object().map_or(0, |p| p.len()),
+                ));
+            }
+        }
+    }
+    marks.sort();
+    assert!(marks.len() > 2, "{marks:?}");
+    assert!(
+        marks.windows(2).all(|w| w[0].1 <= w[1].1),
+        "a mirror commit says it is less current than the one before: {marks:?}"
+    );
+    let last = marks.last().unwrap();
+    assert_eq!(last.2, 3, "every partition's position in {last:?}");
+    assert!(
+        last.1.unwrap() >= writes_began_us,
+        "{last:?}: every partition through a change after {writes_began_us}"
+    );
+
     // Upkeep compacted the changelog and checkpointed the mirror while
     // the sinks wrote.
     let field = |line: &str, name: &str| {

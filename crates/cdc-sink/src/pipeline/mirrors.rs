@@ -168,7 +168,7 @@ async fn sync(
                 .increment(synced.rows_written as u64);
             metrics::counter!(t::MIRROR_BYTES_WRITTEN, "table" => table.to_string())
                 .increment(synced.bytes_written as u64);
-            if let Some(us) = synced.newest_commit_us {
+            if let Some(us) = synced.through_commit_us {
                 metrics::gauge!(t::MIRROR_SOURCE_TIMESTAMP, "table" => table.to_string())
                     .set(us as f64 / 1e6);
             }

@@ -47,10 +47,6 @@ pub struct Changes {
     /// Each key's outcome, by the key's row encoding.
     pub outcomes: HashMap<OwnedRow, Outcome>,
     pub converter: RowConverter,
-    /// The newest source commit time (µs since the epoch) and LSN among the
-    /// rows.
-    pub newest_commit_us: Option<i64>,
-    pub newest_lsn: Option<i64>,
 }
 
 /// The row encoding of the `key` columns of `batch`: ordered like the key
@@ -99,10 +95,6 @@ impl Changes {
         let op = op.as_string::<i32>();
         let unchanged = rows.column_by_name(meta::UNCHANGED).cloned();
         let unchanged = unchanged.as_ref().map(|u| u.as_list::<i32>());
-        let commit_ts = rows
-            .column_by_name(meta::COMMIT_TS)
-            .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok());
-        let lsn = rows.column_by_name(meta::LSN).cloned();
 
         let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
         for i in 0..rows.num_rows() {
@@ -141,15 +133,7 @@ impl Changes {
             }
             outcomes.insert(k, Outcome::Upsert { row: i, carried });
         }
-        let newest = |a: &Option<arrow::array::ArrayRef>| {
-            a.as_ref().and_then(|a| {
-                let a = a.as_primitive_opt::<arrow::datatypes::Int64Type>()?;
-                arrow::compute::max(a)
-            })
-        };
         Ok(Changes {
-            newest_commit_us: newest(&commit_ts),
-            newest_lsn: newest(&lsn),
             rows,
             outcomes,
             converter,

@@ -27,6 +27,7 @@
 //! rows back. It only checkpoints and vacuums them.
 
 pub mod changes;
+pub mod through;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
+use crate::lake::mirror::through::{PARTITIONS_KEY, Through};
 use crate::lake::table::{LakeRoot, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
@@ -137,8 +139,9 @@ pub struct Synced {
     pub conflict: bool,
     /// The changelog has versions past `through`: sync again.
     pub behind: bool,
-    /// The newest source commit time (µs) among the rows applied.
-    pub newest_commit_us: Option<i64>,
+    /// The source commit time (µs) through which every partition's
+    /// changes are now applied ([`Through::commit_us`]).
+    pub through_commit_us: Option<i64>,
 }
 
 /// Changelog files to apply, and the version they bring the mirror to.
@@ -180,6 +183,10 @@ pub struct Mirror {
     /// Key ranges of mirror files, by path (files never change): read from
     /// a footer once, or known from writing the file.
     ranges: std::sync::Mutex<HashMap<String, FileRange>>,
+    /// Each mirror's per-partition positions, and the mirror version they
+    /// are those of (read from that commit when it is not the last one
+    /// this writer made).
+    through: std::sync::Mutex<HashMap<String, (i64, Through)>>,
     /// Each table's changelog and mirror, as of the last sync.
     open: tokio::sync::Mutex<HashMap<String, (DeltaTable, DeltaTable)>>,
 }
@@ -225,6 +232,7 @@ impl Mirror {
             sync_bytes: (target_bytes / 8).max(1),
             ranges: std::sync::Mutex::new(HashMap::new()),
             no_key: std::sync::Mutex::new(HashMap::new()),
+            through: std::sync::Mutex::new(HashMap::new()),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -682,11 +690,20 @@ impl Mirror {
             Some(now),
         )));
 
-        let mut app = HashMap::from([("cdc.changelogVersion".to_string(), json!(through))]);
-        if let Some(us) = changes.newest_commit_us {
+        // How current the mirror is after this commit, carried forward
+        // from the one it builds on.
+        let positions = self
+            .through_at(table, mirror, state.version() as i64)
+            .await?
+            .merged(&Through::of_rows(&changes.rows));
+        let mut app = HashMap::from([
+            ("cdc.changelogVersion".to_string(), json!(through)),
+            (PARTITIONS_KEY.to_string(), positions.to_json()),
+        ]);
+        if let Some(us) = positions.commit_us() {
             app.insert("cdc.sourceCommitTsMicros".to_string(), json!(us));
         }
-        if let Some(lsn) = changes.newest_lsn {
+        if let Some(lsn) = positions.lsn() {
             app.insert("cdc.sourceLsn".to_string(), json!(lsn));
         }
         tracing::debug!(
@@ -719,12 +736,16 @@ impl Mirror {
             files_added: added,
             rows_written,
             bytes_written,
-            newest_commit_us: changes.newest_commit_us,
+            through_commit_us: positions.commit_us(),
             ..Synced::default()
         };
         match committed {
             Ok(done) => {
                 synced.version = Some(done.version() as i64);
+                self.through
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(table.to_string(), (done.version() as i64, positions));
                 Ok(synced)
             }
             Err(e) if is_conflict(&e) => {
@@ -735,6 +756,33 @@ impl Mirror {
             }
             Err(e) => Err(merr(e).into()),
         }
+    }
+
+    /// The per-partition positions mirror version `version` holds: known
+    /// if this writer made it, else read from its commit.
+    async fn through_at(
+        &self,
+        table: &str,
+        mirror: &DeltaTable,
+        version: i64,
+    ) -> Result<Through, MirrorError> {
+        if let Some((v, t)) = self.through.lock().expect("not poisoned").get(table)
+            && *v == version
+        {
+            return Ok(t.clone());
+        }
+        let name = LakeRoot::mirror_of(table);
+        let entry = mirror
+            .log_store()
+            .read_commit_entry(version as u64)
+            .await
+            .map_err(delta_err(&name))?;
+        let info = entry
+            .iter()
+            .flat_map(|bytes| bytes.split(|b| *b == b'\n'))
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .find_map(|action| action.get("commitInfo").cloned());
+        Ok(info.map_or_else(Through::default, |i| Through::from_commit_info(&i)))
     }
 
     /// `batch` cut into files of about the target size (by its Arrow size;

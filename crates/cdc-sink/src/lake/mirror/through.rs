@@ -1,0 +1,185 @@
+//! How current a mirror is: for each Kafka partition of its table, the
+//! newest change applied (its source commit time and LSN), kept in every
+//! mirror commit's `commitInfo` (`cdc.partitions`) and carried forward.
+//!
+//! A partition holds its table's changes in PostgreSQL commit order, so
+//! once a change of a partition is applied, every earlier one of that
+//! partition is too. The oldest of the partitions' newest commit times is
+//! therefore a time through which every change of every partition has been
+//! applied: what [`Through::commit_us`] reports as `cdc.sourceCommitTsMicros`.
+//! A partition that has been quiet holds it back (it errs on the old side).
+
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int32Type, Int64Type};
+use serde::{Deserialize, Serialize};
+
+use crate::decode::schema::meta;
+
+/// The `commitInfo` key of the per-partition positions.
+pub const PARTITIONS_KEY: &str = "cdc.partitions";
+
+/// The newest change applied from one partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    #[serde(rename = "commitTsMicros", skip_serializing_if = "Option::is_none")]
+    pub commit_us: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<i64>,
+}
+
+impl Applied {
+    fn max(self, other: Applied) -> Applied {
+        Applied {
+            commit_us: self.commit_us.max(other.commit_us),
+            lsn: self.lsn.max(other.lsn),
+        }
+    }
+}
+
+/// Per Kafka partition, the newest change applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Through {
+    partitions: BTreeMap<i32, Applied>,
+}
+
+impl Through {
+    /// The newest change of each partition among changelog `rows`.
+    pub fn of_rows(rows: &RecordBatch) -> Through {
+        let mut out = Through::default();
+        let Some(partition) = rows
+            .column_by_name(meta::KAFKA_PARTITION)
+            .and_then(|c| arrow::compute::cast(c, &DataType::Int32).ok())
+        else {
+            return out;
+        };
+        let partition = partition.as_primitive::<Int32Type>();
+        let int64 = |name| {
+            rows.column_by_name(name)
+                .and_then(|c| arrow::compute::cast(c, &DataType::Int64).ok())
+        };
+        let (commit, lsn) = (int64(meta::COMMIT_TS), int64(meta::LSN));
+        let value = |a: &Option<arrow::array::ArrayRef>, i: usize| {
+            a.as_ref()
+                .map(|a| a.as_primitive::<Int64Type>())
+                .filter(|a| a.is_valid(i))
+                .map(|a| a.value(i))
+        };
+        for i in 0..rows.num_rows() {
+            if !partition.is_valid(i) {
+                continue;
+            }
+            let applied = Applied {
+                commit_us: value(&commit, i),
+                lsn: value(&lsn, i),
+            };
+            let e = out.partitions.entry(partition.value(i)).or_default();
+            *e = e.max(applied);
+        }
+        out
+    }
+
+    /// Read back from a mirror commit's `commitInfo`.
+    pub fn from_commit_info(info: &serde_json::Value) -> Through {
+        let partitions = info
+            .get(PARTITIONS_KEY)
+            .and_then(|p| serde_json::from_value::<BTreeMap<String, Applied>>(p.clone()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(p, a)| Some((p.parse().ok()?, a)))
+            .collect();
+        Through { partitions }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let map: BTreeMap<String, Applied> = self
+            .partitions
+            .iter()
+            .map(|(p, a)| (p.to_string(), *a))
+            .collect();
+        serde_json::to_value(map).expect("positions serialise")
+    }
+
+    /// Both, partition by partition, the newer of each.
+    pub fn merged(&self, newer: &Through) -> Through {
+        let mut out = self.clone();
+        for (p, a) in &newer.partitions {
+            let e = out.partitions.entry(*p).or_default();
+            *e = e.max(*a);
+        }
+        out
+    }
+
+    /// The source commit time (µs) through which every partition's
+    /// changes are applied: the oldest of their newest.
+    pub fn commit_us(&self) -> Option<i64> {
+        self.partitions
+            .values()
+            .map(|a| a.commit_us)
+            .min()
+            .flatten()
+    }
+
+    /// The same for LSNs. Weaker than the time: changes of concurrent
+    /// transactions interleave in LSN, not in commit order.
+    pub fn lsn(&self) -> Option<i64> {
+        self.partitions.values().map(|a| a.lsn).min().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int32Array, Int64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+    use crate::decode::schema::utc_micros;
+
+    fn rows(changes: &[(i32, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+                Field::new(meta::COMMIT_TS, utc_micros(), true),
+                Field::new(meta::LSN, DataType::Int64, true),
+            ])),
+            vec![
+                Arc::new(Int32Array::from_iter_values(changes.iter().map(|c| c.0))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(changes.iter().map(|c| c.1))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Int64Array::from_iter_values(changes.iter().map(|c| c.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_oldest_partition_holds_the_mark_back_and_marks_only_advance() {
+        let first = Through::of_rows(&rows(&[(0, 100, 10), (1, 300, 30), (0, 200, 20)]));
+        assert_eq!(first.commit_us(), Some(200));
+        assert_eq!(first.lsn(), Some(20));
+        // A later sync that saw only partition 1, older than before (the
+        // other sink's commit landed first): nothing goes back.
+        let second = Through::of_rows(&rows(&[(1, 250, 25), (2, 400, 40)]));
+        let through = first.merged(&second);
+        assert_eq!(through.commit_us(), Some(200));
+        assert_eq!(
+            through.partitions[&1],
+            Applied {
+                commit_us: Some(300),
+                lsn: Some(30)
+            }
+        );
+        let info = serde_json::json!({ PARTITIONS_KEY: through.to_json() });
+        assert_eq!(Through::from_commit_info(&info), through);
+        assert_eq!(
+            Through::from_commit_info(&serde_json::json!({})),
+            Through::default()
+        );
+        assert_eq!(Through::default().commit_us(), None);
+    }
+}
