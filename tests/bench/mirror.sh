@@ -13,7 +13,8 @@
 # batches 1 and 2 are the steady state of a running sink. Each prints one
 # JSON line: S3 GET/PUT/LIST requests and bytes (counted by a wrapper
 # around the store), wall time, peak RSS of the sync, files and rows
-# rewritten. Only MinIO is needed (tests/stack.sh up).
+# rewritten. Only MinIO is needed (tests/stack.sh up). MIRROR_BENCH_PREFIX
+# (default bench-mirror) names the lake prefix, for a fresh seed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
@@ -25,7 +26,7 @@ eval "$(bash tests/stack.sh env)"
 for rows in "${sizes[@]}"; do
   echo "== likes_$rows: seeding (skipped if already there)" >&2
   start=$(date +%s)
-  RUST_LOG=warn "$bin" seed --rows "$rows"
+  RUST_LOG=warn "$bin" --prefix "${MIRROR_BENCH_PREFIX:-bench-mirror}" seed --rows "$rows"
   echo "   seeded in $(( $(date +%s) - start )) s" >&2
-  RUST_LOG=warn "$bin" apply --rows "$rows" --keys 1000 --batches 3
+  RUST_LOG=warn "$bin" --prefix "${MIRROR_BENCH_PREFIX:-bench-mirror}" apply --rows "$rows" --keys 1000 --batches 3
 done

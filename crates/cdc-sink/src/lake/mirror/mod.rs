@@ -785,15 +785,19 @@ impl Mirror {
         Ok(info.map_or_else(Through::default, |i| Through::from_commit_info(&i)))
     }
 
-    /// `batch` cut into files of about the target size (by its Arrow size;
+    /// `batch` cut into files of one to two times the target size (by its Arrow size;
     /// Parquet is smaller still).
     fn chunks(&self, batch: &RecordBatch) -> Vec<RecordBatch> {
         let rows = batch.num_rows();
         if rows == 0 {
             return Vec::new();
         }
-        let bytes = batch.get_array_memory_size().max(1);
-        let per_file = ((self.target_bytes as u128 * rows as u128) / bytes as u128).max(1) as usize;
+        // Equal parts of at least the target: a rewritten file is split
+        // only once it has doubled, so a file that gains a few rows stays
+        // one file instead of halving at every rewrite.
+        let bytes = batch.get_array_memory_size();
+        let files = (bytes / self.target_bytes).clamp(1, rows);
+        let per_file = rows.div_ceil(files);
         (0..rows)
             .step_by(per_file)
             .map(|start| batch.slice(start, per_file.min(rows - start)))
