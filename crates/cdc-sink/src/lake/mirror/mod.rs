@@ -328,6 +328,14 @@ impl Mirror {
             None => (self.live(table, changelog, &store).await?, true, target),
         };
 
+        if !exists && files.is_empty() {
+            // Only the changelog's creation so far: nothing says whether
+            // it has a key yet, so it is not taken for a table without one.
+            return Ok(Synced {
+                behind: through < target,
+                ..Synced::default()
+            });
+        }
         let key = match key_of(table, &files, exists.then_some(&*mirror))? {
             Some(key) => key,
             None => {
