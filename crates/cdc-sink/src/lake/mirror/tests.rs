@@ -370,3 +370,41 @@ async fn two_writers_of_one_mirror_end_exact() {
         .collect();
     assert_eq!(lake.rows().await, want);
 }
+
+/// A sync that finds the changelog created but holding no data file yet
+/// (its first flush not committed: a sink killed before it) learns nothing
+/// about the key; once the data lands, one sync makes the mirror.
+#[tokio::test]
+async fn a_changelog_with_no_data_yet_is_not_taken_for_one_without_a_key() {
+    let mut lake = Lake::new();
+    let changelog = lake.root.handle(TABLE).unwrap();
+    let schema: StructType = (&Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new(meta::DATE, DataType::Date32, true),
+    ]))
+        .try_into_kernel()
+        .unwrap();
+    create_table(
+        &changelog,
+        TABLE,
+        &schema,
+        &[meta::DATE],
+        std::iter::empty(),
+    )
+    .await
+    .unwrap();
+    let mirror = lake.mirror(32 << 20);
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!synced.no_key, "{synced:?}");
+    lake.commit(
+        &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
+        true,
+    )
+    .await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!synced.no_key && !synced.behind, "{synced:?}");
+    assert_eq!(
+        lake.rows().await,
+        BTreeMap::from([(1, "one".to_string()), (2, "two".to_string())])
+    );
+}
