@@ -40,6 +40,9 @@ PG_PORT=${PG_PORT:-5432}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 CONNECT_PORT=${CONNECT_PORT:-8083}
+# JMX of Connect, for tests/bench/debezium.sh (producer and Debezium metrics),
+# bound to 127.0.0.1 without authentication, as everything else here.
+CONNECT_JMX_PORT=${CONNECT_JMX_PORT:-9404}
 MINIO_PORT=${MINIO_PORT:-9000}
 MINIO_CONSOLE_PORT=${MINIO_CONSOLE_PORT:-9001}
 
@@ -139,7 +142,7 @@ install_converter() {
   log "building the value converter (debezium/converter)"
   classes=$(mktemp -d)
   javac --release 17 -nowarn -d "$classes" \
-    -cp "$(ls "$dir"/debezium-api-*.jar "$dir"/debezium-core-*.jar "$KAFKA_HOME"/libs/connect-api-*.jar | paste -sd:)" \
+    -cp "$(ls "$dir"/debezium-api-*.jar "$dir"/debezium-core-*.jar "$KAFKA_HOME"/libs/{connect-api,connect-json,kafka-clients,jackson-core,jackson-databind,jackson-annotations}-[0-9]*.jar | paste -sd:)" \
     $(find "$src" -name '*.java') || die "javac failed on debezium/converter"
   jar cf "$dir/cdc-lake-converter.jar" -C "$classes" . || die "jar failed"
   rm -rf "$classes" "$dir"/.converter-*
@@ -371,7 +374,11 @@ config.providers=env
 config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
 EOF
     write_log4j "$dir/log4j2.properties"
+    ensure_port_free "$CONNECT_JMX_PORT" "kafka connect jmx"
     DEBEZIUM_DB_PASSWORD=$DEBEZIUM_PASSWORD spawn connect "$logf" java -Xms256m -Xmx768m \
+      -Dcom.sun.management.jmxremote.port="$CONNECT_JMX_PORT" -Dcom.sun.management.jmxremote.rmi.port="$CONNECT_JMX_PORT" \
+      -Dcom.sun.management.jmxremote.host=127.0.0.1 -Djava.rmi.server.hostname=127.0.0.1 \
+      -Dcom.sun.management.jmxremote.authenticate=false -Dcom.sun.management.jmxremote.ssl=false \
       -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$KAFKA_HOME/libs/*" \
       org.apache.kafka.connect.cli.ConnectDistributed "$dir/worker.properties"
   fi
@@ -411,8 +418,9 @@ wait_connector_running() {
 register_connector() {
   local url=http://127.0.0.1:$CONNECT_PORT/connectors/$CONNECTOR body include current stopped=
   include=$(bash "$ROOT/db/capture.sh" include-list "$CAPTURED_TABLES") || die "reading $CAPTURED_TABLES failed (see above)"
-  body=$(jq --arg port "$PG_PORT" --arg tables "$include" \
-    '. + {"database.port": $port, "table.include.list": $tables}' "$ROOT/debezium/$CONNECTOR.json")
+  body=$(jq --arg port "$PG_PORT" --arg tables "$include" --arg kafka "127.0.0.1:$KAFKA_PORT" \
+    '. + {"database.port": $port, "table.include.list": $tables,
+          "value.converter.schema.bootstrap.servers": $kafka}' "$ROOT/debezium/$CONNECTOR.json")
   current=$(curl -fsS "$url/config" 2>/dev/null | jq -r '."table.include.list" // empty') || current=
   if [ -n "$current" ] && [ "$current" != "$include" ]; then
     # The tables change: stop the connector first, so that once tasks run
@@ -610,8 +618,8 @@ export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGDATABASE=twitter
 export TWEETGEN_DATABASE__HOST=127.0.0.1 TWEETGEN_DATABASE__PORT=$PG_PORT TWEETGEN_DATABASE__USER=tweetgen TWEETGEN_DATABASE__PASSWORD=$TWEETGEN_PASSWORD
 export CDC_SINK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT
 export CDC_SINK_S3__ENDPOINT=http://127.0.0.1:$MINIO_PORT CDC_SINK_S3__BUCKET=$BUCKET CDC_SINK_S3__ACCESS_KEY_ID=$MINIO_USER CDC_SINK_S3__SECRET_ACCESS_KEY=$MINIO_PASSWORD
-export STACK_PG_SUPERUSER_SOCKET=$STATE/run STACK_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT STACK_STATE=$STATE
-export CDC_LAKE_STATE=$STATE PG_PORT=$PG_PORT KAFKA_PORT=$KAFKA_PORT KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT CONNECT_PORT=$CONNECT_PORT MINIO_PORT=$MINIO_PORT MINIO_CONSOLE_PORT=$MINIO_CONSOLE_PORT
+export STACK_PG_SUPERUSER_SOCKET=$STATE/run STACK_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT STACK_CONNECT_JMX=127.0.0.1:$CONNECT_JMX_PORT STACK_STATE=$STATE STACK_KAFKA_HOME=$KAFKA_HOME
+export CDC_LAKE_STATE=$STATE PG_PORT=$PG_PORT KAFKA_PORT=$KAFKA_PORT KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT CONNECT_PORT=$CONNECT_PORT CONNECT_JMX_PORT=$CONNECT_JMX_PORT MINIO_PORT=$MINIO_PORT MINIO_CONSOLE_PORT=$MINIO_CONSOLE_PORT
 EOF
 }
 
