@@ -49,8 +49,9 @@ in {
     };
     dontUnpack = true;
     # The project's value converter (debezium/converter; the connector JSON
-    # names it in `converters`) is compiled here against the connector's
-    # own jars and Kafka's connect-api, as tests/stack.sh does, into the
+    # names it in `converters` and `value.converter`) is compiled here
+    # against the connector's own jars and Kafka's connect-api, connect-json,
+    # clients and Jackson, as tests/stack.sh does, into the
     # connector's directory so Connect loads it with the connector.
     nativeBuildInputs = [pkgs.jdk17_headless pkgs.strip-nondeterminism];
     converterSrc = lib.fileset.toSource {
@@ -64,7 +65,7 @@ in {
       dir=$out/share/kafka-connect/debezium-connector-postgres
       classes=$(mktemp -d)
       javac --release 17 -nowarn -d "$classes" \
-        -cp "$(ls $dir/debezium-api-*.jar $dir/debezium-core-*.jar ${pkgs.apacheKafka_4_1}/libs/connect-api-*.jar | paste -sd:)" \
+        -cp "$(ls $dir/debezium-api-*.jar $dir/debezium-core-*.jar ${pkgs.apacheKafka_4_1}/libs/{connect-api,connect-json,kafka-clients,jackson-core,jackson-databind,jackson-annotations}-[0-9]*.jar | paste -sd:)" \
         $(find $converterSrc -name '*.java')
       jar cf $dir/cdc-lake-converter.jar -C "$classes" .
       # JDK 17's jar stamps entries with the build time.

@@ -217,8 +217,12 @@ in {
           sleep 1
         done
         url=${restUrl}/connectors/${cfg.connectorName}
+        # The schema-id converter publishes schemas to the worker's Kafka
+        # unless an override says otherwise.
         body=$(jq --argjson o ${lib.escapeShellArg (builtins.toJSON cfg.connectorOverrides)} \
-          '. + {"table.include.list": ${builtins.toJSON includeList}} + $o' ${cfg.connectorConfig})
+          --arg kafka ${lib.escapeShellArg cfg.settings."bootstrap.servers"} \
+          '. + {"table.include.list": ${builtins.toJSON includeList},
+                "value.converter.schema.bootstrap.servers": $kafka} + $o' ${cfg.connectorConfig})
         # A change of tables stops the connector before the PUT and resumes
         # it after, so the tasks that run afterwards are new ones with the
         # new list: after a plain PUT the old task may run on for a while and

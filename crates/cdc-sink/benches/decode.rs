@@ -1,6 +1,8 @@
 //! Decode, Arrow and Parquet throughput on one core, on real Debezium
-//! messages (with their schemas) captured from the local stack: the demo
-//! tables' events, the shape of the sink's real traffic.
+//! messages captured from the local stack: the demo tables' events, the
+//! shape of the sink's real traffic. Each in both formats the sink reads:
+//! JSON with schemas, and the schema-id format (the same messages' payloads,
+//! their schemas registered once, as the schema topic gives them).
 //!
 //! `cargo bench -p cdc-sink --bench decode`
 
@@ -24,6 +26,78 @@ fn corpus(n: usize) -> Vec<Vec<u8>> {
         .take(n)
         .map(|l| l.as_bytes().to_vec())
         .collect()
+}
+
+/// A message in the schema-id format: the payload, and its schema's id.
+struct ById {
+    payload: Vec<u8>,
+    fingerprint: Vec<u8>,
+}
+
+/// The corpus in the schema-id format, and a decoder that knows its schemas.
+fn by_id(msgs: &[Vec<u8>]) -> (Vec<ById>, Decoder) {
+    let mut d = Decoder::new();
+    let mut ids: Vec<String> = Vec::new();
+    let out = msgs
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+            let schema = v["schema"].to_string();
+            let n = ids.iter().position(|s| *s == schema).unwrap_or_else(|| {
+                ids.push(schema.clone());
+                ids.len() - 1
+            });
+            let fingerprint = format!("{n:032x}").into_bytes();
+            d.register(&fingerprint, &schema);
+            ById {
+                payload: v["payload"].to_string().into_bytes(),
+                fingerprint,
+            }
+        })
+        .collect();
+    (out, d)
+}
+
+fn decode_by_id(c: &mut Criterion) {
+    let (msgs, mut d) = by_id(&corpus(10_000));
+    let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    let mut g = c.benchmark_group("decode schema-id");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function(format!("{} msgs, {} MiB", msgs.len(), bytes >> 20), |b| {
+        b.iter(|| {
+            for m in &msgs {
+                black_box(
+                    d.decode_with(Some(&m.payload), Some(&m.fingerprint))
+                        .unwrap(),
+                );
+            }
+        })
+    });
+    g.finish();
+}
+
+fn decode_by_id_arrow_parquet(c: &mut Criterion) {
+    let (msgs, mut d) = by_id(&corpus(10_000));
+    let props = writer_properties(&SinkConfig::default().output);
+    let mut g = c.benchmark_group("decode schema-id+arrow+parquet(zstd)");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function("10k msgs", |b| {
+        b.iter(|| {
+            let mut seg = Segment::new(0);
+            for (i, m) in msgs.iter().enumerate() {
+                if let Decoded::Row(r) = d
+                    .decode_with(Some(&m.payload), Some(&m.fingerprint))
+                    .unwrap()
+                {
+                    seg.push(&r, 0, i as i64);
+                }
+            }
+            for file in seg.into_files().unwrap() {
+                black_box(encode(&file.batch, &props).unwrap());
+            }
+        })
+    });
+    g.finish();
 }
 
 fn decode_only(c: &mut Criterion) {
@@ -64,5 +138,11 @@ fn decode_arrow_parquet(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode_only, decode_arrow_parquet);
+criterion_group!(
+    benches,
+    decode_only,
+    decode_arrow_parquet,
+    decode_by_id,
+    decode_by_id_arrow_parquet
+);
 criterion_main!(benches);

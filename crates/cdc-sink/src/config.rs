@@ -58,6 +58,11 @@ pub struct KafkaConfig {
     /// joins. Without it a crashed sink's partitions wait for the session
     /// timeout (10 s), which the lake's positions make harmless.
     pub instance_id: Option<String>,
+    /// The compacted topic on which the schema-id message format
+    /// (debezium/converter's SchemaIdConverter) publishes each value schema
+    /// once. Read only when a message names a schema by its
+    /// `cdclake.schema` header; JSON-with-schemas messages never need it.
+    pub schema_topic: String,
     /// Extra librdkafka properties (TLS, SASL, tuning). Cannot override the
     /// offset handling the exactly-once design depends on.
     pub properties: BTreeMap<String, String>,
@@ -82,6 +87,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("topics", &self.topics)
             .field("metadata_refresh_ms", &self.metadata_refresh_ms)
             .field("instance_id", &self.instance_id)
+            .field("schema_topic", &self.schema_topic)
             .field("properties", &properties)
             .finish()
     }
@@ -210,6 +216,7 @@ impl Default for SinkConfig {
                 topics: vec![r"^twitter\..*".into()],
                 metadata_refresh_ms: 5_000,
                 instance_id: None,
+                schema_topic: "_cdclake.schemas".into(),
                 properties: BTreeMap::new(),
             },
             s3: S3Config {
@@ -311,6 +318,9 @@ impl SinkConfig {
         }
         if self.kafka.topics.is_empty() {
             return invalid("kafka.topics", "must name at least one topic or pattern");
+        }
+        if self.kafka.schema_topic.trim().is_empty() {
+            return invalid("kafka.schema_topic", "must name a topic");
         }
         if self.kafka.metadata_refresh_ms == 0 {
             return invalid("kafka.metadata_refresh_ms", "must be greater than 0");

@@ -22,12 +22,13 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 use test_support::kafka::{
-    Offsets, RawMessage, admin, commit_offsets, committed, consumer as kafka_consumer,
-    create_topic, producer, read_range, send, wait_committed, watermarks,
+    Offsets, RawMessage, SCHEMA_HEADER, admin, commit_offsets, committed,
+    consumer as kafka_consumer, create_topic, producer, published_schemas, read_range, send,
+    send_with_headers, wait_committed, watermarks,
 };
 use test_support::lake::{
     LakeRow, lake_rows, lake_schema, latest_by_query, mirror_rows, primary_key, table_state,
@@ -692,10 +693,24 @@ async fn smoke_insert_shows_up_as_debezium_event() {
         let m = m.unwrap();
         let Some(payload) = m.payload() else { continue };
         let v: Value = serde_json::from_slice(payload).unwrap();
-        if v["payload"]["after"]["body"] == body.as_str() {
-            assert_eq!(v["payload"]["op"], "c");
-            assert_eq!(v["payload"]["source"]["table"], "tweets");
-            assert!(v["schema"]["fields"].is_array(), "schemas must be enabled");
+        // The schema-id format: the value is the payload alone, and its
+        // header names a schema published on the schema topic.
+        if v["after"]["body"] == body.as_str() {
+            assert_eq!(v["op"], "c");
+            assert_eq!(v["source"]["table"], "tweets");
+            assert!(v.get("schema").is_none(), "no schema in the message");
+            let id = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
+                .and_then(|h| h.value)
+                .expect("a cdclake.schema header");
+            let schemas = published_schemas();
+            let schema: Value =
+                serde_json::from_str(&schemas[&*String::from_utf8_lossy(id)]).unwrap();
+            assert!(
+                schema["fields"].is_array(),
+                "the published schema: {schema}"
+            );
             break;
         }
     }
@@ -997,6 +1012,87 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
     );
 }
 
+/// The schema-id format: a value that is the payload alone lands under the
+/// schema its `cdclake.schema` header names on the schema topic (here the
+/// test's own topic, through `kafka.schema_topic`), beside messages in
+/// JSON with schemas; a header naming a schema the topic does not hold,
+/// and a schema that is not a Connect schema, are quarantined with the
+/// reason, and the messages after them land.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_id_messages_land_and_unknown_schemas_are_quarantined() {
+    let tpl = EventTemplate::new().await;
+    let sc = Scenario::new("schemaid", 1).await;
+    let schema_topic = format!("{}.schemas", sc.topic);
+    create_topic(&schema_topic, 1).await;
+    let p = producer();
+    let by_id = |id: i64| {
+        let v: Value = serde_json::from_slice(&tpl.event(id)).unwrap();
+        serde_json::to_vec(&v["payload"]).unwrap()
+    };
+    let schema = tpl.0["schema"].to_string();
+    send_with_headers(&p, &schema_topic, 0, Some(b"good"), schema.as_bytes(), &[]).await;
+    send_with_headers(
+        &p,
+        &schema_topic,
+        0,
+        Some(b"bad"),
+        br#"{"type":"string"}"#,
+        &[],
+    )
+    .await;
+
+    let h = |id: &'static [u8]| [(SCHEMA_HEADER, id)];
+    send_with_headers(&p, &sc.topic, 0, None, &by_id(1), &h(b"good")).await;
+    let unknown = send_with_headers(&p, &sc.topic, 0, None, &by_id(2), &h(b"nowhere")).await;
+    let bad = send_with_headers(&p, &sc.topic, 0, None, &by_id(3), &h(b"bad")).await;
+    send(&p, &sc.topic, 0, Some(&tpl.event(4))).await;
+    let last = send_with_headers(&p, &sc.topic, 0, None, &by_id(5), &h(b"good")).await;
+
+    let sink = sc.spawn(&[("CDC_SINK_KAFKA__SCHEMA_TOPIC", &schema_topic)]);
+    wait_committed(&sc.group, &sc.until(0, last + 1)).await;
+    terminate(sink);
+
+    let s = store();
+    let tp = Tp::new(sc.topic.as_str(), 0);
+    let prefix = Path::from(sc.prefix.as_str());
+    for (offset, says) in [(unknown, "not on the schema topic"), (bad, "is not usable")] {
+        let body = s
+            .get(&quarantine_key(&prefix, &tp, offset))
+            .await
+            .expect("quarantine object")
+            .bytes()
+            .await
+            .unwrap();
+        let rec: QuarantineRecord = serde_json::from_slice(&body).unwrap();
+        assert!(rec.error.contains(says), "offset {offset}: {}", rec.error);
+    }
+    // Read back by an independent reader, every column compared with the
+    // same events landed from JSON with schemas.
+    let rows = sc.rows("deltalake");
+    let ids: Vec<_> = rows
+        .iter()
+        .map(|r| r.values["id"].clone().unwrap())
+        .collect();
+    assert_eq!(ids, ["1", "4", "5"]);
+    // The same event in both formats: every column equal but the two the
+    // template varies.
+    let rest = |r: &LakeRow| {
+        let mut v = r.values.clone();
+        assert_eq!(
+            v.remove("username").flatten(),
+            Some(format!("row{}", r.values["id"].clone().unwrap()))
+        );
+        v.remove("id");
+        (v, r.op.clone())
+    };
+    assert_eq!(
+        rest(&rows[0]),
+        rest(&rows[1]),
+        "schema-id and JSON with schemas"
+    );
+    assert_eq!(rest(&rows[2]), rest(&rows[1]));
+}
+
 /// Replays can never duplicate, because where a partition resumes comes
 /// from the lake's own log, whatever Kafka's committed offsets say:
 /// - a sink killed with a whole segment buffered, then a second sink
@@ -1258,6 +1354,10 @@ impl OwnCapture {
         for (k, v) in [
             ("database.dbname", db),
             ("database.port", &env("PGPORT")),
+            (
+                "value.converter.schema.bootstrap.servers",
+                &env("CDC_SINK_KAFKA__BROKERS"),
+            ),
             ("topic.prefix", db),
             ("table.include.list", &format!("public.{table}")),
             ("publication.name", &format!("{db}_pub")),

@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -68,6 +68,33 @@ pub async fn send(p: &FutureProducer, topic: &str, partition: i32, value: Option
     delivery.offset
 }
 
+/// Produces `value` with `headers` and an optional message key; returns
+/// its offset.
+pub async fn send_with_headers(
+    p: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: Option<&[u8]>,
+    value: &[u8],
+    headers: &[(&str, &[u8])],
+) -> i64 {
+    let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(*v),
+        })
+    });
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+        .partition(partition)
+        .payload(value)
+        .headers(headers);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    let delivery = p.send(rec, Duration::from_secs(10)).await.unwrap();
+    delivery.offset
+}
+
 /// High watermarks of every partition of `topics` (none for a topic that
 /// does not exist yet).
 pub fn watermarks(c: &BaseConsumer, topics: &[&str]) -> Offsets {
@@ -86,7 +113,10 @@ pub fn watermarks(c: &BaseConsumer, topics: &[&str]) -> Offsets {
     out
 }
 
-/// One Kafka message as it is in the log.
+/// One Kafka message. `value` is JSON with schemas whatever the format in
+/// the log: a schema-id message (the stack's connector format, see
+/// debezium/converter) is given its schema back from the schema topic, and
+/// `schema_id` keeps the header it had.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
     pub topic: String,
@@ -94,6 +124,67 @@ pub struct RawMessage {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    pub schema_id: Option<String>,
+}
+
+/// The header of the schema-id format, and its topic's default name.
+pub const SCHEMA_HEADER: &str = "cdclake.schema";
+pub const SCHEMA_TOPIC: &str = "_cdclake.schemas";
+
+/// Every schema on the schema topic, by fingerprint (none if the topic does
+/// not exist).
+pub fn published_schemas() -> BTreeMap<String, String> {
+    let c = consumer(&format!("schemas-{}", unique()));
+    let until = watermarks(&c, &[SCHEMA_TOPIC]);
+    if until.values().all(|h| *h == 0) {
+        return BTreeMap::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, _) in until.iter() {
+        tpl.add_partition_offset(&tp.0, tp.1, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = BTreeMap::new();
+    let mut left: BTreeMap<i32, i64> = until
+        .iter()
+        .map(|(tp, h)| (tp.1, *h))
+        .filter(|(_, h)| *h > 0)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !left.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out reading the schema topic"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(500)) {
+            let m = m.unwrap();
+            if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                out.insert(
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                );
+            }
+            if left
+                .get(&m.partition())
+                .is_some_and(|h| m.offset() + 1 >= *h)
+            {
+                left.remove(&m.partition());
+            }
+        }
+    }
+    out
+}
+
+/// `{"schema": S, "payload": P}` from a schema-id message's payload.
+pub fn with_schema(schema: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(schema.len() + payload.len() + 24);
+    out.extend_from_slice(b"{\"schema\":");
+    out.extend_from_slice(schema.as_bytes());
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload);
+    out.push(b'}');
+    out
 }
 
 /// Every message from `from` (the log start where absent) up to `until`
@@ -113,6 +204,7 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
             .unwrap();
     }
     c.assign(&tpl).unwrap();
+    let mut schemas = BTreeMap::new();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while (out.len() as i64) < total {
@@ -126,12 +218,30 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
             let m = m.unwrap();
             let high = until[&(m.topic().to_string(), m.partition())];
             if m.offset() < high {
+                let schema_id = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                let value = match (&schema_id, m.payload()) {
+                    (Some(id), Some(payload)) => {
+                        if !schemas.contains_key(id) {
+                            schemas = published_schemas();
+                        }
+                        let schema = schemas
+                            .get(id)
+                            .unwrap_or_else(|| panic!("schema {id} is not on {SCHEMA_TOPIC}"));
+                        Some(with_schema(schema, payload))
+                    }
+                    (_, payload) => payload.map(<[u8]>::to_vec),
+                };
                 out.push(RawMessage {
                     topic: m.topic().to_string(),
                     partition: m.partition(),
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
+                    value,
+                    schema_id,
                 });
             }
         }

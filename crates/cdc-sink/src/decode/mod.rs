@@ -1,4 +1,11 @@
-//! Debezium change events (JSON converter, schemas enabled) to typed rows.
+//! Debezium change events to typed rows, in either of two JSON formats:
+//!
+//! - Kafka Connect's JsonConverter with schemas enabled: every value is
+//!   `{"schema": S, "payload": P}`;
+//! - the schema-id format of `debezium/converter` (SchemaIdConverter): the
+//!   value is P alone, its header [`SCHEMA_HEADER`] names S by fingerprint,
+//!   and S itself is published once on a compacted topic, which the
+//!   pipeline reads and hands to [`Decoder::register`].
 //!
 //! [`Decoder`] parses each distinct envelope schema once and caches the
 //! resulting [`TableSchema`] by a hash of its raw JSON, so the per-message
@@ -26,6 +33,9 @@ pub use self::values::{TIMESTAMP_INFINITY_MICROS, TIMESTAMP_NEG_INFINITY_MICROS,
 use self::values::{as_text, exact_number, is_unavailable, plain, to_datum, truncate};
 use crate::decode::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
 
+/// The Kafka header that names a value's schema in the schema-id format.
+pub const SCHEMA_HEADER: &str = "cdclake.schema";
+
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
@@ -50,6 +60,14 @@ pub enum DecodeError {
     },
     #[error("unsupported op `{0}`")]
     Op(String),
+    #[error(
+        "schema `{0}`, named by the message's `cdclake.schema` header, is not on the schema topic"
+    )]
+    UnknownSchema(String),
+    #[error(
+        "schema `{fingerprint}`, named by the message's `cdclake.schema` header, is not usable: {reason}"
+    )]
+    BadSchema { fingerprint: String, reason: String },
 }
 
 impl DecodeError {
@@ -62,6 +80,7 @@ impl DecodeError {
             DecodeError::Schema(_) => "schema",
             DecodeError::Mismatch { .. } => "mismatch",
             DecodeError::Op(_) => "op",
+            DecodeError::UnknownSchema(_) | DecodeError::BadSchema { .. } => "schema_topic",
         }
     }
 }
@@ -247,6 +266,9 @@ struct KeyField {
     field: String,
 }
 
+/// A parsed schema and its id within this process.
+type KnownSchema = (u64, Arc<TableSchema>);
+
 #[derive(Default)]
 pub struct Decoder {
     schemas: HashMap<u64, Arc<TableSchema>>,
@@ -256,6 +278,9 @@ pub struct Decoder {
     prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
     /// Primary key columns, by the raw JSON of the key's schema.
     keys: HashMap<String, Arc<[String]>>,
+    /// Schemas of the schema topic, by fingerprint: a usable schema, or
+    /// why it is not.
+    published: HashMap<Box<[u8]>, Result<KnownSchema, String>>,
 }
 
 impl Decoder {
@@ -289,8 +314,52 @@ impl Decoder {
         Some(columns)
     }
 
-    /// Decodes one Kafka message value; `None` is a Kafka tombstone.
+    /// Learns a schema published on the schema topic under `fingerprint`.
+    /// One that does not parse is remembered too: its messages are
+    /// quarantined with the reason, instead of waiting for it forever.
+    pub fn register(&mut self, fingerprint: &[u8], raw: &str) {
+        if self.published.contains_key(fingerprint) {
+            return;
+        }
+        let entry = self.schema(raw).map_err(|e| e.to_string());
+        if let Err(reason) = &entry {
+            tracing::warn!(fingerprint = %String::from_utf8_lossy(fingerprint), %reason,
+                "a schema on the schema topic is not usable; its messages will be quarantined");
+        }
+        self.published.insert(fingerprint.into(), entry);
+    }
+
+    /// Records that the schema topic, read to its end, does not hold
+    /// `fingerprint`.
+    pub fn mark_missing(&mut self, fingerprint: &[u8]) {
+        tracing::warn!(fingerprint = %String::from_utf8_lossy(fingerprint),
+            "a message names a schema that is not on the schema topic; such messages will be quarantined");
+        self.published.insert(
+            fingerprint.into(),
+            Err("not on the schema topic, read to its end".into()),
+        );
+    }
+
+    /// Whether the schema topic's `fingerprint` has been registered.
+    pub fn knows(&self, fingerprint: &[u8]) -> bool {
+        self.published.contains_key(fingerprint)
+    }
+
+    /// Decodes one Kafka message value of the JSON-with-schemas format;
+    /// `None` is a Kafka tombstone.
     pub fn decode(&mut self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+        self.decode_with(value, None)
+    }
+
+    /// Decodes one Kafka message value. `schema_ref` is the value of its
+    /// [`SCHEMA_HEADER`] header: with one, the value is the payload alone
+    /// and the schema is the registered one; without, the value carries
+    /// its schema.
+    pub fn decode_with(
+        &mut self,
+        value: Option<&[u8]>,
+        schema_ref: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
         let Some(bytes) = value else {
             return Ok(Decoded::Tombstone);
         };
@@ -298,6 +367,25 @@ impl Decoder {
             return Err(DecodeError::Envelope(
                 "empty value (a tombstone is a null value, not an empty one)",
             ));
+        }
+        if let Some(fingerprint) = schema_ref {
+            let named = || String::from_utf8_lossy(fingerprint).into_owned();
+            let (id, schema) = match self.published.get(fingerprint) {
+                Some(Ok((id, schema))) => (*id, schema.clone()),
+                Some(Err(reason)) => {
+                    return Err(DecodeError::BadSchema {
+                        fingerprint: named(),
+                        reason: reason.clone(),
+                    });
+                }
+                None => return Err(DecodeError::UnknownSchema(named())),
+            };
+            if bytes.trim_ascii_start().first() != Some(&b'{') {
+                return Err(DecodeError::Shape(
+                    "a schema-id message whose value is not a JSON object".into(),
+                ));
+            }
+            return self.decode_payload(id, schema, bytes);
         }
         // Fast path: the JSON converter writes `{"schema":S,"payload":P}`, and
         // S repeats verbatim. When S is byte-for-byte a schema already parsed
@@ -318,6 +406,16 @@ impl Decoder {
                     (id, schema, payload.get().as_bytes())
                 }
             };
+        self.decode_payload(schema_id, schema, payload)
+    }
+
+    /// The payload (before, after, source, op) under its schema.
+    fn decode_payload(
+        &mut self,
+        schema_id: u64,
+        schema: Arc<TableSchema>,
+        payload: &[u8],
+    ) -> Result<Decoded, DecodeError> {
         if payload == b"null" {
             return Err(DecodeError::Envelope(
                 "`payload` is null, but the Kafka value is not (a tombstone has a null value)",
@@ -1057,5 +1155,82 @@ pub(crate) mod tests {
             big_decimal_text(&neg, 3),
             "-170141183460469231731687303715884105.729"
         );
+    }
+
+    /// Splits a JSON-with-schemas event into its schema and payload JSON,
+    /// as the schema-id converter publishes and sends them.
+    fn split(event: &str) -> (String, String) {
+        let v: Value = serde_json::from_str(event).unwrap();
+        (v["schema"].to_string(), v["payload"].to_string())
+    }
+
+    #[test]
+    fn schema_id_messages_decode_as_their_json_with_schemas_twins() {
+        let mut with_schemas = Decoder::new();
+        let mut by_id = Decoder::new();
+        for (i, line) in TWITTER.lines().enumerate() {
+            let (schema, payload) = split(line);
+            let fingerprint = format!("fp{i}");
+            by_id.register(fingerprint.as_bytes(), &schema);
+            let a = with_schemas.decode(Some(line.as_bytes())).unwrap();
+            let b = by_id
+                .decode_with(Some(payload.as_bytes()), Some(fingerprint.as_bytes()))
+                .unwrap();
+            match (a, b) {
+                (Decoded::Row(a), Decoded::Row(b)) => {
+                    assert_eq!(a.schema.arrow, b.schema.arrow, "line {i}");
+                    assert_eq!(a.values, b.values, "line {i}");
+                    assert_eq!((a.op, a.lsn, a.commit_ts_ms), (b.op, b.lsn, b.commit_ts_ms));
+                    assert_eq!(a.unchanged, b.unchanged);
+                }
+                (a, b) => panic!("line {i}: {a:?} vs {b:?}"),
+            }
+        }
+        assert!(
+            by_id.schema_count() < TWITTER.lines().count(),
+            "equal schemas under different fingerprints are parsed once"
+        );
+        // A tombstone stays a tombstone, header or not.
+        assert!(matches!(
+            by_id.decode_with(None, Some(b"fp0")),
+            Ok(Decoded::Tombstone)
+        ));
+    }
+
+    #[test]
+    fn schema_id_messages_without_a_usable_schema_are_errors_that_say_why() {
+        let line = TWITTER.lines().next().unwrap();
+        let (schema, payload) = split(line);
+        let mut d = Decoder::new();
+        let err = d
+            .decode_with(Some(payload.as_bytes()), Some(b"nowhere"))
+            .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::UnknownSchema(ref f) if f == "nowhere"),
+            "{err}"
+        );
+        assert_eq!(err.kind(), "schema_topic");
+
+        d.mark_missing(b"nowhere");
+        assert!(d.knows(b"nowhere"));
+        let err = d
+            .decode_with(Some(payload.as_bytes()), Some(b"nowhere"))
+            .unwrap_err();
+        assert!(err.to_string().contains("not on the schema topic"), "{err}");
+
+        d.register(b"bad", r#"{"type":"string"}"#);
+        let err = d
+            .decode_with(Some(payload.as_bytes()), Some(b"bad"))
+            .unwrap_err();
+        assert!(matches!(err, DecodeError::BadSchema { .. }), "{err}");
+
+        d.register(b"good", &schema);
+        for value in [&b"[]"[..], b"42", b"null"] {
+            let err = d.decode_with(Some(value), Some(b"good")).unwrap_err();
+            assert_eq!(err.kind(), "envelope", "{value:?}: {err}");
+        }
+        // The whole JSON-with-schemas message under a schema-id header is
+        // not a payload: an error, not a row of nulls.
+        assert!(d.decode_with(Some(line.as_bytes()), Some(b"good")).is_err());
     }
 }

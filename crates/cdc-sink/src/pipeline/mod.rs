@@ -27,10 +27,11 @@ use cdc_telemetry::Readiness;
 use cdc_telemetry::systemd::{self, Watchdog};
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
+use rdkafka::message::Headers;
 use tokio::sync::watch;
 
 use crate::config::{ConfigError, SinkConfig};
-use crate::decode::{ChangeRow, Decoded, Decoder};
+use crate::decode::{ChangeRow, Decoded, Decoder, SCHEMA_HEADER};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
@@ -44,6 +45,7 @@ use crate::pipeline::mirrors::Mirrors;
 use crate::pipeline::partition::{Partitions, Taken};
 use crate::retry::{Dependency, with_retry};
 use crate::source::position::{Admit, Ticket, Tp};
+use crate::source::schemas::SchemaTopicError;
 use crate::source::{KafkaSource, Rebalance, Rebalances, Source};
 use crate::telemetry::{self as t, Meters};
 
@@ -65,6 +67,12 @@ pub enum PipelineError {
     KafkaDown(u64),
     #[error("the commit task stopped unexpectedly")]
     CommitterStopped,
+    #[error("reading the schema topic failed for {secs}s; giving up")]
+    SchemaTopic {
+        secs: u64,
+        #[source]
+        source: SchemaTopicError,
+    },
 }
 
 /// Counters for logs and tests.
@@ -273,7 +281,11 @@ pub async fn run_with<S: Source>(
                 // Buffers of revoked partitions go before anything else.
                 sink.apply_rebalances(&mut rebalances);
                 let tp = Tp::new(msg.topic(), msg.partition());
-                sink.on_message(tp, msg.offset(), msg.key(), msg.payload()).await?;
+                let schema_ref = msg
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
+                    .and_then(|h| h.value);
+                sink.on_message(tp, msg.offset(), msg.key(), msg.payload(), schema_ref).await?;
                 drop(msg);
                 sink.hold_memory()?;
             }
@@ -391,6 +403,7 @@ impl<S: Source> Sink<'_, S> {
         offset: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
+        schema_ref: Option<&[u8]>,
     ) -> Result<(), PipelineError> {
         loop {
             match self.partitions.admit(&tp, offset) {
@@ -409,11 +422,16 @@ impl<S: Source> Sink<'_, S> {
                 Some(Admit::NeedsLakeVersion) => self.learn_position(&tp).await?,
             }
         }
+        if let Some(fingerprint) = schema_ref
+            && !self.decoder.knows(fingerprint)
+        {
+            self.learn_schemas(fingerprint).await?;
+        }
         self.stats.messages += 1;
         let meters = self.meters.table(table_of(&tp.topic));
         meters.messages.increment(1);
 
-        match self.decoder.decode(payload) {
+        match self.decoder.decode_with(payload, schema_ref) {
             Ok(Decoded::Row(row)) => {
                 if !row.null_in_required.is_empty() {
                     report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);
@@ -460,6 +478,33 @@ impl<S: Source> Sink<'_, S> {
             self.partitions.roll_reason(&tp, &self.settings.policy)
         {
             self.flush(vec![tp], FlushReason::Rolled(reason));
+        }
+        Ok(())
+    }
+
+    /// Reads the schema topic to its end and registers what it holds. The
+    /// converter publishes a schema before any message naming it, so one
+    /// still missing afterwards never comes: it is marked missing, and its
+    /// messages are quarantined without reading the topic again each time.
+    async fn learn_schemas(&mut self, wanted: &[u8]) -> Result<(), PipelineError> {
+        let source = self.source;
+        let found = with_retry(
+            Dependency::Kafka,
+            self.settings.give_up,
+            |_| true,
+            || source.read_schemas(),
+        )
+        .await
+        .map_err(|g| PipelineError::SchemaTopic {
+            secs: g.secs,
+            source: g.error,
+        })?;
+        for s in &found {
+            self.decoder.register(&s.fingerprint, &s.json);
+        }
+        tracing::info!(schemas = found.len(), "schema topic read");
+        if !self.decoder.knows(wanted) {
+            self.decoder.mark_missing(wanted);
         }
         Ok(())
     }

@@ -193,6 +193,13 @@ impl Source for ScriptedSource {
     fn broker_down_for(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// The scripted messages carry no schema header: never asked.
+    async fn read_schemas(
+        &self,
+    ) -> Result<Vec<crate::source::schemas::PublishedSchema>, SchemaTopicError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The lake in a temporary directory.

@@ -9,8 +9,10 @@
 //! message, so buffers of revoked partitions are dropped before anything
 //! else happens. Kafka's committed offsets are written for lag tools only:
 //! where a partition resumes is decided by the lake (see `position`).
+//! [`schemas`] reads the schema topic of the schema-id message format.
 
 pub mod position;
+pub mod schemas;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -29,6 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::source::position::Tp;
+use crate::source::schemas::{PublishedSchema, SchemaTopic, SchemaTopicError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalance {
@@ -138,10 +141,17 @@ pub trait Source {
 
     /// How long since a broker was last heard from.
     fn broker_down_for(&self) -> Duration;
+
+    /// Every schema on the schema topic (the schema-id format), read to
+    /// its end.
+    fn read_schemas(
+        &self,
+    ) -> impl Future<Output = Result<Vec<PublishedSchema>, SchemaTopicError>> + Send;
 }
 
 pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
+    schemas: SchemaTopic,
     last_broker_up: Arc<Mutex<Instant>>,
     lag: Arc<AtomicI64>,
 }
@@ -209,6 +219,7 @@ impl KafkaSource {
         Ok((
             KafkaSource {
                 consumer,
+                schemas: SchemaTopic::new(cfg)?,
                 last_broker_up,
                 lag,
             },
@@ -265,5 +276,11 @@ impl Source for KafkaSource {
         };
         self.consumer
             .seek(&tp.topic, tp.partition, to, Duration::from_secs(10))
+    }
+
+    fn read_schemas(
+        &self,
+    ) -> impl Future<Output = Result<Vec<PublishedSchema>, SchemaTopicError>> + Send {
+        self.schemas.read_all()
     }
 }
