@@ -590,18 +590,22 @@ async fn ensure_user_events() {
 /// partition; returns the watermarks of the demo topics then.
 async fn published_barrier(pg: &tokio_postgres::Client) -> Offsets {
     let name = format!("barrier_{}", unique());
+    let c = kafka_consumer(&format!("barrier-{}", unique()));
+    // Assigned from the ends before the insert, not subscribed: a group
+    // subscription would reset to the latest offset and could miss the
+    // barrier, and the beginning may be millions of events back (a
+    // benchmark's).
+    let before = watermarks(&c, &["twitter.users"]);
     pg.execute(
         "INSERT INTO users (username, display_name) VALUES ($1, 'Barrier')",
         &[&name],
     )
     .await
     .unwrap();
-    let c = kafka_consumer(&format!("barrier-{}", unique()));
-    // Assigned, not subscribed: a group subscription would reset to the
-    // latest offset and could miss the barrier.
     let mut tpl = TopicPartitionList::new();
-    for ((t, p), _) in watermarks(&c, &["twitter.users"]) {
-        tpl.add_partition_offset(&t, p, Offset::Beginning).unwrap();
+    for ((t, p), high) in before {
+        tpl.add_partition_offset(&t, p, Offset::Offset(high))
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -616,7 +620,13 @@ async fn published_barrier(pg: &tokio_postgres::Client) -> Offsets {
             && String::from_utf8_lossy(p).contains(&name)
         {
             let v: Value = serde_json::from_slice(p).unwrap();
-            break v["payload"]["source"]["lsn"].as_i64().expect("source.lsn");
+            // The schema-id format's value is the payload itself.
+            let payload = if v.get("schema").is_some() {
+                &v["payload"]
+            } else {
+                &v
+            };
+            break payload["source"]["lsn"].as_i64().expect("source.lsn");
         }
     };
     // The barrier is in Kafka, but the acknowledgements of earlier events
