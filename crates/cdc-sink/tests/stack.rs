@@ -988,15 +988,7 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
     let prefix = Path::from(sc.prefix.as_str());
     for (i, (raw, says)) in bad.iter().enumerate() {
         let offset = i as i64 + 1;
-        let key = quarantine_key(&prefix, &tp, offset);
-        let body = s
-            .get(&key)
-            .await
-            .expect("quarantine object")
-            .bytes()
-            .await
-            .unwrap();
-        let rec: QuarantineRecord = serde_json::from_slice(&body).unwrap();
+        let rec = quarantined(&s, &prefix, &tp, offset).await;
         use base64::Engine;
         let kept = base64::engine::general_purpose::STANDARD
             .decode(rec.value_base64.unwrap())
@@ -1020,6 +1012,19 @@ async fn non_envelopes_are_quarantined_and_tombstones_skipped() {
         ["1", "2"],
         "the valid events around the bad ones landed"
     );
+}
+
+/// The quarantine record the sink wrote for one offset (panics when there is
+/// none).
+async fn quarantined(s: &dyn ObjectStore, prefix: &Path, tp: &Tp, offset: i64) -> QuarantineRecord {
+    let body = s
+        .get(&quarantine_key(prefix, tp, offset))
+        .await
+        .unwrap_or_else(|e| panic!("no quarantine object for offset {offset}: {e}"))
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
 }
 
 /// The schema-id format: a value that is the payload alone lands under the
@@ -1066,14 +1071,7 @@ async fn schema_id_messages_land_and_unknown_schemas_are_quarantined() {
     let tp = Tp::new(sc.topic.as_str(), 0);
     let prefix = Path::from(sc.prefix.as_str());
     for (offset, says) in [(unknown, "not on the schema topic"), (bad, "is not usable")] {
-        let body = s
-            .get(&quarantine_key(&prefix, &tp, offset))
-            .await
-            .expect("quarantine object")
-            .bytes()
-            .await
-            .unwrap();
-        let rec: QuarantineRecord = serde_json::from_slice(&body).unwrap();
+        let rec = quarantined(&s, &prefix, &tp, offset).await;
         assert!(rec.error.contains(says), "offset {offset}: {}", rec.error);
     }
     // Read back by an independent reader, every column compared with the
