@@ -30,7 +30,13 @@ self: {
   capture = phase: ''
     CDC_PUBLICATION=${lib.escapeShellArg connector."publication.name"} \
     CDC_SLOT=${lib.escapeShellArg connector."slot.name"} \
-    PGDATABASE=twitter ${pkgs.runtimeShell} ${../db/capture.sh} ${phase} ${capturedFile}
+    CDC_SIGNAL_TABLE=${lib.escapeShellArg connector."signal.data.collection"} \
+    PGDATABASE=twitter ${pkgs.runtimeShell} ${../db/capture.sh} ${phase} ${capturedFile}'';
+  # `sudo -u postgres cdc-lake-snapshot users tweets`: an incremental
+  # snapshot of captured tables on demand (docs/operations.md).
+  snapshotCommand = pkgs.writeShellScriptBin "cdc-lake-snapshot" ''
+    export PATH=${lib.makeBinPath [pg pkgs.coreutils]}:$PATH
+    ${capture "snapshot"} "$@"
   '';
   kafkaLog4j2 = pkgs.writeText "kafka-log4j2.properties" ''
     rootLogger.level=INFO
@@ -95,8 +101,9 @@ in {
         REPLICA IDENTITY FULL. Tables are only added to the publication: one
         taken off the list stops being captured and stays published, which
         the `cdc-lake-publication` unit logs with the statement that drops
-        it. Rows already in a newly captured table are not backfilled; its
-        changes from the switch on are.
+        it. Rows already in a newly captured table are backfilled by an
+        incremental snapshot that `cdc-lake-publication` signals when it
+        publishes the table; its changes stream meanwhile.
       '';
     };
 
@@ -108,6 +115,8 @@ in {
   };
 
   config = lib.mkIf cfg.enable {
+    environment.systemPackages = [snapshotCommand];
+
     systemd.services.cdc-lake-secrets = {
       description = "Generate the CDC lake credentials on first boot";
       wantedBy = ["multi-user.target"];

@@ -12,6 +12,8 @@
 #                            same shell (`capture`, say) finds the same stack
 #   tests/stack.sh capture   apply db/captured-tables to the running stack:
 #                            publication, grants and the connector's tables
+#   tests/stack.sh snapshot TABLE...  re-snapshot captured tables while
+#                            streaming goes on (an incremental snapshot)
 #   tests/stack.sh pipeline  `up`, then build and start tweetgen and cdc-sink
 #   tests/stack.sh stop-pipeline  stop those two, leave the servers up
 #
@@ -291,7 +293,8 @@ capture_sql() {
   PGHOST=$STATE/run PGPORT=$PG_PORT PGUSER=postgres PGDATABASE=twitter \
     CDC_PUBLICATION=$(jq -r '."publication.name"' "$ROOT/debezium/$CONNECTOR.json") \
     CDC_SLOT=$(jq -r '."slot.name"' "$ROOT/debezium/$CONNECTOR.json") \
-    bash "$ROOT/db/capture.sh" "$1" "$CAPTURED_TABLES" || die "applying $CAPTURED_TABLES failed (see above)"
+    CDC_SIGNAL_TABLE=$(jq -r '."signal.data.collection"' "$ROOT/debezium/$CONNECTOR.json") \
+    bash "$ROOT/db/capture.sh" "$1" "$CAPTURED_TABLES" "${@:2}" || die "applying $CAPTURED_TABLES failed (see above)"
 }
 
 start_kafka() {
@@ -513,6 +516,13 @@ cmd_capture() {
   log "capturing: $(bash "$ROOT/db/capture.sh" include-list "$CAPTURED_TABLES")"
 }
 
+# Re-snapshots captured tables on demand (db/capture.sh snapshot).
+cmd_snapshot() {
+  running postgres || die "postgres is not running: tests/stack.sh up"
+  connector_running || die "the Debezium connector is not RUNNING ($(connector_state)): it reads the signal"
+  capture_sql snapshot "$@"
+}
+
 cmd_pipeline() {
   local target=${CARGO_TARGET_DIR:-$CACHE/target} build_log=$CACHE/pipeline-build.log
   # The `quickstart` profile (Cargo.toml): unoptimised, a sixth of the
@@ -630,7 +640,8 @@ case ${1:-} in
   status) cmd_status ;;
   env) cmd_env ;;
   capture) cmd_capture ;;
+  snapshot) shift; cmd_snapshot "$@" ;;
   pipeline) cmd_pipeline ;;
   stop-pipeline) stop_pid tweetgen; stop_pid cdc-sink ;;
-  *) echo "usage: $0 {install|up|down|status|env|capture|pipeline|stop-pipeline}" >&2; exit 2 ;;
+  *) echo "usage: $0 {install|up|down|status|env|capture|snapshot TABLE...|pipeline|stop-pipeline}" >&2; exit 2 ;;
 esac

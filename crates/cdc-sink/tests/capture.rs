@@ -1,9 +1,11 @@
 //! Capturing another table is one configuration change: on the real stack
 //! (`tests/stack.sh up`), a table created while the sink runs and added to
 //! the captured-tables list the way a user adds it (`tests/stack.sh
-//! capture`) lands as a Delta table under the sink's prefix.
+//! capture`) lands as a Delta table under the sink's prefix; a table that
+//! already holds rows when it is captured arrives whole (the backfill), its
+//! current-state table equal to PostgreSQL's.
 //!
-//! The test appends to a temporary copy of `db/captured-tables`
+//! Each test appends to a temporary copy of `db/captured-tables`
 //! (`CDC_LAKE_CAPTURED_TABLES_FILE`), so the repository's list is never
 //! edited, and afterwards drops the table, re-applies the repository's list
 //! and deletes the table's topic, so the next `tests/stack.sh up` finds the
@@ -76,6 +78,10 @@ fn stack_capture(list: Option<&Path>) -> Result<(), String> {
     }
 }
 
+/// One test at a time changes the connector's table list: two would
+/// overwrite each other's (`tests/stack.sh capture` applies a whole list).
+static CAPTURE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The superuser over the stack's private socket: creating a table and
 /// changing the publication need it, as they do for a user.
 async fn pg_super() -> tokio_postgres::Client {
@@ -102,6 +108,8 @@ impl SinkProcess {
             .env("CDC_SINK_OUTPUT__PREFIX", prefix)
             .env("CDC_SINK_KAFKA__GROUP_ID", group)
             .env("CDC_SINK_FLUSH__MAX_AGE_MS", FLUSH_MS.to_string())
+            // No /metrics: the port is the sink's default, one per host.
+            .env("CDC_SINK_METRICS__LISTEN", "")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -345,6 +353,7 @@ async fn clean_up(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
+    let _one_at_a_time = CAPTURE.lock().await;
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -431,17 +440,31 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
             ),
             LAND_WITHIN.saturating_sub(written.elapsed()),
             async || {
-                let mut rows = match &python {
+                let rows = match &python {
                     Some(p) => read_with_python(p, &s3, &uri),
                     None => read_with_log(store, &table_dir).await,
                 };
-                if let Some(r) = rows.as_mut() {
-                    r.sort();
-                }
-                match rows {
-                    Some(r) if r == want => Ok(()),
-                    Some(r) => Err(format!("{r:?}")),
-                    None => Err("no Delta table there".to_string()),
+                let Some(mut rows) = rows else {
+                    return Err("no Delta table there".to_string());
+                };
+                rows.sort();
+                // The backfill signalled at capture may read the rows
+                // before or after these writes: an `r` row is one of the
+                // images the writes left, never anything else.
+                let (reads, changes): (Vec<Row>, Vec<Row>) =
+                    rows.into_iter().partition(|r| r.3 == "r");
+                let stray: Vec<&Row> = reads
+                    .iter()
+                    .filter(|r| {
+                        !changes
+                            .iter()
+                            .any(|c| c.3 != "d" && (&c.0, &c.1, &c.2) == (&r.0, &r.1, &r.2))
+                    })
+                    .collect();
+                if changes == want && stray.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("changes {changes:?}, snapshot reads {reads:?}"))
                 }
             },
         )
@@ -449,6 +472,237 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
         eprintln!(
             "{table} landed as a Delta table {:.1}s after its rows were committed",
             written.elapsed().as_secs_f64()
+        );
+    };
+    let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
+    let errors = clean_up(&mut sink, &table, store.as_ref(), &prefix, outcome.is_ok()).await;
+    if let Err(panic) = outcome {
+        if !errors.is_empty() {
+            eprintln!("clean-up after the failure also failed: {errors:?}");
+        }
+        std::panic::resume_unwind(panic);
+    }
+    assert!(errors.is_empty(), "clean-up failed: {errors:?}");
+}
+
+/// Rows the backfilled table holds before it is captured.
+const EXISTING_ROWS: i64 = 10_000;
+/// Keys the writer inserts start here, far from the existing ones.
+const NEW_KEYS_FROM: i64 = 1_000_000;
+
+/// Whether `dir` under the lake's store holds a Delta log yet.
+async fn has_log(store: &dyn ObjectStore, dir: &str) -> bool {
+    let log = ObjPath::from(format!("{dir}/_delta_log"));
+    store.list(Some(&log)).next().await.is_some()
+}
+
+/// The writer of the backfilled table, and what it did while the table
+/// was being captured: the existing keys it changed (an update or a
+/// delete), which the snapshot may carry as a streamed change instead of
+/// an `r` row.
+struct Writer {
+    app: tokio_postgres::Client,
+    table: String,
+    /// Paces the rounds: ten a second, a steady stream of changes that
+    /// leaves most existing keys untouched.
+    pace: tokio::time::Interval,
+    touched: std::collections::BTreeSet<i64>,
+    rounds: i64,
+}
+
+impl Writer {
+    async fn new(table: &str) -> Writer {
+        Writer {
+            app: test_support::pg::tweetgen().await,
+            table: table.to_string(),
+            pace: tokio::time::interval(Duration::from_millis(100)),
+            touched: Default::default(),
+            rounds: 0,
+        }
+    }
+
+    /// One round, in one transaction: ten new keys inserted, one existing
+    /// and one new key updated, one of each deleted.
+    async fn round(&mut self) {
+        self.pace.tick().await;
+        let table = &self.table;
+        let first_new = NEW_KEYS_FROM + self.rounds * 10;
+        // Existing keys spread over the whole range, so that every
+        // snapshot chunk sees changes while it is read.
+        let updated = 1 + (self.rounds * 7919) % EXISTING_ROWS;
+        let deleted = 1 + (self.rounds * 7919 + 2503) % EXISTING_ROWS;
+        self.app
+            .batch_execute(&format!(
+                "INSERT INTO {table} SELECT g, 'new ' || g, g % 1000 / 100.0
+                   FROM generate_series({first_new}, {last}) g;
+                 UPDATE {table} SET name = name || ' +', amount = coalesce(amount, 0) + 1
+                   WHERE id IN ({updated}, {first_new});
+                 DELETE FROM {table} WHERE id IN ({deleted}, {last});",
+                last = first_new + 9,
+            ))
+            .await
+            .unwrap();
+        self.touched.extend([updated, deleted]);
+        self.rounds += 1;
+    }
+
+    /// Whether the writer ever wrote key `k` of the new range.
+    fn wrote_new(&self, k: i64) -> bool {
+        (NEW_KEYS_FROM..NEW_KEYS_FROM + self.rounds * 10).contains(&k)
+    }
+}
+
+/// The backfill: a table that already holds rows is captured while it is
+/// written to, and arrives whole. Its existing rows come as `r` events of
+/// Debezium's incremental snapshot, signalled by `tests/stack.sh capture`
+/// (db/capture.sh), with the streamed changes interleaved; the
+/// current-state table ends equal to PostgreSQL, every column.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
+    let _one_at_a_time = CAPTURE.lock().await;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let table = format!("backfill_test_{run}");
+    let prefix = format!("backfill-test-{run}");
+    let s3 = s3_config();
+    let store = s3_store(&s3).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let list = tmp.path().join("captured-tables");
+    let mut sink = SinkProcess::spawn(&prefix, &format!("backfill-test-{run}"));
+
+    let body = async {
+        let pg = pg_super().await;
+        pg.batch_execute(&format!(
+            "CREATE TABLE public.{table} (
+               id bigint PRIMARY KEY, name text, amount numeric(10,2));
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.{table} TO tweetgen;
+             INSERT INTO public.{table}
+               SELECT g, 'existing ' || g, CASE WHEN g % 10 = 0 THEN NULL ELSE g / 100.0 END
+               FROM generate_series(1, {EXISTING_ROWS}) g;"
+        ))
+        .await
+        .unwrap();
+
+        // The writer runs before, during and after the capture.
+        let mut writer = Writer::new(&table).await;
+        for _ in 0..20 {
+            writer.round().await;
+        }
+        let mut text = std::fs::read_to_string(repo_root().join("db/captured-tables")).unwrap();
+        text.push_str(&format!("{table}\n"));
+        std::fs::write(&list, text).unwrap();
+        let capture = tokio::task::spawn_blocking({
+            let list = list.clone();
+            move || stack_capture(Some(&list))
+        });
+        while !capture.is_finished() {
+            writer.round().await;
+        }
+        capture.await.unwrap().unwrap();
+        let captured = Instant::now();
+
+        // Until every existing key the writer left alone has its `r` row:
+        // then the snapshot has read the whole table.
+        let changelog = format!("{prefix}/{table}");
+        let store = store.as_ref();
+        let mut pending = Instant::now();
+        let deadline = LAND_WITHIN * 3;
+        loop {
+            writer.round().await;
+            if pending.elapsed() < Duration::from_secs(3) {
+                continue;
+            }
+            pending = Instant::now();
+            assert!(
+                captured.elapsed() < deadline,
+                "{table}: its existing rows did not all arrive as `r` rows within {deadline:?} of its capture"
+            );
+            if !has_log(store, &changelog).await {
+                continue;
+            }
+            let read: std::collections::BTreeSet<i64> =
+                test_support::lake::lake_rows("deltalake", &prefix, &[&table])
+                    .iter()
+                    .filter(|r| r.op == "r")
+                    .map(|r| r.key().parse().unwrap())
+                    .collect();
+            let missing = (1..=EXISTING_ROWS)
+                .filter(|k| !writer.touched.contains(k) && !read.contains(k))
+                .count();
+            eprintln!(
+                "{table}: {} `r` rows, {missing} untouched existing keys still to come ({} writer rounds)",
+                read.len(),
+                writer.rounds
+            );
+            if missing == 0 {
+                break;
+            }
+        }
+        let snapshotted = captured.elapsed();
+        // A few more rounds after the snapshot, then the writer stops.
+        for _ in 0..20 {
+            writer.round().await;
+        }
+        let writer = writer;
+
+        // The current-state table converges on PostgreSQL's rows.
+        let mirror = format!("{prefix}/_current/{table}");
+        wait_until(
+            &format!("the current-state table of {table} to equal PostgreSQL's"),
+            LAND_WITHIN,
+            async || {
+                if !has_log(store, &mirror).await {
+                    return Err("no current-state table yet".to_string());
+                }
+                test_support::compare::mirror_diff(&pg, "deltalake", &prefix, &table).await
+            },
+        )
+        .await;
+        test_support::compare::assert_mirror_equals_pg(&pg, &prefix, &table).await;
+
+        // The changelog: one `r` row per existing key, except keys the
+        // writer changed while the snapshot ran (their streamed change
+        // replaces the chunk's row) — never two, never one for a new key.
+        let rows = test_support::lake::lake_rows("deltalake", &prefix, &[&table]);
+        let mut reads = std::collections::BTreeMap::<i64, usize>::new();
+        for r in rows.iter().filter(|r| r.op == "r") {
+            *reads.entry(r.key().parse().unwrap()).or_default() += 1;
+        }
+        let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{table}: keys read twice: {twice:?}");
+        let outside: Vec<_> = reads
+            .keys()
+            .filter(|k| !(1..=EXISTING_ROWS).contains(*k))
+            .collect();
+        // A new key inserted before its chunk was read is a row of the
+        // table then, and may be read too: only keys never written are wrong.
+        assert!(
+            outside.iter().all(|k| writer.wrote_new(**k)),
+            "{table}: `r` rows for keys never written: {outside:?}"
+        );
+        let untouched_read = (1..=EXISTING_ROWS)
+            .filter(|k| !writer.touched.contains(k))
+            .filter(|k| reads.contains_key(k))
+            .count() as i64;
+        let untouched = EXISTING_ROWS
+            - (1..=EXISTING_ROWS)
+                .filter(|k| writer.touched.contains(k))
+                .count() as i64;
+        assert_eq!(
+            untouched_read, untouched,
+            "{table}: untouched existing keys with an `r` row"
+        );
+        let streamed = rows.iter().filter(|r| r.op != "r").count();
+        assert!(streamed > 0, "{table}: no streamed change in the changelog");
+        eprintln!(
+            "{table}: backfilled {} `r` rows ({untouched} untouched existing keys) with {streamed} \
+             streamed changes interleaved, {} writer rounds; the snapshot was in the lake {:.1}s \
+             after the capture",
+            reads.len(),
+            writer.rounds,
+            snapshotted.as_secs_f64()
         );
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;

@@ -16,6 +16,8 @@
 //!   own parser (`tests/prom_parse.py`), and sample lookups.
 //! - [`lake`]: the independent Delta readers (`tests/lake_read.py`, with
 //!   the `deltalake` package and DuckDB) and what they return.
+//! - [`compare`] (feature `postgres`): the lake's values against
+//!   PostgreSQL's canonical text; a current-state table equal to its table.
 //! - [`pg`] (feature `postgres`): clients of the stack's PostgreSQL, and a
 //!   brand-new database with the project's schema.
 //! - [`kafka`] (feature `kafka`): admin, producer and consumer clients,
@@ -24,6 +26,8 @@
 //! - [`connect`]: Kafka Connect's REST API, and a connector's committed
 //!   source offset.
 
+#[cfg(feature = "postgres")]
+pub mod compare;
 pub mod connect;
 pub mod http;
 #[cfg(feature = "kafka")]
