@@ -29,7 +29,7 @@ work=$(mktemp -d /tmp/backfill-bench.XXXXXX)
 list=$work/captured-tables
 
 now_ms() { date +%s%3N; }
-sql() { psql -X -q -At -v ON_ERROR_STOP=1 -h "$STACK_PG_SUPERUSER_SOCKET" -p "$PG_PORT" -U postgres -d twitter -c "$1"; }
+sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -At -v ON_ERROR_STOP=1 -h "$STACK_PG_SUPERUSER_SOCKET" -p "$PG_PORT" -U postgres -d twitter -c "$1"; }
 published() { # events in the table's topic, 0 while it does not exist
   local args=() p
   for p in $(kcat -b "$CDC_SINK_KAFKA__BROKERS" -L -t "$topic" -J 2>/dev/null | jq -r '.topics[0].partitions[]?.partition'); do
@@ -73,8 +73,8 @@ fi
 echo "creating $table with $rows rows"
 sql "CREATE TABLE public.$table (id bigint PRIMARY KEY, user_id bigint NOT NULL, body text NOT NULL, created_at timestamptz NOT NULL);
      INSERT INTO public.$table SELECT g, g % 50000, rpad('tweet ' || g || ' ', 100, 'lorem ipsum '), now() - g * interval '1 second'
-       FROM generate_series(1, $rows) g;
-     VACUUM ANALYZE public.$table"
+       FROM generate_series(1, $rows) g"
+sql "VACUUM ANALYZE public.$table"
 { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' db/captured-tables; echo "$table"; } >"$list"
 chunk=$(curl -fsS "$url/config" | jq -r '."incremental.snapshot.chunk.size" // "1024 (default)"')
 
