@@ -32,6 +32,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub workload: WorkloadConfig,
     pub load: LoadConfig,
+    pub throttle: ThrottleConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -111,6 +112,18 @@ pub struct LoadConfig {
     pub chunk_rows: u32,
 }
 
+/// Holding writes while a replication slot is close to being lost
+/// (`throttle.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleConfig {
+    /// Hold writes while the smallest `safe_wal_size` of the logical slots
+    /// is below this many bytes. 0: never hold.
+    pub min_safe_wal_bytes: u64,
+    /// How often to read the slots (at most once per batch or chunk).
+    pub check_interval_ms: u64,
+}
+
 /// The operators' endpoint: `/metrics`, `/healthz` and `/readyz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,6 +172,12 @@ impl Default for Config {
                 method: LoadMethod::Copy,
                 chunk_rows: 5000,
             },
+            throttle: ThrottleConfig {
+                // A quarter of the stack's max_slot_wal_keep_size (2GB):
+                // the retained-WAL alert fires at 1 GiB, this at 1.5 GiB.
+                min_safe_wal_bytes: 512 * 1024 * 1024,
+                check_interval_ms: 1000,
+            },
             metrics: MetricsConfig {
                 // Loopback: the endpoint has no authentication. 9464 is the sink's.
                 listen: "127.0.0.1:9465".into(),
@@ -180,6 +199,11 @@ impl Default for WorkloadConfig {
 impl Default for LoadConfig {
     fn default() -> Self {
         Config::default().load
+    }
+}
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Config::default().throttle
     }
 }
 impl Default for MetricsConfig {
@@ -255,6 +279,9 @@ impl Config {
             == 0
         {
             return invalid("workload", "every batch size is 0: nothing to write");
+        }
+        if self.throttle.check_interval_ms == 0 {
+            return invalid("throttle.check_interval_ms", "must be greater than 0");
         }
         if self.load.chunk_rows == 0 {
             return invalid("load.chunk_rows", "must be greater than 0");

@@ -5,7 +5,8 @@
 //! remember committed rows and who is popular; [`plan`] decides a whole
 //! batch up front; [`db`] writes it in one transaction with its ledger row;
 //! [`workload`] runs the tick loop (or [`load`] mode for benchmarks) and
-//! survives PostgreSQL restarts; [`telemetry`] counts what committed and
+//! survives PostgreSQL restarts, holding its writes while a replication
+//! slot is close to being lost ([`throttle`]); [`telemetry`] counts what committed and
 //! serves it to Prometheus; [`config`] and [`cli`] layer defaults, TOML,
 //! environment and flags.
 
@@ -18,4 +19,5 @@ pub mod plan;
 pub mod pools;
 pub mod telemetry;
 pub mod text;
+pub mod throttle;
 pub mod workload;

@@ -24,6 +24,7 @@ pub const ROWS: &str = "tweetgen_rows_total";
 pub const TRANSACTION_DURATION: &str = "tweetgen_transaction_duration_seconds";
 pub const RECONNECTS: &str = "tweetgen_reconnects_total";
 pub const RETRIES: &str = "tweetgen_retries_total";
+pub const THROTTLED: &str = "tweetgen_throttled";
 
 /// Every `(table, op)` the generator writes.
 const ROW_SERIES: [(&str, &str); 10] = [
@@ -74,6 +75,11 @@ fn describe() {
     );
     describe_counter!(RECONNECTS, "PostgreSQL connections replaced after a loss");
     describe_counter!(RETRIES, "Repeated attempts at a batch or chunk");
+    metrics::describe_gauge!(
+        THROTTLED,
+        "1 while writes are held because a replication slot is close to being lost"
+    );
+    metrics::gauge!(THROTTLED).set(0.0);
     counter!(BATCHES).absolute(0);
     counter!(RECONNECTS).absolute(0);
     counter!(RETRIES).absolute(0);

@@ -31,6 +31,7 @@ use crate::model::Faker;
 use crate::plan::{self, BatchPlan};
 use crate::pools::{Committed, Pools};
 use crate::telemetry;
+use crate::throttle::{Throttle, Verdict};
 
 /// Consecutive failed attempts at one batch before the run gives up.
 const MAX_ATTEMPTS: usize = 20;
@@ -143,6 +144,27 @@ impl<'a> Session<'a> {
         self.reconnects += 1;
         telemetry::reconnect();
         self.readiness.set_not_ready(why);
+    }
+
+    /// Waits while the throttle holds writes (a replication slot close to
+    /// being lost), pinging the watchdog; returns at once otherwise.
+    /// `Err(Shutdown)` when shutdown is asked for meanwhile.
+    async fn hold_while_throttled(&mut self, throttle: &mut Throttle) -> Result<(), DbError> {
+        if !throttle.enabled() {
+            return Ok(());
+        }
+        loop {
+            let client = self.client().await?;
+            if throttle.check(client).await == Verdict::Write {
+                return Ok(());
+            }
+            self.watchdog.ping();
+            let wait = self.watchdog.bound(throttle.interval());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.wait_for(|stop| *stop) => return Err(DbError::Shutdown),
+            }
+        }
     }
 
     /// After a retryable error: a broken connection is replaced on the next
@@ -506,6 +528,7 @@ async fn run_batches(
     let wake = session.watchdog.bound(interval);
     let mut last_report = Instant::now();
     let mut shutdown = session.shutdown.clone();
+    let mut throttle = Throttle::new(&session.config.throttle);
     while !done(&options.limits, summary, started) {
         session.watchdog.ping();
         tokio::select! {
@@ -514,6 +537,7 @@ async fn run_batches(
             _ = ticker.tick() => {}
             _ = tokio::time::sleep(wake), if wake < interval => continue,
         }
+        session.hold_while_throttled(&mut throttle).await?;
         let batch_no = summary.batches as i64 + 1;
         let rate = if mix.diurnal_amplitude > 0.0 {
             let now = chrono::Utc::now();
@@ -565,8 +589,10 @@ async fn run_load(
         r => (r / 10).clamp(1, load.chunk_rows as u64),
     } as usize;
     let mut last_report = Instant::now();
+    let mut throttle = Throttle::new(&session.config.throttle);
     while !done(&limits, summary, started) && !*shutdown.borrow() {
         watchdog.ping();
+        session.hold_while_throttled(&mut throttle).await?;
         // Before any user exists, a first chunk of users only.
         let rows = if pools.user_count() == 0 {
             chunk_rows.clamp(100, 1000)

@@ -429,3 +429,51 @@ async fn notifies_systemd_ready_then_pings_the_watchdog_while_idle() {
     assert!(pings >= 4, "{pings} pings in 4 s");
     g.terminate().await;
 }
+
+/// Writes are held while a replication slot is close to being lost. The
+/// limit is set above what the stack's own slot can still take (its
+/// `safe_wal_size` plus 1 GiB), so the generator must hold: it writes no
+/// batch, says why, and sets `tweetgen_throttled`; SIGTERM still ends it
+/// cleanly. With the throttle off (0) the same command writes its batches.
+#[tokio::test]
+async fn writes_are_held_while_a_slot_is_close_to_being_lost() {
+    let (db, su) = fresh_db("tel_throttle").await;
+    let safe: Option<i64> = su
+        .query_one(
+            "SELECT min(safe_wal_size) FROM pg_replication_slots
+              WHERE slot_type = 'logical' AND wal_status <> 'lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let safe = safe.expect("the stack's replication slot reports a safe_wal_size");
+    let limit = (safe + (1 << 30)).to_string();
+    let args = ["--dbname", &db, "--interval", "20ms", "--batches", "5"];
+
+    let g = Generator::start(&args, &[("TWEETGEN_THROTTLE__MIN_SAFE_WAL_BYTES", &limit)]).await;
+    wait_until(
+        "tweetgen_throttled to be 1",
+        Duration::from_secs(30),
+        async || match g.scrape().await.value("tweetgen_throttled", &[]) {
+            1.0 => Ok(()),
+            v => Err(format!("{v}")),
+        },
+    )
+    .await;
+    assert!(g.log().contains("holding writes"), "{}", g.log());
+    assert_eq!(count(&su, "SELECT count(*) FROM tweetgen_batches").await, 0);
+    g.terminate().await;
+
+    let g = Generator::start(&args, &[("TWEETGEN_THROTTLE__MIN_SAFE_WAL_BYTES", "0")]).await;
+    wait_until(
+        "the unthrottled generator to write its 5 batches",
+        Duration::from_secs(60),
+        async || match count(&su, "SELECT count(*) FROM tweetgen_batches").await {
+            5 => Ok(()),
+            n => Err(format!("{n} batches")),
+        },
+    )
+    .await;
+    drop(g);
+}
