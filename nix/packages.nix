@@ -34,7 +34,7 @@ in {
     cargoBuildFlags = ["--workspace" "--exclude" "cdc-bench-tools"];
     checkNoDefaultFeatures = true;
     meta = {
-      description = "Change data capture from PostgreSQL to Delta Lake tables on S3 (tweetgen, cdc-sink)";
+      description = "Change data capture from PostgreSQL to Delta Lake tables on S3 (tweetgen, cdc-sink, cdc-slot-guard)";
       license = lib.licenses.asl20;
       mainProgram = "cdc-sink";
     };

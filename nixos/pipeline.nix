@@ -112,6 +112,18 @@ in {
       default = true;
       description = "Whether to run the demo workload generator.";
     };
+
+    slotGuard.enable = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Whether to run `cdc-slot-guard`, which watches the connector's
+        replication slot and, when PostgreSQL reports it `lost`, stops the
+        connector, drops the slot, deletes the connector's offsets, resumes
+        it on a new slot (`snapshot.mode=no_data`) and signals an incremental
+        snapshot of every captured table. Metrics on 127.0.0.1:9466.
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -342,6 +354,35 @@ in {
         };
       };
     };
+    # The guard connects as the connector's role (REPLICATION drops the
+    # slot; INSERT on the signal table signals the snapshot) and reads the
+    # slot, signal table and tables from the connector's own configuration.
+    systemd.services.cdc-slot-guard = lib.mkIf cfg.slotGuard.enable {
+      description = "Recover the Debezium connector when PostgreSQL loses its replication slot";
+      wantedBy = ["multi-user.target"];
+      after = ["debezium-connector.service" "postgresql.service"];
+      wants = ["debezium-connector.service"];
+      environment = {
+        CDC_SLOT_GUARD_DATABASE__HOST = "127.0.0.1";
+        CDC_SLOT_GUARD_DATABASE__USER = "debezium";
+        CDC_SLOT_GUARD_DATABASE__DBNAME = "twitter";
+        CDC_SLOT_GUARD_CONNECT__URL = "http://127.0.0.1:${toString config.services.debezium.restPort}";
+        CDC_SLOT_GUARD_CONNECT__CONNECTOR = config.services.debezium.connectorName;
+        CDC_SLOT_GUARD_METRICS__LISTEN = "127.0.0.1:9466";
+      };
+      serviceConfig =
+        import ./hardening.nix
+        // {
+          ExecStart = "${lib.getExe' config.services.cdc-sink.package "cdc-slot-guard"} --password-file %d/db-password";
+          LoadCredential = "db-password:${secrets}/debezium-db-password";
+          # READY=1 once it reads the slot, WATCHDOG=1 from its loop.
+          Type = "notify";
+          NotifyAccess = "main";
+          WatchdogSec = "60s";
+          TimeoutStartSec = "180s";
+        };
+    };
+
     # Wants, not Requires: a bucket unit that failed or restarts must not
     # stop the sink; without the bucket the sink fails and systemd restarts
     # it until the bucket exists.

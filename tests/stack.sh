@@ -14,8 +14,9 @@
 #                            publication, grants and the connector's tables
 #   tests/stack.sh snapshot TABLE...  re-snapshot captured tables while
 #                            streaming goes on (an incremental snapshot)
-#   tests/stack.sh pipeline  `up`, then build and start tweetgen and cdc-sink
-#   tests/stack.sh stop-pipeline  stop those two, leave the servers up
+#   tests/stack.sh pipeline  `up`, then build and start tweetgen, cdc-sink and
+#                            cdc-slot-guard (recovers a lost replication slot)
+#   tests/stack.sh stop-pipeline  stop those three, leave the servers up
 #
 # Supervision is hand-written (pid files and readiness probes) rather than
 # process-compose: four processes with strict start order and real readiness
@@ -536,7 +537,7 @@ cmd_pipeline() {
   # built and started, instead of after them.
   timed "prerequisites (apt)" check_prereqs
   mkdir -p "$CACHE"
-  log "building tweetgen and cdc-sink (profile $profile) in the background: $build_log"
+  log "building tweetgen, cdc-sink and cdc-slot-guard (profile $profile) in the background: $build_log"
   (cd "$ROOT" && CARGO_TARGET_DIR=$target cargo build --profile "$profile" --locked) >"$build_log" 2>&1 &
   build_pid=$!
   install_servers
@@ -554,7 +555,7 @@ cmd_pipeline() {
   STAGES+=("$(printf '%-34s %5ss' "$profile build (after the stack)" "$(($(date +%s) - waited))")")
   eval "$(cmd_env)"
   local name
-  for name in tweetgen cdc-sink; do
+  for name in tweetgen cdc-sink cdc-slot-guard; do
     if running "$name"; then
       log "$name already running"
     else
@@ -587,6 +588,7 @@ cmd_down() {
   # Reverse start order, each by its own pid, so a half-started stack stops too.
   stop_pid tweetgen
   stop_pid cdc-sink
+  stop_pid cdc-slot-guard
   stop_pid connect
   stop_pid kafka
   stop_pid minio
@@ -616,6 +618,7 @@ cmd_status() {
   if [ -f "$(pidfile tweetgen)" ] || [ -f "$(pidfile cdc-sink)" ]; then
     report tweetgen "writing to twitter" true
     report cdc-sink "Kafka -> s3://$BUCKET" true
+    report cdc-slot-guard "slot of $CONNECTOR, http://127.0.0.1:9466/metrics" curl -fsS http://127.0.0.1:9466/readyz
   fi
   report minio "http://127.0.0.1:$MINIO_PORT, console http://127.0.0.1:$MINIO_CONSOLE_PORT, bucket $BUCKET" \
     curl -fsS "http://127.0.0.1:$MINIO_PORT/minio/health/live"
@@ -627,6 +630,7 @@ cmd_env() {
 export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGDATABASE=twitter
 export TWEETGEN_DATABASE__HOST=127.0.0.1 TWEETGEN_DATABASE__PORT=$PG_PORT TWEETGEN_DATABASE__USER=tweetgen TWEETGEN_DATABASE__PASSWORD=$TWEETGEN_PASSWORD
 export CDC_SINK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT
+export CDC_SLOT_GUARD_DATABASE__HOST=127.0.0.1 CDC_SLOT_GUARD_DATABASE__PORT=$PG_PORT CDC_SLOT_GUARD_DATABASE__PASSWORD=$DEBEZIUM_PASSWORD CDC_SLOT_GUARD_CONNECT__URL=http://127.0.0.1:$CONNECT_PORT
 export CDC_SINK_S3__ENDPOINT=http://127.0.0.1:$MINIO_PORT CDC_SINK_S3__BUCKET=$BUCKET CDC_SINK_S3__ACCESS_KEY_ID=$MINIO_USER CDC_SINK_S3__SECRET_ACCESS_KEY=$MINIO_PASSWORD
 export STACK_PG_SUPERUSER_SOCKET=$STATE/run STACK_CONNECT_URL=http://127.0.0.1:$CONNECT_PORT STACK_CONNECT_JMX=127.0.0.1:$CONNECT_JMX_PORT STACK_STATE=$STATE STACK_KAFKA_HOME=$KAFKA_HOME
 export CDC_LAKE_STATE=$STATE PG_PORT=$PG_PORT KAFKA_PORT=$KAFKA_PORT KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT CONNECT_PORT=$CONNECT_PORT CONNECT_JMX_PORT=$CONNECT_JMX_PORT MINIO_PORT=$MINIO_PORT MINIO_CONSOLE_PORT=$MINIO_CONSOLE_PORT
@@ -642,6 +646,6 @@ case ${1:-} in
   capture) cmd_capture ;;
   snapshot) shift; cmd_snapshot "$@" ;;
   pipeline) cmd_pipeline ;;
-  stop-pipeline) stop_pid tweetgen; stop_pid cdc-sink ;;
+  stop-pipeline) stop_pid tweetgen; stop_pid cdc-sink; stop_pid cdc-slot-guard ;;
   *) echo "usage: $0 {install|up|down|status|env|capture|snapshot TABLE...|pipeline|stop-pipeline}" >&2; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::admin::AdminOptions;
-use test_support::{env, repo_root, wait_until};
+use test_support::{repo_root, wait_until};
 
 /// The sink's flush interval (its default) and metadata refresh (its
 /// default): a new topic is subscribed within one refresh and its first
@@ -37,46 +37,6 @@ const LAND_WITHIN: Duration = Duration::from_secs(60);
 
 /// The columns the test reads back: (id, name, amount, _cdc_op) as text.
 type Row = (String, Option<String>, Option<String>, String);
-
-fn port_of(url: &str) -> String {
-    url.rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string()
-}
-
-/// `tests/stack.sh capture` against the stack the test environment names.
-/// Its ports and state dir are passed explicitly, derived from the same
-/// variables the test uses, so that it can never act on another stack.
-fn stack_capture(list: Option<&Path>) -> Result<(), String> {
-    let root = repo_root();
-    let mut cmd = Command::new("bash");
-    cmd.arg(root.join("tests/stack.sh"))
-        .arg("capture")
-        .env("CDC_LAKE_STATE", env("STACK_STATE"))
-        .env("PG_PORT", env("TWEETGEN_DATABASE__PORT"))
-        .env("CONNECT_PORT", port_of(&env("STACK_CONNECT_URL")))
-        .stdin(Stdio::null());
-    match list {
-        Some(l) => cmd.env("CDC_LAKE_CAPTURED_TABLES_FILE", l),
-        None => cmd.env_remove("CDC_LAKE_CAPTURED_TABLES_FILE"),
-    };
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run tests/stack.sh: {e}"))?;
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/stack.sh capture (list {}) exited with {}: {}",
-            list.map_or("db/captured-tables".into(), |l| l.display().to_string()),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 /// One test at a time changes the connector's table list: two would
 /// overwrite each other's (`tests/stack.sh capture` applies a whole list).
@@ -319,7 +279,7 @@ async fn clean_up(
     }
     // The repository's list again, so the connector no longer names the
     // table: what the next `tests/stack.sh up` would do anyway.
-    if let Err(e) = stack_capture(None) {
+    if let Err(e) = test_support::stack::capture(None) {
         errors.push(e);
     }
     let admin = test_support::kafka::admin();
@@ -385,7 +345,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
         let mut text = std::fs::read_to_string(repo_root().join("db/captured-tables")).unwrap();
         text.push_str(&format!("{table}\n"));
         std::fs::write(&list, text).unwrap();
-        stack_capture(Some(&list)).unwrap();
+        test_support::stack::capture(Some(&list)).unwrap();
 
         // The writer is the workload's own role, as for any captured table.
         let app = test_support::pg::tweetgen().await;
@@ -595,7 +555,7 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
         std::fs::write(&list, text).unwrap();
         let capture = tokio::task::spawn_blocking({
             let list = list.clone();
-            move || stack_capture(Some(&list))
+            move || test_support::stack::capture(Some(&list))
         });
         while !capture.is_finished() {
             writer.round().await;

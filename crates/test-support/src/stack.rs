@@ -31,3 +31,45 @@ pub fn unique() -> String {
         .as_millis()
         .to_string()
 }
+
+/// The port of a `http://host:port` URL.
+fn port_of(url: &str) -> String {
+    url.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// `tests/stack.sh capture` against the stack the test environment names,
+/// with `list` as the captured-tables list (`None`: the repository's).
+/// Its ports and state dir are passed explicitly, derived from the same
+/// variables the tests use, so that it can never act on another stack.
+pub fn capture(list: Option<&Path>) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("tests/stack.sh"))
+        .arg("capture")
+        .env("CDC_LAKE_STATE", env("STACK_STATE"))
+        .env("PG_PORT", env("TWEETGEN_DATABASE__PORT"))
+        .env("CONNECT_PORT", port_of(&env("STACK_CONNECT_URL")))
+        .stdin(Stdio::null());
+    match list {
+        Some(l) => cmd.env("CDC_LAKE_CAPTURED_TABLES_FILE", l),
+        None => cmd.env_remove("CDC_LAKE_CAPTURED_TABLES_FILE"),
+    };
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run tests/stack.sh: {e}"))?;
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "tests/stack.sh capture (list {}) exited with {}: {}",
+            list.map_or("db/captured-tables".into(), |l| l.display().to_string()),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

@@ -1,0 +1,39 @@
+//! `cdc-slot-guard`: keeps the capture alive when PostgreSQL drops the
+//! connector's replication slot.
+//!
+//! PostgreSQL invalidates a logical slot whose retained WAL passes
+//! `max_slot_wal_keep_size` (`pg_replication_slots.wal_status = 'lost'`).
+//! Debezium 3.4 then waits about 30 minutes for a slot that will never be
+//! ready and fails with a message about long transactions; the changes of
+//! the gap are gone for good, and only a new snapshot brings the tables
+//! back. This service watches the slot and, on `lost`, does what an
+//! operator would:
+//!
+//! 1. stop the connector (`PUT /connectors/NAME/stop`);
+//! 2. drop the lost slot (ending its walsender if one lingers);
+//! 3. delete the connector's offsets (they point into WAL that is gone);
+//! 4. resume it with `snapshot.mode=no_data`, so it creates a new slot and
+//!    streams from now instead of a blocking full snapshot;
+//! 5. signal an incremental snapshot of every table it captures
+//!    (`execute-snapshot` in its `signal.data.collection`), read in chunks
+//!    while streaming goes on.
+//!
+//! Each step is safe to repeat (a missing slot is not dropped twice,
+//! offsets already gone stay gone), so a recovery interrupted by a crash
+//! is finished by the next run. The rows the gap deleted stay in the
+//! current-state tables: a snapshot reads only rows that exist (see
+//! docs/operations.md, "A lost replication slot").
+//!
+//! - [`config`]: layered configuration with `validate()`.
+//! - [`slot`]: the slot as PostgreSQL reports it, and the statements of
+//!   the recovery.
+//! - [`connect`]: the connector through Kafka Connect's REST API.
+//! - [`recovery`]: the steps above.
+//! - [`guard`]: the watch loop, its metrics and readiness.
+
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod guard;
+pub mod recovery;
+pub mod slot;
