@@ -51,6 +51,9 @@ MUTANTS = [
     ("slot WAL threshold of 2 GB", "> 1073741824", "> 2000000000"),
     ("inactive-slot alert on active slots", "expr: pg_replication_slots_active == 0", "expr: pg_replication_slots_active == 1"),
     ("target-down alert never firing", "expr: up == 0", "expr: up == 2"),
+    ("lost-slot alert without its 5 minutes", "        for: 5m\n        labels:\n          severity: critical", "        for: 30s\n        labels:\n          severity: critical"),
+    ("lost-slot alert never firing", 'expr: cdc_slot_guard_wal_status{status="lost"} == 1', 'expr: cdc_slot_guard_wal_status{status="lost"} == 2'),
+    ("failed-recovery alert blind to one failure", '{outcome="failed"}[15m]) > 0', '{outcome="failed"}[15m]) > 1'),
 ]
 
 

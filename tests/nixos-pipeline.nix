@@ -28,7 +28,7 @@ in {
             wait_for_delta_commit(machine, LOCAL_S3, table, 0)
 
     with subtest("Prometheus scrapes the services and the exporters"):
-        for job in ["cdc-sink", "tweetgen", "postgres", "kafka", "prometheus"]:
+        for job in ["cdc-sink", "tweetgen", "cdc-slot-guard", "postgres", "kafka", "prometheus"]:
             wait_for_query(machine, f'up{{job="{job}"}} == 1')
         # The connector's slot, from postgres_exporter: WAL retained
         # (pg_current_wal_lsn() - restart_lsn); the sink's group, from kminion.
@@ -38,10 +38,12 @@ in {
         names = sorted(r["name"] for g in rules["data"]["groups"] if g["name"] == "cdc-lake" for r in g["rules"])
         assert names == sorted(["CdcSinkConsumerLagGrowing", "CdcSinkQuarantinedMessages", "CdcSinkNoCommit",
                                 "CdcSinkNotReady", "PostgresSlotWalRetained", "PostgresSlotInactive",
-                                "TargetDown"]), names
+                                "ReplicationSlotLost", "SlotGuardRecoveryFailed", "TargetDown"]), names
+        # The guard watches the connector's slot, which it sees reserved.
+        print(wait_for_query(machine, 'cdc_slot_guard_wal_status{status="reserved"} == 1'))
 
-    with subtest("the sink and the generator are healthy and ready while data flows"):
-        for port in [9464, 9465]:
+    with subtest("the sink, the generator and the slot guard are healthy and ready while data flows"):
+        for port in [9464, 9465, 9466]:
             machine.succeed(f"curl -fsS http://127.0.0.1:{port}/healthz")
             machine.wait_until_succeeds(
                 f"test $(curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/readyz) = 200",
