@@ -14,7 +14,11 @@
 CREATE TABLE IF NOT EXISTS cdc_signal (
     id   varchar(42) PRIMARY KEY,
     type varchar(32) NOT NULL,
-    data varchar(2048)
+    -- text: a signal naming many tables (the slot guard's re-snapshot of
+    -- every captured table) has no length limit to hit.
+    data text
 );
+-- A table created while it was varchar(2048).
+ALTER TABLE cdc_signal ALTER COLUMN data TYPE text;
 
 GRANT SELECT, INSERT, DELETE ON cdc_signal TO debezium;

@@ -175,11 +175,15 @@ cmd_after_connector() {
 # tables converge on them. Rows deleted while a table was not streamed are
 # not removed by this (a snapshot reads only the rows that exist).
 cmd_snapshot() {
-  local file=$1 t list=""
+  local file=$1 t l list=""
   shift
   load "$file"
+  local listed
   for t in "$@"; do
-    [[ " ${TABLES[*]} " == *" $t "* ]] || die "$t is not in $file: only captured tables can be snapshotted"
+    [[ $t =~ ^[a-z_][a-z0-9_]{0,62}$ ]] || die "'$t' is not a table name of schema public"
+    listed=
+    for l in "${TABLES[@]}"; do [ "$l" = "$t" ] && listed=1; done
+    [ -n "$listed" ] || die "$t is not in $file: only captured tables can be snapshotted"
     [ "$(q -c "SELECT count(*) FROM pg_publication_tables WHERE pubname = '$PUBLICATION' AND schemaname = 'public' AND tablename = '$t'")" = 1 ] \
       || die "$t is not in publication $PUBLICATION yet: run '$0 after-connector $file' first"
     list="$list${list:+, }public.$t"

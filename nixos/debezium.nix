@@ -115,6 +115,17 @@ in {
         assertion = lib.length (lib.unique cfg.capturedTables) == lib.length cfg.capturedTables;
         message = "services.debezium.capturedTables lists a table twice.";
       }
+      {
+        # The signal table's events are dropped before Kafka by a predicate
+        # on their topic name, which must follow the prefix and the table.
+        assertion = let
+          c = builtins.fromJSON (builtins.readFile cfg.connectorConfig) // cfg.connectorOverrides;
+        in
+          !(c ? "signal.data.collection")
+          || (c."predicates.isSignal.pattern" or "")
+          == lib.escapeRegex "${c."topic.prefix"}.${c."signal.data.collection"}";
+        message = "services.debezium: predicates.isSignal.pattern must match the topic of signal.data.collection (<topic.prefix>.<schema>.<table>, dots escaped), or the signal table's events reach Kafka and the lake.";
+      }
     ];
 
     services.debezium.settings = lib.mapAttrs (_: lib.mkDefault) {

@@ -379,7 +379,8 @@ in {
           Type = "notify";
           NotifyAccess = "main";
           WatchdogSec = "60s";
-          TimeoutStartSec = "180s";
+          # Up to 120 s for PostgreSQL and 120 s for Connect before READY.
+          TimeoutStartSec = "300s";
         };
     };
 

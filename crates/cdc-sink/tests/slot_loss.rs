@@ -13,8 +13,12 @@
 //! current-state table equals PostgreSQL again, every column, within a
 //! stated time, with the changes of the gap (inserts and updates) in it.
 //! Then the same fault again, the guard still running: a second recovery
-//! (its metric counts two), and the changelog holds the initial snapshot
-//! and both re-snapshots as `r` rows and no streamed change of a gap.
+//! (its metric counts two). Then a recovery cut off after the slot was
+//! dropped (the connector stopped and marked pending, offsets deleted, no
+//! slot), finished by a guard started afterwards. Each recovery must leave
+//! `snapshot.mode=no_data`, no pending mark and one more snapshot signal;
+//! the changelog holds the initial snapshot and the three re-snapshots as
+//! `r` rows and no streamed change of a gap.
 //! Deletes of a gap are not tested: the mirror does not reconcile yet
 //! (issue 20, step 3), so the test deletes nothing in a gap.
 #![cfg(feature = "stack-tests")]
@@ -241,6 +245,41 @@ async fn wait_connector(name: &str, want: &str) {
     .await;
 }
 
+/// The connector's configuration as Connect has it now.
+fn current_config(n: &Names) -> Value {
+    let out = rest("GET", &format!("/connectors/{}/config", n.connector), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// After recovery `round`: the connector streams from now
+/// (`snapshot.mode=no_data`), no recovery is marked pending, and the
+/// signal table has one incremental-snapshot signal per recovery.
+async fn assert_recovered(pg: &tokio_postgres::Client, n: &Names, round: i64) {
+    let c = current_config(n);
+    assert_eq!(c["snapshot.mode"], "no_data", "{c}");
+    assert!(c.get(slot_guard::recovery::PENDING).is_none(), "{c}");
+    let signals: i64 = pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {} WHERE type = 'execute-snapshot' AND data LIKE '%incremental%'",
+                n.signal
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        signals, round,
+        "execute-snapshot signals after recovery {round}"
+    );
+}
+
 async fn wal_status(pg: &tokio_postgres::Client, slot: &str) -> Option<String> {
     pg.query_opt(
         "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -273,7 +312,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
         "CREATE ROLE debezium LOGIN REPLICATION PASSWORD '{pw}';
          CREATE TABLE {t} (id bigint PRIMARY KEY, name text NOT NULL, n integer NOT NULL);
          INSERT INTO {t} SELECT g, 'row ' || g, 0 FROM generate_series(1, {ROWS}) g;
-         CREATE TABLE {sig} (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048));
+         CREATE TABLE {sig} (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data text);
          GRANT SELECT ON {t} TO debezium;
          GRANT SELECT, INSERT, DELETE ON {sig} TO debezium;
          CREATE PUBLICATION {slot} FOR TABLE {t}, {sig};
@@ -389,10 +428,11 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
                 "round {round}: slot {} lost after about {pushed_mb} MB of WAL (max_slot_wal_keep_size {KEEP})",
                 n.slot
             );
-            // As it would be: the connector running on its lost slot (a
-            // guard that already recovered may have resumed it itself).
-            let _ = rest("PUT", &format!("/connectors/{}/resume", n.connector), None);
             if guard.is_none() {
+                // As it would be: the connector running on its lost slot.
+                // (Not while a guard runs: it may be recovering already.)
+                let resume = rest("PUT", &format!("/connectors/{}/resume", n.connector), None);
+                assert!(resume.status.success());
                 let readiness = Readiness::new("test");
                 ops = slot_guard::guard::serve(&config.metrics, readiness.clone())
                     .await
@@ -426,8 +466,12 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
                 },
             )
             .await;
+            // How it recovered: streaming from now (no_data) with an
+            // incremental snapshot signalled once per recovery, and no
+            // recovery left marked pending.
+            assert_recovered(&pg, &n, round).await;
             eprintln!(
-                "round {round}: recovered and equal {:.1}s after the connector was resumed",
+                "round {round}: recovered and equal {:.1}s after the loss was seen",
                 started.elapsed().as_secs_f64()
             );
         }
@@ -443,9 +487,86 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             "recoveries counted by the guard"
         );
 
-        // The changelog holds the three snapshots: the initial one and every
+        // Round 3: a recovery cut off after the slot was dropped (the guard
+        // killed there), as the guard leaves it: the connector stopped and
+        // marked, its offsets deleted, no slot. Rows change meanwhile. A
+        // guard started afterwards must see the mark and finish the job.
+        let stop = rest("PUT", &format!("/connectors/{}/stop", n.connector), None);
+        assert!(stop.status.success());
+        wait_connector(&n.connector, "STOPPED").await;
+        let mut marked = current_config(&n);
+        marked["snapshot.mode"] = "no_data".into();
+        marked[slot_guard::recovery::PENDING] = "test: cut off after the slot was dropped".into();
+        assert!(
+            rest(
+                "PUT",
+                &format!("/connectors/{}/config", n.connector),
+                Some(&marked)
+            )
+            .status
+            .success()
+        );
+        assert!(
+            rest(
+                "DELETE",
+                &format!("/connectors/{}/offsets", n.connector),
+                None
+            )
+            .status
+            .success()
+        );
+        pg.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
+            .await
+            .unwrap();
+        pg.batch_execute(&format!(
+            "UPDATE {t} SET n = n + 1, name = name || ' (gap 3)' WHERE id % 3 = 2;
+             INSERT INTO {t} SELECT g, 'gap ' || g, 3 FROM generate_series({ROWS} + 201, {ROWS} + 300) g;"
+        ))
+        .await
+        .unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let guard = {
+            let config = config.clone();
+            tokio::spawn(async move {
+                slot_guard::guard::run(
+                    &config,
+                    Readiness::new("test"),
+                    Watchdog::disabled(),
+                    stop_rx,
+                )
+                .await
+            })
+        };
+        let started = Instant::now();
+        wait_until(
+            "round 3: the guard to finish the pending recovery and the current-state table to equal PostgreSQL",
+            RECOVER_WITHIN,
+            async || {
+                if guard.is_finished() {
+                    return Err("the guard stopped".to_string());
+                }
+                if current_config(&n).get(slot_guard::recovery::PENDING).is_some() {
+                    return Err("still marked pending".to_string());
+                }
+                match wal_status(&pg, &n.slot).await.as_deref() {
+                    Some("reserved") => {}
+                    other => return Err(format!("slot status {other:?}")),
+                }
+                equal().await
+            },
+        )
+        .await;
+        assert_recovered(&pg, &n, 3).await;
+        eprintln!(
+            "round 3: the pending recovery finished and equal {:.1}s after the guard started",
+            started.elapsed().as_secs_f64()
+        );
+        stop_tx.send(true).unwrap();
+        guard.await.unwrap().expect("the guard ends cleanly");
+
+        // The changelog holds the four snapshots: the initial one and every
         // row of the table read again after each gap.
-        let want = ROWS + (ROWS + 100) + (ROWS + 200);
+        let want = ROWS + (ROWS + 100) + (ROWS + 200) + (ROWS + 300);
         let reads = wait_until(
             &format!("the changelog to hold {want} `r` rows"),
             Duration::from_secs(120),
@@ -464,20 +585,24 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             },
         )
         .await;
-        eprintln!("{reads} `r` rows in all: the initial snapshot and two re-snapshots");
+        eprintln!("{reads} `r` rows in all: the initial snapshot and three re-snapshots");
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
 
     // Clean-up, whatever happened: the connector, the sink, the topic, and
     // (if it passed) the lake prefix. The PostgreSQL goes with `own`.
     let _ = rest("DELETE", &format!("/connectors/{}", n.connector), None);
+    let heartbeats = format!("__debezium-heartbeat.{}", n.topic_prefix);
     if let Some(mut c) = sink.0.take() {
         let _ = c.kill();
         let _ = c.wait();
     }
     let admin = test_support::kafka::admin();
     let _ = admin
-        .delete_topics(&[&n.topic()], &rdkafka::admin::AdminOptions::new())
+        .delete_topics(
+            &[&n.topic(), &heartbeats],
+            &rdkafka::admin::AdminOptions::new(),
+        )
         .await;
     if outcome.is_ok() {
         let keys = store

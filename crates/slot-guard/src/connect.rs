@@ -22,6 +22,8 @@ pub enum ConnectError {
     },
     #[error("Kafka Connect: connector configuration has no `{0}`")]
     MissingKey(&'static str),
+    #[error("Kafka Connect: the connector FAILED while it was to become RUNNING: {trace}")]
+    Failed { trace: String },
     #[error("Kafka Connect: the connector is not {want} after {waited:?} (last: {last})")]
     Timeout {
         want: &'static str,
@@ -216,6 +218,21 @@ impl Connect {
         loop {
             let last = match self.state().await {
                 Ok(s) if s == want => return Ok(()),
+                // Waiting longer will not make a failed task run.
+                Ok(ConnectorState::Failed) if want == ConnectorState::Running => {
+                    let trace = self
+                        .json("reading the connector's status", "/status")
+                        .await
+                        .ok()
+                        .and_then(|s| {
+                            s["tasks"]
+                                .as_array()
+                                .and_then(|t| t.iter().find_map(|t| t["trace"].as_str()))
+                                .map(|t| t.lines().next().unwrap_or("").to_string())
+                        })
+                        .unwrap_or_default();
+                    return Err(ConnectError::Failed { trace });
+                }
                 Ok(s) => format!("{s:?}"),
                 Err(e) => e.to_string(),
             };

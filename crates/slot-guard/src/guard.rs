@@ -93,8 +93,16 @@ fn describe() {
     gauge!(RECOVERING).set(0.0);
 }
 
+/// The slot's status as the metric and the log name it.
+fn status_name(status: Option<&SlotStatus>) -> &str {
+    match status {
+        None => "absent",
+        Some(s) => s.wal_status.as_deref().unwrap_or("being created"),
+    }
+}
+
 fn record(status: Option<&SlotStatus>) {
-    let current = status.map_or("absent", |s| s.wal_status.as_str());
+    let current = status_name(status);
     for s in STATUSES {
         gauge!(WAL_STATUS, "status" => s).set(if s == current { 1.0 } else { 0.0 });
     }
@@ -188,14 +196,30 @@ pub async fn run(
             }
         };
         record(status.as_ref());
-        let now = status.as_ref().map_or("absent", |s| s.wal_status.as_str());
+        let now = status_name(status.as_ref());
         if now != last_status {
             // Once per change, not per look.
             tracing::info!(%slot, wal_status = now, "slot status");
             last_status = now.to_string();
         }
-        if status.as_ref().is_some_and(SlotStatus::is_lost) {
-            tracing::error!(%slot, "PostgreSQL has lost the replication slot: recovering");
+        let lost = status.as_ref().is_some_and(SlotStatus::is_lost);
+        // A recovery an earlier run left unfinished (the connector's config
+        // says so) is finished now. Connect not answering is no reason to
+        // act: the next look asks again.
+        let pending = !lost
+            && match connect.config().await {
+                Ok(c) => recovery::is_pending(&c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the connector's config failed");
+                    false
+                }
+            };
+        if lost || pending {
+            if lost {
+                tracing::error!(%slot, "PostgreSQL has lost the replication slot: recovering");
+            } else {
+                tracing::warn!(%slot, "finishing the recovery an earlier run left pending");
+            }
             gauge!(RECOVERING).set(1.0);
             readiness.set_not_ready("recovering a lost replication slot");
             let started = Instant::now();
@@ -235,7 +259,6 @@ pub async fn run(
                     }
                 }
             }
-            continue;
         }
         tokio::select! {
             _ = tokio::time::sleep(watchdog.bound(config.interval())) => {}

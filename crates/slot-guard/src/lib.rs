@@ -10,17 +10,19 @@
 //! operator would:
 //!
 //! 1. stop the connector (`PUT /connectors/NAME/stop`);
-//! 2. drop the lost slot (ending its walsender if one lingers);
+//! 2. record the recovery in the connector's configuration
+//!    ([`recovery::PENDING`]) with `snapshot.mode=no_data`, so it streams
+//!    from now on a new slot instead of a blocking full snapshot;
 //! 3. delete the connector's offsets (they point into WAL that is gone);
-//! 4. resume it with `snapshot.mode=no_data`, so it creates a new slot and
-//!    streams from now instead of a blocking full snapshot;
-//! 5. signal an incremental snapshot of every table it captures
+//! 4. drop the lost slot (ending its walsender if one lingers);
+//! 5. resume the connector, which creates a new slot;
+//! 6. signal an incremental snapshot of every table it captures
 //!    (`execute-snapshot` in its `signal.data.collection`), read in chunks
-//!    while streaming goes on.
+//!    while streaming goes on;
+//! 7. remove the mark.
 //!
-//! Each step is safe to repeat (a missing slot is not dropped twice,
-//! offsets already gone stay gone), so a recovery interrupted by a crash
-//! is finished by the next run. The rows the gap deleted stay in the
+//! A recovery cut off anywhere is finished by the next look, which finds
+//! the mark ([`recovery`] says how). The rows the gap deleted stay in the
 //! current-state tables: a snapshot reads only rows that exist (see
 //! docs/operations.md, "A lost replication slot").
 //!

@@ -1,14 +1,34 @@
 //! The recovery of a lost slot, step by step (the crate's overview says
-//! why each). Every step may run again after a crash part way: a slot
-//! already dropped is skipped, offsets already deleted stay deleted, and a
-//! connector already running on a new slot only gets the snapshot signal.
+//! why each), written so that a recovery cut off anywhere is finished by
+//! the next look rather than left half done.
+//!
+//! The intent is recorded first, durably, where every later look finds it:
+//! a key in the connector's own configuration ([`PENDING`], stored by
+//! Connect in its config topic), together with `snapshot.mode=no_data`.
+//! Then the offsets are deleted and only then the slot dropped, so that
+//! whoever resumes the connector in between (a redeploy re-registering
+//! it) never streams from offsets into WAL that is gone: without offsets
+//! and with the registered `initial` mode it takes a full snapshot, and
+//! with `no_data` the guard's own snapshot signal follows. The key is
+//! removed last, after the signal is in, so a crash between the two only
+//! signals the snapshot twice, which the current-state tables absorb.
+//!
+//! Each call to Connect or PostgreSQL is retried with backoff for
+//! `guard.step_timeout_secs` (a Connect rebalance answers 409 for a
+//! moment; a restarting PostgreSQL refuses connections).
 
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
+use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::connect::{Connect, ConnectError, ConnectorState};
+use crate::connect::{Connect, ConnectError, ConnectorConfig, ConnectorState};
 use crate::slot::{self, Dropped};
+
+/// The connector configuration key that marks a recovery in progress; its
+/// value says which slot was lost and when.
+pub const PENDING: &str = "cdclake.recovery.pending";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -31,25 +51,127 @@ pub struct Recovery {
     pub took: Duration,
 }
 
-/// Recovers the connector after its slot was lost.
+/// Whether the connector's configuration says a recovery is unfinished.
+pub fn is_pending(config: &ConnectorConfig) -> bool {
+    config.raw.contains_key(PENDING)
+}
+
+fn backoff(limit: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_total_delay(Some(limit))
+        .without_max_times()
+}
+
+/// Runs `step` until it succeeds, for at most `limit`.
+async fn step<T, E, Fut>(what: &str, limit: Duration, f: impl FnMut() -> Fut) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    f.retry(backoff(limit))
+        .notify(|e, after| tracing::warn!(step = what, error = %e, retry_in = ?after, "recovery step failed, retrying"))
+        .await
+}
+
+/// Recovers the connector after its slot was lost, or finishes a recovery
+/// an earlier run left pending.
 pub async fn recover(
     pg: &Client,
     connect: &Connect,
     step_timeout: Duration,
 ) -> Result<Recovery, RecoveryError> {
     let started = Instant::now();
-    let config = connect.config().await?;
+    let config = step("read the connector's config", step_timeout, || {
+        connect.config()
+    })
+    .await?;
     let slot = config.slot.clone();
+    let status = step("read the slot", step_timeout, || slot::status(pg, &slot)).await?;
+    let state = step("read the connector's state", step_timeout, || {
+        connect.state()
+    })
+    .await?;
+    // Only the last steps are left when the connector already streams on a
+    // healthy slot under a pending recovery: it was resumed, the signal
+    // may be missing.
+    let resumed = is_pending(&config)
+        && state == ConnectorState::Running
+        && status.as_ref().is_some_and(|s| !s.is_lost());
+    if !resumed {
+        stop_and_replace_slot(pg, connect, &config, step_timeout).await?;
+    }
+    step("signal the snapshot", step_timeout, || {
+        slot::signal_snapshot(pg, &config.signal_table, &config.tables)
+    })
+    .await?;
+    tracing::warn!(tables = ?config.tables, signal = %config.signal_table,
+        "recovery: incremental snapshot of every captured table signalled");
 
+    // Done: the marker goes, `no_data` stays (see the crate overview).
+    let current = step("read the connector's config", step_timeout, || {
+        connect.config()
+    })
+    .await?;
+    if is_pending(&current) {
+        let mut raw = current.raw.clone();
+        raw.remove(PENDING);
+        step("clear the recovery mark", step_timeout, || {
+            connect.put_config(&raw)
+        })
+        .await?;
+    }
+    Ok(Recovery {
+        slot,
+        tables: config.tables,
+        took: started.elapsed(),
+    })
+}
+
+/// Steps 1 to 4: the connector stopped, the intent recorded, its offsets
+/// deleted, the lost slot dropped, the connector resumed on a new slot.
+async fn stop_and_replace_slot(
+    pg: &Client,
+    connect: &Connect,
+    config: &ConnectorConfig,
+    step_timeout: Duration,
+) -> Result<(), RecoveryError> {
+    let slot = &config.slot;
     tracing::warn!(%slot, "recovery: stopping the connector");
-    connect.stop().await?;
+    step("stop the connector", step_timeout, || connect.stop()).await?;
     connect
         .wait_for(ConnectorState::Stopped, step_timeout)
         .await?;
 
+    // The intent, durably, before anything is deleted.
+    let mut raw = config.raw.clone();
+    raw.insert("snapshot.mode".into(), "no_data".into());
+    raw.entry(PENDING).or_insert_with(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Value::String(format!(
+            "slot {slot} lost, recovery started at unix time {now}"
+        ))
+    });
+    step("record the recovery", step_timeout, || {
+        connect.put_config(&raw)
+    })
+    .await?;
+
+    // The offsets point into WAL that no longer exists. Connect deletes
+    // them only from a stopped connector.
+    step("delete the connector's offsets", step_timeout, || {
+        connect.delete_offsets()
+    })
+    .await?;
+    tracing::warn!("recovery: deleted the connector's offsets");
+
     let waiting = Instant::now();
     loop {
-        match slot::drop_slot(pg, &slot).await? {
+        match step("drop the slot", step_timeout, || slot::drop_slot(pg, slot)).await? {
             Dropped::Dropped => {
                 tracing::warn!(%slot, "recovery: dropped the lost slot");
                 break;
@@ -63,54 +185,32 @@ pub async fn recover(
             }
             Dropped::StillActive => {
                 return Err(RecoveryError::SlotStillActive {
-                    slot,
+                    slot: slot.clone(),
                     waited: waiting.elapsed(),
                 });
             }
         }
     }
 
-    // The offsets point into WAL that no longer exists.
-    connect.delete_offsets().await?;
-    tracing::warn!("recovery: deleted the connector's offsets");
-
-    // Without offsets, `initial` would read every table before streaming
-    // one change, with the new slot holding WAL all the while: stream from
-    // now instead, and snapshot incrementally below.
-    if config.raw.get("snapshot.mode").and_then(|v| v.as_str()) != Some("no_data") {
-        let mut raw = config.raw.clone();
-        raw.insert("snapshot.mode".into(), "no_data".into());
-        connect.put_config(&raw).await?;
-        tracing::info!("recovery: snapshot.mode set to no_data for the restart");
-    }
-    connect.resume().await?;
+    step("resume the connector", step_timeout, || connect.resume()).await?;
     connect
         .wait_for(ConnectorState::Running, step_timeout)
         .await?;
-
     let waiting = Instant::now();
     loop {
-        match slot::status(pg, &slot).await? {
+        match step("read the slot", step_timeout, || slot::status(pg, slot)).await? {
             Some(s) if !s.is_lost() => break,
             _ if waiting.elapsed() < step_timeout => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             _ => {
                 return Err(RecoveryError::NoNewSlot {
-                    slot,
+                    slot: slot.clone(),
                     waited: waiting.elapsed(),
                 });
             }
         }
     }
     tracing::warn!(%slot, "recovery: the connector streams on a new slot");
-
-    slot::signal_snapshot(pg, &config.signal_table, &config.tables).await?;
-    tracing::warn!(tables = ?config.tables, signal = %config.signal_table,
-        "recovery: incremental snapshot of every captured table signalled");
-    Ok(Recovery {
-        slot,
-        tables: config.tables,
-        took: started.elapsed(),
-    })
+    Ok(())
 }

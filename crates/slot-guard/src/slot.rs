@@ -6,8 +6,9 @@ use tokio_postgres::Client;
 /// One look at the slot (`pg_replication_slots`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotStatus {
-    /// `reserved`, `extended`, `unreserved` or `lost`.
-    pub wal_status: String,
+    /// `reserved`, `extended`, `unreserved` or `lost`; `None` while a
+    /// slot being created has no `restart_lsn` yet.
+    pub wal_status: Option<String>,
     pub active: bool,
     /// The walsender using it, if any.
     pub active_pid: Option<i32>,
@@ -20,7 +21,7 @@ pub struct SlotStatus {
 
 impl SlotStatus {
     pub fn is_lost(&self) -> bool {
-        self.wal_status == "lost"
+        self.wal_status.as_deref() == Some("lost")
     }
 }
 
@@ -28,7 +29,7 @@ impl SlotStatus {
 pub async fn status(pg: &Client, slot: &str) -> Result<Option<SlotStatus>, tokio_postgres::Error> {
     let row = pg
         .query_opt(
-            "SELECT coalesce(wal_status, 'lost'), active, active_pid, safe_wal_size,
+            "SELECT wal_status, active, active_pid, safe_wal_size,
                     pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],

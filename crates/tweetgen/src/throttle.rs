@@ -5,8 +5,9 @@
 //! retained WAL then grows until PostgreSQL invalidates the slot at
 //! `max_slot_wal_keep_size`, and the changes it had not read are gone. So
 //! before each batch (or load chunk), at most once per `check_interval_ms`,
-//! the generator reads the smallest `safe_wal_size` of the logical slots
-//! (how much WAL may still be written before one of them may be lost) and,
+//! the generator reads the smallest `safe_wal_size` of the logical slots of
+//! its database (how much WAL may still be written before one of them may
+//! be lost; a slot of another database is not its writes' reader) and,
 //! while it is below `throttle.min_safe_wal_bytes`, writes nothing and says
 //! why, once when it starts holding and once when it resumes.
 
@@ -67,7 +68,8 @@ impl Throttle {
         let safe: Option<i64> = match client
             .query_one(
                 "SELECT min(safe_wal_size) FROM pg_replication_slots
-                  WHERE slot_type = 'logical' AND wal_status <> 'lost'",
+                  WHERE slot_type = 'logical' AND database = current_database()
+                    AND wal_status <> 'lost'",
                 &[],
             )
             .await

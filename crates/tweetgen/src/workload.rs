@@ -153,10 +153,23 @@ impl<'a> Session<'a> {
         if !throttle.enabled() {
             return Ok(());
         }
+        let mut held = false;
         loop {
             let client = self.client().await?;
-            if throttle.check(client).await == Verdict::Write {
-                return Ok(());
+            match throttle.check(client).await {
+                Verdict::Write => {
+                    if held {
+                        self.readiness.set_ready();
+                    }
+                    return Ok(());
+                }
+                Verdict::Hold { safe_wal_bytes } if !held => {
+                    held = true;
+                    self.readiness.set_not_ready(format!(
+                        "holding writes: a replication slot can take only {safe_wal_bytes} more bytes of WAL"
+                    ));
+                }
+                Verdict::Hold { .. } => {}
             }
             self.watchdog.ping();
             let wait = self.watchdog.bound(throttle.interval());

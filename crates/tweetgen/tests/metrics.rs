@@ -430,24 +430,43 @@ async fn notifies_systemd_ready_then_pings_the_watchdog_while_idle() {
     g.terminate().await;
 }
 
-/// Writes are held while a replication slot is close to being lost. The
-/// limit is set above what the stack's own slot can still take (its
+/// Writes are held while a replication slot of the generator's database is
+/// close to being lost. The test gives its database a logical slot of its
+/// own and sets the limit above what that slot can still take (its
 /// `safe_wal_size` plus 1 GiB), so the generator must hold: it writes no
-/// batch, says why, and sets `tweetgen_throttled`; SIGTERM still ends it
-/// cleanly. With the throttle off (0) the same command writes its batches.
+/// batch, says why, sets `tweetgen_throttled` and reports not ready;
+/// SIGTERM still ends it cleanly. With the throttle off (0) the same
+/// command writes its batches.
 #[tokio::test]
 async fn writes_are_held_while_a_slot_is_close_to_being_lost() {
+    // A slot a failed run left behind would keep its database from being
+    // dropped and made afresh.
+    test_support::pg::superuser("twitter")
+        .await
+        .batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE database = 'tweetgen_test_tel_throttle' AND NOT active",
+        )
+        .await
+        .unwrap();
     let (db, su) = fresh_db("tel_throttle").await;
+    let slot = format!("throttle_{}", test_support::unique());
+    su.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
     let safe: Option<i64> = su
         .query_one(
-            "SELECT min(safe_wal_size) FROM pg_replication_slots
-              WHERE slot_type = 'logical' AND wal_status <> 'lost'",
-            &[],
+            "SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
         )
         .await
         .unwrap()
         .get(0);
-    let safe = safe.expect("the stack's replication slot reports a safe_wal_size");
+    let safe =
+        safe.expect("the test's slot reports a safe_wal_size (max_slot_wal_keep_size is set)");
     let limit = (safe + (1 << 30)).to_string();
     let args = ["--dbname", &db, "--interval", "20ms", "--batches", "5"];
 
@@ -462,8 +481,15 @@ async fn writes_are_held_while_a_slot_is_close_to_being_lost() {
     )
     .await;
     assert!(g.log().contains("holding writes"), "{}", g.log());
+    let (status, body) = g.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("holding writes"), "{body}");
     assert_eq!(count(&su, "SELECT count(*) FROM tweetgen_batches").await, 0);
     g.terminate().await;
+    // The slot goes, so the same command is no longer held by it either.
+    su.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
 
     let g = Generator::start(&args, &[("TWEETGEN_THROTTLE__MIN_SAFE_WAL_BYTES", "0")]).await;
     wait_until(
