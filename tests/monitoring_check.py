@@ -52,7 +52,8 @@ MUTANTS = [
     ("inactive-slot alert on active slots", "expr: pg_replication_slots_active == 0", "expr: pg_replication_slots_active == 1"),
     ("target-down alert never firing", "expr: up == 0", "expr: up == 2"),
     ("lost-slot alert without its 5 minutes", "        for: 5m\n        labels:\n          severity: critical", "        for: 30s\n        labels:\n          severity: critical"),
-    ("lost-slot alert never firing", 'expr: cdc_slot_guard_wal_status{status="lost"} == 1', 'expr: cdc_slot_guard_wal_status{status="lost"} == 2'),
+    ("lost-slot alert never firing", 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 1', 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 2'),
+    ("lost-slot alert blind to a slot never replaced", 'status=~"lost|absent"', 'status=~"lost"'),
     ("failed-recovery alert blind to one failure", '{outcome="failed"}[15m]) > 0', '{outcome="failed"}[15m]) > 1'),
 ]
 
