@@ -257,9 +257,25 @@ def state(args):
         )
 
 
+def exists(args):
+    """Whether each table (or with --mirror its current-state table) has a
+    Delta log yet: one JSON line per table, true or false."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    for table in args.tables:
+        path = f"_current/{table}" if args.mirror else table
+        try:
+            DeltaTable(uri(args.prefix, path), storage_options=storage_options())
+            print(json.dumps(True))
+        except TableNotFoundError:
+            print(json.dumps(False))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["rows", "state", "latest", "schema", "table"])
+    p.add_argument("command", choices=["rows", "state", "latest", "schema", "table", "exists"])
+    p.add_argument("--mirror", action="store_true", help="exists: the current-state table")
     p.add_argument("--key", action="append", default=[], help="key columns, for latest")
     p.add_argument("--sql", action="store_true", help="latest: print the query only")
     p.add_argument("--reader", default="deltalake", choices=["deltalake", "duckdb", "polars"])
@@ -267,9 +283,14 @@ def main():
     p.add_argument("--app-id", action="append", default=[], help="txn app ids to report")
     p.add_argument("tables", nargs="+")
     args = p.parse_args()
-    {"rows": rows, "state": state, "latest": latest, "schema": schema, "table": table_rows}[
-        args.command
-    ](args)
+    {
+        "rows": rows,
+        "state": state,
+        "latest": latest,
+        "schema": schema,
+        "table": table_rows,
+        "exists": exists,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

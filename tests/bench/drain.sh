@@ -33,7 +33,8 @@ fi
 topic=twitter.tweets
 total() { # sum of high watermarks of $topic
   for p in 0 1 2; do
-    kcat -b "$CDC_SINK_KAFKA__BROKERS" -Q -t "$topic:$p:-1" 2>/dev/null | awk '{print $NF}'
+    # A topic not created yet (a brand-new stack) holds 0 events.
+    { kcat -b "$CDC_SINK_KAFKA__BROKERS" -Q -t "$topic:$p:-1" 2>/dev/null || true; } | awk '{print $NF}'
   done | awk '{s += $1} END {print s + 0}'
 }
 before=$(total)

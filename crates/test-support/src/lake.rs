@@ -161,6 +161,16 @@ pub fn table_state(prefix: &str, table: &str, app_ids: &[String]) -> TableState 
     }
 }
 
+/// Whether `table` under `prefix` (with `mirror`, its current-state
+/// table) has a Delta log yet (`lake_read.py exists`).
+pub fn table_exists(prefix: &str, table: &str, mirror: bool) -> bool {
+    let mut args = vec!["exists", "--prefix", prefix, table];
+    if mirror {
+        args.push("--mirror");
+    }
+    lake_read(&args)[0].as_bool().unwrap()
+}
+
 /// One row of a current-state table, as a reader sees it.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct MirrorRow {

@@ -23,6 +23,8 @@
 //! - [`kafka`] (feature `kafka`): admin, producer and consumer clients,
 //!   watermarks, reading a range of messages back, a group's committed
 //!   offsets (setting them, waiting for them).
+//! - [`own`] (features `postgres` and `kafka`): a capture of a test's own
+//!   beside the stack's: its own PostgreSQL, connector and sink.
 //! - [`connect`]: Kafka Connect's REST API, and a connector's committed
 //!   source offset.
 
@@ -33,6 +35,8 @@ pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod lake;
+#[cfg(all(feature = "postgres", feature = "kafka"))]
+pub mod own;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod prom;
