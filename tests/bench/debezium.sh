@@ -8,6 +8,13 @@
 #
 #   tests/bench/debezium.sh [ROWS] [RUNS]          (defaults: 3000000, 3)
 #   DEBEZIUM_BENCH_SET='{"producer.override.linger.ms": "50"}' tests/bench/debezium.sh
+#   DEBEZIUM_BENCH_JFR=/tmp/jfr tests/bench/debezium.sh 1000000 1
+#
+# DEBEZIUM_BENCH_JFR=DIR records each run of Connect with Java Flight
+# Recorder (settings=profile, from the first new event to the end of the
+# run) into DIR/runN.jfr and prints where its CPU samples were
+# (tests/bench/jfr_top.py): by thread, by the frame that ran, and by
+# library anywhere on the stack.
 #
 # DEBEZIUM_BENCH_SET is merged into the running connector's configuration
 # for the runs (one change at a time, to compare it with the plain one),
@@ -154,12 +161,22 @@ for ((r = 1; r <= runs; r++)); do
           --object-name "debezium.postgres:type=connector-metrics,context=streaming,server=$topic_prefix" \
           >"$work/jmx.csv" 2>/dev/null &
         jmx_pid=$!
+        if [ -n "${DEBEZIUM_BENCH_JFR:-}" ]; then
+          mkdir -p "$DEBEZIUM_BENCH_JFR"
+          jcmd "$(cat "$state/run/connect.pid")" JFR.start name=bench settings=profile \
+            filename="$DEBEZIUM_BENCH_JFR/run$r.jfr" >/dev/null
+        fi
       fi
       last=$cur; t_last=$(now_ms)
       c1=$(ticks "$(cat "$state/run/connect.pid")"); k1=$(ticks "$(cat "$state/run/kafka.pid")"); g1=$(ticks "$(pg_main)")
     fi
   done
   kill "$jmx_pid" 2>/dev/null || true; wait "$jmx_pid" 2>/dev/null || true; jmx_pid=
+  if [ -n "${DEBEZIUM_BENCH_JFR:-}" ]; then
+    jcmd "$(cat "$state/run/connect.pid")" JFR.stop name=bench >/dev/null
+    python3 tests/bench/jfr_top.py "$DEBEZIUM_BENCH_JFR/run$r.jfr" >"$DEBEZIUM_BENCH_JFR/run$r.txt"
+    echo "run $r: JFR profile in $DEBEZIUM_BENCH_JFR/run$r.jfr, summary in $DEBEZIUM_BENCH_JFR/run$r.txt"
+  fi
   events=$((last - e0))
   [ "$events" -gt 0 ] || { echo "no events published after the resume" >&2; exit 1; }
   bytes=$(($(log_bytes) - b0))
