@@ -60,8 +60,9 @@ def main(argv):
         v = e["values"]
         thread = (v.get("sampledThread") or {}).get("javaName") or "?"
         threads[thread] += 1
+        # JFR spells classes with slashes (java/lang/String).
         frames = [
-            f"{f['method']['type']['name']}.{f['method']['name']}"
+            f"{f['method']['type']['name'].replace('/', '.')}.{f['method']['name']}"
             for f in ((v.get("stackTrace") or {}).get("frames") or [])
         ]
         if frames:
@@ -70,11 +71,23 @@ def main(argv):
             libs[lib] += 1
     n = len(events) or 1
     print(f"{len(events)} CPU samples in {path}")
+    by_thread = collections.defaultdict(collections.Counter)
+    for e in events:
+        v = e["values"]
+        thread = (v.get("sampledThread") or {}).get("javaName") or "?"
+        frames = (v.get("stackTrace") or {}).get("frames") or []
+        if frames:
+            top_frame = frames[0]["method"]["type"]["name"].replace("/", ".")
+            by_thread[thread][library(top_frame)] += 1
     for title, counter in (("threads", threads), ("running frame (self)", selfs),
                            ("library on the stack (inclusive)", libs)):
         print(f"\n{title}:")
         for name, c in counter.most_common(top):
             print(f"  {100 * c / n:5.1f}%  {name}")
+    print("\nlibrary of the running frame, per thread (share of all samples):")
+    for thread, _ in threads.most_common(3):
+        parts = ", ".join(f"{lib} {100 * c / n:.1f}%" for lib, c in by_thread[thread].most_common(6))
+        print(f"  {thread}: {parts}")
 
 
 if __name__ == "__main__":
