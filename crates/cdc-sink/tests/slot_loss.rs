@@ -35,8 +35,14 @@ use test_support::connect::rest;
 use test_support::own::{OwnConnector, OwnPostgres, OwnSink, mirror_diff};
 use test_support::wait_until;
 
-/// Rows in the table before the slot is lost.
-const ROWS: i64 = 2_000;
+/// Rows in the table before the slot is lost: 2,000, or `SLOT_LOSS_ROWS`
+/// to time the recovery of a big table (docs/benchmarks.md).
+fn rows() -> i64 {
+    std::env::var("SLOT_LOSS_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
 /// The test PostgreSQL's `max_slot_wal_keep_size`.
 const KEEP: &str = "64MB";
 /// From the guard's start to the current-state table equal to PostgreSQL.
@@ -84,7 +90,8 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
     let own = OwnPostgres::start(KEEP);
     let pg = own.superuser().await;
     let t = &n.table;
-    n.create_objects(&pg, ROWS).await;
+    let rows_before = rows();
+    n.create_objects(&pg, rows_before).await;
     pg.batch_execute("CREATE TABLE filler (id bigserial PRIMARY KEY, pad text)")
         .await
         .unwrap();
@@ -133,7 +140,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             // The fault: the connector stops reading, rows change, WAL grows.
             n.act("stop");
             n.wait("STOPPED").await;
-            let (first, last) = (ROWS + 100 * round - 99, ROWS + 100 * round);
+            let (first, last) = (rows_before + 100 * round - 99, rows_before + 100 * round);
             pg.batch_execute(&format!(
                 "UPDATE {t} SET n = n + 1, name = name || ' (gap {round})' WHERE id % 3 = {m};
                  INSERT INTO {t} SELECT g, 'gap ' || g, {round} FROM generate_series({first}, {last}) g;",
@@ -241,7 +248,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             .unwrap();
         pg.batch_execute(&format!(
             "UPDATE {t} SET n = n + 1, name = name || ' (gap 3)' WHERE id % 3 = 2;
-             INSERT INTO {t} SELECT g, 'gap ' || g, 3 FROM generate_series({ROWS} + 201, {ROWS} + 300) g;"
+             INSERT INTO {t} SELECT g, 'gap ' || g, 3 FROM generate_series({rows_before} + 201, {rows_before} + 300) g;"
         ))
         .await
         .unwrap();
@@ -287,7 +294,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
 
         // The changelog holds the four snapshots: the initial one and every
         // row of the table read again after each gap.
-        let want = ROWS + (ROWS + 100) + (ROWS + 200) + (ROWS + 300);
+        let want = 4 * rows_before + 600;
         let reads = wait_until(
             &format!("the changelog to hold {want} `r` rows"),
             Duration::from_secs(120),
