@@ -319,23 +319,82 @@ async fn clean_up(
     errors
 }
 
+/// What each test here creates: a table of its own (`<kind>_test_<run>`),
+/// a lake prefix of its own, and a copy of the captured-tables list to
+/// append it to.
+struct Trial {
+    table: String,
+    prefix: String,
+    s3: S3Config,
+    store: std::sync::Arc<dyn ObjectStore>,
+    list: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Trial {
+    fn new(kind: &str) -> Trial {
+        let run = test_support::unique();
+        let s3 = s3_config();
+        let store = s3_store(&s3).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        Trial {
+            table: format!("{kind}_test_{run}"),
+            prefix: format!("{kind}-test-{run}"),
+            s3,
+            store,
+            list: tmp.path().join("captured-tables"),
+            _tmp: tmp,
+        }
+    }
+
+    /// The sink for this trial's prefix, in a consumer group of its own.
+    fn sink(&self) -> SinkProcess {
+        SinkProcess::spawn(&self.prefix, &self.prefix)
+    }
+
+    /// Writes the repository's list with this trial's table appended, and
+    /// returns its path.
+    fn write_list(&self) -> PathBuf {
+        let mut text = std::fs::read_to_string(repo_root().join("db/captured-tables")).unwrap();
+        text.push_str(&format!("{}\n", self.table));
+        std::fs::write(&self.list, text).unwrap();
+        self.list.clone()
+    }
+
+    /// The list with this trial's table, applied as a user applies it
+    /// (`tests/stack.sh capture`).
+    fn capture(&self) -> Result<(), String> {
+        test_support::stack::capture(Some(&self.write_list()))
+    }
+
+    /// Cleans up whatever `outcome` was, then passes a failure on.
+    async fn finish(&self, mut sink: SinkProcess, outcome: std::thread::Result<()>) {
+        let errors = clean_up(
+            &mut sink,
+            &self.table,
+            self.store.as_ref(),
+            &self.prefix,
+            outcome.is_ok(),
+        )
+        .await;
+        if let Err(panic) = outcome {
+            if !errors.is_empty() {
+                eprintln!("clean-up after the failure also failed: {errors:?}");
+            }
+            std::panic::resume_unwind(panic);
+        }
+        assert!(errors.is_empty(), "clean-up failed: {errors:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
     let _one_at_a_time = CAPTURE.lock().await;
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let table = format!("capture_test_{run}");
-    let prefix = format!("capture-test-{run}");
-    let s3 = s3_config();
-    let store = s3_store(&s3).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let list = tmp.path().join("captured-tables");
-
+    let trial = Trial::new("capture");
+    let (table, prefix, s3) = (&trial.table, &trial.prefix, &trial.s3);
     // The sink runs before the table exists: it must find the new topic on
     // its own, through its pattern subscription.
-    let mut sink = SinkProcess::spawn(&prefix, &format!("capture-test-{run}"));
+    let sink = trial.sink();
 
     let body = async {
         let pg = pg_super().await;
@@ -350,10 +409,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
         .unwrap();
 
         // The one configuration change: the table's name in the list.
-        let mut text = std::fs::read_to_string(repo_root().join("db/captured-tables")).unwrap();
-        text.push_str(&format!("{table}\n"));
-        std::fs::write(&list, text).unwrap();
-        test_support::stack::capture(Some(&list)).unwrap();
+        trial.capture().unwrap();
 
         // The writer is the workload's own role, as for any captured table.
         let app = test_support::pg::tweetgen().await;
@@ -399,7 +455,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
                 ))
         );
         // Reads until the rows are there: the deadline is the claim.
-        let store = store.as_ref();
+        let store = trial.store.as_ref();
         wait_until(
             &format!(
                 "{table}, added to the captured-tables list of the running pipeline, \
@@ -409,7 +465,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
             LAND_WITHIN.saturating_sub(written.elapsed()),
             async || {
                 let rows = match &python {
-                    Some(p) => read_with_python(p, &s3, &uri),
+                    Some(p) => read_with_python(p, s3, &uri),
                     None => read_with_log(store, &table_dir).await,
                 };
                 let Some(mut rows) = rows else {
@@ -443,14 +499,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
         );
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
-    let errors = clean_up(&mut sink, &table, store.as_ref(), &prefix, outcome.is_ok()).await;
-    if let Err(panic) = outcome {
-        if !errors.is_empty() {
-            eprintln!("clean-up after the failure also failed: {errors:?}");
-        }
-        std::panic::resume_unwind(panic);
-    }
-    assert!(errors.is_empty(), "clean-up failed: {errors:?}");
+    trial.finish(sink, outcome).await;
 }
 
 /// Rows the backfilled table holds before it is captured.
@@ -528,17 +577,10 @@ impl Writer {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
     let _one_at_a_time = CAPTURE.lock().await;
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let table = format!("backfill_test_{run}");
-    let prefix = format!("backfill-test-{run}");
-    let s3 = s3_config();
-    let store = s3_store(&s3).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let list = tmp.path().join("captured-tables");
-    let mut sink = SinkProcess::spawn(&prefix, &format!("backfill-test-{run}"));
+    let trial = Trial::new("backfill");
+    let (table, prefix) = (&trial.table, &trial.prefix);
+    let store = trial.store.as_ref();
+    let sink = trial.sink();
 
     let body = async {
         let pg = pg_super().await;
@@ -554,15 +596,12 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
         .unwrap();
 
         // The writer runs before, during and after the capture.
-        let mut writer = Writer::new(&table).await;
+        let mut writer = Writer::new(table).await;
         for _ in 0..20 {
             writer.round().await;
         }
-        let mut text = std::fs::read_to_string(repo_root().join("db/captured-tables")).unwrap();
-        text.push_str(&format!("{table}\n"));
-        std::fs::write(&list, text).unwrap();
         let capture = tokio::task::spawn_blocking({
-            let list = list.clone();
+            let list = trial.write_list();
             move || test_support::stack::capture(Some(&list))
         });
         while !capture.is_finished() {
@@ -574,7 +613,6 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
         // Until every existing key the writer left alone has its `r` row:
         // then the snapshot has read the whole table.
         let changelog = format!("{prefix}/{table}");
-        let store = store.as_ref();
         let mut pending = Instant::now();
         let deadline = LAND_WITHIN * 3;
         loop {
@@ -591,7 +629,7 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
                 continue;
             }
             let read: std::collections::BTreeSet<i64> =
-                test_support::lake::lake_rows("deltalake", &prefix, &[&table])
+                test_support::lake::lake_rows("deltalake", prefix, &[table])
                     .iter()
                     .filter(|r| r.op == "r")
                     .map(|r| r.key().parse().unwrap())
@@ -624,16 +662,16 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
                 if !has_log(store, &mirror).await {
                     return Err("no current-state table yet".to_string());
                 }
-                test_support::compare::mirror_diff(&pg, "deltalake", &prefix, &table).await
+                test_support::compare::mirror_diff(&pg, "deltalake", prefix, table).await
             },
         )
         .await;
-        test_support::compare::assert_mirror_equals_pg(&pg, &prefix, &table).await;
+        test_support::compare::assert_mirror_equals_pg(&pg, prefix, table).await;
 
         // The changelog: one `r` row per existing key, except keys the
         // writer changed while the snapshot ran (their streamed change
         // replaces the chunk's row) — never two, never one for a new key.
-        let rows = test_support::lake::lake_rows("deltalake", &prefix, &[&table]);
+        let rows = test_support::lake::lake_rows("deltalake", prefix, &[table]);
         let mut reads = std::collections::BTreeMap::<i64, usize>::new();
         for r in rows.iter().filter(|r| r.op == "r") {
             *reads.entry(r.key().parse().unwrap()).or_default() += 1;
@@ -674,12 +712,5 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
         );
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
-    let errors = clean_up(&mut sink, &table, store.as_ref(), &prefix, outcome.is_ok()).await;
-    if let Err(panic) = outcome {
-        if !errors.is_empty() {
-            eprintln!("clean-up after the failure also failed: {errors:?}");
-        }
-        std::panic::resume_unwind(panic);
-    }
-    assert!(errors.is_empty(), "clean-up failed: {errors:?}");
+    trial.finish(sink, outcome).await;
 }
