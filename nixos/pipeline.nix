@@ -30,7 +30,7 @@ self: {
   capture = phase: ''
     CDC_PUBLICATION=${lib.escapeShellArg connector."publication.name"} \
     CDC_SLOT=${lib.escapeShellArg connector."slot.name"} \
-    CDC_SIGNAL_TABLE=${lib.escapeShellArg connector."signal.data.collection"} \
+    CDC_SIGNAL_TABLE=${lib.escapeShellArg (connector."signal.data.collection" or "public.cdc_signal")} \
     PGDATABASE=twitter ${pkgs.runtimeShell} ${../db/capture.sh} ${phase} ${capturedFile}'';
   # `sudo -u postgres cdc-lake-snapshot users tweets`: an incremental
   # snapshot of captured tables on demand (docs/operations.md).

@@ -294,7 +294,7 @@ capture_sql() {
   PGHOST=$STATE/run PGPORT=$PG_PORT PGUSER=postgres PGDATABASE=twitter \
     CDC_PUBLICATION=$(jq -r '."publication.name"' "$ROOT/debezium/$CONNECTOR.json") \
     CDC_SLOT=$(jq -r '."slot.name"' "$ROOT/debezium/$CONNECTOR.json") \
-    CDC_SIGNAL_TABLE=$(jq -r '."signal.data.collection"' "$ROOT/debezium/$CONNECTOR.json") \
+    CDC_SIGNAL_TABLE=$(jq -r '."signal.data.collection" // "public.cdc_signal"' "$ROOT/debezium/$CONNECTOR.json") \
     bash "$ROOT/db/capture.sh" "$1" "$CAPTURED_TABLES" "${@:2}" || die "applying $CAPTURED_TABLES failed (see above)"
 }
 
