@@ -168,7 +168,7 @@ in {
           ++ lib.optional sinkMetrics.enable (job "cdc-sink" (scrapeAddress sinkMetrics.address sinkMetrics.port))
           ++ lib.optional (cfg.generator.enable && genMetrics.enable)
           (job "tweetgen" (scrapeAddress genMetrics.address genMetrics.port))
-          ++ lib.optional cfg.slotGuard.enable (job "cdc-slot-guard" "127.0.0.1:9466");
+          ++ lib.optional cfg.slotGuard.enable (job "cdc-slot-guard" "127.0.0.1:${toString cfg.slotGuard.metricsPort}");
         # nixpkgs checks it with `promtool check rules` at build time.
         ruleFiles = [alertsFile];
       };

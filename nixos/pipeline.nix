@@ -121,8 +121,14 @@ in {
         replication slot and, when PostgreSQL reports it `lost`, stops the
         connector, drops the slot, deletes the connector's offsets, resumes
         it on a new slot (`snapshot.mode=no_data`) and signals an incremental
-        snapshot of every captured table. Metrics on 127.0.0.1:9466.
+        snapshot of every captured table.
       '';
+    };
+
+    slotGuard.metricsPort = lib.mkOption {
+      type = lib.types.port;
+      default = 9466;
+      description = "Port of the slot guard's /metrics, /healthz and /readyz, on 127.0.0.1.";
     };
   };
 
@@ -368,7 +374,7 @@ in {
         CDC_SLOT_GUARD_DATABASE__DBNAME = "twitter";
         CDC_SLOT_GUARD_CONNECT__URL = "http://127.0.0.1:${toString config.services.debezium.restPort}";
         CDC_SLOT_GUARD_CONNECT__CONNECTOR = config.services.debezium.connectorName;
-        CDC_SLOT_GUARD_METRICS__LISTEN = "127.0.0.1:9466";
+        CDC_SLOT_GUARD_METRICS__LISTEN = "127.0.0.1:${toString cfg.slotGuard.metricsPort}";
       };
       serviceConfig =
         import ./hardening.nix
