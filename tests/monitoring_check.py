@@ -51,9 +51,10 @@ MUTANTS = [
     ("slot WAL threshold of 2 GB", "> 1073741824", "> 2000000000"),
     ("inactive-slot alert on active slots", "expr: pg_replication_slots_active == 0", "expr: pg_replication_slots_active == 1"),
     ("target-down alert never firing", "expr: up == 0", "expr: up == 2"),
-    ("lost-slot alert without its 5 minutes", "        for: 5m\n        labels:\n          severity: critical", "        for: 30s\n        labels:\n          severity: critical"),
-    ("lost-slot alert never firing", 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 1', 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 2'),
-    ("lost-slot alert blind to a slot never replaced", 'status=~"lost|absent"', 'status=~"lost"'),
+    ("lost-slot alert without its 5 minutes", 'lost|absent"}[5m]) == 1', 'lost|absent"}[30s]) == 1'),
+    ("lost-slot alert never firing", 'lost|absent"}[5m]) == 1', 'lost|absent"}[5m]) == 2'),
+    ("lost-slot alert blind to a slot never replaced", 'min_over_time(cdc_slot_guard_wal_status{status=~"lost|absent"}', 'min_over_time(cdc_slot_guard_wal_status{status=~"lost"}'),
+    ("lost-slot alert that a restarting guard resets", 'expr: |\n          min_over_time(cdc_slot_guard_wal_status{status=~"lost|absent"}[5m]) == 1\n          and\n          count_over_time(cdc_slot_guard_wal_status{status=~"lost|absent"}[5m]) >= 10\n', 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 1\n        for: 5m\n'),
     ("failed-recovery alert blind to one failure", '{outcome="failed"}[15m]) > 0', '{outcome="failed"}[15m]) > 1'),
 ]
 
