@@ -347,6 +347,21 @@ impl Trial {
         }
     }
 
+    /// The table, as a user writes it in a db/*.sql file (the primary key
+    /// is the replica identity that lets updates and deletes be
+    /// published), writable by the workload's role, then `then` (SQL).
+    async fn create_table(&self, pg: &tokio_postgres::Client, then: &str) {
+        let table = &self.table;
+        pg.batch_execute(&format!(
+            "CREATE TABLE public.{table} (
+               id bigint PRIMARY KEY, name text, amount numeric(10,2));
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.{table} TO tweetgen;
+             {then}"
+        ))
+        .await
+        .unwrap();
+    }
+
     /// The sink for this trial's prefix, in a consumer group of its own.
     fn sink(&self) -> SinkProcess {
         SinkProcess::spawn(&self.prefix, &self.prefix)
@@ -398,15 +413,7 @@ async fn a_table_added_to_the_list_lands_in_the_running_pipeline() {
 
     let body = async {
         let pg = pg_super().await;
-        // What a user writes in a db/*.sql file. The primary key is the
-        // replica identity that lets updates and deletes be published.
-        pg.batch_execute(&format!(
-            "CREATE TABLE public.{table} (
-               id bigint PRIMARY KEY, name text, amount numeric(10,2));
-             GRANT SELECT, INSERT, UPDATE, DELETE ON public.{table} TO tweetgen;"
-        ))
-        .await
-        .unwrap();
+        trial.create_table(&pg, "").await;
 
         // The one configuration change: the table's name in the list.
         trial.capture().unwrap();
@@ -584,16 +591,16 @@ async fn a_table_captured_with_rows_is_backfilled_while_it_is_written() {
 
     let body = async {
         let pg = pg_super().await;
-        pg.batch_execute(&format!(
-            "CREATE TABLE public.{table} (
-               id bigint PRIMARY KEY, name text, amount numeric(10,2));
-             GRANT SELECT, INSERT, UPDATE, DELETE ON public.{table} TO tweetgen;
-             INSERT INTO public.{table}
-               SELECT g, 'existing ' || g, CASE WHEN g % 10 = 0 THEN NULL ELSE g / 100.0 END
-               FROM generate_series(1, {EXISTING_ROWS}) g;"
-        ))
-        .await
-        .unwrap();
+        trial
+            .create_table(
+                &pg,
+                &format!(
+                    "INSERT INTO public.{table}
+                     SELECT g, 'existing ' || g, CASE WHEN g % 10 = 0 THEN NULL ELSE g / 100.0 END
+                     FROM generate_series(1, {EXISTING_ROWS}) g;"
+                ),
+            )
+            .await;
 
         // The writer runs before, during and after the capture.
         let mut writer = Writer::new(table).await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use cdc_telemetry::Readiness;
 use cdc_telemetry::server::{self, OpsServer};
 use cdc_telemetry::systemd::{self, Watchdog};
@@ -111,15 +111,6 @@ fn record(status: Option<&SlotStatus>) {
     gauge!(RETAINED_WAL).set(bytes(status.and_then(|s| s.retained_bytes)));
 }
 
-fn backoff(give_up: Duration) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .with_total_delay(Some(give_up))
-        .without_max_times()
-}
-
 /// A PostgreSQL session, retried with backoff for `guard.give_up_after_secs`.
 async fn connect_pg(config: &Config) -> Result<Client, GuardError> {
     let db = &config.database;
@@ -143,7 +134,7 @@ async fn connect_pg(config: &Config) -> Result<Client, GuardError> {
         Ok::<_, tokio_postgres::Error>(client)
     };
     connect
-        .retry(backoff(config.give_up_after()))
+        .retry(recovery::backoff(config.give_up_after()))
         .notify(|e, after| {
             Watchdog::from_env().ping();
             tracing::warn!(error = %e, retry_in = ?after, "cannot reach PostgreSQL, retrying");
@@ -167,7 +158,7 @@ pub async fn run(
     let connect = Connect::new(&config.connect);
     let mut pg = connect_pg(config).await?;
     let slot = (|| connect.config())
-        .retry(backoff(config.give_up_after()))
+        .retry(recovery::backoff(config.give_up_after()))
         .notify(|e, after| {
             tracing::warn!(error = %e, retry_in = ?after, "cannot read the connector, retrying");
         })
@@ -248,7 +239,7 @@ pub async fn run(
                 Err(source) => {
                     failures += 1;
                     counter!(RECOVERIES, "outcome" => "failed").increment(1);
-                    tracing::error!(error = %anyhow_chain(&source), attempt = failures,
+                    tracing::error!(error = %error_chain(&source), attempt = failures,
                         of = config.guard.attempts, "recovery failed");
                     if failures >= config.guard.attempts {
                         return Err(GuardError::Recovery {
@@ -271,7 +262,7 @@ pub async fn run(
 }
 
 /// An error and its causes on one line.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

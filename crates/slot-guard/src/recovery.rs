@@ -56,7 +56,9 @@ pub fn is_pending(config: &ConnectorConfig) -> bool {
     config.raw.contains_key(PENDING)
 }
 
-fn backoff(limit: Duration) -> ExponentialBuilder {
+/// Capped exponential backoff with jitter for at most `limit`: every retry
+/// of the guard (a recovery step, reaching PostgreSQL or Connect at start).
+pub fn backoff(limit: Duration) -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(Duration::from_secs(5))
