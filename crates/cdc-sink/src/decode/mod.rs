@@ -17,6 +17,7 @@
 //! Debezium envelope (`{}`, `[]`, `{"payload":null}`, an empty value) is an
 //! error, and the pipeline quarantines it.
 
+pub mod marker;
 pub mod schema;
 mod values;
 
@@ -68,11 +69,13 @@ pub enum DecodeError {
         "schema `{fingerprint}`, named by the message's `cdclake.schema` header, is not usable: {reason}"
     )]
     BadSchema { fingerprint: String, reason: String },
+    #[error("a record with the `cdclake.marker` header that is not a valid marker: {0}")]
+    Marker(String),
 }
 
 impl DecodeError {
-    /// A short label for metrics: `json`, `envelope`, `schema`, `mismatch`
-    /// or `op`.
+    /// A short label for metrics: `json`, `envelope`, `schema`, `mismatch`,
+    /// `op`, `schema_topic` or `marker`.
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Json(_) => "json",
@@ -81,6 +84,7 @@ impl DecodeError {
             DecodeError::Mismatch { .. } => "mismatch",
             DecodeError::Op(_) => "op",
             DecodeError::UnknownSchema(_) | DecodeError::BadSchema { .. } => "schema_topic",
+            DecodeError::Marker(_) => "marker",
         }
     }
 }
@@ -164,6 +168,17 @@ impl ChangeRow {
 pub enum Decoded {
     Tombstone,
     Row(ChangeRow),
+    /// Not a Debezium event: the slot guard's marker of a recovery.
+    Marker(marker::RecoveryMarker),
+}
+
+/// The Kafka headers the sink reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageHeaders<'a> {
+    /// [`SCHEMA_HEADER`]: the value's schema, in the schema-id format.
+    pub schema_ref: Option<&'a [u8]>,
+    /// [`marker::HEADER`]: the record is a marker, of this kind.
+    pub marker: Option<&'a [u8]>,
 }
 
 #[derive(Deserialize)]
@@ -707,7 +722,7 @@ pub(crate) mod tests {
             .into_iter()
             .filter_map(|d| match d {
                 Decoded::Row(r) => Some(r),
-                Decoded::Tombstone => None,
+                Decoded::Tombstone | Decoded::Marker(_) => None,
             })
             .collect()
     }

@@ -280,7 +280,8 @@ pub fn utc_micros() -> DataType {
 
 /// Names of the CDC metadata columns appended after the table's own.
 pub mod meta {
-    /// `c` insert, `u` update, `d` delete, `r` snapshot read.
+    /// `c` insert, `u` update, `d` delete, `r` snapshot read; `recovery`
+    /// for a recovery marker (`decode::marker`).
     pub const OP: &str = "_cdc_op";
     /// Source commit time (Debezium `source.ts_ms`), UTC, µs.
     pub const COMMIT_TS: &str = "_cdc_commit_ts";
@@ -296,6 +297,9 @@ pub mod meta {
     /// `_cdc_` name, so that a table's own `date` column never collides
     /// with it.
     pub const DATE: &str = "_cdc_date";
+    /// A recovery marker's JSON, in its row only (`decode::marker`); the
+    /// column appears in a changelog with its first marker.
+    pub const RECOVERY: &str = "_cdc_recovery";
 }
 
 #[derive(Debug, Clone)]

@@ -31,7 +31,8 @@ use rdkafka::message::Headers;
 use tokio::sync::watch;
 
 use crate::config::{ConfigError, SinkConfig};
-use crate::decode::{ChangeRow, Decoded, Decoder, SCHEMA_HEADER};
+use crate::decode::marker::{self, MarkerRow, RecoveryMarker};
+use crate::decode::{ChangeRow, Decoded, Decoder, MessageHeaders, SCHEMA_HEADER};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
@@ -281,11 +282,16 @@ pub async fn run_with<S: Source>(
                 // Buffers of revoked partitions go before anything else.
                 sink.apply_rebalances(&mut rebalances);
                 let tp = Tp::new(msg.topic(), msg.partition());
-                let schema_ref = msg
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
-                    .and_then(|h| h.value);
-                sink.on_message(tp, msg.offset(), msg.key(), msg.payload(), schema_ref).await?;
+                let header = |name: &str| {
+                    msg.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == name))
+                        .and_then(|h| h.value)
+                };
+                let headers = MessageHeaders {
+                    schema_ref: header(SCHEMA_HEADER),
+                    marker: header(marker::HEADER),
+                };
+                sink.on_message(tp, msg.offset(), msg.key(), msg.payload(), headers).await?;
                 drop(msg);
                 sink.hold_memory()?;
             }
@@ -403,7 +409,7 @@ impl<S: Source> Sink<'_, S> {
         offset: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        schema_ref: Option<&[u8]>,
+        headers: MessageHeaders<'_>,
     ) -> Result<(), PipelineError> {
         loop {
             match self.partitions.admit(&tp, offset) {
@@ -422,7 +428,7 @@ impl<S: Source> Sink<'_, S> {
                 Some(Admit::NeedsLakeVersion) => self.learn_position(&tp).await?,
             }
         }
-        if let Some(fingerprint) = schema_ref
+        if let Some(fingerprint) = headers.schema_ref
             && !self.decoder.knows(fingerprint)
         {
             self.learn_schemas(fingerprint).await?;
@@ -431,7 +437,21 @@ impl<S: Source> Sink<'_, S> {
         let meters = self.meters.table(table_of(&tp.topic));
         meters.messages.increment(1);
 
-        match self.decoder.decode_with(payload, schema_ref) {
+        let decoded = match headers.marker {
+            Some(kind) => RecoveryMarker::parse(kind, payload).map(Decoded::Marker),
+            None => self.decoder.decode_with(payload, headers.schema_ref),
+        };
+        match decoded {
+            Ok(Decoded::Marker(marker)) => {
+                tracing::info!(partition = %tp, offset, recovery = %marker.id,
+                    slot_start_lsn = marker.slot_start_lsn, "recovery marker");
+                let row = MarkerRow {
+                    marker,
+                    partition: tp.partition,
+                    offset,
+                };
+                self.partitions.segment(&tp, offset).push_marker(row);
+            }
             Ok(Decoded::Row(row)) => {
                 if !row.null_in_required.is_empty() {
                     report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);

@@ -18,6 +18,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
+use crate::decode::marker::{self, MarkerRow};
 use crate::decode::schema::{ColumnType, TableSchema};
 use crate::decode::{ChangeRow, Datum};
 use crate::lake::changelog::DataFile;
@@ -196,6 +197,8 @@ pub struct Segment {
     /// them; written into each file for the current-state tables.
     pub key: Option<Arc<[String]>>,
     groups: Vec<Group>,
+    /// Recovery markers, written as rows of their own file.
+    markers: Vec<MarkerRow>,
 }
 
 impl Segment {
@@ -208,11 +211,19 @@ impl Segment {
             newest_source_ms: i64::MIN,
             key: None,
             groups: Vec::new(),
+            markers: Vec::new(),
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.groups.iter().map(Group::rows).sum()
+        self.groups.iter().map(Group::rows).sum::<usize>() + self.markers.len()
+    }
+
+    /// Appends a recovery marker. It does not move
+    /// [`Segment::newest_source_ms`]: it is not a source change.
+    pub fn push_marker(&mut self, row: MarkerRow) {
+        self.cover(row.offset);
+        self.markers.push(row);
     }
 
     /// Extends the segment over `offset` without a row (a tombstone or a
@@ -253,7 +264,8 @@ impl Segment {
     /// The segment's rows as record batches, one per group.
     pub fn into_files(self) -> Result<Vec<DataFile>, ArrowError> {
         let key = self.key;
-        self.groups
+        let mut files = self
+            .groups
             .into_iter()
             .map(|mut g| {
                 Ok(DataFile {
@@ -262,7 +274,15 @@ impl Segment {
                     key: key.clone(),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, ArrowError>>()?;
+        if let Some(first) = self.markers.first() {
+            files.push(DataFile {
+                date: first.marker.date(),
+                batch: marker::batch(&self.markers)?,
+                key,
+            });
+        }
+        Ok(files)
     }
 
     pub fn roll_reason(&self, policy: &RollPolicy) -> Option<RollReason> {

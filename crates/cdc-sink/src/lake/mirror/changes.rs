@@ -16,6 +16,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
+use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
 
 /// Where one column of a surviving row comes from.
@@ -98,6 +99,10 @@ impl Changes {
 
         let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
         for i in 0..rows.num_rows() {
+            if op.is_valid(i) && op.value(i) == RECOVERY {
+                // A recovery marker: no key, no row (see `reconcile`).
+                continue;
+            }
             let k = keys.row(i).owned();
             if op.is_valid(i) && op.value(i) == "d" {
                 outcomes.insert(k, Outcome::Delete);

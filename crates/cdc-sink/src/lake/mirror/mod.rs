@@ -27,12 +27,13 @@
 //! rows back. It only checkpoints and vacuums them.
 
 pub mod changes;
+mod reconcile;
 pub mod through;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, new_empty_array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array};
 use arrow::compute::interleave;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -48,6 +49,7 @@ use object_store::path::Path;
 use parquet::file::metadata::ParquetMetaDataReader;
 use serde_json::json;
 
+use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::changelog::KEY_METADATA;
@@ -55,7 +57,7 @@ use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
-use crate::lake::mirror::through::{PARTITIONS_KEY, Through};
+use crate::lake::mirror::through::Through;
 use crate::lake::table::{LakeRoot, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
@@ -70,13 +72,14 @@ pub const KEY_PROPERTY: &str = "cdc.primaryKey";
 
 /// Changelog columns a mirror leaves out: they describe a change, not a
 /// row. `_cdc_lsn` and `_cdc_commit_ts` stay: the row's last change.
-const CHANGE_ONLY: [&str; 6] = [
+const CHANGE_ONLY: [&str; 7] = [
     meta::OP,
     meta::TX_ID,
     meta::KAFKA_PARTITION,
     meta::KAFKA_OFFSET,
     meta::UNCHANGED,
     meta::DATE,
+    meta::RECOVERY,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,9 @@ pub struct Synced {
     /// The source commit time (µs) through which every partition's
     /// changes are now applied ([`Through::commit_us`]).
     pub through_commit_us: Option<i64>,
+    /// A recovery's leftovers removed in a commit of their own: which
+    /// recovery, and how many rows went.
+    pub reconciled: Option<reconcile::Reconciled>,
 }
 
 /// Changelog files to apply, and the version they bring the mirror to.
@@ -257,11 +263,29 @@ impl Mirror {
                     .map_err(delta_err(table))?,
             ),
         };
-        let synced = self
+        let mut synced = self
             .sync_open(table, &mut changelog, &mut mirror, rebuild)
-            .await?;
+            .await;
+        if let Ok(s) = &mut synced
+            && s.through.is_some()
+            && !s.conflict
+        {
+            // Due after the changes that complete a recovery's markers, or
+            // still due after a crash between their commit and this one.
+            let committed = s.version.is_some();
+            match self.reconcile_if_due(table, &mut mirror, committed).await {
+                // Lost to a concurrent writer: again at the next sync.
+                Ok(Some(r)) if r.conflict => s.behind = true,
+                Ok(Some(r)) => {
+                    s.version = Some(r.version);
+                    s.reconciled = Some(r);
+                }
+                Ok(None) => {}
+                Err(e) => synced = Err(e),
+            }
+        }
         open.insert(table.to_string(), (changelog, mirror));
-        Ok(synced)
+        synced
     }
 
     async fn sync_open(
@@ -328,9 +352,10 @@ impl Mirror {
             None => (self.live(table, changelog, &store).await?, true, target),
         };
 
-        if !exists && files.is_empty() {
-            // Only the changelog's creation so far: nothing says whether
-            // it has a key yet, so it is not taken for a table without one.
+        if !exists && !files.iter().any(has_changes) {
+            // Only the changelog's creation (or recovery markers) so far:
+            // nothing says whether it has a key yet, so it is not taken
+            // for a table without one.
             return Ok(Synced {
                 behind: through < target,
                 ..Synced::default()
@@ -358,13 +383,6 @@ impl Mirror {
                 behind: true,
                 ..Synced::default()
             });
-        }
-        if !exists
-            && files
-                .iter()
-                .all(|f| f.batches.iter().all(|b| b.num_rows() == 0))
-        {
-            return Ok(Synced::default());
         }
 
         // The changes, in Kafka order, reduced to one outcome per key.
@@ -699,21 +717,14 @@ impl Mirror {
         )));
 
         // How current the mirror is after this commit, carried forward
-        // from the one it builds on.
-        let positions = self
+        // from the one it builds on (its recovery state too, unless these
+        // changes are the whole changelog, which holds every marker again).
+        let base = self
             .through_at(table, mirror, state.version() as i64)
-            .await?
-            .merged(&Through::of_rows(&changes.rows));
-        let mut app = HashMap::from([
-            ("cdc.changelogVersion".to_string(), json!(through)),
-            (PARTITIONS_KEY.to_string(), positions.to_json()),
-        ]);
-        if let Some(us) = positions.commit_us() {
-            app.insert("cdc.sourceCommitTsMicros".to_string(), json!(us));
-        }
-        if let Some(lsn) = positions.lsn() {
-            app.insert("cdc.sourceLsn".to_string(), json!(lsn));
-        }
+            .await?;
+        let base = if full { base.without_recovery() } else { base };
+        let positions = base.merged(&Through::of_rows(&changes.rows));
+        let app = commit_info(through, &positions);
         tracing::debug!(
             table,
             files = added,
@@ -767,7 +778,9 @@ impl Mirror {
     }
 
     /// The per-partition positions mirror version `version` holds: known
-    /// if this writer made it, else read from its commit.
+    /// if this writer made it or read it before, else read from its commit
+    /// or, when that is not a sync's (upkeep's vacuum commits), the newest
+    /// sync's before it.
     async fn through_at(
         &self,
         table: &str,
@@ -780,17 +793,30 @@ impl Mirror {
             return Ok(t.clone());
         }
         let name = LakeRoot::mirror_of(table);
-        let entry = mirror
-            .log_store()
-            .read_commit_entry(version as u64)
-            .await
-            .map_err(delta_err(&name))?;
-        let info = entry
-            .iter()
-            .flat_map(|bytes| bytes.split(|b| *b == b'\n'))
-            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
-            .find_map(|action| action.get("commitInfo").cloned());
-        Ok(info.map_or_else(Through::default, |i| Through::from_commit_info(&i)))
+        let mut found = Through::default();
+        // Upkeep adds two commits per vacuum; a few more than that are
+        // looked back through before starting from nothing.
+        for v in (0..=version).rev().take(8) {
+            let entry = mirror
+                .log_store()
+                .read_commit_entry(v as u64)
+                .await
+                .map_err(delta_err(&name))?;
+            let info = entry
+                .iter()
+                .flat_map(|bytes| bytes.split(|b| *b == b'\n'))
+                .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+                .find_map(|action| action.get("commitInfo").cloned());
+            if let Some(t) = info.and_then(|i| Through::from_commit_info(&i)) {
+                found = t;
+                break;
+            }
+        }
+        self.through
+            .lock()
+            .expect("not poisoned")
+            .insert(table.to_string(), (version, found.clone()));
+        Ok(found)
     }
 
     /// `batch` cut into files of one to two times the target size (by its Arrow size;
@@ -907,6 +933,21 @@ enum PutError {
     Arrow(ArrowError),
 }
 
+/// The `commitInfo` of a mirror commit: the changelog version it reflects
+/// and how current that is ([`Through`]).
+fn commit_info(through: i64, positions: &Through) -> HashMap<String, serde_json::Value> {
+    let mut app: HashMap<String, serde_json::Value> =
+        positions.to_commit_info().into_iter().collect();
+    app.insert("cdc.changelogVersion".to_string(), json!(through));
+    if let Some(us) = positions.commit_us() {
+        app.insert("cdc.sourceCommitTsMicros".to_string(), json!(us));
+    }
+    if let Some(lsn) = positions.lsn() {
+        app.insert("cdc.sourceLsn".to_string(), json!(lsn));
+    }
+    app
+}
+
 /// Another writer committed to the mirror since this sync read it. With
 /// no retries (see `apply`), delta-rs reports that as running out of
 /// attempts, a conflict, or the version already existing.
@@ -932,6 +973,19 @@ fn percent_decode(path: &str) -> String {
                 .map(|p| p.to_string_lossy().trim_start_matches('/').to_string())
         })
         .unwrap_or_else(|| path.to_string())
+}
+
+/// Whether `file` holds a change of a row (not only recovery markers).
+fn has_changes(file: &ReadFile) -> bool {
+    file.batches.iter().any(|b| {
+        match b
+            .column_by_name(meta::OP)
+            .and_then(|c| c.as_string_opt::<i32>())
+        {
+            Some(op) => (0..op.len()).any(|i| !op.is_valid(i) || op.value(i) != RECOVERY),
+            None => b.num_rows() > 0,
+        }
+    })
 }
 
 /// Reads `paths`; `None` if one is gone.

@@ -14,6 +14,7 @@ use deltalake::DeltaTableBuilder;
 
 use super::*;
 use crate::config::{LakeConfig, OutputConfig};
+use crate::decode::marker::{MarkerRow, RecoveryMarker};
 use crate::decode::schema::utc_micros;
 use crate::lake::changelog::{Changelog, DataFile, PartitionWrite};
 use crate::lake::files::writer_properties;
@@ -171,6 +172,35 @@ impl Lake {
             }
         }
         out
+    }
+
+    /// Commits a recovery marker at the end of each of `partitions`, as
+    /// the sink writes the guard's.
+    async fn commit_markers(&mut self, marker: &RecoveryMarker, partitions: &[i32]) {
+        let mut writes = Vec::new();
+        for &p in partitions {
+            let offset = self.last.get(&p).map_or(0, |l| l + 1);
+            let row = MarkerRow {
+                marker: marker.clone(),
+                partition: p,
+                offset,
+            };
+            writes.push(PartitionWrite {
+                tp: Tp::new(format!("db.{TABLE}"), p),
+                claim: Claim {
+                    expected: self.last.get(&p).copied(),
+                    last: offset,
+                },
+                files: vec![DataFile {
+                    date: marker.date(),
+                    batch: crate::decode::marker::batch(&[row]).unwrap(),
+                    key: None,
+                }],
+            });
+            self.last.insert(p, offset);
+        }
+        let outcome = self.changelog.write(TABLE, &writes).await.unwrap();
+        assert!(outcome.fenced.is_empty());
     }
 
     async fn live_files(&self) -> usize {
@@ -407,4 +437,73 @@ async fn a_changelog_with_no_data_yet_is_not_taken_for_one_without_a_key() {
         lake.rows().await,
         BTreeMap::from([(1, "one".to_string()), (2, "two".to_string())])
     );
+}
+
+/// After a lost slot: keys deleted while it was lost (2 and 4) are still
+/// in the mirror until the recovery's markers from every partition are
+/// applied; then they go, in one commit of their own, once. The
+/// snapshot's rows and a key re-created in the gap stay; a rebuild from
+/// the changelog ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_removes_the_rows_deleted_while_the_slot_was_lost() {
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(32 << 20);
+    let before: Vec<Change> = (1..=6)
+        .map(|id| ((id % 2) as i32, id, "c", "old", false))
+        .collect();
+    lake.commit(&before, true).await;
+    mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(lake.rows().await.len(), 6);
+
+    // The slot is lost; 2 and 4 are deleted and 5 deleted and re-created
+    // in the gap. The new slot starts past every change delivered.
+    lake.lsn += 100;
+    let marker = RecoveryMarker {
+        id: "slot@1".into(),
+        slot: "slot".into(),
+        slot_start_lsn: lake.lsn,
+        partitions: 2,
+        completed_at_ms: 1_764_979_200_000,
+    };
+    // The snapshot (`r`, past the slot's start) and a change streamed
+    // after it.
+    lake.commit(
+        &[
+            (1, 1, "r", "old", false),
+            (1, 3, "r", "old", false),
+            (1, 5, "r", "new", false),
+            (0, 6, "r", "old", false),
+            (0, 6, "u", "six", false),
+        ],
+        true,
+    )
+    .await;
+    lake.commit_markers(&marker, &[0]).await;
+    let partial = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(partial.reconciled, None, "one partition's marker: not yet");
+    assert!(lake.rows().await.contains_key(&2));
+
+    lake.commit_markers(&marker, &[1]).await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    let reconciled = synced
+        .reconciled
+        .clone()
+        .unwrap_or_else(|| panic!("not reconciled: {synced:?} {partial:?}"));
+    assert_eq!(
+        (reconciled.id.as_str(), reconciled.rows_removed),
+        ("slot@1", 2)
+    );
+    let want = expect(&[(1, "old"), (3, "old"), (5, "new"), (6, "six")]);
+    assert_eq!(lake.rows().await, want);
+
+    // Once: the next sync finds it done.
+    let again = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!((again.version, again.reconciled), (None, None));
+    // A new writer (another process) reads the state from the log.
+    let other = lake.mirror(32 << 20);
+    assert_eq!(other.sync(TABLE, false).await.unwrap().reconciled, None);
+    // From the whole changelog: the markers are in it, so is the result.
+    let rebuilt = mirror.sync(TABLE, true).await.unwrap();
+    assert!(rebuilt.full && rebuilt.reconciled.is_some(), "{rebuilt:?}");
+    assert_eq!(lake.rows().await, want);
 }

@@ -8,17 +8,85 @@
 //! therefore a time through which every change of every partition has been
 //! applied: what [`Through::commit_us`] reports as `cdc.sourceCommitTsMicros`.
 //! A partition that has been quiet holds it back (it errs on the old side).
+//!
+//! It also carries the newest recovery seen in the changelog
+//! ([`RecoveryState`], `cdc.recovery`): which partitions' markers are
+//! applied, and whether the rows deleted during the recovery's gap are
+//! removed yet. Recovery markers do not move a partition's position: they
+//! are not source changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use serde::{Deserialize, Serialize};
 
+use crate::decode::marker::{RECOVERY, RecoveryMarker};
 use crate::decode::schema::meta;
 
 /// The `commitInfo` key of the per-partition positions.
 pub const PARTITIONS_KEY: &str = "cdc.partitions";
+/// The `commitInfo` key of the newest recovery's state.
+pub const RECOVERY_KEY: &str = "cdc.recovery";
+
+/// The newest recovery whose markers a mirror has applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryState {
+    pub id: String,
+    pub slot_start_lsn: i64,
+    pub partitions: i32,
+    /// Partitions whose marker is applied.
+    pub seen: BTreeSet<i32>,
+    /// The rows older than `slot_start_lsn` are removed.
+    #[serde(default)]
+    pub reconciled: bool,
+}
+
+impl RecoveryState {
+    fn of(marker: &RecoveryMarker, partition: i32) -> RecoveryState {
+        RecoveryState {
+            id: marker.id.clone(),
+            slot_start_lsn: marker.slot_start_lsn,
+            partitions: marker.partitions,
+            seen: BTreeSet::from([partition]),
+            reconciled: false,
+        }
+    }
+
+    /// Every partition's marker is applied: so is every row the
+    /// recovery's snapshot delivered.
+    pub fn complete(&self) -> bool {
+        (0..self.partitions).all(|p| self.seen.contains(&p))
+    }
+
+    /// Removing the rows it left behind is due.
+    pub fn due(&self) -> bool {
+        self.complete() && !self.reconciled
+    }
+
+    /// Both states, `newer` taking over unless it is the same recovery
+    /// or an older one. A newer recovery supersedes an older one not yet
+    /// reconciled: its snapshot delivered every row again, so its own
+    /// reconciliation removes the older one's leftovers too.
+    fn merged(
+        older: Option<&RecoveryState>,
+        newer: Option<&RecoveryState>,
+    ) -> Option<RecoveryState> {
+        match (older, newer) {
+            (None, n) => n.cloned(),
+            (o, None) => o.cloned(),
+            (Some(o), Some(n)) if o.id == n.id => {
+                let mut out = o.clone();
+                out.seen.extend(&n.seen);
+                out.reconciled |= n.reconciled;
+                Some(out)
+            }
+            (Some(o), Some(n)) if n.slot_start_lsn >= o.slot_start_lsn => Some(n.clone()),
+            (Some(o), Some(_)) => Some(o.clone()),
+        }
+    }
+}
 
 /// The newest change applied from one partition.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +110,8 @@ impl Applied {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Through {
     partitions: BTreeMap<i32, Applied>,
+    /// The newest recovery seen, if any.
+    pub recovery: Option<RecoveryState>,
 }
 
 impl Through {
@@ -60,6 +130,12 @@ impl Through {
                 .and_then(|c| arrow::compute::cast(c, &DataType::Int64).ok())
         };
         let (commit, lsn) = (int64(meta::COMMIT_TS), int64(meta::LSN));
+        let op = rows
+            .column_by_name(meta::OP)
+            .and_then(|c| c.as_string_opt::<i32>().cloned());
+        let marker = rows
+            .column_by_name(meta::RECOVERY)
+            .and_then(|c| c.as_string_opt::<i32>().cloned());
         let value = |a: &Option<arrow::array::ArrayRef>, i: usize| {
             a.as_ref()
                 .map(|a| a.as_primitive::<Int64Type>())
@@ -68,6 +144,20 @@ impl Through {
         };
         for i in 0..rows.num_rows() {
             if !partition.is_valid(i) {
+                continue;
+            }
+            if op
+                .as_ref()
+                .is_some_and(|op| op.is_valid(i) && op.value(i) == RECOVERY)
+            {
+                let parsed = marker
+                    .as_ref()
+                    .filter(|m| m.is_valid(i))
+                    .and_then(|m| serde_json::from_str::<RecoveryMarker>(m.value(i)).ok());
+                if let Some(m) = parsed {
+                    let seen = RecoveryState::of(&m, partition.value(i));
+                    out.recovery = RecoveryState::merged(out.recovery.as_ref(), Some(&seen));
+                }
                 continue;
             }
             let applied = Applied {
@@ -80,25 +170,42 @@ impl Through {
         out
     }
 
-    /// Read back from a mirror commit's `commitInfo`.
-    pub fn from_commit_info(info: &serde_json::Value) -> Through {
+    /// Read back from a mirror commit's `commitInfo`; `None` if the
+    /// commit is not the mirror writer's (a vacuum's).
+    pub fn from_commit_info(info: &serde_json::Value) -> Option<Through> {
         let partitions = info
             .get(PARTITIONS_KEY)
-            .and_then(|p| serde_json::from_value::<BTreeMap<String, Applied>>(p.clone()).ok())
-            .unwrap_or_default()
+            .and_then(|p| serde_json::from_value::<BTreeMap<String, Applied>>(p.clone()).ok())?
             .into_iter()
             .filter_map(|(p, a)| Some((p.parse().ok()?, a)))
             .collect();
-        Through { partitions }
+        let recovery = info
+            .get(RECOVERY_KEY)
+            .and_then(|r| serde_json::from_value(r.clone()).ok());
+        Some(Through {
+            partitions,
+            recovery,
+        })
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The `commitInfo` entries that record it.
+    pub fn to_commit_info(&self) -> Vec<(String, serde_json::Value)> {
         let map: BTreeMap<String, Applied> = self
             .partitions
             .iter()
             .map(|(p, a)| (p.to_string(), *a))
             .collect();
-        serde_json::to_value(map).expect("positions serialise")
+        let mut out = vec![(
+            PARTITIONS_KEY.to_string(),
+            serde_json::to_value(map).expect("positions serialise"),
+        )];
+        if let Some(r) = &self.recovery {
+            out.push((
+                RECOVERY_KEY.to_string(),
+                serde_json::to_value(r).expect("a recovery state serialises"),
+            ));
+        }
+        out
     }
 
     /// Both, partition by partition, the newer of each.
@@ -108,7 +215,18 @@ impl Through {
             let e = out.partitions.entry(*p).or_default();
             *e = e.max(*a);
         }
+        out.recovery = RecoveryState::merged(self.recovery.as_ref(), newer.recovery.as_ref());
         out
+    }
+
+    /// The same positions without the recovery state: what a sync from
+    /// the whole changelog builds on, since its rows hold every marker
+    /// again and its files every row again.
+    pub fn without_recovery(&self) -> Through {
+        Through {
+            partitions: self.partitions.clone(),
+            recovery: None,
+        }
     }
 
     /// The source commit time (µs) through which every partition's
@@ -174,12 +292,12 @@ mod tests {
                 lsn: Some(30)
             }
         );
-        let info = serde_json::json!({ PARTITIONS_KEY: through.to_json() });
-        assert_eq!(Through::from_commit_info(&info), through);
+        let info: serde_json::Map<_, _> = through.to_commit_info().into_iter().collect();
         assert_eq!(
-            Through::from_commit_info(&serde_json::json!({})),
-            Through::default()
+            Through::from_commit_info(&serde_json::Value::Object(info)),
+            Some(through)
         );
+        assert_eq!(Through::from_commit_info(&serde_json::json!({})), None);
         assert_eq!(Through::default().commit_us(), None);
     }
 }
