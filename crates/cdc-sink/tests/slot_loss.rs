@@ -11,16 +11,17 @@
 //! and only then the guard (`slot_guard::guard::run`, the service's loop)
 //! starts: the test asserts the connector streams on a new slot and the
 //! current-state table equals PostgreSQL again, every column, within a
-//! stated time, with the changes of the gap (inserts and updates) in it.
+//! stated time, with the changes of the gap in it: inserts, updates and
+//! deletes, the deleted rows gone (no ghosts: the guard's recovery markers
+//! let the mirror remove what the snapshot did not deliver).
 //! Then the same fault again, the guard still running: a second recovery
 //! (its metric counts two). Then a recovery cut off after the slot was
 //! dropped (the connector stopped and marked pending, offsets deleted, no
 //! slot), finished by a guard started afterwards. Each recovery must leave
 //! `snapshot.mode=no_data`, no pending mark and one more snapshot signal;
 //! the changelog holds the initial snapshot and the three re-snapshots as
-//! `r` rows and no streamed change of a gap.
-//! Deletes of a gap are not tested: the mirror does not reconcile yet
-//! (issue 20, step 3), so the test deletes nothing in a gap.
+//! `r` rows, one recovery marker per partition per recovery, and no
+//! streamed change of a gap.
 #![cfg(feature = "stack-tests")]
 
 use std::time::{Duration, Instant};
@@ -122,6 +123,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
                 .merge(Serialized::default("database.port", own.port))
                 .merge(Serialized::default("database.dbname", "postgres"))
                 .merge(Serialized::default("guard.interval_ms", 1000))
+                .merge(Serialized::default("kafka.topics", [n.topic()]))
                 .merge(Serialized::default("metrics.listen", "127.0.0.1:0")),
         )
         .unwrap();
@@ -135,6 +137,14 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             None => 0.0,
         };
 
+        // Rows each re-snapshot reads: the table as the gap left it.
+        let mut snapshot_rows = Vec::new();
+        let count = async || -> i64 {
+            pg.query_one(&format!("SELECT count(*) FROM {t}"), &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
         // Twice: the second loss meets a guard that already recovered once.
         for round in 1..=2 {
             // The fault: the connector stops reading, rows change, WAL grows.
@@ -143,11 +153,13 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             let (first, last) = (rows_before + 100 * round - 99, rows_before + 100 * round);
             pg.batch_execute(&format!(
                 "UPDATE {t} SET n = n + 1, name = name || ' (gap {round})' WHERE id % 3 = {m};
-                 INSERT INTO {t} SELECT g, 'gap ' || g, {round} FROM generate_series({first}, {last}) g;",
+                 INSERT INTO {t} SELECT g, 'gap ' || g, {round} FROM generate_series({first}, {last}) g;
+                 DELETE FROM {t} WHERE id % 11 = {round} OR id = {first};",
                 m = round - 1
             ))
             .await
             .unwrap();
+            snapshot_rows.push(count().await);
             let before = recoveries(&ops).await;
             let mut pushed_mb = 0;
             // Until PostgreSQL reports the slot lost, or (a guard running)
@@ -239,7 +251,13 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
         n.wait("STOPPED").await;
         let mut marked = n.current_config();
         marked["snapshot.mode"] = "no_data".into();
-        marked[slot_guard::recovery::PENDING] = "test: cut off after the slot was dropped".into();
+        let start = slot_guard::slot::position(&pg).await.unwrap();
+        marked[slot_guard::recovery::PENDING] = serde_json::json!({
+            "slot": n.slot, "startedAtUnix": 0,
+            "slotStartLsn": start.lsn, "slotStartMs": start.at_ms
+        })
+        .to_string()
+        .into();
         n.register(&marked);
         let deleted = rest("DELETE", &format!("/connectors/{}/offsets", n.name), None);
         assert!(deleted.status.success());
@@ -248,10 +266,12 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
             .unwrap();
         pg.batch_execute(&format!(
             "UPDATE {t} SET n = n + 1, name = name || ' (gap 3)' WHERE id % 3 = 2;
-             INSERT INTO {t} SELECT g, 'gap ' || g, 3 FROM generate_series({rows_before} + 201, {rows_before} + 300) g;"
+             INSERT INTO {t} SELECT g, 'gap ' || g, 3 FROM generate_series({rows_before} + 201, {rows_before} + 300) g;
+             DELETE FROM {t} WHERE id % 13 = 3;"
         ))
         .await
         .unwrap();
+        snapshot_rows.push(count().await);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let guard = {
             let config = config.clone();
@@ -292,28 +312,44 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
         stop_tx.send(true).unwrap();
         guard.await.unwrap().expect("the guard ends cleanly");
 
-        // The changelog holds the four snapshots: the initial one and every
-        // row of the table read again after each gap.
-        let want = 4 * rows_before + 600;
+        // The changelog holds the four snapshots (the initial one and the
+        // table as each gap left it) and each recovery's marker in each
+        // partition of the topic.
+        let partitions = 3;
+        let want = rows_before + snapshot_rows.iter().sum::<i64>();
         let reads = wait_until(
-            &format!("the changelog to hold {want} `r` rows"),
+            &format!("the changelog to hold {want} `r` rows and 3 recoveries' markers"),
             Duration::from_secs(120),
             async || {
                 let rows = test_support::lake::lake_rows("deltalake", &n.lake_prefix, &[&n.table]);
-                let streamed = rows.iter().filter(|r| r.op != "r").count();
-                let reads = rows.len() - streamed;
+                let markers: Vec<_> = rows.iter().filter(|r| r.op == "recovery").collect();
+                let reads = rows.iter().filter(|r| r.op == "r").count();
+                let streamed = rows.len() - reads - markers.len();
                 // The gaps' changes reached the lake only through the
                 // snapshots: nothing read the slot while they were made.
                 assert_eq!(streamed, 0, "changes of a gap were streamed");
-                if reads as i64 >= want {
+                assert!(
+                    markers
+                        .iter()
+                        .all(|m| m.values.values().all(Option::is_none)),
+                    "a marker row holds no table values"
+                );
+                if reads as i64 >= want && markers.len() >= 3 * partitions {
+                    assert_eq!(reads as i64, want, "`r` rows");
+                    assert_eq!(markers.len(), 3 * partitions, "markers");
                     Ok(reads)
                 } else {
-                    Err(format!("{reads} `r` rows"))
+                    Err(format!("{reads} `r` rows, {} markers", markers.len()))
                 }
             },
         )
         .await;
-        eprintln!("{reads} `r` rows in all: the initial snapshot and three re-snapshots");
+        eprintln!(
+            "{reads} `r` rows in all: the initial snapshot and three re-snapshots; 9 markers"
+        );
+        // And the current-state table still equals PostgreSQL: the
+        // deleted rows are gone.
+        assert_eq!(equal().await, Ok(()));
     };
     let outcome = std::panic::AssertUnwindSafe(body).catch_unwind().await;
 

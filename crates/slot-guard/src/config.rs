@@ -36,6 +36,7 @@ pub enum ConfigError {
 pub struct Config {
     pub database: DatabaseConfig,
     pub connect: ConnectConfig,
+    pub kafka: KafkaConfig,
     pub guard: GuardConfig,
     pub metrics: MetricsConfig,
 }
@@ -67,6 +68,17 @@ pub struct ConnectConfig {
     pub connector: String,
 }
 
+/// Where the recovery markers go: every partition of every captured
+/// table's topic, after the re-snapshot is in Kafka (see `markers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// The captured tables' topics, as the sink's `kafka.topics`: names,
+    /// or regular expressions when they start with `^`.
+    pub topics: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
@@ -81,6 +93,9 @@ pub struct GuardConfig {
     /// How long PostgreSQL or Connect may be unreachable before the
     /// service exits non-zero.
     pub give_up_after_secs: u64,
+    /// How long the re-snapshot of every table may take before the
+    /// recovery counts as failed (and is tried again).
+    pub snapshot_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,11 +121,16 @@ impl Default for Config {
                 url: "http://127.0.0.1:8083".into(),
                 connector: "twitter-postgres".into(),
             },
+            kafka: KafkaConfig {
+                bootstrap_servers: "127.0.0.1:9092".into(),
+                topics: vec![r"^twitter\..*".into()],
+            },
             guard: GuardConfig {
                 interval_ms: 10_000,
                 step_timeout_secs: 120,
                 attempts: 3,
                 give_up_after_secs: 120,
+                snapshot_timeout_secs: 6 * 3600,
             },
             metrics: MetricsConfig {
                 // Loopback: no authentication. 9464 is the sink's, 9465 tweetgen's.
@@ -129,7 +149,7 @@ macro_rules! default_from_root {
         }
     )*};
 }
-default_from_root!(DatabaseConfig => database, ConnectConfig => connect, GuardConfig => guard, MetricsConfig => metrics);
+default_from_root!(DatabaseConfig => database, ConnectConfig => connect, KafkaConfig => kafka, GuardConfig => guard, MetricsConfig => metrics);
 
 impl Config {
     /// Layers defaults, the optional TOML file and the environment.
@@ -169,6 +189,22 @@ impl Config {
         if self.connect.connector.is_empty() || self.connect.connector.contains('/') {
             return invalid("connect.connector", "must be a connector name");
         }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return invalid("kafka.bootstrap_servers", "must name at least one broker");
+        }
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics", "must name at least one topic or pattern");
+        }
+        if let Some(bad) = self.kafka.topics.iter().find_map(|t| {
+            t.starts_with('^')
+                .then(|| regex::Regex::new(t).err())
+                .flatten()
+        }) {
+            return invalid("kafka.topics", &format!("holds an invalid pattern: {bad}"));
+        }
+        if self.guard.snapshot_timeout_secs == 0 {
+            return invalid("guard.snapshot_timeout_secs", "must be greater than 0");
+        }
         if self.guard.interval_ms == 0 {
             return invalid("guard.interval_ms", "must be greater than 0");
         }
@@ -197,6 +233,10 @@ impl Config {
 
     pub fn give_up_after(&self) -> Duration {
         Duration::from_secs(self.guard.give_up_after_secs)
+    }
+
+    pub fn snapshot_timeout(&self) -> Duration {
+        Duration::from_secs(self.guard.snapshot_timeout_secs)
     }
 }
 
@@ -250,6 +290,11 @@ mod tests {
             assert!(err.to_string().contains("`connect.url`"), "{err}");
 
             jail.set_env("CDC_SLOT_GUARD_CONNECT__URL", "http://127.0.0.1:8083");
+            jail.set_env("CDC_SLOT_GUARD_KAFKA__TOPICS", "[\"^twitter\\\\.(\"]");
+            let err = Config::from_figment(Config::figment(None)).unwrap_err();
+            assert!(err.to_string().contains("`kafka.topics`"), "{err}");
+
+            jail.set_env("CDC_SLOT_GUARD_KAFKA__TOPICS", "[\"^twitter\\\\..*\"]");
             jail.set_env("CDC_SLOT_GUARD_GUARD__INTERVL_MS", "5");
             let err = Config::from_figment(Config::figment(None)).unwrap_err();
             assert!(err.to_string().contains("intervl_ms"), "{err}");

@@ -191,6 +191,22 @@ impl Connect {
         Ok(())
     }
 
+    /// The connector's committed source offsets (Connect 3.6+): Connect
+    /// commits an offset only once every record before it is written to
+    /// Kafka. One map per source partition (Debezium has one).
+    pub async fn offsets(&self) -> Result<Vec<Map<String, Value>>, ConnectError> {
+        let value = self
+            .json("reading the connector's offsets", "/offsets")
+            .await?;
+        Ok(value
+            .get("offsets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("offset")?.as_object().cloned())
+            .collect())
+    }
+
     /// Replaces the connector's configuration. A stopped connector stays
     /// stopped.
     pub async fn put_config(&self, config: &Map<String, Value>) -> Result<(), ConnectError> {

@@ -216,7 +216,7 @@ pub async fn run(
             let started = Instant::now();
             // The steps wait on Connect and PostgreSQL: keep the watchdog fed.
             let result = {
-                let recovery = recovery::recover(&pg, &connect, config.step_timeout());
+                let recovery = recovery::recover(&pg, &connect, config);
                 tokio::pin!(recovery);
                 loop {
                     tokio::select! {
@@ -233,8 +233,9 @@ pub async fn run(
                     counter!(RECOVERIES, "outcome" => "ok").increment(1);
                     gauge!(LAST_RECOVERY).set(started.elapsed().as_secs_f64());
                     tracing::warn!(slot = %r.slot, tables = ?r.tables,
+                        markers = r.marked.as_ref().map_or(0, |m| m.records),
                         secs = format!("{:.1}", r.took.as_secs_f64()),
-                        "recovered: streaming on a new slot, every captured table re-snapshotting");
+                        "recovered: streaming on a new slot, every captured table re-snapshotted");
                 }
                 Err(source) => {
                     failures += 1;

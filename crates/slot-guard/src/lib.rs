@@ -18,24 +18,29 @@
 //! 5. resume the connector, which creates a new slot;
 //! 6. signal an incremental snapshot of every table it captures
 //!    (`execute-snapshot` in its `signal.data.collection`), read in chunks
-//!    while streaming goes on;
-//! 7. remove the mark.
+//!    while streaming goes on, and wait until it is wholly in Kafka;
+//! 7. write a recovery marker into every partition of every captured
+//!    topic ([`markers`]): the sink records it in the changelog, and the
+//!    current-state tables remove the rows the snapshot did not deliver
+//!    (deleted while the slot was lost);
+//! 8. remove the mark.
 //!
 //! A recovery cut off anywhere is finished by the next look, which finds
-//! the mark ([`recovery`] says how). The rows the gap deleted stay in the
-//! current-state tables: a snapshot reads only rows that exist (see
-//! docs/operations.md, "A lost replication slot").
+//! the mark ([`recovery`] says how; docs/operations.md, "A lost
+//! replication slot").
 //!
 //! - [`config`]: layered configuration with `validate()`.
 //! - [`slot`]: the slot as PostgreSQL reports it, and the statements of
 //!   the recovery.
 //! - [`connect`]: the connector through Kafka Connect's REST API.
 //! - [`recovery`]: the steps above.
+//! - [`markers`]: the records of step 7.
 //! - [`guard`]: the watch loop, its metrics and readiness.
 
 pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod guard;
+pub mod markers;
 pub mod recovery;
 pub mod slot;

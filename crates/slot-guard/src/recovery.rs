@@ -10,8 +10,17 @@
 //! it) never streams from offsets into WAL that is gone: without offsets
 //! and with the registered `initial` mode it takes a full snapshot, and
 //! with `no_data` the guard's own snapshot signal follows. The key is
-//! removed last, after the signal is in, so a crash between the two only
-//! signals the snapshot twice, which the current-state tables absorb.
+//! removed last, after the markers are written, so a crash before that
+//! only signals the snapshot (and writes the markers) twice, which the
+//! current-state tables absorb.
+//!
+//! The mark also holds `slotStartLsn`: the WAL position when the stopped
+//! connector could deliver nothing more from the lost slot, so before
+//! every change the new slot streams and after every change delivered
+//! before. Once the snapshot is in Kafka (Connect's committed offset is
+//! past the signal with no snapshot left in it), a marker carrying it goes
+//! into every partition of every captured topic ([`crate::markers`]); the
+//! current-state tables then drop the rows the snapshot did not deliver.
 //!
 //! Each call to Connect or PostgreSQL is retried with backoff for
 //! `guard.step_timeout_secs` (a Connect rebalance answers 409 for a
@@ -20,10 +29,13 @@
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_postgres::Client;
 
+use crate::config::Config;
 use crate::connect::{Connect, ConnectError, ConnectorConfig, ConnectorState};
+use crate::markers::{self, Marked, MarkerError};
 use crate::slot::{self, Dropped};
 
 /// The connector configuration key that marks a recovery in progress; its
@@ -40,6 +52,29 @@ pub enum RecoveryError {
     SlotStillActive { slot: String, waited: Duration },
     #[error("the connector runs but its new slot {slot} did not appear within {waited:?}")]
     NoNewSlot { slot: String, waited: Duration },
+    #[error("the incremental snapshot did not complete within {waited:?} (tables left: {left})")]
+    SnapshotTimeout { waited: Duration, left: String },
+    #[error("writing the recovery markers")]
+    Markers(#[from] MarkerError),
+}
+
+/// The value of [`PENDING`]: JSON, since Connect keeps config values as
+/// strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Pending {
+    slot: String,
+    started_at_unix: u64,
+    /// See the module overview.
+    slot_start_lsn: i64,
+    /// The same moment on PostgreSQL's clock (Unix ms).
+    slot_start_ms: i64,
+}
+
+impl Pending {
+    fn of(config: &ConnectorConfig) -> Option<Pending> {
+        serde_json::from_str(config.raw.get(PENDING)?.as_str()?).ok()
+    }
 }
 
 /// What a finished recovery did.
@@ -48,6 +83,9 @@ pub struct Recovery {
     pub slot: String,
     /// The tables whose incremental snapshot was signalled.
     pub tables: Vec<String>,
+    /// The markers written (`None`: an unfinished recovery of an older
+    /// guard recorded no start position, so none could be).
+    pub marked: Option<Marked>,
     pub took: Duration,
 }
 
@@ -83,8 +121,9 @@ where
 pub async fn recover(
     pg: &Client,
     connect: &Connect,
-    step_timeout: Duration,
+    settings: &Config,
 ) -> Result<Recovery, RecoveryError> {
+    let step_timeout = settings.step_timeout();
     let started = Instant::now();
     let config = step("read the connector's config", step_timeout, || {
         connect.config()
@@ -105,18 +144,44 @@ pub async fn recover(
     if !resumed {
         stop_and_replace_slot(pg, connect, &config, step_timeout).await?;
     }
-    step("signal the snapshot", step_timeout, || {
+    let signalled = step("signal the snapshot", step_timeout, || {
         slot::signal_snapshot(pg, &config.signal_table, &config.tables)
     })
     .await?;
     tracing::warn!(tables = ?config.tables, signal = %config.signal_table,
         "recovery: incremental snapshot of every captured table signalled");
+    wait_for_snapshot(connect, signalled, settings.snapshot_timeout()).await?;
 
-    // Done: the marker goes, `no_data` stays (see the crate overview).
     let current = step("read the connector's config", step_timeout, || {
         connect.config()
     })
     .await?;
+    let marked = match Pending::of(&current) {
+        Some(p) => {
+            let id = format!("{slot}@{}", p.slot_start_lsn);
+            let marked = step("write the recovery markers", step_timeout, || {
+                markers::publish(
+                    &settings.kafka,
+                    &id,
+                    &slot,
+                    p.slot_start_lsn,
+                    p.slot_start_ms,
+                )
+            })
+            .await?;
+            tracing::warn!(recovery = %id, topics = ?marked.topics, records = marked.records,
+                "recovery: snapshot complete in Kafka, markers written");
+            Some(marked)
+        }
+        None => {
+            tracing::warn!(
+                "recovery: the pending mark holds no start position (an older guard's): no markers, so rows deleted while the slot was lost stay in the current-state tables"
+            );
+            None
+        }
+    };
+
+    // Done: the mark goes, `no_data` stays (see the crate overview).
     if is_pending(&current) {
         let mut raw = current.raw.clone();
         raw.remove(PENDING);
@@ -128,9 +193,69 @@ pub async fn recover(
     Ok(Recovery {
         slot,
         tables: config.tables,
+        marked,
         took: started.elapsed(),
     })
 }
+
+/// The incremental snapshot signalled before WAL position `signalled` is
+/// complete and every record of it is in Kafka: Connect has committed an
+/// offset past the signal that names no collection still to read.
+async fn wait_for_snapshot(
+    connect: &Connect,
+    signalled: i64,
+    timeout: Duration,
+) -> Result<(), RecoveryError> {
+    let started = Instant::now();
+    let mut told = Instant::now();
+    let mut left = String::from("unknown");
+    loop {
+        match connect.offsets().await {
+            Ok(offsets) => {
+                let past = |o: &serde_json::Map<String, Value>| {
+                    o.get("lsn")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|l| l > signalled)
+                };
+                let running = |o: &serde_json::Map<String, Value>| {
+                    o.get(SNAPSHOT_OFFSET_KEY).is_some_and(|c| !c.is_null())
+                };
+                if offsets.iter().any(|o| past(o) && !running(o)) {
+                    tracing::info!(
+                        secs = started.elapsed().as_secs(),
+                        "recovery: snapshot complete"
+                    );
+                    return Ok(());
+                }
+                left = offsets
+                    .iter()
+                    .filter_map(|o| o.get(SNAPSHOT_OFFSET_KEY))
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the connector's offsets failed; retrying")
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(RecoveryError::SnapshotTimeout {
+                waited: started.elapsed(),
+                left,
+            });
+        }
+        if told.elapsed() > Duration::from_secs(60) {
+            tracing::info!(secs = started.elapsed().as_secs(), left = %left,
+                "recovery: waiting for the incremental snapshot");
+            told = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The key of Debezium's source offset that lists the collections an
+/// incremental snapshot still has to read; absent once it is complete.
+const SNAPSHOT_OFFSET_KEY: &str = "incremental_snapshot_collections";
 
 /// Steps 1 to 4: the connector stopped, the intent recorded, its offsets
 /// deleted, the lost slot dropped, the connector resumed on a new slot.
@@ -147,17 +272,27 @@ async fn stop_and_replace_slot(
         .wait_for(ConnectorState::Stopped, step_timeout)
         .await?;
 
-    // The intent, durably, before anything is deleted.
+    // The intent, durably, before anything is deleted, with a position
+    // after everything the stopped connector delivered. A mark an earlier
+    // run left is kept; one without a position (an older guard's) is
+    // replaced: any later position is as good.
     let mut raw = config.raw.clone();
     raw.insert("snapshot.mode".into(), "no_data".into());
-    raw.entry(PENDING).or_insert_with(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Value::String(format!(
-            "slot {slot} lost, recovery started at unix time {now}"
-        ))
-    });
+    if Pending::of(config).is_none() {
+        let start = step("read the WAL position", step_timeout, || slot::position(pg)).await?;
+        let pending = Pending {
+            slot: slot.clone(),
+            started_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            slot_start_lsn: start.lsn,
+            slot_start_ms: start.at_ms,
+        };
+        raw.insert(
+            PENDING.into(),
+            Value::String(serde_json::to_string(&pending).expect("a mark serialises")),
+        );
+    }
     step("record the recovery", step_timeout, || {
         connect.put_config(&raw)
     })

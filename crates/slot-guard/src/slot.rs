@@ -79,14 +79,37 @@ pub async fn drop_slot(pg: &Client, slot: &str) -> Result<Dropped, tokio_postgre
     })
 }
 
+/// The server's WAL write position and clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// As a number: what Debezium's offsets and `_cdc_lsn` hold.
+    pub lsn: i64,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+pub async fn position(pg: &Client) -> Result<Position, tokio_postgres::Error> {
+    let row = pg
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
+                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .await?;
+    Ok(Position {
+        lsn: row.get(0),
+        at_ms: row.get(1),
+    })
+}
+
 /// Asks the connector for an incremental snapshot of `tables`
 /// (schema-qualified) through its signal table: the row reaches it through
-/// the change stream.
+/// the change stream. Returns a WAL position after the signal's commit.
 pub async fn signal_snapshot(
     pg: &Client,
     signal_table: &str,
     tables: &[String],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<i64, tokio_postgres::Error> {
     // The table name comes from the connector's config, not from a user
     // of this service; it is quoted per part all the same.
     let qualified = signal_table
@@ -103,5 +126,5 @@ pub async fn signal_snapshot(
         &[&tables],
     )
     .await?;
-    Ok(())
+    Ok(position(pg).await?.lsn)
 }

@@ -48,6 +48,10 @@ pub struct RecoveryMarker {
     /// older was not re-delivered by the snapshot, so it was deleted while
     /// the slot was lost.
     pub slot_start_lsn: i64,
+    /// The same moment on PostgreSQL's clock (Unix ms), for the rows an
+    /// incremental snapshot read: Debezium gives them no LSN, only the
+    /// time they were read (on the Connect worker's clock).
+    pub slot_start_ms: i64,
     /// How many partitions the topic has: markers from all of them mean
     /// the whole snapshot of the table is applied.
     pub partitions: i32,
@@ -148,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_marker_parses_and_anything_else_is_an_error_that_says_why() {
-        let json = br#"{"id":"twitter_cdc@0/1A2B","slot":"twitter_cdc","slotStartLsn":6699,"partitions":3,"completedAtMs":1764979200000}"#;
+        let json = br#"{"id":"twitter_cdc@0/1A2B","slot":"twitter_cdc","slotStartLsn":6699,"slotStartMs":5,"partitions":3,"completedAtMs":1764979200000}"#;
         let m = RecoveryMarker::parse(b"recovery", Some(json)).unwrap();
         assert_eq!(m.slot_start_lsn, 6699);
         assert_eq!(m.partitions, 3);
@@ -166,7 +170,7 @@ mod tests {
             (b"recovery", Some(b"{}"), "missing field"),
             (
                 b"recovery",
-                Some(br#"{"id":"x","slot":"s","slotStartLsn":1,"partitions":0,"completedAtMs":0}"#),
+                Some(br#"{"id":"x","slot":"s","slotStartLsn":1,"slotStartMs":1,"partitions":0,"completedAtMs":0}"#),
                 "names 0 partitions",
             ),
         ] {
@@ -181,6 +185,7 @@ mod tests {
             id: "r".into(),
             slot: "s".into(),
             slot_start_lsn: 42,
+            slot_start_ms: 4,
             partitions: 2,
             completed_at_ms: 1_000,
         };

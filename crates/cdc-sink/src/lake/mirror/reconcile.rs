@@ -6,16 +6,20 @@
 //! delivered is in it with a last change at or after the marker's
 //! `slot_start_lsn`, as is every change streamed since; a row whose last
 //! change is older is one the snapshot did not find: deleted during the
-//! gap. This removes those rows, in a commit of its own that records the
+//! gap. A row an incremental snapshot read has no LSN, only the time it
+//! was read: it is a leftover if that time is before `slot_start_ms`
+//! (which assumes the Connect worker's clock and PostgreSQL's agree to
+//! within the seconds between the connector's stop and its new snapshot).
+//! This removes those rows, in a commit of its own that records the
 //! recovery as reconciled, so that it is done exactly once (and doing it
 //! again would remove nothing).
 //!
 //! Every live file is read once; only those that lose rows are rewritten.
-//! A row whose `_cdc_lsn` is unknown is kept.
+//! A row with neither position is kept.
 
 use std::collections::HashMap;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use arrow::error::ArrowError;
 use deltalake::DeltaTable;
@@ -45,19 +49,39 @@ pub struct Reconciled {
     pub conflict: bool,
 }
 
-/// The rows of `batch` that are not a recovery's leftovers (last change
-/// before `slot_start_lsn`), or `None` if it has none.
-fn without_leftovers(
-    batch: &RecordBatch,
-    slot_start_lsn: i64,
-) -> Result<Option<RecordBatch>, ArrowError> {
-    let Some(lsn) = batch.column_by_name(meta::LSN) else {
-        return Ok(None);
+/// Where a recovery's new slot started: a row last changed before it is
+/// a leftover.
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    lsn: i64,
+    /// µs, as `_cdc_commit_ts`.
+    micros: i64,
+}
+
+/// The rows of `batch` that are not a recovery's leftovers, or `None` if
+/// it has none. A streamed change (or a blocking snapshot's read) is
+/// judged by its LSN; an incremental snapshot's read, which has none, by
+/// the time it was read.
+fn without_leftovers(batch: &RecordBatch, start: Start) -> Result<Option<RecordBatch>, ArrowError> {
+    let int64 = |name| -> Result<Option<ArrayRef>, ArrowError> {
+        batch
+            .column_by_name(name)
+            .map(|c| arrow::compute::cast(c, &DataType::Int64))
+            .transpose()
     };
-    let lsn = arrow::compute::cast(lsn, &DataType::Int64)?;
-    let lsn = lsn.as_primitive::<Int64Type>();
-    let keep: BooleanArray = (0..lsn.len())
-        .map(|i| Some(!lsn.is_valid(i) || lsn.value(i) >= slot_start_lsn))
+    let (lsn, ts) = (int64(meta::LSN)?, int64(meta::COMMIT_TS)?);
+    let lsn = lsn.as_ref().map(|a| a.as_primitive::<Int64Type>());
+    let ts = ts.as_ref().map(|a| a.as_primitive::<Int64Type>());
+    let before = |a: Option<&arrow::array::Int64Array>, i: usize, mark: i64| {
+        a.filter(|a| a.is_valid(i)).map(|a| a.value(i) < mark)
+    };
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|i| {
+            let leftover = before(lsn, i, start.lsn)
+                .or_else(|| before(ts, i, start.micros))
+                .unwrap_or(false);
+            Some(!leftover)
+        })
         .collect();
     if keep.true_count() == batch.num_rows() {
         return Ok(None);
@@ -127,9 +151,11 @@ impl Mirror {
             let file = ReadFile::read(path.to_string(), bytes).map_err(file_err)?;
             let rows =
                 arrow::compute::concat_batches(&file.schema, &file.batches).map_err(arrow_err)?;
-            let Some(kept) =
-                without_leftovers(&rows, recovery.slot_start_lsn).map_err(arrow_err)?
-            else {
+            let start = Start {
+                lsn: recovery.slot_start_lsn,
+                micros: recovery.slot_start_ms.saturating_mul(1000),
+            };
+            let Some(kept) = without_leftovers(&rows, start).map_err(arrow_err)? else {
                 continue;
             };
             removed_rows += rows.num_rows() - kept.num_rows();
@@ -213,10 +239,11 @@ impl Mirror {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::Int64Array;
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
     use arrow::datatypes::{Field, Schema};
 
     use super::*;
+    use crate::decode::schema::utc_micros;
 
     #[test]
     fn rows_older_than_the_new_slot_go_and_unknown_positions_stay() {
@@ -224,18 +251,43 @@ mod tests {
             Arc::new(Schema::new(vec![
                 Field::new("id", DataType::Int64, true),
                 Field::new(meta::LSN, DataType::Int64, true),
+                Field::new(meta::COMMIT_TS, utc_micros(), true),
             ])),
             vec![
-                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
-                Arc::new(Int64Array::from(vec![Some(5), Some(10), None, Some(11)])),
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 6])),
+                Arc::new(Int64Array::from(vec![
+                    Some(5),
+                    Some(10),
+                    None,
+                    Some(11),
+                    None,
+                    None,
+                ])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![
+                        Some(900_000),
+                        Some(1),
+                        None,
+                        Some(1),
+                        Some(999_999),
+                        Some(1_000_000),
+                    ])
+                    .with_timezone("UTC"),
+                ),
             ],
         )
         .unwrap();
-        let kept = without_leftovers(&batch, 10).unwrap().unwrap();
+        let start = Start {
+            lsn: 10,
+            micros: 1_000_000,
+        };
+        let kept = without_leftovers(&batch, start).unwrap().unwrap();
         let ids = kept.column(0).as_primitive::<Int64Type>();
-        assert_eq!(ids.values(), &[2, 3, 4]);
+        // 1: streamed before; 5: read by a snapshot before; 3: unknown.
+        assert_eq!(ids.values(), &[2, 3, 4, 6]);
+        let early = Start { lsn: 5, micros: 0 };
         assert!(
-            without_leftovers(&batch, 5).unwrap().is_none(),
+            without_leftovers(&batch, early).unwrap().is_none(),
             "none older"
         );
     }

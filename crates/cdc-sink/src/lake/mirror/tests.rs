@@ -462,6 +462,7 @@ async fn a_recovery_removes_the_rows_deleted_while_the_slot_was_lost() {
         id: "slot@1".into(),
         slot: "slot".into(),
         slot_start_lsn: lake.lsn,
+        slot_start_ms: 1_764_979_100_000,
         partitions: 2,
         completed_at_ms: 1_764_979_200_000,
     };

@@ -35,6 +35,7 @@ pub const RECOVERY_KEY: &str = "cdc.recovery";
 pub struct RecoveryState {
     pub id: String,
     pub slot_start_lsn: i64,
+    pub slot_start_ms: i64,
     pub partitions: i32,
     /// Partitions whose marker is applied.
     pub seen: BTreeSet<i32>,
@@ -48,6 +49,7 @@ impl RecoveryState {
         RecoveryState {
             id: marker.id.clone(),
             slot_start_lsn: marker.slot_start_lsn,
+            slot_start_ms: marker.slot_start_ms,
             partitions: marker.partitions,
             seen: BTreeSet::from([partition]),
             reconciled: false,

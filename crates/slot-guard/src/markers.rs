@@ -1,0 +1,181 @@
+//! The recovery markers: one record in every partition of every captured
+//! table's topic, written once the re-snapshot is wholly in Kafka.
+//!
+//! Written after Connect has committed an offset past the snapshot's end
+//! (Connect commits an offset only once every record before it is
+//! acknowledged by Kafka), so in each partition the marker comes after
+//! every row of the snapshot. The sink writes it into the table's
+//! changelog, and a current-state table that has applied the markers of
+//! all its partitions removes the rows last changed before
+//! `slotStartLsn`: the ones deleted while the slot was lost. The value is
+//! the JSON the sink reads (`cdc-sink`'s `decode::marker`); the header
+//! [`HEADER`] = `recovery` tells it from a Debezium event.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+
+use crate::config::KafkaConfig;
+
+pub const HEADER: &str = "cdclake.marker";
+const KIND: &str = "recovery";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MarkerError {
+    #[error("Kafka: {what}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("no topic matches `kafka.topics` ({0}): no table to mark")]
+    NoTopics(String),
+}
+
+/// The marker's value, as the sink reads it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryMarker {
+    pub id: String,
+    pub slot: String,
+    pub slot_start_lsn: i64,
+    pub slot_start_ms: i64,
+    pub partitions: i32,
+    pub completed_at_ms: i64,
+}
+
+/// What was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marked {
+    pub topics: Vec<String>,
+    pub records: usize,
+}
+
+/// Which topics are the captured tables': names, or patterns starting
+/// with `^` (as librdkafka's subscriptions).
+fn matches(patterns: &[String], topic: &str) -> bool {
+    patterns.iter().any(|p| {
+        if p.starts_with('^') {
+            regex::Regex::new(p).is_ok_and(|r| r.is_match(topic))
+        } else {
+            p == topic
+        }
+    })
+}
+
+/// Writes the marker of recovery `id` to every partition of every topic
+/// `config.topics` matches.
+pub async fn publish(
+    config: &KafkaConfig,
+    id: &str,
+    slot: &str,
+    slot_start_lsn: i64,
+    slot_start_ms: i64,
+) -> Result<Marked, MarkerError> {
+    let kafka = |what: &str| {
+        let what = what.to_string();
+        move |source| MarkerError::Kafka { what, source }
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .map_err(kafka("creating a producer"))?;
+    // Topic names and partition ids, read off the metadata (which is not
+    // `Send`) before any await.
+    let topics: Vec<(String, Vec<i32>)> = {
+        let producer = producer.clone();
+        let patterns = config.topics.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(30))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| matches(&patterns, t.name()) && !t.partitions().is_empty())
+                        .map(|t| {
+                            let ids = t.partitions().iter().map(|p| p.id()).collect();
+                            (t.name().to_string(), ids)
+                        })
+                        .collect()
+                })
+        })
+        .await
+        .expect("metadata fetch does not panic")
+        .map_err(kafka("reading topic metadata"))?
+    };
+    let completed_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut marked = Marked {
+        topics: Vec::new(),
+        records: 0,
+    };
+    for (topic, partitions) in topics {
+        let value = serde_json::to_vec(&RecoveryMarker {
+            id: id.to_string(),
+            slot: slot.to_string(),
+            slot_start_lsn,
+            slot_start_ms,
+            partitions: partitions.len() as i32,
+            completed_at_ms,
+        })
+        .expect("a marker serialises");
+        for p in partitions {
+            let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic)
+                .partition(p)
+                .payload(value.as_slice())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: HEADER,
+                    value: Some(KIND),
+                }));
+            producer
+                .send(record, Duration::from_secs(60))
+                .await
+                .map_err(|(e, _)| kafka(&format!("writing the marker to {topic}/{p}"))(e))?;
+            marked.records += 1;
+        }
+        marked.topics.push(topic);
+    }
+    if marked.topics.is_empty() {
+        return Err(MarkerError::NoTopics(config.topics.join(", ")));
+    }
+    Ok(marked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_match_by_name_or_pattern() {
+        let p = vec![r"^twitter\..*".to_string(), "other".to_string()];
+        assert!(matches(&p, "twitter.users"));
+        assert!(matches(&p, "other"));
+        assert!(!matches(&p, "__debezium-heartbeat.twitter"));
+        assert!(!matches(&p, "others"));
+    }
+
+    #[test]
+    fn the_value_is_what_the_sink_reads() {
+        let m = RecoveryMarker {
+            id: "s@1".into(),
+            slot: "s".into(),
+            slot_start_lsn: 7,
+            slot_start_ms: 8,
+            partitions: 3,
+            completed_at_ms: 9,
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"id":"s@1","slot":"s","slotStartLsn":7,"slotStartMs":8,"partitions":3,"completedAtMs":9}"#
+        );
+    }
+}
