@@ -362,20 +362,29 @@ in {
     };
     # The guard connects as the connector's role (REPLICATION drops the
     # slot; INSERT on the signal table signals the snapshot) and reads the
-    # slot, signal table and tables from the connector's own configuration.
+    # slot, signal table and tables from the connector's own configuration;
+    # after a recovery it writes a marker into the sink's topics.
     systemd.services.cdc-slot-guard = lib.mkIf cfg.slotGuard.enable {
       description = "Recover the Debezium connector when PostgreSQL loses its replication slot";
       wantedBy = ["multi-user.target"];
       after = ["debezium-connector.service" "postgresql.service"];
       wants = ["debezium-connector.service"];
-      environment = {
-        CDC_SLOT_GUARD_DATABASE__HOST = "127.0.0.1";
-        CDC_SLOT_GUARD_DATABASE__USER = "debezium";
-        CDC_SLOT_GUARD_DATABASE__DBNAME = "twitter";
-        CDC_SLOT_GUARD_CONNECT__URL = "http://127.0.0.1:${toString config.services.debezium.restPort}";
-        CDC_SLOT_GUARD_CONNECT__CONNECTOR = config.services.debezium.connectorName;
-        CDC_SLOT_GUARD_METRICS__LISTEN = "127.0.0.1:${toString cfg.slotGuard.metricsPort}";
-      };
+      environment =
+        {
+          CDC_SLOT_GUARD_DATABASE__HOST = "127.0.0.1";
+          CDC_SLOT_GUARD_DATABASE__USER = "debezium";
+          CDC_SLOT_GUARD_DATABASE__DBNAME = "twitter";
+          CDC_SLOT_GUARD_CONNECT__URL = "http://127.0.0.1:${toString config.services.debezium.restPort}";
+          CDC_SLOT_GUARD_CONNECT__CONNECTOR = config.services.debezium.connectorName;
+          CDC_SLOT_GUARD_METRICS__LISTEN = "127.0.0.1:${toString cfg.slotGuard.metricsPort}";
+          # The recovery markers go to the topics the sink reads.
+          CDC_SLOT_GUARD_KAFKA__BOOTSTRAP_SERVERS = config.services.cdc-sink.settings.kafka.brokers;
+        }
+        // lib.optionalAttrs (config.services.cdc-sink.settings.kafka ? topics) {
+          # A TOML array (JSON's is one), as figment reads a list from the
+          # environment.
+          CDC_SLOT_GUARD_KAFKA__TOPICS = builtins.toJSON config.services.cdc-sink.settings.kafka.topics;
+        };
       serviceConfig =
         import ./hardening.nix
         // {

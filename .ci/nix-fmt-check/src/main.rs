@@ -22,8 +22,19 @@ fn main() -> ExitCode {
                 eprintln!("{path}: does not parse: {e}");
                 failed = true;
             }
+            // NIX_FMT_WRITE=1 formats in place, as alejandra would.
+            Status::Changed(_)
+                if after != before && std::env::var_os("NIX_FMT_WRITE").is_some() =>
+            {
+                if let Err(e) = std::fs::write(&path, &after) {
+                    eprintln!("{path}: {e}");
+                    failed = true;
+                }
+            }
             Status::Changed(_) if after != before => {
-                eprintln!("{path}: not formatted (run alejandra on it)");
+                eprintln!(
+                    "{path}: not formatted (run alejandra on it, or NIX_FMT_WRITE=1 with this)"
+                );
                 failed = true;
             }
             Status::Changed(_) => {}
