@@ -155,6 +155,7 @@ def latest_state_sql(table_uri, columns, keys):
         f"    _cdc_op,\n"
         f"    row_number() OVER (PARTITION BY {part} ORDER BY _cdc_lsn DESC, _cdc_kafka_offset DESC) AS newest\n"
         f"  FROM delta_scan('{table_uri}')\n"
+        f"  WHERE _cdc_op <> 'recovery'\n"
         f")\n"
         f"SELECT * EXCLUDE (_cdc_op, newest) FROM changes WHERE newest = 1 AND _cdc_op <> 'd'"
     )
