@@ -55,22 +55,23 @@ pub struct Marked {
     pub records: usize,
 }
 
-/// Which topics are the captured tables': names, or patterns starting
-/// with `^` (as librdkafka's subscriptions).
-fn matches(patterns: &[String], topic: &str) -> bool {
-    patterns.iter().any(|p| {
-        if p.starts_with('^') {
-            regex::Regex::new(p).is_ok_and(|r| r.is_match(topic))
-        } else {
-            p == topic
-        }
-    })
+/// Which topics get a marker: those `patterns` take (names, or patterns
+/// starting with `^`, as the sink's subscription), and only of a table
+/// that was re-snapshotted (`tables`, schema-qualified), named as the sink
+/// names a changelog: by the topic's last part. A table no longer
+/// captured keeps its topic, and the sink still reads it; a marker there,
+/// with no snapshot before it, would empty its current-state table.
+fn matches(patterns: &[regex::Regex], names: &[String], tables: &[String], topic: &str) -> bool {
+    let subscribed = names.iter().any(|n| n == topic) || patterns.iter().any(|r| r.is_match(topic));
+    let table = topic.rsplit('.').next();
+    subscribed && tables.iter().any(|t| t.rsplit('.').next() == table)
 }
 
-/// Writes the marker of recovery `id` to every partition of every topic
-/// `config.topics` matches.
+/// Writes the marker of recovery `id` to every partition of the topic of
+/// every table in `tables` that `config.topics` matches.
 pub async fn publish(
     config: &KafkaConfig,
+    tables: &[String],
     id: &str,
     slot: &str,
     slot_start_lsn: i64,
@@ -91,7 +92,17 @@ pub async fn publish(
     // `Send`) before any await.
     let topics: Vec<(String, Vec<i32>)> = {
         let producer = producer.clone();
-        let patterns = config.topics.clone();
+        let (names, patterns): (Vec<String>, Vec<String>) = config
+            .topics
+            .iter()
+            .cloned()
+            .partition(|t| !t.starts_with('^'));
+        // Validated with the configuration.
+        let patterns: Vec<regex::Regex> = patterns
+            .iter()
+            .filter_map(|p| regex::Regex::new(p).ok())
+            .collect();
+        let tables = tables.to_vec();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -99,7 +110,10 @@ pub async fn publish(
                 .map(|m| {
                     m.topics()
                         .iter()
-                        .filter(|t| matches(&patterns, t.name()) && !t.partitions().is_empty())
+                        .filter(|t| {
+                            matches(&patterns, &names, &tables, t.name())
+                                && !t.partitions().is_empty()
+                        })
                         .map(|t| {
                             let ids = t.partitions().iter().map(|p| p.id()).collect();
                             (t.name().to_string(), ids)
@@ -155,12 +169,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topics_match_by_name_or_pattern() {
-        let p = vec![r"^twitter\..*".to_string(), "other".to_string()];
-        assert!(matches(&p, "twitter.users"));
-        assert!(matches(&p, "other"));
-        assert!(!matches(&p, "__debezium-heartbeat.twitter"));
-        assert!(!matches(&p, "others"));
+    fn only_subscribed_topics_of_snapshotted_tables_get_markers() {
+        let p = vec![regex::Regex::new(r"^twitter\..*").unwrap()];
+        let names = vec!["other.likes".to_string()];
+        let tables = vec!["public.users".to_string(), "public.likes".to_string()];
+        let m = |topic| matches(&p, &names, &tables, topic);
+        assert!(m("twitter.users"));
+        assert!(m("other.likes"));
+        assert!(!m("twitter.tweets"), "a table not re-snapshotted");
+        assert!(!m("__debezium-heartbeat.twitter"));
+        assert!(!m("others.users"), "not subscribed");
     }
 
     #[test]

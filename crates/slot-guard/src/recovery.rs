@@ -162,6 +162,7 @@ pub async fn recover(
             let marked = step("write the recovery markers", step_timeout, || {
                 markers::publish(
                     &settings.kafka,
+                    &config.tables,
                     &id,
                     &slot,
                     p.slot_start_lsn,
@@ -253,6 +254,10 @@ async fn wait_for_snapshot(
     }
 }
 
+/// The least time between the connector's stop and its resume; see
+/// `stop_and_replace_slot`.
+const CLOCK_MARGIN: Duration = Duration::from_secs(10);
+
 /// The key of Debezium's source offset that lists the collections an
 /// incremental snapshot still has to read; absent once it is complete.
 const SNAPSHOT_OFFSET_KEY: &str = "incremental_snapshot_collections";
@@ -273,26 +278,28 @@ async fn stop_and_replace_slot(
         .await?;
 
     // The intent, durably, before anything is deleted, with a position
-    // after everything the stopped connector delivered. A mark an earlier
-    // run left is kept; one without a position (an older guard's) is
-    // replaced: any later position is as good.
+    // after everything the stopped connector delivered. Taken afresh each
+    // time: a retry may be about to drop a new slot that already streamed
+    // (its undelivered deletes lost too), and any later position is as
+    // good, since the snapshot that follows reads every row again. The
+    // time stands half of CLOCK_MARGIN after the stop, and the connector
+    // resumes no sooner than CLOCK_MARGIN after it (see below).
     let mut raw = config.raw.clone();
     raw.insert("snapshot.mode".into(), "no_data".into());
-    if Pending::of(config).is_none() {
-        let start = step("read the WAL position", step_timeout, || slot::position(pg)).await?;
-        let pending = Pending {
-            slot: slot.clone(),
-            started_at_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            slot_start_lsn: start.lsn,
-            slot_start_ms: start.at_ms,
-        };
-        raw.insert(
-            PENDING.into(),
-            Value::String(serde_json::to_string(&pending).expect("a mark serialises")),
-        );
-    }
+    let start = step("read the WAL position", step_timeout, || slot::position(pg)).await?;
+    let stopped_at = Instant::now();
+    let pending = Pending {
+        slot: slot.clone(),
+        started_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        slot_start_lsn: start.lsn,
+        slot_start_ms: start.at_ms + CLOCK_MARGIN.as_millis() as i64 / 2,
+    };
+    raw.insert(
+        PENDING.into(),
+        Value::String(serde_json::to_string(&pending).expect("a mark serialises")),
+    );
     step("record the recovery", step_timeout, || {
         connect.put_config(&raw)
     })
@@ -329,6 +336,11 @@ async fn stop_and_replace_slot(
         }
     }
 
+    // Rows an incremental snapshot reads carry the read time on the Connect
+    // worker's clock, judged against `slot_start_ms` on PostgreSQL's: with
+    // every earlier read before the stop and every new one after the
+    // resume, the two clocks may differ by up to half the margin.
+    tokio::time::sleep(CLOCK_MARGIN.saturating_sub(stopped_at.elapsed())).await;
     step("resume the connector", step_timeout, || connect.resume()).await?;
     connect
         .wait_for(ConnectorState::Running, step_timeout)

@@ -794,17 +794,20 @@ impl Mirror {
         }
         let name = LakeRoot::mirror_of(table);
         let mut found = Through::default();
-        // Upkeep adds two commits per vacuum; a few more than that are
-        // looked back through before starting from nothing.
-        for v in (0..=version).rev().take(8) {
-            let entry = mirror
+        // Back past upkeep's vacuum commits (two per run, and a quiet
+        // mirror gets many runs), as far as the log goes; once per table
+        // and process, since what is found is kept.
+        for v in (0..=version).rev() {
+            let Some(entry) = mirror
                 .log_store()
                 .read_commit_entry(v as u64)
                 .await
-                .map_err(delta_err(&name))?;
+                .map_err(delta_err(&name))?
+            else {
+                break;
+            };
             let info = entry
-                .iter()
-                .flat_map(|bytes| bytes.split(|b| *b == b'\n'))
+                .split(|b| *b == b'\n')
                 .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
                 .find_map(|action| action.get("commitInfo").cloned());
             if let Some(t) = info.and_then(|i| Through::from_commit_info(&i)) {
@@ -897,12 +900,18 @@ pub async fn run(
     let mut done = Vec::new();
     for t in tables {
         let mut synced = mirror.sync(&t, rebuild).await?;
-        // Lost to a running sink's commit: again from the newer state.
-        for _ in 0..10 {
-            if !synced.conflict {
-                break;
-            }
-            synced = mirror.sync(&t, rebuild).await?;
+        let (mut rebuilding, mut conflicts, mut batches) = (rebuild && synced.conflict, 0, 0);
+        // Lost to a running sink's commit: again from the newer state; a
+        // bounded batch applied with more to come (or a reconciliation
+        // still due): on towards the end of the changelog (bounded: a
+        // running sink keeps adding to it).
+        while (synced.conflict && conflicts < 10)
+            || (!synced.conflict && synced.behind && batches < 1000)
+        {
+            conflicts += usize::from(synced.conflict);
+            batches += 1;
+            synced = mirror.sync(&t, rebuilding).await?;
+            rebuilding &= synced.conflict;
         }
         if synced.conflict {
             println!("{t}: lost to concurrent writers ten times; not synced");
