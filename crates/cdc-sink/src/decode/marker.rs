@@ -27,7 +27,7 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::DecodeError;
-use crate::decode::schema::{meta, utc_micros};
+use crate::decode::schema::{meta, metadata_fields};
 
 /// The Kafka header that makes a record a marker; its value says which.
 pub const HEADER: &str = "cdclake.marker";
@@ -107,20 +107,10 @@ pub struct MarkerRow {
 pub fn batch(rows: &[MarkerRow]) -> Result<RecordBatch, ArrowError> {
     let mut unchanged = ListBuilder::new(StringBuilder::new());
     rows.iter().for_each(|_| unchanged.append_null());
-    let schema = Schema::new(vec![
-        Field::new(meta::OP, DataType::Utf8, true),
-        Field::new(meta::COMMIT_TS, utc_micros(), true),
-        Field::new(meta::LSN, DataType::Int64, true),
-        Field::new(meta::TX_ID, DataType::Int64, true),
-        Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
-        Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
-        Field::new(
-            meta::UNCHANGED,
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            true,
-        ),
-        Field::new(meta::RECOVERY, DataType::Utf8, true),
-    ]);
+    // The changelog's CDC columns, then the marker's own.
+    let mut fields = metadata_fields().to_vec();
+    fields.push(Field::new(meta::RECOVERY, DataType::Utf8, true));
+    let schema = Schema::new(fields);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows.iter().map(|_| RECOVERY))),
         Arc::new(

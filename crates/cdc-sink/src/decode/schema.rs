@@ -421,7 +421,7 @@ impl TableSchema {
 /// reader treats a NOT NULL column as the `invariants` table feature and
 /// refuses a table whose protocol does not list it, and delta-rs writes
 /// that feature only with DataFusion.
-fn metadata_fields() -> [Field; 7] {
+pub(crate) fn metadata_fields() -> [Field; 7] {
     [
         Field::new(meta::OP, DataType::Utf8, true),
         Field::new(meta::COMMIT_TS, utc_micros(), true),
