@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use backon::BlockingRetryable;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -104,8 +105,17 @@ pub fn watermarks(c: &BaseConsumer, topics: &[&str]) -> Offsets {
             .fetch_metadata(Some(t), Duration::from_secs(10))
             .expect(UNREACHABLE);
         for p in md.topics()[0].partitions() {
-            let (_, high) = c
-                .fetch_watermarks(t, p.id(), Duration::from_secs(10))
+            // A topic just created may have no leader for a moment
+            // (NotLeaderForPartition): asked again, briefly.
+            let fetch = || c.fetch_watermarks(t, p.id(), Duration::from_secs(10));
+            let (_, high) = fetch
+                .retry(
+                    backon::ConstantBuilder::default()
+                        .with_delay(Duration::from_millis(250))
+                        .with_max_times(40),
+                )
+                .sleep(std::thread::sleep)
+                .call()
                 .unwrap();
             out.insert((t.to_string(), p.id()), high);
         }
