@@ -235,12 +235,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for Image<'a> {
 
 #[derive(Deserialize)]
 struct Payload<'a> {
+    /// Read only for a delete: under REPLICA IDENTITY FULL every update
+    /// carries a whole old image too, which is skipped unparsed.
     #[serde(borrow, default)]
-    before: Option<Image<'a>>,
+    before: Option<&'a RawValue>,
     #[serde(borrow, default)]
     after: Option<Image<'a>>,
     source: Source,
-    op: String,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -250,6 +253,14 @@ struct Source {
     lsn: Option<i64>,
     #[serde(default, rename = "txId")]
     tx_id: Option<i64>,
+}
+
+/// A delete's old image, parsed from its raw JSON (`null`: none).
+fn before(raw: Option<&RawValue>) -> Result<Option<Image<'_>>, DecodeError> {
+    raw.map_or(Ok(None), |r| {
+        serde_json::from_str::<Option<Image<'_>>>(r.get())
+            .map_err(|e| DecodeError::Shape(format!("`payload.before` is not a row image: {e}")))
+    })
 }
 
 /// Schemas kept for the byte-prefix fast path: a handful of tables, each
@@ -293,6 +304,9 @@ pub struct Decoder {
     prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
     /// Primary key columns, by the raw JSON of the key's schema.
     keys: HashMap<String, Arc<[String]>>,
+    /// `{"schema":` and the raw JSON of recently seen key schemas, with
+    /// their columns: the byte-prefix fast path of [`Decoder::key_columns`].
+    key_prefixes: Vec<(Vec<u8>, Arc<[String]>)>,
     /// Schemas of the schema topic, by fingerprint: a usable schema, or
     /// why it is not.
     published: HashMap<Box<[u8]>, Result<KnownSchema, String>>,
@@ -312,8 +326,28 @@ impl Decoder {
     /// current-state tables are keyed by. `None` for a table without a
     /// primary key (Debezium sends no key) or a key that is not Debezium's.
     pub fn key_columns(&mut self, key: Option<&[u8]>) -> Option<Arc<[String]>> {
-        let envelope: KeyEnvelope<'_> = serde_json::from_slice(key?).ok()?;
+        let key = key?;
+        // The JSON converter writes `{"schema":S,"payload":P}`, S the same
+        // bytes for every key of a table: a known S is found by comparing
+        // bytes, without parsing the key.
+        if let Some(columns) = self.key_prefixes.iter().find_map(|(prefix, columns)| {
+            (key.starts_with(prefix) && key.get(prefix.len()) == Some(&b',')).then_some(columns)
+        }) {
+            return Some(columns.clone());
+        }
+        let envelope: KeyEnvelope<'_> = serde_json::from_slice(key).ok()?;
         let raw = envelope.schema?.get();
+        let columns = self.key_schema(raw)?;
+        if self.key_prefixes.len() >= MAX_PREFIXES {
+            self.key_prefixes.remove(0);
+        }
+        let prefix = [br#"{"schema":"#.as_slice(), raw.as_bytes()].concat();
+        self.key_prefixes.push((prefix, columns.clone()));
+        Some(columns)
+    }
+
+    /// The primary key columns of a key schema (its raw JSON).
+    fn key_schema(&mut self, raw: &str) -> Option<Arc<[String]>> {
         if let Some(columns) = self.keys.get(raw) {
             return Some(columns.clone());
         }
@@ -441,18 +475,30 @@ impl Decoder {
                 "`payload` is null, but the Kafka value is not (a tombstone has a null value)",
             ));
         }
-        let payload: Payload<'_> = serde_json::from_slice(payload).map_err(|e| {
+        // UTF-8 checked once for the whole payload: parsing a `str` then
+        // skips the check per string, which parsing bytes does for each.
+        let text = match std::str::from_utf8(payload) {
+            Ok(text) => text,
+            Err(_) => {
+                // serde_json names where the bad byte is.
+                let e = serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                    .err()
+                    .unwrap_or_else(|| serde::de::Error::custom("not valid UTF-8"));
+                return Err(DecodeError::Json(e));
+            }
+        };
+        let payload: Payload<'_> = serde_json::from_str(text).map_err(|e| {
             if e.is_data() {
                 DecodeError::Shape(format!("`payload` is not a change event: {e}"))
             } else {
                 DecodeError::Json(e)
             }
         })?;
-        let (op, image) = match payload.op.as_str() {
+        let (op, image) = match payload.op.as_ref() {
             "c" => (Op::Create, payload.after),
             "u" => (Op::Update, payload.after),
             "r" => (Op::Read, payload.after),
-            "d" => (Op::Delete, payload.before),
+            "d" => (Op::Delete, before(payload.before)?),
             other => return Err(DecodeError::Op(other.to_string())),
         };
         let image = image.ok_or(DecodeError::Envelope("row image missing for op"))?;
@@ -643,6 +689,18 @@ pub(crate) mod tests {
         );
         assert_eq!(d.key_columns(None), None, "no primary key: no key");
         assert_eq!(d.key_columns(Some(b"42")), None);
+        // A key schema that begins like a known one (its first key column)
+        // is not taken for it: the known schema's bytes end where its JSON
+        // does.
+        let one = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"}]},"payload":{"id":1}}"#;
+        let two = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"at"}]},"payload":{"id":1,"at":2}}"#;
+        for _ in 0..2 {
+            assert_eq!(&*d.key_columns(Some(one)).unwrap(), ["id".to_string()]);
+            assert_eq!(
+                &*d.key_columns(Some(two)).unwrap(),
+                ["id".to_string(), "at".to_string()]
+            );
+        }
     }
 
     #[test]

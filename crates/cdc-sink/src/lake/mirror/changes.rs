@@ -10,6 +10,7 @@
 //! current-state table's row.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -47,7 +48,8 @@ pub struct Changes {
     pub rows: RecordBatch,
     /// Each key's outcome, by the key's row encoding.
     pub outcomes: HashMap<OwnedRow, Outcome>,
-    pub converter: RowConverter,
+    /// Shared with the file rewrites, which run on blocking threads.
+    pub converter: Arc<RowConverter>,
 }
 
 /// The row encoding of the `key` columns of `batch`: ordered like the key
@@ -141,7 +143,7 @@ impl Changes {
         Ok(Changes {
             rows,
             outcomes,
-            converter,
+            converter: Arc::new(converter),
         })
     }
 }

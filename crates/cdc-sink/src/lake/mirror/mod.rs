@@ -28,13 +28,13 @@
 
 pub mod changes;
 mod reconcile;
+mod rewrite;
 pub mod through;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array};
-use arrow::compute::interleave;
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter};
@@ -56,7 +56,8 @@ use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
-use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
+use crate::lake::mirror::changes::{Changes, Outcome, key_rows};
+use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::Through;
 use crate::lake::table::{LakeRoot, create_table, delta_err};
 
@@ -109,6 +110,22 @@ impl From<LakeError> for MirrorError {
 }
 
 impl MirrorError {
+    /// An Arrow error building `table`'s mirror rows.
+    fn arrow(table: &str) -> impl Fn(ArrowError) -> MirrorError + Copy + '_ {
+        move |source| MirrorError::Arrow {
+            table: table.to_string(),
+            source,
+        }
+    }
+
+    /// A file error reading or writing `table`'s mirror.
+    fn file(table: &str) -> impl Fn(FileError) -> MirrorError + Copy + '_ {
+        move |source| MirrorError::File {
+            table: table.to_string(),
+            source,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             MirrorError::Lake(e) => e.is_retryable(),
@@ -168,7 +185,8 @@ struct FileRange {
 /// Changes routed to one file (`None`: a new file).
 struct Bucket {
     file: Option<usize>,
-    keys: Vec<OwnedRow>,
+    /// The changed keys routed to the file, sorted, with their outcomes.
+    keys: Vec<(OwnedRow, Outcome)>,
 }
 
 pub struct Mirror {
@@ -386,10 +404,7 @@ impl Mirror {
         }
 
         // The changes, in Kafka order, reduced to one outcome per key.
-        let arrow_err = |source| MirrorError::Arrow {
-            table: table.to_string(),
-            source,
-        };
+        let arrow_err = MirrorError::arrow(table);
         let state = changelog.snapshot().map_err(&err)?;
         let partition_columns = state.metadata().partition_columns().to_vec();
         let schema = output_schema(state.schema().as_ref(), &partition_columns, &files).map_err(
@@ -543,14 +558,7 @@ impl Mirror {
     ) -> Result<Synced, MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
-        let arrow_err = |source| MirrorError::Arrow {
-            table: table.to_string(),
-            source,
-        };
-        let file_err = |source| MirrorError::File {
-            table: table.to_string(),
-            source,
-        };
+        let arrow_err = MirrorError::arrow(table);
         let store = mirror.log_store().object_store(None);
         let state = mirror.snapshot().map_err(&merr)?.clone();
         let target_schema = mirror_schema(&changes.rows.schema());
@@ -626,14 +634,15 @@ impl Mirror {
                     keys: Vec::new(),
                 })
                 .keys
-                .push(k.clone());
+                .push((k.clone(), changes.outcomes[k].clone()));
         }
 
         let changed = project(&changes.rows, &target_schema).map_err(arrow_err)?;
         let mut actions = Vec::new();
         let mut added = 0;
         let (mut rows_written, mut bytes_written) = (0, 0);
-        for bucket in buckets.values() {
+        let key_names: Arc<[String]> = key.into();
+        for bucket in buckets.into_values() {
             let old = match bucket.file {
                 Some(i) => {
                     let path = Path::from(ranges[i].path.as_str());
@@ -644,43 +653,33 @@ impl Mirror {
                         .bytes()
                         .await
                         .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
-                    let f = ReadFile::read(ranges[i].path.clone(), bytes).map_err(file_err)?;
                     removed.push(ranges[i].path.clone());
-                    let aligned = f
-                        .batches
-                        .iter()
-                        .map(|b| align(b, &target_schema))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(arrow_err)?;
-                    arrow::compute::concat_batches(&target_schema, &aligned).map_err(arrow_err)?
+                    Some(OldFile {
+                        path: ranges[i].path.clone(),
+                        bytes,
+                    })
                 }
-                None => RecordBatch::new_empty(target_schema.clone()),
+                None => None,
             };
-            let merged = merge(
-                &old,
-                &changed,
-                changes,
-                bucket,
-                key,
-                converter,
-                &target_schema,
-            )
-            .map_err(arrow_err)?;
+            let rewrite = Rewrite {
+                old,
+                changed: changed.clone(),
+                changes_schema: changes.rows.schema(),
+                keys: bucket.keys,
+                key: key_names.clone(),
+                converter: changes.converter.clone(),
+                schema: target_schema.clone(),
+            };
+            let merged = tokio::task::spawn_blocking(move || rewrite.run())
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                .map_err(|e| e.into_mirror(table))?;
             rows_written += merged.num_rows();
             for chunk in self.chunks(&merged) {
                 let add = self
                     .put(&store, &chunk, key, converter)
                     .await
-                    .map_err(|e| match e {
-                        PutError::File(source) => MirrorError::File {
-                            table: table.to_string(),
-                            source,
-                        },
-                        PutError::Arrow(source) => MirrorError::Arrow {
-                            table: table.to_string(),
-                            source,
-                        },
-                    })?;
+                    .map_err(|e| e.into_mirror(table))?;
                 bytes_written += add.size as usize;
                 actions.push(Action::Add(add));
                 added += 1;
@@ -849,10 +848,15 @@ impl Mirror {
         batch: &RecordBatch,
         key: &[String],
         converter: &RowConverter,
-    ) -> Result<deltalake::kernel::Add, PutError> {
-        let keys = key_rows(converter, batch, key).map_err(PutError::Arrow)?;
-        let min = keys.row(0).as_ref().to_vec();
-        let max = keys.row(batch.num_rows() - 1).as_ref().to_vec();
+    ) -> Result<deltalake::kernel::Add, RewriteError> {
+        // The batch is sorted by key: its first and last rows bound it.
+        let bound = |row| {
+            key_rows(converter, &batch.slice(row, 1), key)
+                .map(|k| k.row(0).as_ref().to_vec())
+                .map_err(RewriteError::Arrow)
+        };
+        let min = bound(0)?;
+        let max = bound(batch.num_rows() - 1)?;
         let footer = vec![
             (
                 KEY_METADATA.to_string(),
@@ -865,7 +869,7 @@ impl Mirror {
             .files
             .put(store.as_ref(), Vec::new(), batch, true, &footer)
             .await
-            .map_err(PutError::File)?;
+            .map_err(RewriteError::File)?;
         let range = FileRange {
             path: add.path.clone(),
             size: add.size,
@@ -935,11 +939,6 @@ pub async fn run(
         done.push(synced);
     }
     Ok(done)
-}
-
-enum PutError {
-    File(FileError),
-    Arrow(ArrowError),
 }
 
 /// The `commitInfo` of a mirror commit: the changelog version it reflects
@@ -1124,89 +1123,6 @@ fn mirror_schema(changelog: &SchemaRef) -> SchemaRef {
 /// `batch`'s columns of `schema`, by name.
 fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
     align(batch, schema)
-}
-
-/// The rows of one file after the changes routed to it: its old rows
-/// (`old`, in `schema`) with the changed keys replaced or removed, sorted
-/// by key.
-fn merge(
-    old: &RecordBatch,
-    changed: &RecordBatch,
-    changes: &Changes,
-    bucket: &Bucket,
-    key: &[String],
-    converter: &RowConverter,
-    schema: &SchemaRef,
-) -> Result<RecordBatch, ArrowError> {
-    // Per output row: where each column comes from, as (array, row) with
-    // array 0 = old, 1 = changed.
-    enum Plan {
-        Old(usize),
-        New {
-            row: usize,
-            carried: Vec<(usize, (usize, usize))>,
-        },
-    }
-    let old_keys = key_rows(converter, old, key)?;
-    let mut by_key: HashMap<OwnedRow, usize> = HashMap::with_capacity(old.num_rows());
-    for i in 0..old.num_rows() {
-        by_key.insert(old_keys.row(i).owned(), i);
-    }
-    let changed_schema = changes.rows.schema();
-    let mut entries: Vec<(OwnedRow, Plan)> = Vec::with_capacity(old.num_rows() + bucket.keys.len());
-    for (k, i) in &by_key {
-        if !changes.outcomes.contains_key(k) {
-            entries.push((k.clone(), Plan::Old(*i)));
-        }
-    }
-    for k in &bucket.keys {
-        let Outcome::Upsert { row, carried } = &changes.outcomes[k] else {
-            continue;
-        };
-        let mut from = Vec::new();
-        for (column, source) in carried {
-            // Carried columns are named in the changelog's schema.
-            let Ok(c) = schema.index_of(changed_schema.field(*column).name()) else {
-                continue;
-            };
-            match source {
-                Source::Change(j) => from.push((c, (1, *j))),
-                Source::Existing => {
-                    if let Some(i) = by_key.get(k) {
-                        from.push((c, (0, *i)));
-                    }
-                }
-            }
-        }
-        entries.push((
-            k.clone(),
-            Plan::New {
-                row: *row,
-                carried: from,
-            },
-        ));
-    }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-    for (c, field) in schema.fields().iter().enumerate() {
-        let indices: Vec<(usize, usize)> = entries
-            .iter()
-            .map(|(_, plan)| match plan {
-                Plan::Old(i) => (0, *i),
-                Plan::New { row, carried } => carried
-                    .iter()
-                    .find(|(col, _)| *col == c)
-                    .map_or((1, *row), |(_, at)| *at),
-            })
-            .collect();
-        if indices.is_empty() {
-            columns.push(new_empty_array(field.data_type()));
-            continue;
-        }
-        let arrays: [&dyn Array; 2] = [old.column(c).as_ref(), changed.column(c).as_ref()];
-        columns.push(interleave(&arrays, &indices)?);
-    }
-    RecordBatch::try_new(schema.clone(), columns)
 }
 
 #[cfg(test)]

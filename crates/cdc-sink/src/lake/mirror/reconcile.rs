@@ -30,7 +30,7 @@ use object_store::ObjectStoreExt;
 use serde_json::json;
 
 use super::changes::key_converter;
-use super::{APP_ID, KEY_PROPERTY, Mirror, MirrorError, PutError, commit_info, is_conflict};
+use super::{APP_ID, KEY_PROPERTY, Mirror, MirrorError, commit_info, is_conflict};
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::files::{ReadFile, now_ms};
@@ -127,14 +127,8 @@ impl Mirror {
             .ok_or_else(|| MirrorError::BadKey {
                 table: table.to_string(),
             })?;
-        let arrow_err = |source| MirrorError::Arrow {
-            table: table.to_string(),
-            source,
-        };
-        let file_err = |source| MirrorError::File {
-            table: table.to_string(),
-            source,
-        };
+        let arrow_err = MirrorError::arrow(table);
+        let file_err = MirrorError::file(table);
         let store = mirror.log_store().object_store(None);
         let now = now_ms();
         let (mut actions, mut removed_rows, mut rewritten) = (Vec::new(), 0, 0);
@@ -173,10 +167,7 @@ impl Mirror {
                 let add = self
                     .put(&store, &kept, &key, &converter)
                     .await
-                    .map_err(|e| match e {
-                        PutError::File(source) => file_err(source),
-                        PutError::Arrow(source) => arrow_err(source),
-                    })?;
+                    .map_err(|e| e.into_mirror(table))?;
                 actions.push(Action::Add(add));
             }
         }
