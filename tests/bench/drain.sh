@@ -30,7 +30,9 @@ if bash tests/stack.sh status 2>/dev/null | grep -Eq '^(tweetgen|cdc-sink) +(up|
   echo "stopping the stack's tweetgen and cdc-sink for the benchmark (tests/stack.sh pipeline starts them again)"
   bash tests/stack.sh stop-pipeline
 fi
-topic=twitter.tweets
+# DRAIN_TOPIC drains another topic of tweets' events (one a benchmark's
+# connector configuration routed elsewhere, say).
+topic=${DRAIN_TOPIC:-twitter.tweets}
 total() { # sum of high watermarks of $topic
   for p in 0 1 2; do
     # A topic not created yet (a brand-new stack) holds 0 events.

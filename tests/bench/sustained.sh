@@ -14,7 +14,11 @@
 # each stage's rate and the sink's lag. At the end: the rate of each stage
 # over the run, whether the lag grew, and the CPU seconds each process used,
 # which shows where the machine's two cores went. After the generator stops
-# it waits for the sink to catch up and reports how long that took.
+# it waits for the sink to catch up and reports how long that took. Each
+# sample also reads the replication slot (`wal_status`, and the WAL it
+# retains), and the end gives the retained WAL's least-squares slope: flat
+# means Debezium keeps up. SUSTAINED_SINK_BIN runs another build of the sink
+# (an older commit, in the same sitting).
 #
 # Flat out, PostgreSQL takes several times what Debezium publishes: the
 # replication slot's WAL grows until `max_slot_wal_keep_size` (2 GB here)
@@ -68,7 +72,7 @@ for t in "${topics[@]}"; do
   "$CARGO_TARGET_DIR/release/committed" --to-end "$CDC_SINK_KAFKA__BROKERS" "$run" "$t" >/dev/null
 done
 export CDC_SINK_KAFKA__GROUP_ID=$run CDC_SINK_OUTPUT__PREFIX=$run CDC_SINK_METRICS__LISTEN=
-"$CARGO_TARGET_DIR/release/cdc-sink" >"/tmp/$run.sink.log" 2>&1 &
+"${SUSTAINED_SINK_BIN:-$CARGO_TARGET_DIR/release/cdc-sink}" >"/tmp/$run.sink.log" 2>&1 &
 sink=$!
 sleep 5
 pg0=$(pg_rows); pub0=$(published); com0=$(committed)
@@ -90,14 +94,21 @@ declare -A cpu0
   cpu0[kafka]=$(ticks $kafka_pids); cpu0[minio]=$(ticks $minio_pids)
 }
 start=$(date +%s)
-printf '%6s %12s %12s %12s %10s\n' t pg_rows/s kafka_ev/s lake_ev/s lag
-prev_pg=$pg0; prev_pub=$pub0; prev_com=$com0; lags=()
+slot() { # wal_status and retained MB of the connector's slot
+  psql -X -At -F ' ' -c "SELECT wal_status, round((pg_current_wal_lsn() - restart_lsn) / 1e6) \
+    FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name LIMIT 1"
+}
+printf '%6s %12s %12s %12s %10s %12s %12s\n' t pg_rows/s kafka_ev/s lake_ev/s lag wal_status retained_MB
+prev_pg=$pg0; prev_pub=$pub0; prev_com=$com0; lags=(); slot_samples=()
 while kill -0 $gen 2>/dev/null; do
   sleep 10
   pg=$(pg_rows); pub=$(published); com=$(committed)
   lag=$((pub - com)); lags+=("$lag")
-  printf '%6d %12d %12d %12d %10d\n' $(( $(date +%s) - start )) $(( (pg - prev_pg) / 10 )) \
-    $(( (pub - prev_pub) / 10 )) $(( (com - prev_com) / 10 )) "$lag"
+  read -r wal_status retained < <(slot || echo "none 0")
+  t=$(( $(date +%s) - start ))
+  slot_samples+=("$t $retained $wal_status")
+  printf '%6d %12d %12d %12d %10d %12s %12s\n' "$t" $(( (pg - prev_pg) / 10 )) \
+    $(( (pub - prev_pub) / 10 )) $(( (com - prev_com) / 10 )) "$lag" "$wal_status" "$retained"
   prev_pg=$pg; prev_pub=$pub; prev_com=$com
   kill -0 $sink 2>/dev/null || { echo "sink died:"; tail -20 "/tmp/$run.sink.log"; exit 1; }
 done
@@ -136,3 +147,9 @@ printf 'sink lag: max %d events in the first half, %d in the second; all committ
   "$max_first" "$max_second" "$tail_s"
 printf 'CPU seconds over the run (2 cores = %ds): tweetgen %s, PostgreSQL %s, Connect/Debezium %s, Kafka %s, MinIO %s, cdc-sink %s\n' \
   $((2 * elapsed)) "$c_gen" "$c_pg" "$c_connect" "$c_kafka" "$c_minio" "$c_sink"
+printf '%s\n' "${slot_samples[@]}" | awk '
+  { n++; x += $1; y += $2; xy += $1 * $2; xx += $1 * $1; if ($3 != "reserved") bad++ }
+  END {
+    slope = (n > 1) ? (n * xy - x * y) / (n * xx - x * x) : 0
+    printf "the slot: wal_status reserved in %d of %d samples; retained WAL mean %.0f MB, slope %.2f MB/s\n", n - bad, n, y / n, slope
+  }'

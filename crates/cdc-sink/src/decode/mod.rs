@@ -17,6 +17,7 @@
 //! Debezium envelope (`{}`, `[]`, `{"payload":null}`, an empty value) is an
 //! error, and the pipeline quarantines it.
 
+mod avro;
 pub mod marker;
 pub mod schema;
 mod values;
@@ -36,6 +37,8 @@ use crate::decode::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema}
 
 /// The Kafka header that names a value's schema in the schema-id format.
 pub const SCHEMA_HEADER: &str = "cdclake.schema";
+/// The Kafka header that says a schema-id value is not JSON: `avro`.
+pub const ENCODING_HEADER: &str = "cdclake.encoding";
 
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
@@ -71,11 +74,15 @@ pub enum DecodeError {
     BadSchema { fingerprint: String, reason: String },
     #[error("a record with the `cdclake.marker` header that is not a valid marker: {0}")]
     Marker(String),
+    #[error("not a change event in the Avro encoding of its schema: {0}")]
+    Avro(String),
+    #[error("encoding `{0}` (the `cdclake.encoding` header) is not one this sink reads")]
+    Encoding(String),
 }
 
 impl DecodeError {
     /// A short label for metrics: `json`, `envelope`, `schema`, `mismatch`,
-    /// `op`, `schema_topic` or `marker`.
+    /// `op`, `schema_topic`, `marker`, `avro` or `encoding`.
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Json(_) => "json",
@@ -85,6 +92,8 @@ impl DecodeError {
             DecodeError::Op(_) => "op",
             DecodeError::UnknownSchema(_) | DecodeError::BadSchema { .. } => "schema_topic",
             DecodeError::Marker(_) => "marker",
+            DecodeError::Avro(_) => "avro",
+            DecodeError::Encoding(_) => "encoding",
         }
     }
 }
@@ -179,6 +188,8 @@ pub struct MessageHeaders<'a> {
     pub schema_ref: Option<&'a [u8]>,
     /// [`marker::HEADER`]: the record is a marker, of this kind.
     pub marker: Option<&'a [u8]>,
+    /// [`ENCODING_HEADER`]: the schema-id value's encoding, if not JSON.
+    pub encoding: Option<&'a [u8]>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +274,11 @@ fn before(raw: Option<&RawValue>) -> Result<Option<Image<'_>>, DecodeError> {
     })
 }
 
+/// A fingerprint as it appears in errors.
+fn fingerprint_text(fingerprint: &[u8]) -> String {
+    String::from_utf8_lossy(fingerprint).into_owned()
+}
+
 /// Schemas kept for the byte-prefix fast path: a handful of tables, each
 /// with a schema or two in flight.
 const MAX_PREFIXES: usize = 32;
@@ -310,6 +326,9 @@ pub struct Decoder {
     /// Schemas of the schema topic, by fingerprint: a usable schema, or
     /// why it is not.
     published: HashMap<Box<[u8]>, Result<KnownSchema, String>>,
+    /// How to read the Avro encoding of each published schema, by
+    /// fingerprint: built with the schema, used only by Avro values.
+    avro: HashMap<Box<[u8]>, Result<Arc<avro::Plan>, String>>,
 }
 
 impl Decoder {
@@ -371,6 +390,14 @@ impl Decoder {
             return;
         }
         let entry = self.schema(raw).map_err(|e| e.to_string());
+        let plan = match &entry {
+            Ok((_, table)) => serde_json::from_str::<ConnectSchema>(raw)
+                .map_err(|e| e.to_string())
+                .and_then(|connect| avro::Plan::new(&connect, table))
+                .map(Arc::new),
+            Err(reason) => Err(reason.clone()),
+        };
+        self.avro.insert(fingerprint.into(), plan);
         if let Err(reason) = &entry {
             // Not a warning by itself: the schema topic is shared by every
             // topic the converter writes, Debezium's heartbeats included,
@@ -399,6 +426,74 @@ impl Decoder {
         self.published.contains_key(fingerprint)
     }
 
+    /// Decodes one Kafka message, in whichever format its headers say.
+    pub fn decode_message(
+        &mut self,
+        value: Option<&[u8]>,
+        headers: &MessageHeaders<'_>,
+    ) -> Result<Decoded, DecodeError> {
+        match headers.encoding {
+            None | Some(b"json") => self.decode_with(value, headers.schema_ref),
+            Some(b"avro") => self.decode_avro(value, headers.schema_ref),
+            Some(other) => Err(DecodeError::Encoding(
+                String::from_utf8_lossy(other).into_owned(),
+            )),
+        }
+    }
+
+    /// Decodes a schema-id value in the Avro encoding of its schema.
+    fn decode_avro(
+        &mut self,
+        value: Option<&[u8]>,
+        schema_ref: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
+        let Some(bytes) = value else {
+            return Ok(Decoded::Tombstone);
+        };
+        let fingerprint = schema_ref.ok_or(DecodeError::Envelope(
+            "an Avro value without the `cdclake.schema` header",
+        ))?;
+        let (id, schema) = self.published_schema(fingerprint)?;
+        let plan = match self.avro.get(fingerprint) {
+            Some(Ok(plan)) => plan.clone(),
+            Some(Err(reason)) => return Err(DecodeError::Avro(reason.clone())),
+            None => return Err(DecodeError::UnknownSchema(fingerprint_text(fingerprint))),
+        };
+        let event = avro::read(&plan, &schema, bytes).map_err(DecodeError::Avro)?;
+        let image = event
+            .image
+            .ok_or(DecodeError::Envelope("row image missing for op"))?;
+        let mut values = Vec::with_capacity(image.len());
+        let mut unchanged = Vec::new();
+        for (i, cell) in image.into_iter().enumerate() {
+            match cell {
+                avro::Cell::Value(d) => values.push(d),
+                avro::Cell::Unavailable => {
+                    unchanged.push(i);
+                    values.push(Datum::Null);
+                }
+            }
+        }
+        let source = Source {
+            ts_ms: event.ts_ms,
+            lsn: event.lsn,
+            tx_id: event.tx_id,
+        };
+        Ok(self.row(id, schema, event.op, values, unchanged, &source))
+    }
+
+    /// The registered schema a schema-id message names.
+    fn published_schema(&self, fingerprint: &[u8]) -> Result<(u64, Arc<TableSchema>), DecodeError> {
+        match self.published.get(fingerprint) {
+            Some(Ok((id, schema))) => Ok((*id, schema.clone())),
+            Some(Err(reason)) => Err(DecodeError::BadSchema {
+                fingerprint: fingerprint_text(fingerprint),
+                reason: reason.clone(),
+            }),
+            None => Err(DecodeError::UnknownSchema(fingerprint_text(fingerprint))),
+        }
+    }
+
     /// Decodes one Kafka message value of the JSON-with-schemas format;
     /// `None` is a Kafka tombstone.
     pub fn decode(&mut self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
@@ -423,17 +518,7 @@ impl Decoder {
             ));
         }
         if let Some(fingerprint) = schema_ref {
-            let named = || String::from_utf8_lossy(fingerprint).into_owned();
-            let (id, schema) = match self.published.get(fingerprint) {
-                Some(Ok((id, schema))) => (*id, schema.clone()),
-                Some(Err(reason)) => {
-                    return Err(DecodeError::BadSchema {
-                        fingerprint: named(),
-                        reason: reason.clone(),
-                    });
-                }
-                None => return Err(DecodeError::UnknownSchema(named())),
-            };
+            let (id, schema) = self.published_schema(fingerprint)?;
             if bytes.trim_ascii_start().first() != Some(&b'{') {
                 return Err(DecodeError::Shape(
                     "a schema-id message whose value is not a JSON object".into(),
@@ -523,6 +608,20 @@ impl Decoder {
                 values.push(to_datum(&col.ty, &v).map_err(mismatch)?);
             }
         }
+        Ok(self.row(schema_id, schema, op, values, unchanged, &payload.source))
+    }
+
+    /// A decoded row image as a [`ChangeRow`], with the checks every format
+    /// shares.
+    fn row(
+        &mut self,
+        schema_id: u64,
+        schema: Arc<TableSchema>,
+        op: Op,
+        mut values: Vec<Datum>,
+        unchanged: Vec<usize>,
+        source: &Source,
+    ) -> Decoded {
         let null_in_required = if op == Op::Delete {
             Vec::new()
         } else {
@@ -539,17 +638,17 @@ impl Decoder {
         } else {
             (schema_id, schema)
         };
-        Ok(Decoded::Row(ChangeRow {
+        Decoded::Row(ChangeRow {
             schema,
             schema_id,
             op,
             values,
             unchanged,
             null_in_required,
-            commit_ts_ms: payload.source.ts_ms,
-            lsn: payload.source.lsn,
-            tx_id: payload.source.tx_id,
-        }))
+            commit_ts_ms: source.ts_ms,
+            lsn: source.lsn,
+            tx_id: source.tx_id,
+        })
     }
 
     fn schema(&mut self, raw: &str) -> Result<(u64, Arc<TableSchema>), DecodeError> {

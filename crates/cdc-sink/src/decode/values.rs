@@ -109,8 +109,8 @@ pub(super) fn plain(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>>
 
 /// PostgreSQL `infinity`/`-infinity` for `timestamp`, as the JDBC driver
 /// (and so Debezium) encodes them, whatever the unit.
-const PG_TIMESTAMP_INFINITY: i64 = 9_223_372_036_825_200_000;
-const PG_TIMESTAMP_NEG_INFINITY: i64 = -9_223_372_036_832_400_000;
+pub(super) const PG_TIMESTAMP_INFINITY: i64 = 9_223_372_036_825_200_000;
+pub(super) const PG_TIMESTAMP_NEG_INFINITY: i64 = -9_223_372_036_832_400_000;
 /// Where `infinity` and `-infinity` land: the largest and smallest
 /// timestamps every Delta reader accepts (9999-12-31T23:59:59.999999 and
 /// 0001-01-01T00:00:00), documented in docs/design.md (Types).

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use crate::config::{ConfigError, SinkConfig};
 use crate::decode::marker::{self, MarkerRow, RecoveryMarker};
-use crate::decode::{ChangeRow, Decoded, Decoder, MessageHeaders, SCHEMA_HEADER};
+use crate::decode::{ChangeRow, Decoded, Decoder, ENCODING_HEADER, MessageHeaders, SCHEMA_HEADER};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
@@ -282,15 +282,15 @@ pub async fn run_with<S: Source>(
                 // Buffers of revoked partitions go before anything else.
                 sink.apply_rebalances(&mut rebalances);
                 let tp = Tp::new(msg.topic(), msg.partition());
-                let header = |name: &str| {
-                    msg.headers()
-                        .and_then(|h| h.iter().find(|h| h.key == name))
-                        .and_then(|h| h.value)
-                };
-                let headers = MessageHeaders {
-                    schema_ref: header(SCHEMA_HEADER),
-                    marker: header(marker::HEADER),
-                };
+                let mut headers = MessageHeaders::default();
+                for h in msg.headers().iter().flat_map(|h| h.iter()) {
+                    match h.key {
+                        SCHEMA_HEADER => headers.schema_ref = h.value,
+                        ENCODING_HEADER => headers.encoding = h.value,
+                        marker::HEADER => headers.marker = h.value,
+                        _ => {}
+                    }
+                }
                 sink.on_message(tp, msg.offset(), msg.key(), msg.payload(), headers).await?;
                 drop(msg);
                 sink.hold_memory()?;
@@ -439,7 +439,7 @@ impl<S: Source> Sink<'_, S> {
 
         let decoded = match headers.marker {
             Some(kind) => RecoveryMarker::parse(kind, payload).map(Decoded::Marker),
-            None => self.decoder.decode_with(payload, headers.schema_ref),
+            None => self.decoder.decode_message(payload, &headers),
         };
         match decoded {
             Ok(Decoded::Marker(marker)) => {

@@ -307,7 +307,13 @@ mod tests {
         let old = file(&[(7, "seven"), (1, "one"), (5, "five"), (3, "three")]);
         assert_eq!(
             rewrite(&old, CHANGES),
-            rows(&[(1, "one"), (3, "three'"), (4, "four"), (7, "seven"), (9, "nine")])
+            rows(&[
+                (1, "one"),
+                (3, "three'"),
+                (4, "four"),
+                (7, "seven"),
+                (9, "nine")
+            ])
         );
         let twice = file(&[(1, "one"), (2, "old two"), (2, "two"), (3, "three")]);
         assert_eq!(

@@ -23,7 +23,10 @@
  *
  * Configuration, under `value.converter.` in the connector config: every
  * JsonConverter key (passed on, schemas.enable forced off), plus
- * `schema.topic` and `schema.bootstrap.servers` (required).
+ * `schema.topic` and `schema.bootstrap.servers` (required), and `format`:
+ * `json` (the default, as above) or `avro`, the payload in Avro's binary
+ * encoding instead (AvroBinary: its Avro schema follows from the same
+ * Connect schema), marked by the header `cdclake.encoding: avro`.
  */
 package io.cdclake.debezium;
 
@@ -55,6 +58,8 @@ import org.apache.kafka.connect.storage.Converter;
 public class SchemaIdConverter implements Converter {
     public static final String HEADER = "cdclake.schema";
     public static final String DEFAULT_TOPIC = "_cdclake.schemas";
+    public static final String ENCODING_HEADER = "cdclake.encoding";
+    private static final byte[] AVRO = "avro".getBytes(StandardCharsets.US_ASCII);
 
     private final JsonConverter payloads = new JsonConverter();
     private final JsonConverter schemas = new JsonConverter();
@@ -63,12 +68,20 @@ public class SchemaIdConverter implements Converter {
     private final Map<Schema, byte[]> fingerprints = new IdentityHashMap<>();
     private KafkaProducer<byte[], byte[]> producer;
     private String topic;
+    /** Set when `format` is `avro`. */
+    private AvroBinary avro;
 
     @Override
     public void configure(Map<String, ?> configs, boolean isKey) {
         Map<String, Object> json = new HashMap<>(configs);
         json.remove("schema.topic");
         json.remove("schema.bootstrap.servers");
+        Object format = json.remove("format");
+        if (format != null && format.toString().equals("avro")) {
+            avro = new AvroBinary();
+        } else if (format != null && !format.toString().equals("json")) {
+            throw new DataException("SchemaIdConverter: `format` is `json` or `avro`, not `" + format + "`");
+        }
         json.put("schemas.enable", "false");
         payloads.configure(json, isKey);
         Map<String, Object> withSchemas = new HashMap<>(json);
@@ -119,6 +132,10 @@ public class SchemaIdConverter implements Converter {
             fingerprints.put(schema, id);
         }
         headers.add(HEADER, id);
+        if (avro != null) {
+            headers.add(ENCODING_HEADER, AVRO);
+            return avro.encode(schema, value);
+        }
         return payloads.fromConnectData(topic, schema, value);
     }
 
