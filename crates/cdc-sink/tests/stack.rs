@@ -1164,6 +1164,17 @@ impl OwnCapture {
     /// out the connector keys in `without`. Returns once the replication
     /// slot exists: every later change reaches Kafka.
     async fn start(kind: &str, table: &str, ddl: &str, without: &[&str]) -> OwnCapture {
+        OwnCapture::start_with(kind, table, ddl, without, &[]).await
+    }
+
+    /// [`OwnCapture::start`], with connector keys set to other values.
+    async fn start_with(
+        kind: &str,
+        table: &str,
+        ddl: &str,
+        without: &[&str],
+        set: &[(&str, &str)],
+    ) -> OwnCapture {
         let run = unique();
         let db = format!("{kind}{run}");
         let db = db.as_str();
@@ -1199,6 +1210,9 @@ impl OwnCapture {
         }
         for k in without {
             config.as_object_mut().unwrap().remove(*k);
+        }
+        for (k, v) in set {
+            config[*k] = (*v).into();
         }
         let capture = OwnCapture {
             db: db.to_string(),
@@ -1402,6 +1416,38 @@ async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize)
 #[tokio::test(flavor = "multi_thread")]
 async fn special_values_round_trip_and_their_deletes_land() {
     let capture = OwnCapture::start("zoo", "zoo", CREATE_SQL, &[]).await;
+    assert_zoo_lands(&capture).await;
+}
+
+/// The same types, special values and TOASTed columns with the converter's
+/// Avro values (`value.converter.format=avro`): the sink reads them by
+/// their header into the same changelog rows and current-state table.
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_values_land_every_type_exactly() {
+    let capture = OwnCapture::start_with(
+        "zooavro",
+        "zoo",
+        CREATE_SQL,
+        &[],
+        &[("value.converter.format", "avro")],
+    )
+    .await;
+    assert_zoo_lands(&capture).await;
+    // Every event was Avro: none fell back to JSON.
+    let headers = test_support::kafka::value_headers(&format!("{}.zoo", capture.db));
+    drop(capture);
+    assert_eq!(headers.len(), 10, "{headers:?}");
+    for h in &headers {
+        assert!(
+            h.iter()
+                .any(|(k, v)| k == "cdclake.encoding" && v == "avro"),
+            "an event that is not Avro: {h:?}"
+        );
+    }
+}
+
+/// Inserts the zoo's rows into `capture`'s table and checks what lands.
+async fn assert_zoo_lands(capture: &OwnCapture) {
     OwnCapture::sql(&capture.db, INSERT_SQL);
     let sink = capture.spawn_sink();
     let prefix = &capture.prefix;
@@ -1431,8 +1477,6 @@ async fn special_values_round_trip_and_their_deletes_land() {
     // The current-state table is the table itself: every type, NaN and the
     // carried TOASTed values included, through three readers.
     assert_mirror_equals_pg(&zoo_pg, prefix, "zoo").await;
-    drop(zoo_pg);
-    drop(capture);
 }
 
 /// The current-state table follows a table through a column added

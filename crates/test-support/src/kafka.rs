@@ -259,6 +259,48 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
     out
 }
 
+/// The headers (name, value as text) of every message in `topic` that
+/// has a value (tombstones left out), read from the start to the end.
+pub fn value_headers(topic: &str) -> Vec<Vec<(String, String)>> {
+    let c = consumer(&format!("headers-{}", unique()));
+    let until = watermarks(&c, &[topic]);
+    let mut tpl = TopicPartitionList::new();
+    let mut left = 0;
+    for ((t, p), high) in &until {
+        let (low, _) = c.fetch_watermarks(t, *p, Duration::from_secs(10)).unwrap();
+        left += (high - low).max(0);
+        tpl.add_partition_offset(t, *p, Offset::Offset(low))
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left > 0 {
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        if m.offset() >= until[&(m.topic().to_string(), m.partition())] {
+            continue;
+        }
+        left -= 1;
+        if m.payload().is_some() {
+            out.push(
+                m.headers()
+                    .iter()
+                    .flat_map(|h| h.iter())
+                    .map(|h| {
+                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                        (h.key.to_string(), value.into_owned())
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
 /// `group`'s committed offsets of the partitions in `of` (0 where it has
 /// committed none).
 pub fn committed(group: &str, of: &Offsets) -> Offsets {

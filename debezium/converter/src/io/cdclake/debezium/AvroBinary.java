@@ -3,8 +3,8 @@
  * schema that follows from its Connect schema by these rules (no Avro
  * library needed, on either side):
  *
- *  - struct -> record of its fields, in order; array -> array; map -> map
- *    (string keys only);
+ *  - struct -> record of its fields, in order; array -> array (a schema
+ *    with a map in it is not covered: its values stay JSON);
  *  - int8, int16, int32 -> int; int64 -> long (zig-zag varints);
  *    float32 -> float; float64 -> double; boolean -> boolean;
  *    string -> string; bytes -> bytes;
@@ -25,7 +25,6 @@ import java.math.BigDecimal;
 import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
 import java.util.List;
-import java.util.Map;
 
 import org.apache.kafka.connect.data.Date;
 import org.apache.kafka.connect.data.Decimal;
@@ -38,6 +37,16 @@ import org.apache.kafka.connect.errors.DataException;
 
 final class AvroBinary {
     private final ByteArrayOutputStream out = new ByteArrayOutputStream(1024);
+
+    /** Whether these rules, and the sink's reader of them, cover the schema: everything but maps. */
+    static boolean covers(Schema schema) {
+        return switch (schema.type()) {
+            case MAP -> false;
+            case ARRAY -> covers(schema.valueSchema());
+            case STRUCT -> schema.fields().stream().allMatch(f -> covers(f.schema()));
+            default -> true;
+        };
+    }
 
     /** The value's encoding. Not thread-safe: one per converter, and Connect calls a converter from one thread. */
     byte[] encode(Schema schema, Object value) {
@@ -109,17 +118,6 @@ final class AvroBinary {
                     varint(zigzag(items.size()));
                     for (Object item : items) {
                         write(schema.valueSchema(), item);
-                    }
-                }
-                varint(0);
-            }
-            case MAP -> {
-                Map<?, ?> entries = (Map<?, ?>) value;
-                if (!entries.isEmpty()) {
-                    varint(zigzag(entries.size()));
-                    for (Map.Entry<?, ?> e : entries.entrySet()) {
-                        bytes(String.valueOf(e.getKey()).getBytes(StandardCharsets.UTF_8));
-                        write(schema.valueSchema(), e.getValue());
                     }
                 }
                 varint(0);

@@ -26,7 +26,9 @@
  * `schema.topic` and `schema.bootstrap.servers` (required), and `format`:
  * `json` (the default, as above) or `avro`, the payload in Avro's binary
  * encoding instead (AvroBinary: its Avro schema follows from the same
- * Connect schema), marked by the header `cdclake.encoding: avro`.
+ * Connect schema), marked by the header `cdclake.encoding: avro`. A value
+ * the rules do not cover (a schema with a map in it, or a value its schema
+ * does not describe) is written as JSON, without that header.
  */
 package io.cdclake.debezium;
 
@@ -70,6 +72,8 @@ public class SchemaIdConverter implements Converter {
     private String topic;
     /** Set when `format` is `avro`. */
     private AvroBinary avro;
+    /** Whether the Avro rules cover a schema (no map in it); its values go as JSON if not. */
+    private final Map<Schema, Boolean> avroable = new IdentityHashMap<>();
 
     @Override
     public void configure(Map<String, ?> configs, boolean isKey) {
@@ -132,9 +136,17 @@ public class SchemaIdConverter implements Converter {
             fingerprints.put(schema, id);
         }
         headers.add(HEADER, id);
-        if (avro != null) {
-            headers.add(ENCODING_HEADER, AVRO);
-            return avro.encode(schema, value);
+        if (avro != null && avroable.computeIfAbsent(schema, AvroBinary::covers)) {
+            try {
+                byte[] encoded = avro.encode(schema, value);
+                headers.add(ENCODING_HEADER, AVRO);
+                return encoded;
+            } catch (ClassCastException | DataException e) {
+                // A value the schema does not describe: Debezium's placeholder
+                // for an unchanged TOASTed array whose items are not text (a
+                // string among integers). JSON carries it, and the sink reads
+                // that message as JSON, so it stays exact.
+            }
         }
         return payloads.fromConnectData(topic, schema, value);
     }
