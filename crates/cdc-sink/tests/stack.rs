@@ -1459,7 +1459,13 @@ async fn assert_zoo_lands(capture: &OwnCapture) {
     let last = rows.iter().max_by_key(|r| (r.key() == "3", r.lsn)).unwrap();
     assert_eq!(
         last.unchanged,
-        ["free_arr", "amounts", "amounts__string", "long_bits"],
+        [
+            "nums",
+            "free_arr",
+            "amounts",
+            "amounts__string",
+            "long_bits"
+        ],
         "{last:?}"
     );
     offsets_once(&rows);
@@ -1790,7 +1796,7 @@ const CREATE_SQL: &str =
          dflt text DEFAULT 'abc', dnum numeric(5,2) DEFAULT 1.5);
          -- Out of line and uncompressed: an update that leaves them alone
          -- sends Debezium's unchanged-TOAST placeholder (REPLICA IDENTITY DEFAULT).
-         ALTER TABLE zoo ALTER COLUMN free_arr SET STORAGE EXTERNAL,
+         ALTER TABLE zoo ALTER COLUMN free_arr SET STORAGE EXTERNAL, ALTER COLUMN nums SET STORAGE EXTERNAL,
            ALTER COLUMN amounts SET STORAGE EXTERNAL, ALTER COLUMN long_bits SET STORAGE EXTERNAL";
 const INSERT_SQL: &str = "INSERT INTO zoo VALUES
            (1, 1.5, -2.25e5, 12345.678, 'héllo', '2024-02-29 13:14:15.654321+02', '2024-02-29 13:14:15.654321',
@@ -1812,6 +1818,7 @@ const INSERT_SQL: &str = "INSERT INTO zoo VALUES
          DELETE FROM zoo WHERE id = 2;
          UPDATE zoo SET
            free_arr = (SELECT array_agg(g * 1.5) FROM generate_series(1, 3000) g),
+           nums = (SELECT array_agg(g) FROM generate_series(1, 1000) g),
            amounts = (SELECT array_agg(CASE WHEN g = 500 THEN 'NaN'::numeric ELSE g END) FROM generate_series(1, 1000) g),
            long_bits = repeat('01', 10000)::varbit WHERE id = 3;
          UPDATE zoo SET r = 2.5 WHERE id = 3;";

@@ -49,6 +49,9 @@ impl Shape {
             )?)),
             // A map's key and value schemas are not kept (ConnectSchema).
             "map" => return Err("a map (not read from Avro yet)".into()),
+            // Every value takes at least a byte, so a block count can be
+            // checked against the bytes left (a hostile count cannot spin).
+            "struct" if s.fields.is_empty() => return Err("a struct without fields".into()),
             "struct" => Shape::Record(s.fields.iter().map(Shape::of).collect::<Result<_, _>>()?),
             other => return Err(format!("a `{other}` schema")),
         };
@@ -111,8 +114,16 @@ impl Plan {
                         columns: f
                             .fields
                             .iter()
-                            .map(|c| Shape::of(c).map_err(|e| column_err(c, e)))
-                            .collect::<Result<_, _>>()?,
+                            .zip(&table.columns)
+                            .map(|(c, col)| {
+                                let shape = Shape::of(c).map_err(|e| column_err(c, e))?;
+                                if readable(&col.ty, &shape) {
+                                    Ok(shape)
+                                } else {
+                                    Err(column_err(c, format!("{:?} from Avro {shape:?}", col.ty)))
+                                }
+                            })
+                            .collect::<Result<_, String>>()?,
                     }
                 }
                 Some("source") => Part::Source(SourcePlan {
@@ -141,7 +152,60 @@ impl Plan {
 }
 
 fn column_err(c: &ConnectSchema, e: String) -> String {
-    format!("column `{}`: {e}", c.field.as_deref().unwrap_or("?"))
+    format!(
+        "column `{}`: {e} (not read from Avro)",
+        c.field.as_deref().unwrap_or("?")
+    )
+}
+
+/// Whether [`Reader::cell`] reads a column of type `ty` from `shape`: the
+/// plan refuses any other pair when the schema is registered, so no
+/// message meets one. (The converter sends such tables as JSON.)
+fn readable(ty: &ColumnType, shape: &Shape) -> bool {
+    let shape = match shape {
+        Shape::Optional(inner) => inner.as_ref(),
+        s => s,
+    };
+    match (ty, shape) {
+        (ColumnType::Bool, Shape::Bool)
+        | (
+            ColumnType::Int8
+            | ColumnType::Int16
+            | ColumnType::Int32
+            | ColumnType::Date
+            | ColumnType::Int64
+            | ColumnType::LocalTimestamp(_)
+            | ColumnType::Time(_),
+            Shape::Long,
+        )
+        | (ColumnType::Float32, Shape::Float)
+        | (ColumnType::Float64, Shape::Double)
+        | (
+            ColumnType::Utf8
+            | ColumnType::Json
+            | ColumnType::Binary
+            | ColumnType::Decimal { .. }
+            | ColumnType::WideDecimal { .. }
+            | ColumnType::NumericText { .. }
+            | ColumnType::ZonedTimestamp,
+            Shape::Bytes,
+        ) => true,
+        (ColumnType::VariableDecimal, Shape::Record(fields)) => {
+            matches!(fields.as_slice(), [Shape::Long, Shape::Bytes])
+        }
+        (ColumnType::List(item), Shape::Array(item_shape)) => readable(item, item_shape),
+        _ => false,
+    }
+}
+
+/// Debezium's placeholder for an unchanged TOASTed `int[]` or `bigint[]`:
+/// the placeholder text's bytes, as integers.
+pub(super) fn is_placeholder_ints(items: &[Option<i64>]) -> bool {
+    items.len() == UNAVAILABLE.len()
+        && items
+            .iter()
+            .zip(UNAVAILABLE.bytes())
+            .all(|(v, b)| *v == Some(i64::from(b)))
 }
 
 /// One value of a row image: a datum, or Debezium's placeholder for an
@@ -171,24 +235,20 @@ pub(super) fn read(plan: &Plan, table: &TableSchema, payload: &[u8]) -> Result<E
     for part in &plan.parts {
         match part {
             Part::Image {
-                after: is_after,
+                after: true,
+                optional,
+                columns,
+            } => after = r.image(*optional, columns, table)?,
+            // Read only for a delete (below): under REPLICA IDENTITY FULL
+            // every update carries a whole old image too.
+            Part::Image {
+                after: false,
                 optional,
                 columns,
             } => {
-                if *optional && r.long()? == 0 {
-                    continue;
-                }
-                let mut cells = Vec::with_capacity(columns.len());
-                for (shape, col) in columns.iter().zip(&table.columns) {
-                    cells.push(
-                        r.cell(shape, &col.ty)
-                            .map_err(|e| format!("column `{}`: {e}", col.name))?,
-                    );
-                }
-                if *is_after {
-                    after = Some(cells);
-                } else {
-                    before = Some(cells);
+                before = Some((r.pos, *optional, columns));
+                if !(*optional && r.long()? == 0) {
+                    columns.iter().try_for_each(|c| r.skip(c))?;
                 }
             }
             Part::Source(source) => {
@@ -218,7 +278,13 @@ pub(super) fn read(plan: &Plan, table: &TableSchema, payload: &[u8]) -> Result<E
         b"c" => (Op::Create, after),
         b"u" => (Op::Update, after),
         b"r" => (Op::Read, after),
-        b"d" => (Op::Delete, before),
+        b"d" => match before {
+            Some((pos, optional, columns)) => {
+                let mut r = Reader { buf: payload, pos };
+                (Op::Delete, r.image(optional, columns, table)?)
+            }
+            None => (Op::Delete, None),
+        },
         other => {
             return Err(format!(
                 "unsupported op `{}`",
@@ -278,7 +344,31 @@ impl<'a> Reader<'a> {
         if n < 0 {
             self.long()?;
         }
-        usize::try_from(n.unsigned_abs()).map_err(|_| "a block too long".into())
+        // Every item takes a byte at least (no empty structs, see Shape).
+        usize::try_from(n.unsigned_abs())
+            .ok()
+            .filter(|&n| n <= self.buf.len() - self.pos)
+            .ok_or_else(|| format!("a block of {n} items in fewer bytes"))
+    }
+
+    /// A row image: null (an optional one), or one cell per column.
+    fn image(
+        &mut self,
+        optional: bool,
+        columns: &[Shape],
+        table: &TableSchema,
+    ) -> Result<Option<Vec<Cell>>, String> {
+        if optional && self.long()? == 0 {
+            return Ok(None);
+        }
+        let mut cells = Vec::with_capacity(columns.len());
+        for (shape, col) in columns.iter().zip(&table.columns) {
+            cells.push(
+                self.cell(shape, &col.ty)
+                    .map_err(|e| format!("column `{}`: {e}", col.name))?,
+            );
+        }
+        Ok(Some(cells))
     }
 
     /// A long, or null under an optional shape.
@@ -422,21 +512,17 @@ impl<'a> Reader<'a> {
                 Datum::Str(big_decimal_text(b, scale))
             }
             (ColumnType::List(item), Shape::Array(item_shape)) => {
-                let mut items = Vec::new();
+                let mut cells = Vec::new();
                 loop {
                     let n = self.block()?;
                     if n == 0 {
                         break;
                     }
                     for _ in 0..n {
-                        match self.cell(item_shape, item)? {
-                            Cell::Value(d) => items.push(d),
-                            // Debezium's placeholder for a whole array.
-                            Cell::Unavailable => return self.rest_of_array(item_shape, item),
-                        }
+                        cells.push(self.cell(item_shape, item)?);
                     }
                 }
-                Datum::List(items)
+                return list(cells, item);
             }
             _ => {
                 return Err(format!(
@@ -446,20 +532,40 @@ impl<'a> Reader<'a> {
         };
         Ok(Cell::Value(d))
     }
+}
 
-    /// After the placeholder as an array's item: the rest of the array.
-    fn rest_of_array(&mut self, item_shape: &Shape, item: &ColumnType) -> Result<Cell, String> {
-        let _ = item;
-        loop {
-            let n = self.block()?;
-            if n == 0 {
-                return Ok(Cell::Unavailable);
-            }
-            for _ in 0..n {
-                self.skip(item_shape)?;
-            }
-        }
+/// An array column's cells, as the JSON path reads the same array:
+/// Debezium's placeholder for an unchanged TOASTed array is the array of
+/// the placeholder alone (text, bytes), or its bytes as integers (`int[]`,
+/// `bigint[]`); a placeholder among other items is an item like any other.
+fn list(cells: Vec<Cell>, item: &ColumnType) -> Result<Cell, String> {
+    if let [Cell::Unavailable] = cells.as_slice() {
+        return Ok(Cell::Unavailable);
     }
+    let ints: Vec<Option<i64>> = cells
+        .iter()
+        .map(|c| match c {
+            Cell::Value(Datum::Int(n)) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    if is_placeholder_ints(&ints) {
+        return Ok(Cell::Unavailable);
+    }
+    let items = cells
+        .into_iter()
+        .map(|c| match (c, item) {
+            (Cell::Value(d), _) => Ok(d),
+            (Cell::Unavailable, ColumnType::Utf8 | ColumnType::Json) => {
+                Ok(Datum::Str(UNAVAILABLE.to_string()))
+            }
+            (Cell::Unavailable, ColumnType::Binary) => {
+                Ok(Datum::Bytes(UNAVAILABLE.as_bytes().to_vec()))
+            }
+            (Cell::Unavailable, _) => Err(format!("{item:?} (a placeholder among the items)")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Cell::Value(Datum::List(items)))
 }
 
 #[cfg(test)]
@@ -620,5 +726,68 @@ mod tests {
             d.decode_message(Some(json), &headers).unwrap_err().kind(),
             "avro"
         );
+    }
+
+    /// A struct column (Debezium's `point`) is not read from Avro: the
+    /// schema's plan says so at once, and the converter sends such a table
+    /// as JSON.
+    #[test]
+    fn a_struct_column_is_refused_when_the_schema_is_registered() {
+        let schema: ConnectSchema = serde_json::from_str(
+            r#"{"type":"struct","fields":[
+              {"type":"struct","optional":true,"field":"after","fields":[
+                {"type":"int64","optional":false,"field":"id"},
+                {"type":"struct","optional":true,"name":"io.debezium.data.geometry.Point","field":"p",
+                 "fields":[{"type":"double","optional":false,"field":"x"},{"type":"double","optional":false,"field":"y"}]}]},
+              {"type":"string","optional":false,"field":"op"}]}"#,
+        )
+        .unwrap();
+        let table = TableSchema::from_envelope(&schema).unwrap();
+        let err = Plan::new(&schema, &table).unwrap_err();
+        assert!(
+            err.contains("column `p`") && err.contains("not read from Avro"),
+            "{err}"
+        );
+    }
+
+    /// Arrays as the JSON path reads them: the placeholder alone, or its
+    /// bytes as integers, is an unchanged TOASTed array; a placeholder
+    /// among other texts is a text.
+    #[test]
+    fn array_placeholders_match_the_json_path() {
+        let ints: Vec<Cell> = UNAVAILABLE
+            .bytes()
+            .map(|b| Cell::Value(Datum::Int(i64::from(b))))
+            .collect();
+        assert!(matches!(
+            list(ints, &ColumnType::Int32),
+            Ok(Cell::Unavailable)
+        ));
+        assert!(matches!(
+            list(vec![Cell::Unavailable], &ColumnType::Utf8),
+            Ok(Cell::Unavailable)
+        ));
+        let Ok(Cell::Value(Datum::List(items))) = list(
+            vec![Cell::Unavailable, Cell::Value(Datum::Str("x".into()))],
+            &ColumnType::Utf8,
+        ) else {
+            panic!("not a list");
+        };
+        assert_eq!(
+            items,
+            [Datum::Str(UNAVAILABLE.into()), Datum::Str("x".into())]
+        );
+        assert!(
+            list(
+                vec![Cell::Unavailable, Cell::Unavailable],
+                &ColumnType::Int32
+            )
+            .is_err()
+        );
+        // A block count larger than the bytes left is refused, not looped.
+        let mut b = Vec::new();
+        varint(&mut b, 1 << 40);
+        let shape = Shape::Array(Box::new(Shape::Long));
+        assert!(Reader { buf: &b, pos: 0 }.skip(&shape).is_err());
     }
 }

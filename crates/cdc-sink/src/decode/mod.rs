@@ -357,11 +357,14 @@ impl Decoder {
         let envelope: KeyEnvelope<'_> = serde_json::from_slice(key).ok()?;
         let raw = envelope.schema?.get();
         let columns = self.key_schema(raw)?;
-        if self.key_prefixes.len() >= MAX_PREFIXES {
-            self.key_prefixes.remove(0);
-        }
         let prefix = [br#"{"schema":"#.as_slice(), raw.as_bytes()].concat();
-        self.key_prefixes.push((prefix, columns.clone()));
+        // Only a key written that way can be found again by its bytes.
+        if key.starts_with(&prefix) {
+            if self.key_prefixes.len() >= MAX_PREFIXES {
+                self.key_prefixes.remove(0);
+            }
+            self.key_prefixes.push((prefix, columns.clone()));
+        }
         Some(columns)
     }
 
@@ -564,12 +567,10 @@ impl Decoder {
         // skips the check per string, which parsing bytes does for each.
         let text = match std::str::from_utf8(payload) {
             Ok(text) => text,
-            Err(_) => {
-                // serde_json names where the bad byte is.
-                let e = serde_json::from_slice::<serde::de::IgnoredAny>(payload)
-                    .err()
-                    .unwrap_or_else(|| serde::de::Error::custom("not valid UTF-8"));
-                return Err(DecodeError::Json(e));
+            Err(e) => {
+                return Err(DecodeError::Json(serde::de::Error::custom(format!(
+                    "the payload is not UTF-8: {e}"
+                ))));
             }
         };
         let payload: Payload<'_> = serde_json::from_str(text).map_err(|e| {

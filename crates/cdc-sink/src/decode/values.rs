@@ -134,8 +134,14 @@ pub(super) fn is_unavailable(ty: &ColumnType, v: &Value) -> bool {
         (ColumnType::Binary | ColumnType::Decimal { .. }, Value::String(s)) => {
             s == UNAVAILABLE_B64 || s == UNAVAILABLE
         }
+        // Debezium's placeholder for an unchanged TOASTed array: the text
+        // alone (text[]; base64 for bytea[]), or its bytes as integers
+        // (int[], bigint[]).
         (ColumnType::List(_), Value::Array(items)) => {
-            items.len() == 1 && items[0].as_str() == Some(UNAVAILABLE)
+            matches!(items.as_slice(), [Value::String(s)] if s == UNAVAILABLE || s == UNAVAILABLE_B64)
+                || super::avro::is_placeholder_ints(
+                    &items.iter().map(Value::as_i64).collect::<Vec<_>>(),
+                )
         }
         (_, Value::String(s)) => s == UNAVAILABLE,
         _ => false,

@@ -670,10 +670,18 @@ impl Mirror {
                 converter: changes.converter.clone(),
                 schema: target_schema.clone(),
             };
-            let merged = tokio::task::spawn_blocking(move || rewrite.run())
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-                .map_err(|e| e.into_mirror(table))?;
+            let merged = match tokio::task::spawn_blocking(move || rewrite.run()).await {
+                Ok(merged) => merged.map_err(|e| e.into_mirror(table))?,
+                Err(e) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Only a runtime shutting down cancels a blocking task.
+                    Err(_) => {
+                        return Err(MirrorError::arrow(table)(ArrowError::ExternalError(
+                            "the runtime shut down during a file's rewrite".into(),
+                        )));
+                    }
+                },
+            };
             rows_written += merged.num_rows();
             for chunk in self.chunks(&merged) {
                 let add = self

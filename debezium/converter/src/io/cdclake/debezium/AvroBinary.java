@@ -36,14 +36,52 @@ import org.apache.kafka.connect.data.Timestamp;
 import org.apache.kafka.connect.errors.DataException;
 
 final class AvroBinary {
+    private static final String VARIABLE_SCALE_DECIMAL = "io.debezium.data.VariableScaleDecimal";
     private final ByteArrayOutputStream out = new ByteArrayOutputStream(1024);
+    /** JsonConverter's `replace.null.with.default`: a null with a default is written as the default. */
+    private final boolean nullAsDefault;
 
-    /** Whether these rules, and the sink's reader of them, cover the schema: everything but maps. */
-    static boolean covers(Schema schema) {
-        return switch (schema.type()) {
+    AvroBinary(boolean nullAsDefault) {
+        this.nullAsDefault = nullAsDefault;
+    }
+
+    /**
+     * Whether these rules, and the sink's reader of them, cover an envelope
+     * schema: no map anywhere, and as a column no struct but Debezium's
+     * VariableScaleDecimal (a `point` or a geometry is a struct: the sink
+     * keeps those as JSON text, which it cannot make without field names).
+     */
+    static boolean covers(Schema envelope) {
+        if (envelope.type() != Schema.Type.STRUCT) {
+            return false;
+        }
+        for (Field f : envelope.fields()) {
+            boolean ok = switch (f.name()) {
+                case "before", "after" -> f.schema().type() == Schema.Type.STRUCT
+                        && f.schema().fields().stream().allMatch(c -> column(c.schema()));
+                default -> noMap(f.schema());
+            };
+            if (!ok) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private static boolean column(Schema s) {
+        return switch (s.type()) {
             case MAP -> false;
-            case ARRAY -> covers(schema.valueSchema());
-            case STRUCT -> schema.fields().stream().allMatch(f -> covers(f.schema()));
+            case STRUCT -> VARIABLE_SCALE_DECIMAL.equals(s.name());
+            case ARRAY -> column(s.valueSchema());
+            default -> true;
+        };
+    }
+
+    private static boolean noMap(Schema s) {
+        return switch (s.type()) {
+            case MAP -> false;
+            case ARRAY -> noMap(s.valueSchema());
+            case STRUCT -> s.fields().stream().allMatch(f -> noMap(f.schema()));
             default -> true;
         };
     }
@@ -125,7 +163,7 @@ final class AvroBinary {
             case STRUCT -> {
                 Struct struct = (Struct) value;
                 for (Field f : schema.fields()) {
-                    write(f.schema(), struct.getWithoutDefault(f.name()));
+                    write(f.schema(), nullAsDefault ? struct.get(f) : struct.getWithoutDefault(f.name()));
                 }
             }
             default -> throw new DataException("no Avro encoding for " + schema.type());

@@ -82,7 +82,11 @@ public class SchemaIdConverter implements Converter {
         json.remove("schema.bootstrap.servers");
         Object format = json.remove("format");
         if (format != null && format.toString().equals("avro")) {
-            avro = new AvroBinary();
+            if (isKey) {
+                throw new DataException("SchemaIdConverter: `format` avro is for values; keys stay JSON");
+            }
+            Object replace = json.get("replace.null.with.default");
+            avro = new AvroBinary(replace == null || Boolean.parseBoolean(replace.toString()));
         } else if (format != null && !format.toString().equals("json")) {
             throw new DataException("SchemaIdConverter: `format` is `json` or `avro`, not `" + format + "`");
         }
@@ -142,10 +146,9 @@ public class SchemaIdConverter implements Converter {
                 headers.add(ENCODING_HEADER, AVRO);
                 return encoded;
             } catch (ClassCastException | DataException e) {
-                // A value the schema does not describe: Debezium's placeholder
-                // for an unchanged TOASTed array whose items are not text (a
-                // string among integers). JSON carries it, and the sink reads
-                // that message as JSON, so it stays exact.
+                // A value its schema does not describe (none is known from
+                // Debezium; the buffer is reset at the next encode). JSON
+                // carries anything, and the sink reads that message as JSON.
             }
         }
         return payloads.fromConnectData(topic, schema, value);
