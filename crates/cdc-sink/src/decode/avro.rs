@@ -11,7 +11,7 @@
 
 use super::values::{
     PG_TIMESTAMP_INFINITY, PG_TIMESTAMP_NEG_INFINITY, big_decimal_text, checked_precision,
-    numeric_text,
+    is_placeholder_ints, numeric_text,
 };
 use super::{
     Datum, Op, TIMESTAMP_INFINITY_MICROS, TIMESTAMP_NEG_INFINITY_MICROS, UNAVAILABLE, i128_from_be,
@@ -196,16 +196,6 @@ fn readable(ty: &ColumnType, shape: &Shape) -> bool {
         (ColumnType::List(item), Shape::Array(item_shape)) => readable(item, item_shape),
         _ => false,
     }
-}
-
-/// Debezium's placeholder for an unchanged TOASTed `int[]` or `bigint[]`:
-/// the placeholder text's bytes, as integers.
-pub(super) fn is_placeholder_ints(items: &[Option<i64>]) -> bool {
-    items.len() == UNAVAILABLE.len()
-        && items
-            .iter()
-            .zip(UNAVAILABLE.bytes())
-            .all(|(v, b)| *v == Some(i64::from(b)))
 }
 
 /// One value of a row image: a datum, or Debezium's placeholder for an

@@ -139,13 +139,21 @@ pub(super) fn is_unavailable(ty: &ColumnType, v: &Value) -> bool {
         // (int[], bigint[]).
         (ColumnType::List(_), Value::Array(items)) => {
             matches!(items.as_slice(), [Value::String(s)] if s == UNAVAILABLE || s == UNAVAILABLE_B64)
-                || super::avro::is_placeholder_ints(
-                    &items.iter().map(Value::as_i64).collect::<Vec<_>>(),
-                )
+                || is_placeholder_ints(&items.iter().map(Value::as_i64).collect::<Vec<_>>())
         }
         (_, Value::String(s)) => s == UNAVAILABLE,
         _ => false,
     }
+}
+
+/// Debezium's placeholder for an unchanged TOASTed `int[]` or `bigint[]`:
+/// the placeholder text's bytes, as integers.
+pub(super) fn is_placeholder_ints(items: &[Option<i64>]) -> bool {
+    items.len() == UNAVAILABLE.len()
+        && items
+            .iter()
+            .zip(UNAVAILABLE.bytes())
+            .all(|(v, b)| *v == Some(i64::from(b)))
 }
 
 pub(super) fn truncate(mut s: String, max: usize) -> String {

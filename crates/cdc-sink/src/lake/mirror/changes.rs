@@ -149,7 +149,7 @@ impl Changes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -157,7 +157,7 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
 
     /// Changelog rows: `(id, op, note, unchanged)`.
-    fn rows(changes: &[(i64, &str, &str, &[&str])]) -> RecordBatch {
+    pub(crate) fn rows(changes: &[(i64, &str, &str, &[&str])]) -> RecordBatch {
         let mut unchanged = ListBuilder::new(StringBuilder::new());
         for (_, _, _, u) in changes {
             for c in *u {

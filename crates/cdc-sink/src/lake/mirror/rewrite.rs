@@ -188,43 +188,12 @@ impl Rewrite {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::{AsArray, Int64Array, ListBuilder, StringArray, StringBuilder};
+    use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 
     use super::*;
-    use crate::decode::schema::meta;
     use crate::lake::mirror::changes::Changes;
-
-    /// Changelog rows `(id, op, note, unchanged columns)`.
-    fn changelog(rows: &[(i64, &str, &str, &[&str])]) -> RecordBatch {
-        let mut unchanged = ListBuilder::new(StringBuilder::new());
-        for (_, _, _, u) in rows {
-            for c in *u {
-                unchanged.values().append_value(c);
-            }
-            unchanged.append(true);
-        }
-        let schema = Schema::new(vec![
-            Field::new("id", DataType::Int64, true),
-            Field::new("note", DataType::Utf8, true),
-            Field::new(meta::OP, DataType::Utf8, true),
-            Field::new(
-                meta::UNCHANGED,
-                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-                true,
-            ),
-        ]);
-        RecordBatch::try_new(
-            Arc::new(schema),
-            vec![
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(unchanged.finish()),
-            ],
-        )
-        .unwrap()
-    }
+    use crate::lake::mirror::changes::tests::rows as changelog;
 
     fn mirror_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
