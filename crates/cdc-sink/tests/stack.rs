@@ -896,6 +896,8 @@ async fn schema_id_messages_land_and_unknown_schemas_are_quarantined() {
     for (offset, says) in [(unknown, "not on the schema topic"), (bad, "is not usable")] {
         let rec = quarantined(&s, &prefix, &tp, offset).await;
         assert!(rec.error.contains(says), "offset {offset}: {}", rec.error);
+        // Kept with the record: the value cannot be read again without it.
+        assert!(rec.headers.contains_key(SCHEMA_HEADER), "{:?}", rec.headers);
     }
     // Read back by an independent reader, every column compared with the
     // same events landed from JSON with schemas.

@@ -1,10 +1,13 @@
 //! Messages that cannot be read, kept whole next to the tables.
 //!
 //! Each goes to `_quarantine/<topic>/p<partition>/<offset>.json` with its
-//! raw key and value (base64) and the reason. The key is a function of the
+//! raw key and value (base64), the headers that say how its value is read
+//! (its schema's fingerprint, its encoding, a marker's kind), and the
+//! reason. The key is a function of the
 //! offset, so quarantining the same message again after a replay rewrites
 //! the same object.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -12,6 +15,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::decode::marker::HEADER as MARKER_HEADER;
+use crate::decode::{ENCODING_HEADER, MessageHeaders, SCHEMA_HEADER};
 use crate::source::position::Tp;
 
 /// What is kept of a message that could not be decoded: everything needed
@@ -25,6 +30,10 @@ pub struct QuarantineRecord {
     /// The key and value exactly as received, base64 encoded.
     pub key_base64: Option<String>,
     pub value_base64: Option<String>,
+    /// The sink's headers the message had, by name, their values as text:
+    /// without them a schema-id or Avro value cannot be read again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
 }
 
 pub fn quarantine_key(prefix: &Path, tp: &Tp, offset: i64) -> Path {
@@ -55,9 +64,18 @@ impl Quarantine {
         offset: i64,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        headers: &MessageHeaders<'_>,
         error: &str,
     ) -> Result<Path, object_store::Error> {
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let headers = [
+            (SCHEMA_HEADER, headers.schema_ref),
+            (ENCODING_HEADER, headers.encoding),
+            (MARKER_HEADER, headers.marker),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name.to_string(), String::from_utf8_lossy(v?).into_owned())))
+        .collect();
         let record = QuarantineRecord {
             topic: tp.topic.clone(),
             partition: tp.partition,
@@ -65,6 +83,7 @@ impl Quarantine {
             error: error.to_string(),
             key_base64: key.map(b64),
             value_base64: value.map(b64),
+            headers,
         };
         let path = quarantine_key(&self.prefix, tp, offset);
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
@@ -83,7 +102,15 @@ mod tests {
         let store = Arc::new(InMemory::new());
         let q = Quarantine::new(store.clone(), "");
         let tp = Tp::new("twitter.users", 1);
-        let path = q.put(&tp, 7, Some(b"k"), Some(b"{}"), "why").await.unwrap();
+        let headers = MessageHeaders {
+            schema_ref: Some(b"f00d"),
+            encoding: Some(b"avro"),
+            ..MessageHeaders::default()
+        };
+        let path = q
+            .put(&tp, 7, Some(b"k"), Some(b"{}"), &headers, "why")
+            .await
+            .unwrap();
         assert_eq!(
             path.as_ref(),
             "_quarantine/twitter.users/p001/00000000000000000007.json"
@@ -92,5 +119,12 @@ mod tests {
         let rec: QuarantineRecord = serde_json::from_slice(&got).unwrap();
         assert_eq!(rec.value_base64.as_deref(), Some("e30="));
         assert_eq!(rec.error, "why");
+        assert_eq!(
+            rec.headers,
+            BTreeMap::from([
+                ("cdclake.encoding".to_string(), "avro".to_string()),
+                ("cdclake.schema".to_string(), "f00d".to_string()),
+            ])
+        );
     }
 }

@@ -476,7 +476,7 @@ impl<S: Source> Sink<'_, S> {
                     Dependency::S3,
                     self.settings.give_up,
                     |_| true,
-                    || q.put(&tp, offset, key, payload, &error),
+                    || q.put(&tp, offset, key, payload, &headers, &error),
                 )
                 .await
                 .map_err(|g| PipelineError::Quarantine {
