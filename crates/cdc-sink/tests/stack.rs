@@ -22,13 +22,13 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 use test_support::compare::{assert_mirror_equals_pg, fold_text_siblings, mirror_diff, pg_state};
 use test_support::kafka::{
-    Offsets, RawMessage, SCHEMA_HEADER, admin, commit_offsets, committed,
-    consumer as kafka_consumer, create_topic, producer, published_schemas, read_range, send,
+    Offsets, PublishedSchemas, RawMessage, SCHEMA_HEADER, admin, commit_offsets, committed,
+    consumer as kafka_consumer, create_topic, header, json_with_schema, producer, read_range, send,
     send_with_headers, wait_committed, watermarks,
 };
 use test_support::lake::{
@@ -227,9 +227,7 @@ impl EventTemplate {
             .iter()
             .rev()
             .filter_map(|m| m.value.as_ref())
-            // Events a benchmark wrote with Avro values (the connector's
-            // `value.converter.format`) are not JSON: skipped.
-            .filter_map(|v| serde_json::from_slice::<Value>(v).ok())
+            .map(|v| serde_json::from_slice::<Value>(v).unwrap())
             .find(|v| v["payload"]["op"] == "c")
             .expect("twitter.users holds an insert");
         EventTemplate(v)
@@ -432,24 +430,21 @@ async fn published_barrier(pg: &tokio_postgres::Client) -> Offsets {
     }
     c.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut schemas = PublishedSchemas::default();
     let barrier_lsn = loop {
         assert!(
             Instant::now() < deadline,
             "Debezium did not publish {name} within 60s"
         );
-        // The poll itself waits for the next message.
+        // The poll itself waits for the next message. A string is its
+        // UTF-8 bytes in JSON and in Avro alike.
         if let Some(Ok(m)) = c.poll(Duration::from_millis(500))
-            && let Some(p) = m.payload()
-            && String::from_utf8_lossy(p).contains(&name)
+            && m.payload()
+                .is_some_and(|p| String::from_utf8_lossy(p).contains(&name))
         {
-            let v: Value = serde_json::from_slice(p).unwrap();
-            // The schema-id format's value is the payload itself.
-            let payload = if v.get("schema").is_some() {
-                &v["payload"]
-            } else {
-                &v
-            };
-            break payload["source"]["lsn"].as_i64().expect("source.lsn");
+            let v: Value =
+                serde_json::from_slice(&json_with_schema(&m, &mut schemas).unwrap()).unwrap();
+            break v["payload"]["source"]["lsn"].as_i64().expect("source.lsn");
         }
     };
     // The barrier is in Kafka, but the acknowledgements of earlier events
@@ -525,21 +520,24 @@ async fn smoke_insert_shows_up_as_debezium_event() {
         };
         let m = m.unwrap();
         let Some(payload) = m.payload() else { continue };
-        let v: Value = serde_json::from_slice(payload).unwrap();
-        // The schema-id format: the value is the payload alone, and its
-        // header names a schema published on the schema topic.
+        // The schema-id format: the value is the payload alone (JSON, or
+        // Avro by the connector's `value.converter.format`), and its header
+        // names a schema published on the schema topic.
+        assert!(
+            !payload.starts_with(b"{\"schema\""),
+            "no schema in the message"
+        );
+        let id =
+            String::from_utf8_lossy(header(&m, SCHEMA_HEADER).expect("a cdclake.schema header"))
+                .into_owned();
+        let mut schemas = PublishedSchemas::default();
+        let v: Value =
+            serde_json::from_slice(&json_with_schema(&m, &mut schemas).unwrap()).unwrap();
+        let v = &v["payload"];
         if v["after"]["body"] == body.as_str() {
             assert_eq!(v["op"], "c");
             assert_eq!(v["source"]["table"], "tweets");
-            assert!(v.get("schema").is_none(), "no schema in the message");
-            let id = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
-                .and_then(|h| h.value)
-                .expect("a cdclake.schema header");
-            let schemas = published_schemas();
-            let schema: Value =
-                serde_json::from_str(&schemas[&*String::from_utf8_lossy(id)]).unwrap();
+            let schema: Value = serde_json::from_str(schemas.get(&id)).unwrap();
             assert!(
                 schema["fields"].is_array(),
                 "the published schema: {schema}"
@@ -1416,15 +1414,23 @@ async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize)
 /// uuid) is captured by its own connector; rows with special values are
 /// updated and one is deleted. The lake's latest state equals PostgreSQL,
 /// column by column, read by both readers: the deleted row is gone, the
-/// others match exactly.
+/// others match exactly. With JSON values (`value.converter.format=json`),
+/// which users who do not run Avro keep.
 #[tokio::test(flavor = "multi_thread")]
 async fn special_values_round_trip_and_their_deletes_land() {
-    let capture = OwnCapture::start("zoo", "zoo", CREATE_SQL, &[]).await;
+    let capture = OwnCapture::start_with(
+        "zoo",
+        "zoo",
+        CREATE_SQL,
+        &[],
+        &[("value.converter.format", "json")],
+    )
+    .await;
     assert_zoo_lands(&capture).await;
 }
 
 /// The same types, special values and TOASTed columns with the converter's
-/// Avro values (`value.converter.format=avro`): the sink reads them by
+/// Avro values (`value.converter.format=avro`, the default): the sink reads them by
 /// their header into the same changelog rows and current-state table.
 #[tokio::test(flavor = "multi_thread")]
 async fn avro_values_land_every_type_exactly() {

@@ -124,9 +124,8 @@ pub fn watermarks(c: &BaseConsumer, topics: &[&str]) -> Offsets {
 }
 
 /// One Kafka message. `value` is JSON with schemas whatever the format in
-/// the log: a schema-id message (the stack's connector format, see
-/// debezium/converter) is given its schema back from the schema topic, and
-/// `schema_id` keeps the header it had.
+/// the log ([`json_with_schema`]), and `schema_id` keeps the schema-id
+/// header it had.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
     pub topic: String,
@@ -140,6 +139,8 @@ pub struct RawMessage {
 /// The header of the schema-id format, and its topic's default name.
 pub const SCHEMA_HEADER: &str = "cdclake.schema";
 pub const SCHEMA_TOPIC: &str = "_cdclake.schemas";
+/// Says how a schema-id value is encoded (`avro`; JSON without it).
+pub const ENCODING_HEADER: &str = "cdclake.encoding";
 
 /// Every schema on the schema topic, by fingerprint (none if the topic does
 /// not exist).
@@ -197,6 +198,46 @@ pub fn with_schema(schema: &str, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The schema topic's schemas by fingerprint, read again when a message
+/// names one not seen yet.
+#[derive(Debug, Default)]
+pub struct PublishedSchemas(BTreeMap<String, String>);
+
+impl PublishedSchemas {
+    /// The schema `id` names; panics if the schema topic does not hold it.
+    pub fn get(&mut self, id: &str) -> &str {
+        if !self.0.contains_key(id) {
+            self.0 = published_schemas();
+        }
+        self.0
+            .get(id)
+            .unwrap_or_else(|| panic!("schema {id} is not on {SCHEMA_TOPIC}"))
+    }
+}
+
+/// A header's value.
+pub fn header<'a, M: Message>(m: &'a M, key: &str) -> Option<&'a [u8]> {
+    m.headers()?.iter().find(|h| h.key == key)?.value
+}
+
+/// A message's value as JSON with schemas, whatever its format in the log:
+/// JSON with schemas as it is; a schema-id value (a JSON payload, or Avro
+/// when `cdclake.encoding: avro`) with its published schema put back
+/// around its payload. `None` for a tombstone.
+pub fn json_with_schema<M: Message>(m: &M, schemas: &mut PublishedSchemas) -> Option<Vec<u8>> {
+    let payload = m.payload()?;
+    let Some(id) = header(m, SCHEMA_HEADER) else {
+        return Some(payload.to_vec());
+    };
+    let schema = schemas.get(&String::from_utf8_lossy(id));
+    if header(m, ENCODING_HEADER) == Some(b"avro") {
+        let parsed: serde_json::Value = serde_json::from_str(schema).expect("a published schema");
+        let json = crate::avro::payload_json(&parsed, payload);
+        return Some(with_schema(schema, &serde_json::to_vec(&json).unwrap()));
+    }
+    Some(with_schema(schema, payload))
+}
+
 /// Every message from `from` (the log start where absent) up to `until`
 /// (exclusive), per partition.
 pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
@@ -214,7 +255,7 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
             .unwrap();
     }
     c.assign(&tpl).unwrap();
-    let mut schemas = BTreeMap::new();
+    let mut schemas = PublishedSchemas::default();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while (out.len() as i64) < total {
@@ -228,23 +269,9 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
             let m = m.unwrap();
             let high = until[&(m.topic().to_string(), m.partition())];
             if m.offset() < high {
-                let schema_id = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == SCHEMA_HEADER))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
-                let value = match (&schema_id, m.payload()) {
-                    (Some(id), Some(payload)) => {
-                        if !schemas.contains_key(id) {
-                            schemas = published_schemas();
-                        }
-                        let schema = schemas
-                            .get(id)
-                            .unwrap_or_else(|| panic!("schema {id} is not on {SCHEMA_TOPIC}"));
-                        Some(with_schema(schema, payload))
-                    }
-                    (_, payload) => payload.map(<[u8]>::to_vec),
-                };
+                let schema_id =
+                    header(&m, SCHEMA_HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
+                let value = json_with_schema(&m, &mut schemas);
                 out.push(RawMessage {
                     topic: m.topic().to_string(),
                     partition: m.partition(),

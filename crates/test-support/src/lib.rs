@@ -21,13 +21,18 @@
 //! - [`pg`] (feature `postgres`): clients of the stack's PostgreSQL, and a
 //!   brand-new database with the project's schema.
 //! - [`kafka`] (feature `kafka`): admin, producer and consumer clients,
-//!   watermarks, reading a range of messages back, a group's committed
+//!   watermarks, reading a range of messages back (as JSON with schemas,
+//!   whatever the connector's format), a group's committed
 //!   offsets (setting them, waiting for them).
+//! - [`avro`] (feature `kafka`): the connector's Avro values read back as
+//!   the JSON payload `JsonConverter` writes, apart from the sink's reader.
 //! - [`own`] (features `postgres` and `kafka`): a capture of a test's own
 //!   beside the stack's: its own PostgreSQL, connector and sink.
 //! - [`connect`]: Kafka Connect's REST API, and a connector's committed
 //!   source offset.
 
+#[cfg(feature = "kafka")]
+pub mod avro;
 #[cfg(feature = "postgres")]
 pub mod compare;
 pub mod connect;
