@@ -96,13 +96,14 @@ in {
       default = {};
       example = {
         "database.hostname" = "db.example.org";
-        "value.converter.format" = "avro";
+        "value.converter.format" = "json";
       };
       description = ''
         Keys replaced in the connector JSON at registration.
-        `"value.converter.format" = "avro"` writes the values in Avro's binary
-        encoding instead of JSON (fewer bytes and less CPU in Connect and the
-        sink, which reads both; see docs/design.md, "The message format").
+        The values are written in Avro's binary encoding by default;
+        `"value.converter.format" = "json"` writes JSON payloads instead
+        (more bytes and CPU in Connect and the sink, which reads both; see
+        docs/design.md, "The message format").
       '';
     };
 
