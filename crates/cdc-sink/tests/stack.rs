@@ -1531,6 +1531,73 @@ async fn a_current_state_table_follows_new_columns_and_key_updates() {
     drop(capture);
 }
 
+/// A primary key whose type changes (`integer` to `bigint`) goes on in the
+/// changelog in a sibling column (`id__long`, the lossless rule for any
+/// changed type), so new changes leave `id` empty. The current-state table
+/// cannot follow a key whose type changed yet: it stops at the change with
+/// an error that names the key column and its sibling, and never takes a
+/// row without its key. The changelog goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_type_change_stops_the_current_state_table_with_a_clear_error() {
+    let capture = OwnCapture::start(
+        "keytype",
+        "t",
+        "CREATE TABLE t (id integer PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    wait_lake_rows(&sink, &prefix, "t", 20).await;
+    wait_until(
+        "the current-state table to hold the 20 rows",
+        Duration::from_secs(60),
+        async || match mirror_rows("deltalake", &prefix, "t").len() {
+            20 => Ok(()),
+            n => Err(format!("{n} rows")),
+        },
+    )
+    .await;
+    OwnCapture::sql(
+        &capture.db,
+        "ALTER TABLE t ALTER COLUMN id TYPE bigint;
+         INSERT INTO t VALUES (3000000000, 'big');
+         UPDATE t SET a = 'b5' WHERE id = 5;",
+    );
+    wait_lake_rows(&sink, &prefix, "t", 22).await;
+    wait_log(
+        &sink,
+        "key column `id` of `t` is empty",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    terminate(sink);
+
+    // The changelog has both changes, the key in its sibling column.
+    let rows = lake_rows("deltalake", &prefix, &["t"]);
+    let big = rows
+        .iter()
+        .find(|r| r.values.get("id__long") == Some(&Some("3000000000".to_string())))
+        .unwrap_or_else(|| panic!("no row with id__long 3000000000: {rows:?}"));
+    assert_eq!(big.values["id"], None);
+    // The current-state table stopped before the change: the 20 rows as
+    // they were, each with its key.
+    let mirror = mirror_rows("deltalake", &prefix, "t");
+    assert_eq!(mirror.len(), 20, "{mirror:?}");
+    assert!(
+        mirror.iter().all(|r| r.values["id"].is_some()),
+        "a row without its key: {mirror:?}"
+    );
+    assert!(
+        mirror
+            .iter()
+            .any(|r| r.values["a"] == Some("a5".to_string()))
+    );
+    drop(capture);
+}
+
 /// Two sinks of one consumer group share a table's partitions, so both
 /// rewrite its current-state table and race each other's commits; meanwhile
 /// `cdc-sink upkeep` runs again and again, compacting the changelog and

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
@@ -52,6 +52,56 @@ pub struct Changes {
     pub converter: Arc<RowConverter>,
 }
 
+/// Why changelog rows cannot be reduced by their key.
+#[derive(Debug)]
+pub enum ReduceError {
+    Arrow(ArrowError),
+    /// A change without a value in a key column. A primary key column is
+    /// never NULL in PostgreSQL, so its type (or name) changed: the
+    /// changelog keeps a changed type in a sibling column
+    /// (`<name>__<type>`, see `lake::table::conform`), and the key's
+    /// values are there from that change on.
+    EmptyKey {
+        column: String,
+        partition: Option<i32>,
+        offset: Option<i64>,
+        /// The changelog's `<column>__*` columns.
+        siblings: Vec<String>,
+    },
+}
+
+impl ReduceError {
+    pub fn into_mirror(self, table: &str) -> super::MirrorError {
+        match self {
+            ReduceError::Arrow(e) => super::MirrorError::arrow(table)(e),
+            ReduceError::EmptyKey {
+                column,
+                partition,
+                offset,
+                siblings,
+            } => super::MirrorError::KeyChanged {
+                table: table.to_string(),
+                column,
+                at: match (partition, offset) {
+                    (Some(p), Some(o)) => format!("partition {p}, offset {o}"),
+                    _ => "a row of the changelog".to_string(),
+                },
+                siblings: if siblings.is_empty() {
+                    "no sibling column: renamed?".to_string()
+                } else {
+                    format!("now in `{}`", siblings.join("`, `"))
+                },
+            },
+        }
+    }
+}
+
+impl From<ArrowError> for ReduceError {
+    fn from(e: ArrowError) -> Self {
+        ReduceError::Arrow(e)
+    }
+}
+
 /// The row encoding of the `key` columns of `batch`: ordered like the key
 /// values, comparable across batches of the same key types.
 pub fn key_converter(schema: &SchemaRef, key: &[String]) -> Result<RowConverter, ArrowError> {
@@ -85,7 +135,10 @@ pub fn key_rows(
 
 impl Changes {
     /// Reduces `rows` (changelog rows already in Kafka order) by `key`.
-    pub fn reduce(rows: RecordBatch, key: &[String]) -> Result<Changes, ArrowError> {
+    /// A change without a value in a key column is an error
+    /// ([`ReduceError::EmptyKey`]): it would be taken for a row whose key
+    /// is NULL, and every such change for the same row.
+    pub fn reduce(rows: RecordBatch, key: &[String]) -> Result<Changes, ReduceError> {
         let converter = key_converter(&rows.schema(), key)?;
         let keys = key_rows(&converter, &rows, key)?;
         let schema = rows.schema();
@@ -96,12 +149,38 @@ impl Changes {
         };
         let op = column(meta::OP)?;
         let op = op.as_string::<i32>();
+        let is_marker = |i: usize| op.is_valid(i) && op.value(i) == RECOVERY;
+        for name in key {
+            let values = column(name)?;
+            if values.null_count() == 0 {
+                continue;
+            }
+            let Some(i) = (0..rows.num_rows()).find(|&i| values.is_null(i) && !is_marker(i)) else {
+                continue;
+            };
+            let position = |name: &str| rows.column_by_name(name).filter(|c| c.is_valid(i));
+            let prefix = format!("{name}__");
+            return Err(ReduceError::EmptyKey {
+                column: name.clone(),
+                partition: position(meta::KAFKA_PARTITION)
+                    .and_then(|c| c.as_primitive_opt::<Int32Type>().map(|a| a.value(i))),
+                offset: position(meta::KAFKA_OFFSET)
+                    .and_then(|c| c.as_primitive_opt::<Int64Type>().map(|a| a.value(i))),
+                siblings: schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name())
+                    .filter(|n| n.starts_with(&prefix))
+                    .cloned()
+                    .collect(),
+            });
+        }
         let unchanged = rows.column_by_name(meta::UNCHANGED).cloned();
         let unchanged = unchanged.as_ref().map(|u| u.as_list::<i32>());
 
         let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
         for i in 0..rows.num_rows() {
-            if op.is_valid(i) && op.value(i) == RECOVERY {
+            if is_marker(i) {
                 // A recovery marker: no key, no row (see `reconcile`).
                 continue;
             }
@@ -215,6 +294,44 @@ pub(crate) mod tests {
         assert_eq!(outcome(&c, 1), upsert(2));
         assert_eq!(outcome(&c, 2), Some(Outcome::Delete));
         assert_eq!(outcome(&c, 3), upsert(5), "re-created after its delete");
+    }
+
+    #[test]
+    fn a_change_without_its_key_is_an_error_that_names_the_column() {
+        // `id` changed type: the changelog holds the new changes' keys in
+        // `id__long`, and `id` is NULL in them.
+        let good = rows(&[(1, "c", "a", &[]), (2, "c", "b", &[])]);
+        let schema = good.schema();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("id__long", DataType::Int64, true));
+        let mut columns = good.columns().to_vec();
+        columns[0] = Arc::new(Int64Array::from(vec![Some(1), None]));
+        columns.push(Arc::new(Int64Array::from(vec![None, Some(2)])));
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        match Changes::reduce(batch, &["id".to_string()]) {
+            Err(ReduceError::EmptyKey {
+                column, siblings, ..
+            }) => {
+                assert_eq!(column, "id");
+                assert_eq!(siblings, ["id__long"]);
+            }
+            other => panic!("{:?}", other.map(|c| c.outcomes)),
+        }
+        let message = ReduceError::EmptyKey {
+            column: "id".into(),
+            partition: Some(2),
+            offset: Some(17),
+            siblings: vec!["id__long".into()],
+        }
+        .into_mirror("t")
+        .to_string();
+        assert!(
+            message.starts_with(
+                "key column `id` of `t` is empty in the change at partition 2, offset 17; \
+                 its type or name changed (now in `id__long`)"
+            ),
+            "{message}"
+        );
     }
 
     #[test]

@@ -101,6 +101,19 @@ pub enum MirrorError {
     },
     #[error("the primary key of `{table}` in its changelog files is not a list of columns")]
     BadKey { table: String },
+    #[error(
+        "key column `{column}` of `{table}` is empty in the change at {at}; its type or name \
+         changed ({siblings}), which the current-state table cannot follow yet: it stays \
+         at the change before, and the changelog goes on"
+    )]
+    KeyChanged {
+        table: String,
+        column: String,
+        /// `partition P, offset O`, as far as the row says.
+        at: String,
+        /// The changelog's sibling columns of the key column, or that it has none.
+        siblings: String,
+    },
 }
 
 impl From<LakeError> for MirrorError {
@@ -130,7 +143,9 @@ impl MirrorError {
         match self {
             MirrorError::Lake(e) => e.is_retryable(),
             MirrorError::File { source, .. } => source.is_retryable(),
-            MirrorError::Arrow { .. } | MirrorError::BadKey { .. } => false,
+            MirrorError::Arrow { .. }
+            | MirrorError::BadKey { .. }
+            | MirrorError::KeyChanged { .. } => false,
         }
     }
 }
@@ -424,7 +439,7 @@ impl Mirror {
         let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
         drop(batches);
         let rows = sort_by_kafka_position(&rows).map_err(arrow_err)?;
-        let changes = Changes::reduce(rows, &key).map_err(arrow_err)?;
+        let changes = Changes::reduce(rows, &key).map_err(|e| e.into_mirror(table))?;
 
         if !exists {
             self.create(table, mirror, &mirror_schema(&schema), &key)
