@@ -1531,6 +1531,41 @@ async fn a_current_state_table_follows_new_columns_and_key_updates() {
     drop(capture);
 }
 
+/// Keys written without their schema (`key.converter.schemas.enable=false`,
+/// a common JsonConverter setting): the sink takes the primary key's
+/// columns from the key's field names, in order, so a table with a
+/// composite key still gets its current-state table, equal to PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_without_their_schema_still_key_the_current_state_table() {
+    let capture = OwnCapture::start_with(
+        "barekey",
+        "likes",
+        // The key's order (user_id, tweet_id) is not its names' sorted one.
+        "CREATE TABLE likes (user_id bigint, tweet_id bigint, n integer,
+                             PRIMARY KEY (user_id, tweet_id));
+         INSERT INTO likes SELECT g % 7, g, g FROM generate_series(1, 30) g",
+        &[],
+        &[("key.converter.schemas.enable", "false")],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    wait_lake_rows(&sink, &prefix, "likes", 30).await;
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE likes SET n = -n WHERE user_id = 3;
+         DELETE FROM likes WHERE user_id = 4;
+         UPDATE likes SET user_id = 100 WHERE tweet_id = 1;",
+    );
+    // 30 reads, 4 updates, 4 deletes, a delete and a create.
+    wait_lake_rows(&sink, &prefix, "likes", 40).await;
+    terminate(sink);
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "likes").await;
+    drop(pg);
+    drop(capture);
+}
+
 /// A primary key whose type changes (`integer` to `bigint`) goes on in the
 /// changelog in a sibling column (`id__long`, the lossless rule for any
 /// changed type), so new changes leave `id` empty. The current-state table

@@ -297,6 +297,34 @@ struct KeyEnvelope<'a> {
     schema: Option<&'a RawValue>,
 }
 
+/// The field names of a JSON object, in order (serde_json's map would
+/// sort them); anything else is an error.
+struct KeyNames(Vec<String>);
+
+impl<'de> Deserialize<'de> for KeyNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = KeyNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<KeyNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    names.push(name);
+                }
+                Ok(KeyNames(names))
+            }
+        }
+        d.deserialize_map(Names)
+    }
+}
+
 #[derive(Deserialize)]
 struct KeySchema {
     #[serde(default)]
@@ -323,6 +351,8 @@ pub struct Decoder {
     /// `{"schema":` and the raw JSON of recently seen key schemas, with
     /// their columns: the byte-prefix fast path of [`Decoder::key_columns`].
     key_prefixes: Vec<(Vec<u8>, Arc<[String]>)>,
+    /// Recently seen column lists of keys without their schema.
+    schemaless_keys: Vec<Arc<[String]>>,
     /// Schemas of the schema topic, by fingerprint: a usable schema, or
     /// why it is not.
     published: HashMap<Box<[u8]>, Result<KnownSchema, String>>,
@@ -355,7 +385,9 @@ impl Decoder {
             return Some(columns.clone());
         }
         let envelope: KeyEnvelope<'_> = serde_json::from_slice(key).ok()?;
-        let raw = envelope.schema?.get();
+        let Some(raw) = envelope.schema.map(RawValue::get) else {
+            return self.schemaless_key(key);
+        };
         let columns = self.key_schema(raw)?;
         let prefix = [br#"{"schema":"#.as_slice(), raw.as_bytes()].concat();
         // Only a key written that way can be found again by its bytes.
@@ -365,6 +397,25 @@ impl Decoder {
             }
             self.key_prefixes.push((prefix, columns.clone()));
         }
+        Some(columns)
+    }
+
+    /// The primary key columns of a key the JSON converter wrote without
+    /// its schema (`key.converter.schemas.enable=false`): the names of its
+    /// fields, in their order, which is the key's.
+    fn schemaless_key(&mut self, key: &[u8]) -> Option<Arc<[String]>> {
+        let KeyNames(names) = serde_json::from_slice(key).ok()?;
+        if names.is_empty() {
+            return None;
+        }
+        if let Some(known) = self.schemaless_keys.iter().find(|k| ***k == *names) {
+            return Some(known.clone());
+        }
+        let columns: Arc<[String]> = names.into();
+        if self.schemaless_keys.len() >= MAX_PREFIXES {
+            self.schemaless_keys.remove(0);
+        }
+        self.schemaless_keys.push(columns.clone());
         Some(columns)
     }
 
@@ -789,6 +840,17 @@ pub(crate) mod tests {
         );
         assert_eq!(d.key_columns(None), None, "no primary key: no key");
         assert_eq!(d.key_columns(Some(b"42")), None);
+        // Without its schema (`key.converter.schemas.enable=false`): the
+        // fields' names, in the key's order, not sorted.
+        let bare = br#"{"user_id":1,"tweet_id":2}"#;
+        let cols = d.key_columns(Some(bare)).unwrap();
+        assert_eq!(&*cols, ["user_id".to_string(), "tweet_id".to_string()]);
+        assert!(Arc::ptr_eq(
+            &cols,
+            &d.key_columns(Some(br#"{"user_id":7,"tweet_id":9}"#))
+                .unwrap()
+        ));
+        assert_eq!(d.key_columns(Some(b"{}")), None, "no columns: no key");
         // A key schema that begins like a known one (its first key column)
         // is not taken for it: the known schema's bytes end where its JSON
         // does.
