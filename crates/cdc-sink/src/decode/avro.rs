@@ -532,14 +532,11 @@ fn list(cells: Vec<Cell>, item: &ColumnType) -> Result<Cell, String> {
     if let [Cell::Unavailable] = cells.as_slice() {
         return Ok(Cell::Unavailable);
     }
-    let ints: Vec<Option<i64>> = cells
-        .iter()
-        .map(|c| match c {
-            Cell::Value(Datum::Int(n)) => Some(*n),
-            _ => None,
-        })
-        .collect();
-    if is_placeholder_ints(&ints) {
+    let ints = cells.iter().map(|c| match c {
+        Cell::Value(Datum::Int(n)) => Some(*n),
+        _ => None,
+    });
+    if is_placeholder_ints(ints) {
         return Ok(Cell::Unavailable);
     }
     let items = cells

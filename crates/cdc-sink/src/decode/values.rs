@@ -139,7 +139,7 @@ pub(super) fn is_unavailable(ty: &ColumnType, v: &Value) -> bool {
         // (int[], bigint[]).
         (ColumnType::List(_), Value::Array(items)) => {
             matches!(items.as_slice(), [Value::String(s)] if s == UNAVAILABLE || s == UNAVAILABLE_B64)
-                || is_placeholder_ints(&items.iter().map(Value::as_i64).collect::<Vec<_>>())
+                || is_placeholder_ints(items.iter().map(Value::as_i64))
         }
         (_, Value::String(s)) => s == UNAVAILABLE,
         _ => false,
@@ -148,12 +148,17 @@ pub(super) fn is_unavailable(ty: &ColumnType, v: &Value) -> bool {
 
 /// Debezium's placeholder for an unchanged TOASTed `int[]` or `bigint[]`:
 /// the placeholder text's bytes, as integers.
-pub(super) fn is_placeholder_ints(items: &[Option<i64>]) -> bool {
+/// Takes the items' integers (`None` for an item that is not one), so
+/// that a caller looks at its list without collecting it: most lists are
+/// not the placeholder's length, and no item of them is read.
+pub(super) fn is_placeholder_ints<I>(items: I) -> bool
+where
+    I: ExactSizeIterator<Item = Option<i64>>,
+{
     items.len() == UNAVAILABLE.len()
         && items
-            .iter()
             .zip(UNAVAILABLE.bytes())
-            .all(|(v, b)| *v == Some(i64::from(b)))
+            .all(|(v, b)| v == Some(i64::from(b)))
 }
 
 pub(super) fn truncate(mut s: String, max: usize) -> String {
