@@ -17,12 +17,12 @@ use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::Serialize;
 
 use crate::config::KafkaConfig;
 
-pub const HEADER: &str = "cdclake.marker";
-const KIND: &str = "recovery";
+/// The marker header, its kind and the marker's value: the sink reads
+/// them, and both take them from `cdc-wire`.
+pub use cdc_wire::{MARKER_HEADER as HEADER, RECOVERY as KIND, RecoveryMarker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MarkerError {
@@ -34,18 +34,6 @@ pub enum MarkerError {
     },
     #[error("no topic matches `kafka.topics` ({0}): no table to mark")]
     NoTopics(String),
-}
-
-/// The marker's value, as the sink reads it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecoveryMarker {
-    pub id: String,
-    pub slot: String,
-    pub slot_start_lsn: i64,
-    pub slot_start_ms: i64,
-    pub partitions: i32,
-    pub completed_at_ms: i64,
 }
 
 /// What was written.
@@ -133,19 +121,19 @@ pub async fn publish(
         records: 0,
     };
     for (topic, partitions) in topics {
-        let value = serde_json::to_vec(&RecoveryMarker {
+        let value = RecoveryMarker {
             id: id.to_string(),
             slot: slot.to_string(),
             slot_start_lsn,
             slot_start_ms,
             partitions: partitions.len() as i32,
             completed_at_ms,
-        })
-        .expect("a marker serialises");
+        }
+        .to_json();
         for p in partitions {
             let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic)
                 .partition(p)
-                .payload(value.as_slice())
+                .payload(value.as_bytes())
                 .headers(OwnedHeaders::new().insert(Header {
                     key: HEADER,
                     value: Some(KIND),
@@ -179,21 +167,5 @@ mod tests {
         assert!(!m("twitter.tweets"), "a table not re-snapshotted");
         assert!(!m("__debezium-heartbeat.twitter"));
         assert!(!m("others.users"), "not subscribed");
-    }
-
-    #[test]
-    fn the_value_is_what_the_sink_reads() {
-        let m = RecoveryMarker {
-            id: "s@1".into(),
-            slot: "s".into(),
-            slot_start_lsn: 7,
-            slot_start_ms: 8,
-            partitions: 3,
-            completed_at_ms: 9,
-        };
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"id":"s@1","slot":"s","slotStartLsn":7,"slotStartMs":8,"partitions":3,"completedAtMs":9}"#
-        );
     }
 }

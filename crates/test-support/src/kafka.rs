@@ -136,11 +136,9 @@ pub struct RawMessage {
     pub schema_id: Option<String>,
 }
 
-/// The header of the schema-id format, and its topic's default name.
-pub const SCHEMA_HEADER: &str = "cdclake.schema";
-pub const SCHEMA_TOPIC: &str = "_cdclake.schemas";
-/// Says how a schema-id value is encoded (`avro`; JSON without it).
-pub const ENCODING_HEADER: &str = "cdclake.encoding";
+/// The headers of the schema-id format and its topic's default name, as
+/// the programs name them.
+pub use cdc_wire::{DEFAULT_SCHEMA_TOPIC as SCHEMA_TOPIC, ENCODING_HEADER, SCHEMA_HEADER};
 
 /// Every schema on the schema topic, by fingerprint (none if the topic does
 /// not exist).
@@ -230,7 +228,7 @@ pub fn json_with_schema<M: Message>(m: &M, schemas: &mut PublishedSchemas) -> Op
         return Some(payload.to_vec());
     };
     let schema = schemas.get(&String::from_utf8_lossy(id));
-    if header(m, ENCODING_HEADER) == Some(b"avro") {
+    if header(m, ENCODING_HEADER) == Some(cdc_wire::AVRO.as_bytes()) {
         let parsed: serde_json::Value = serde_json::from_str(schema).expect("a published schema");
         let json = crate::avro::payload_json(&parsed, payload);
         return Some(with_schema(schema, &serde_json::to_vec(&json).unwrap()));

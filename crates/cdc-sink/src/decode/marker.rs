@@ -24,74 +24,25 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use chrono::NaiveDate;
-use serde::{Deserialize, Serialize};
 
 use crate::decode::DecodeError;
 use crate::decode::schema::{meta, metadata_fields};
 
-/// The Kafka header that makes a record a marker; its value says which.
-pub const HEADER: &str = "cdclake.marker";
-/// The header value of a recovery marker, and the `_cdc_op` of its row.
-pub const RECOVERY: &str = "recovery";
+/// The marker header and kind, and the marker's wire format, are the slot
+/// guard's as well: both take them from `cdc-wire`.
+pub use cdc_wire::{MARKER_HEADER as HEADER, RECOVERY, RecoveryMarker};
 
-/// What the slot guard says about one recovery. The wire format is the
-/// guard's (`slot-guard/src/markers.rs`); the slot-loss test runs both.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecoveryMarker {
-    /// Names the recovery: the same in every partition.
-    pub id: String,
-    /// The replication slot that was lost and made again.
-    pub slot: String,
-    /// A WAL position after every change delivered before the loss and
-    /// before every change delivered after it: a row whose last change is
-    /// older was not re-delivered by the snapshot, so it was deleted while
-    /// the slot was lost.
-    pub slot_start_lsn: i64,
-    /// The same moment on PostgreSQL's clock (Unix ms), for the rows an
-    /// incremental snapshot read: Debezium gives them no LSN, only the
-    /// time they were read (on the Connect worker's clock).
-    pub slot_start_ms: i64,
-    /// How many partitions the topic has: markers from all of them mean
-    /// the whole snapshot of the table is applied.
-    pub partitions: i32,
-    /// When the guard saw the snapshot complete (Unix ms).
-    pub completed_at_ms: i64,
+/// The marker a record with the marker header carries; `kind` is the
+/// header's value.
+pub fn parse(kind: &[u8], value: Option<&[u8]>) -> Result<RecoveryMarker, DecodeError> {
+    RecoveryMarker::from_record(kind, value).map_err(DecodeError::Marker)
 }
 
-impl RecoveryMarker {
-    /// The marker a record with the marker header carries; `kind` is the
-    /// header's value.
-    pub fn parse(kind: &[u8], value: Option<&[u8]>) -> Result<RecoveryMarker, DecodeError> {
-        let bad = |why: String| DecodeError::Marker(why);
-        if kind != RECOVERY.as_bytes() {
-            return Err(bad(format!(
-                "unknown marker kind `{}`",
-                String::from_utf8_lossy(kind)
-            )));
-        }
-        let value = value.ok_or_else(|| bad("a recovery marker without a value".into()))?;
-        let marker: RecoveryMarker =
-            serde_json::from_slice(value).map_err(|e| bad(format!("recovery marker: {e}")))?;
-        if marker.partitions < 1 || marker.id.is_empty() {
-            return Err(bad(format!(
-                "recovery marker `{}` names {} partitions",
-                marker.id, marker.partitions
-            )));
-        }
-        Ok(marker)
-    }
-
-    /// The UTC date of the changelog partition its row goes to.
-    pub fn date(&self) -> NaiveDate {
-        chrono::DateTime::from_timestamp_millis(self.completed_at_ms)
-            .map(|t| t.date_naive())
-            .unwrap_or_default()
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a marker serialises")
-    }
+/// The UTC date of the changelog partition a marker's row goes to.
+pub fn date(marker: &RecoveryMarker) -> NaiveDate {
+    chrono::DateTime::from_timestamp_millis(marker.completed_at_ms)
+        .map(|t| t.date_naive())
+        .unwrap_or_default()
 }
 
 /// One marker as received: at this partition and offset.
@@ -143,12 +94,10 @@ mod tests {
     #[test]
     fn a_marker_parses_and_anything_else_is_an_error_that_says_why() {
         let json = br#"{"id":"twitter_cdc@0/1A2B","slot":"twitter_cdc","slotStartLsn":6699,"slotStartMs":5,"partitions":3,"completedAtMs":1764979200000}"#;
-        let m = RecoveryMarker::parse(b"recovery", Some(json)).unwrap();
+        let m = parse(b"recovery", Some(json)).unwrap();
         assert_eq!(m.slot_start_lsn, 6699);
         assert_eq!(m.partitions, 3);
-        assert_eq!(m.date(), NaiveDate::from_ymd_opt(2025, 12, 6).unwrap());
-        let back: RecoveryMarker = serde_json::from_str(&m.to_json()).unwrap();
-        assert_eq!(back, m);
+        assert_eq!(date(&m), NaiveDate::from_ymd_opt(2025, 12, 6).unwrap());
 
         for (kind, value, says) in [
             (
@@ -164,7 +113,7 @@ mod tests {
                 "names 0 partitions",
             ),
         ] {
-            let e = RecoveryMarker::parse(kind, value).unwrap_err().to_string();
+            let e = parse(kind, value).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }
     }

@@ -35,10 +35,8 @@ pub use self::values::{TIMESTAMP_INFINITY_MICROS, TIMESTAMP_NEG_INFINITY_MICROS,
 use self::values::{as_text, exact_number, is_unavailable, plain, to_datum, truncate};
 use crate::decode::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
 
-/// The Kafka header that names a value's schema in the schema-id format.
-pub const SCHEMA_HEADER: &str = "cdclake.schema";
-/// The Kafka header that says a schema-id value is not JSON: `avro`.
-pub const ENCODING_HEADER: &str = "cdclake.encoding";
+/// The headers of the schema-id format (the converter's, see `cdc-wire`).
+pub use cdc_wire::{ENCODING_HEADER, SCHEMA_HEADER};
 
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
@@ -488,7 +486,9 @@ impl Decoder {
     ) -> Result<Decoded, DecodeError> {
         match headers.encoding {
             None | Some(b"json") => self.decode_with(value, headers.schema_ref),
-            Some(b"avro") => self.decode_avro(value, headers.schema_ref),
+            Some(e) if e == cdc_wire::AVRO.as_bytes() => {
+                self.decode_avro(value, headers.schema_ref)
+            }
             Some(other) => Err(DecodeError::Encoding(
                 String::from_utf8_lossy(other).into_owned(),
             )),

@@ -31,7 +31,7 @@ use rdkafka::message::Headers;
 use tokio::sync::watch;
 
 use crate::config::{ConfigError, SinkConfig};
-use crate::decode::marker::{self, MarkerRow, RecoveryMarker};
+use crate::decode::marker::{self, MarkerRow};
 use crate::decode::{ChangeRow, Decoded, Decoder, ENCODING_HEADER, MessageHeaders, SCHEMA_HEADER};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
@@ -438,7 +438,7 @@ impl<S: Source> Sink<'_, S> {
         meters.messages.increment(1);
 
         let decoded = match headers.marker {
-            Some(kind) => RecoveryMarker::parse(kind, payload).map(Decoded::Marker),
+            Some(kind) => marker::parse(kind, payload).map(Decoded::Marker),
             None => self.decoder.decode_message(payload, &headers),
         };
         match decoded {

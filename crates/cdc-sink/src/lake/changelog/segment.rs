@@ -277,7 +277,7 @@ impl Segment {
             .collect::<Result<Vec<_>, ArrowError>>()?;
         if let Some(first) = self.markers.first() {
             files.push(DataFile {
-                date: first.marker.date(),
+                date: crate::decode::marker::date(&first.marker),
                 batch: marker::batch(&self.markers)?,
                 key,
             });

@@ -192,7 +192,7 @@ impl Lake {
                     last: offset,
                 },
                 files: vec![DataFile {
-                    date: marker.date(),
+                    date: crate::decode::marker::date(marker),
                     batch: crate::decode::marker::batch(&[row]).unwrap(),
                     key: None,
                 }],
