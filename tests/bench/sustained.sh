@@ -17,8 +17,11 @@
 # it waits for the sink to catch up and reports how long that took. Each
 # sample also reads the replication slot (`wal_status`, and the WAL it
 # retains), and the end gives the retained WAL's least-squares slope: flat
-# means Debezium keeps up. SUSTAINED_SINK_BIN runs another build of the sink
-# (an older commit, in the same sitting).
+# means Debezium keeps up. Last, it brings the run's current-state tables up
+# to their changelogs and checks every row the run created against
+# PostgreSQL (count and a hash of every column, tests/bench/touched_equal.py;
+# it exits non-zero if they differ). SUSTAINED_SINK_BIN runs another build
+# of the sink (an older commit, in the same sitting).
 #
 # Flat out, PostgreSQL takes several times what Debezium publishes: the
 # replication slot's WAL grows until `max_slot_wal_keep_size` (2 GB here)
@@ -134,6 +137,16 @@ while :; do
 done
 tail_s=$(echo "$(date +%s.%N) - $caught" | bc)
 kill -TERM $sink; wait $sink || true
+# The current-state tables up to their changelogs (the sink syncs them
+# behind its commits), then every row the run created checked against
+# PostgreSQL: count and an order-independent hash of every column
+# (tests/bench/touched_equal.py).
+mirror_start=$(date +%s.%N)
+"${SUSTAINED_SINK_BIN:-$CARGO_TARGET_DIR/release/cdc-sink}" mirror >"/tmp/$run.mirror.log" 2>&1 \
+  || { echo "cdc-sink mirror failed:"; tail -20 "/tmp/$run.mirror.log"; exit 1; }
+mirror_s=$(echo "$(date +%s.%N) - $mirror_start" | bc)
+equal=0
+"$(bash tests/readers.sh)" tests/bench/touched_equal.py --prefix "$run" >"/tmp/$run.equal.log" 2>&1 || equal=$?
 half=$(( ${#lags[@]} / 2 ))
 max_first=0; max_second=0
 for i in "${!lags[@]}"; do
@@ -153,3 +166,9 @@ printf '%s\n' "${slot_samples[@]}" | awk '
     slope = (n > 1) ? (n * xy - x * y) / (n * xx - x * x) : 0
     printf "the slot: wal_status reserved in %d of %d samples; retained WAL mean %.0f MB, slope %.2f MB/s\n", n - bad, n, y / n, slope
   }'
+printf 'current-state tables caught up %.1fs after the sink stopped; the rows the run created against PostgreSQL:\n' "$mirror_s"
+sed 's/^/  /' "/tmp/$run.equal.log"
+if [ "$equal" -ne 0 ]; then
+  echo "THE LAKE DIFFERS FROM POSTGRESQL (above; the sink's log: /tmp/$run.sink.log)"
+  exit 1
+fi
