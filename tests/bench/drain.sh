@@ -11,7 +11,8 @@
 # sink's CPU time (user + sys) and its peak RSS (VmHWM).
 #
 # DRAIN_SINK_BIN runs another build of the sink (to measure an older commit on
-# the same topic). With current-state tables on (CDC_SINK_MIRROR__ENABLED,
+# the same topic). The lake it wrote is dropped at the end (DRAIN_KEEP=1
+# keeps it). With current-state tables on (CDC_SINK_MIRROR__ENABLED,
 # default true) it also reports when the table's mirror caught up, and the
 # sink's CPU and RSS include that work; set it to false for the
 # changelog alone.
@@ -117,3 +118,7 @@ if [ -n "$mirror_line" ]; then
 fi
 printf 'drained %d events in %.2fs (start to last commit; the 1 s poll saw it %.1fs later) = %.0f rows/s; sink CPU %.1fs = %.0f rows per CPU-second; peak RSS %d MiB\n' \
   "$events" "$secs" "$(echo "$polled - $end" | bc)" "$(echo "$events / $secs" | bc -l)" "$cpu" "$(echo "$events / $cpu" | bc -l)" $((peak / 1024))
+# The drained lake (up to a GB) goes, unless DRAIN_KEEP=1.
+if [ "${DRAIN_KEEP:-0}" != 1 ]; then
+  "$(bash tests/readers.sh)" tests/bench/drop_prefix.py "$run"
+fi

@@ -20,8 +20,9 @@
 # means Debezium keeps up. Last, it brings the run's current-state tables up
 # to their changelogs and checks every row the run created against
 # PostgreSQL (count and a hash of every column, tests/bench/touched_equal.py;
-# it exits non-zero if they differ). SUSTAINED_SINK_BIN runs another build
-# of the sink (an older commit, in the same sitting).
+# it exits non-zero if they differ), and drops the run's lake unless
+# SUSTAINED_KEEP=1. SUSTAINED_SINK_BIN runs another build of the sink (an
+# older commit, in the same sitting).
 #
 # Flat out, PostgreSQL takes several times what Debezium publishes: the
 # replication slot's WAL grows until `max_slot_wal_keep_size` (2 GB here)
@@ -169,6 +170,10 @@ printf '%s\n' "${slot_samples[@]}" | awk '
 printf 'current-state tables caught up %.1fs after the sink stopped; the rows the run created against PostgreSQL:\n' "$mirror_s"
 sed 's/^/  /' "/tmp/$run.equal.log"
 if [ "$equal" -ne 0 ]; then
-  echo "THE LAKE DIFFERS FROM POSTGRESQL (above; the sink's log: /tmp/$run.sink.log)"
+  echo "THE LAKE DIFFERS FROM POSTGRESQL (above; the sink's log: /tmp/$run.sink.log; the lake kept under $run/)"
   exit 1
+fi
+# One to two GB a run: dropped once checked, unless SUSTAINED_KEEP=1.
+if [ "${SUSTAINED_KEEP:-0}" != 1 ]; then
+  "$(bash tests/readers.sh)" tests/bench/drop_prefix.py "$run"
 fi
