@@ -197,19 +197,31 @@ pub fn with_schema(schema: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The schema topic's schemas by fingerprint, read again when a message
-/// names one not seen yet.
+/// names one not seen yet; each parsed once, for the Avro reader.
 #[derive(Debug, Default)]
-pub struct PublishedSchemas(BTreeMap<String, String>);
+pub struct PublishedSchemas {
+    raw: BTreeMap<String, String>,
+    parsed: BTreeMap<String, serde_json::Value>,
+}
 
 impl PublishedSchemas {
     /// The schema `id` names; panics if the schema topic does not hold it.
     pub fn get(&mut self, id: &str) -> &str {
-        if !self.0.contains_key(id) {
-            self.0 = published_schemas();
+        if !self.raw.contains_key(id) {
+            self.raw = published_schemas();
         }
-        self.0
+        self.raw
             .get(id)
             .unwrap_or_else(|| panic!("schema {id} is not on {SCHEMA_TOPIC}"))
+    }
+
+    /// [`PublishedSchemas::get`], parsed.
+    pub fn parsed(&mut self, id: &str) -> &serde_json::Value {
+        if !self.parsed.contains_key(id) {
+            let value = serde_json::from_str(self.get(id)).expect("a published schema");
+            self.parsed.insert(id.to_string(), value);
+        }
+        &self.parsed[id]
     }
 }
 
@@ -227,13 +239,13 @@ pub fn json_with_schema<M: Message>(m: &M, schemas: &mut PublishedSchemas) -> Op
     let Some(id) = header(m, SCHEMA_HEADER) else {
         return Some(payload.to_vec());
     };
-    let schema = schemas.get(&String::from_utf8_lossy(id));
+    let id = String::from_utf8_lossy(id);
     if header(m, ENCODING_HEADER) == Some(cdc_wire::AVRO.as_bytes()) {
-        let parsed: serde_json::Value = serde_json::from_str(schema).expect("a published schema");
-        let json = crate::avro::payload_json(&parsed, payload);
-        return Some(with_schema(schema, &serde_json::to_vec(&json).unwrap()));
+        let json = crate::avro::payload_json(schemas.parsed(&id), payload);
+        let json = serde_json::to_vec(&json).unwrap();
+        return Some(with_schema(schemas.get(&id), &json));
     }
-    Some(with_schema(schema, payload))
+    Some(with_schema(schemas.get(&id), payload))
 }
 
 /// Every message from `from` (the log start where absent) up to `until`
