@@ -1456,6 +1456,75 @@ async fn avro_values_land_every_type_exactly() {
     }
 }
 
+/// A table the Avro rules do not cover (a `point` column: a Connect struct
+/// that is not Debezium's VariableScaleDecimal) stays JSON, message by
+/// message, under the stack's default Avro configuration: no event of its
+/// topic carries the Avro header, and every change lands, the point as the
+/// JSON text of its struct.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_avro_does_not_cover_falls_back_to_json_and_lands() {
+    let capture = OwnCapture::start(
+        "pointy",
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, pos point, note text);
+         INSERT INTO t SELECT g, point(g, -g / 2.0), 'n' || g FROM generate_series(1, 5) g",
+        &[],
+    )
+    .await;
+    assert_eq!(capture.config["value.converter.format"], "avro");
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE t SET pos = point(0.25, 1e10), note = 'moved' WHERE id = 2;
+         UPDATE t SET pos = NULL WHERE id = 3;
+         DELETE FROM t WHERE id = 4;",
+    );
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    // 5 reads, 2 updates, 1 delete.
+    let rows = wait_lake_rows(&sink, &prefix, "t", 8).await;
+    terminate(sink);
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    let headers = test_support::kafka::value_headers(&format!("{}.t", capture.db));
+    assert_eq!(headers.len(), 8, "{headers:?}");
+    for h in &headers {
+        assert!(h.iter().any(|(k, _)| k == "cdclake.schema"), "{h:?}");
+        assert!(
+            !h.iter().any(|(k, _)| k == "cdclake.encoding"),
+            "an event of a table with a point went as Avro: {h:?}"
+        );
+    }
+    // The current-state table: PostgreSQL's rows, the point's x and y in
+    // the JSON text of Debezium's struct.
+    let pg = capture.client().await;
+    let expected: BTreeMap<String, (Option<(f64, f64)>, String)> = pg
+        .query("SELECT id, pos[0], pos[1], note FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let pos = r.get::<_, Option<f64>>(1).zip(r.get::<_, Option<f64>>(2));
+            (id.to_string(), (pos, r.get(3)))
+        })
+        .collect();
+    drop(pg);
+    for reader in ["deltalake", "duckdb", "polars"] {
+        let got: BTreeMap<String, (Option<(f64, f64)>, String)> = mirror_rows(reader, &prefix, "t")
+            .into_iter()
+            .map(|r| {
+                let pos = r.values["pos"].as_ref().map(|text| {
+                    let v: Value = serde_json::from_str(text).unwrap();
+                    (v["x"].as_f64().unwrap(), v["y"].as_f64().unwrap())
+                });
+                let note = r.values["note"].clone().unwrap();
+                (r.values["id"].clone().unwrap(), (pos, note))
+            })
+            .collect();
+        assert_eq!(got, expected, "{reader}");
+    }
+    drop(capture);
+}
+
 /// Inserts the zoo's rows into `capture`'s table and checks what lands.
 async fn assert_zoo_lands(capture: &OwnCapture) {
     OwnCapture::sql(&capture.db, INSERT_SQL);
