@@ -24,3 +24,9 @@ pub mod pipeline;
 pub mod retry;
 pub mod source;
 pub mod telemetry;
+
+/// A hash map for lookups made once or more per Kafka message (partition
+/// state, schemas by fingerprint, per-table meters): foldhash instead of
+/// std's SipHash, which showed in the drain's profile. Its keys are topic
+/// names and schema fingerprints, not attacker-chosen input.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

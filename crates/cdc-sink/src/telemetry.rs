@@ -6,8 +6,6 @@
 //! [`Meters`], so the hot path is an atomic add, not a label lookup in the
 //! global registry.
 
-use std::collections::HashMap;
-
 use cdc_telemetry::Readiness;
 use cdc_telemetry::server::{self, OpsServer};
 use metrics::{
@@ -205,7 +203,7 @@ impl TableMeters {
 /// The per-table series, registered on first use.
 #[derive(Default)]
 pub struct Meters {
-    tables: HashMap<String, TableMeters>,
+    tables: crate::FastMap<String, TableMeters>,
 }
 
 impl Meters {

@@ -339,13 +339,13 @@ type KnownSchema = (u64, Arc<TableSchema>);
 
 #[derive(Default)]
 pub struct Decoder {
-    schemas: HashMap<u64, Arc<TableSchema>>,
+    schemas: crate::FastMap<u64, Arc<TableSchema>>,
     /// Shapes with text siblings, by base schema id and sibling columns.
     sibling_shapes: HashMap<(u64, Vec<usize>), (u64, Arc<TableSchema>)>,
     /// Raw schema JSON of recently seen schemas, most recent last.
     prefixes: Vec<(Vec<u8>, u64, Arc<TableSchema>)>,
     /// Primary key columns, by the raw JSON of the key's schema.
-    keys: HashMap<String, Arc<[String]>>,
+    keys: crate::FastMap<String, Arc<[String]>>,
     /// `{"schema":` and the raw JSON of recently seen key schemas, with
     /// their columns: the byte-prefix fast path of [`Decoder::key_columns`].
     key_prefixes: Vec<(Vec<u8>, Arc<[String]>)>,
@@ -353,10 +353,10 @@ pub struct Decoder {
     schemaless_keys: Vec<Arc<[String]>>,
     /// Schemas of the schema topic, by fingerprint: a usable schema, or
     /// why it is not.
-    published: HashMap<Box<[u8]>, Result<KnownSchema, String>>,
+    published: crate::FastMap<Box<[u8]>, Result<KnownSchema, String>>,
     /// How to read the Avro encoding of each published schema, by
     /// fingerprint: built with the schema, used only by Avro values.
-    avro: HashMap<Box<[u8]>, Result<Arc<avro::Plan>, String>>,
+    avro: crate::FastMap<Box<[u8]>, Result<Arc<avro::Plan>, String>>,
 }
 
 impl Decoder {

@@ -3,7 +3,6 @@
 //! has buffered (its open [`Segment`]). Keeping the two in one type means a
 //! revoke or a fence drops both at once; nothing outside aligns them.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::time::Instant;
 
@@ -26,7 +25,7 @@ pub struct Taken {
 
 #[derive(Default)]
 pub struct Partitions {
-    parts: HashMap<Tp, Partition>,
+    parts: crate::FastMap<Tp, Partition>,
     tickets: Tickets,
 }
 
