@@ -40,6 +40,7 @@ pub const MIRROR_CHANGELOG_VERSION: &str = "cdc_sink_mirror_changelog_version";
 pub const MIRROR_SOURCE_TIMESTAMP: &str = "cdc_sink_mirror_source_timestamp_seconds";
 pub const MIRROR_ROWS_WRITTEN: &str = "cdc_sink_mirror_rows_written_total";
 pub const MIRROR_BYTES_WRITTEN: &str = "cdc_sink_mirror_bytes_written_total";
+pub const MIRROR_UNAVAILABLE: &str = "cdc_sink_mirror_unavailable_values_total";
 pub const CHANGELOG_VERSION: &str = "cdc_sink_changelog_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,10 @@ fn describe() {
         MIRROR_BYTES_WRITTEN,
         Unit::Bytes,
         "Parquet bytes written to current-state table files, by table"
+    );
+    describe_counter!(
+        MIRROR_UNAVAILABLE,
+        "Primary-key updates whose unchanged TOASTed values had no previous image in their sync, so those columns of the current-state row are NULL, by table"
     );
     describe_gauge!(
         CHANGELOG_VERSION,

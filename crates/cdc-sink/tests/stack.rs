@@ -1600,6 +1600,61 @@ async fn a_current_state_table_follows_new_columns_and_key_updates() {
     drop(capture);
 }
 
+/// A primary-key update of a row with a TOASTed value: Debezium's create
+/// of the new key has the value as its placeholder (PostgreSQL did not
+/// send it), and the current-state table takes it from the old key's
+/// image: its row in the table (the old key written by an earlier sync),
+/// a change just before (an update of the old key), through a chain of
+/// key updates and an update of the new key. Equal to PostgreSQL after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_update_carries_its_unchanged_toasted_value_to_the_new_key() {
+    let capture = OwnCapture::start(
+        "keytoast",
+        "t",
+        // EXTERNAL: kept out of line uncompressed, so every value is TOASTed.
+        "CREATE TABLE t (id bigint PRIMARY KEY, big text, n integer);
+         ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO t SELECT g, repeat(chr(65 + g % 26), 3000 + g), g
+           FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    wait_lake_rows(&sink, &prefix, "t", 20).await;
+    wait_until(
+        "the current-state table to hold the 20 rows",
+        Duration::from_secs(60),
+        async || match mirror_rows("deltalake", &prefix, "t").len() {
+            20 => Ok(()),
+            n => Err(format!("{n} rows")),
+        },
+    )
+    .await;
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE t SET id = 1000 WHERE id = 7;
+         UPDATE t SET n = -8 WHERE id = 8;
+         UPDATE t SET id = 2000 WHERE id = 8;
+         UPDATE t SET id = 3000 WHERE id = 9;
+         UPDATE t SET id = 3001 WHERE id = 3000;
+         UPDATE t SET n = 99 WHERE id = 3001;",
+    );
+    // Four key updates (a delete and a create each) and two updates.
+    let rows = wait_lake_rows(&sink, &prefix, "t", 30).await;
+    terminate(sink);
+    // The path this test is for: the new key's create lacks the value.
+    let create = rows
+        .iter()
+        .find(|r| r.op == "c" && r.values["id"].as_deref() == Some("1000"))
+        .unwrap_or_else(|| panic!("no create of key 1000: {rows:?}"));
+    assert_eq!(create.unchanged, ["big"], "{create:?}");
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+    drop(pg);
+    drop(capture);
+}
+
 /// Keys written without their schema (`key.converter.schemas.enable=false`,
 /// a common JsonConverter setting): the sink takes the primary key's
 /// columns from the key's field names, in order, so a table with a

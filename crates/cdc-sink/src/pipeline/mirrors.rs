@@ -168,6 +168,18 @@ async fn sync(
                 .increment(synced.rows_written as u64);
             metrics::counter!(t::MIRROR_BYTES_WRITTEN, "table" => table.to_string())
                 .increment(synced.bytes_written as u64);
+            if synced.unavailable > 0 {
+                metrics::counter!(t::MIRROR_UNAVAILABLE, "table" => table.to_string())
+                    .increment(synced.unavailable as u64);
+                // Not silent: those columns of those rows are NULL.
+                tracing::warn!(
+                    table,
+                    creates = synced.unavailable,
+                    "primary-key updates whose unchanged TOASTed values had no previous image \
+                     in this sync (the old key's delete was applied by an earlier one); \
+                     those columns stay NULL"
+                );
+            }
             if let Some(us) = synced.through_commit_us {
                 metrics::gauge!(t::MIRROR_SOURCE_TIMESTAMP, "table" => table.to_string())
                     .set(us as f64 / 1e6);

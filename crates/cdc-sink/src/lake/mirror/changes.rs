@@ -8,6 +8,17 @@
 //! keys. Unchanged TOASTed values (`_cdc_unchanged_cols`) are carried from
 //! the key's previous image: an earlier change in the same rows, or the
 //! current-state table's row.
+//!
+//! The create of a primary-key update has no previous image under its own
+//! key: its unchanged TOASTed values are the old key's. PostgreSQL writes
+//! the update as one WAL record, so its delete and its create carry the
+//! same LSN; nothing else gives a create and a delete one LSN (an insert
+//! and a delete are records of their own), and only such a create lists
+//! unchanged columns (an insert sends every value). So the old key is the
+//! key of the delete with the create's LSN, and the image is that key's
+//! just before its delete. The two halves can sit in different partitions,
+//! in either order here: a create waits for its delete's image
+//! ([`Source::Pending`] while reducing).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +39,12 @@ pub enum Source {
     /// The key's row in the current-state table (an unchanged TOASTed
     /// value whose previous image is not among the changes).
     Existing,
+    /// The current-state row of [`Changes::moved`]`[n]`: the old key of a
+    /// primary-key update, whose image is not among the changes.
+    Moved(usize),
+    /// While reducing only: the image of the old key of the primary-key
+    /// update whose create is change `n`, known once its delete is seen.
+    Pending(usize),
 }
 
 /// What becomes of one key.
@@ -50,6 +67,13 @@ pub struct Changes {
     pub outcomes: HashMap<OwnedRow, Outcome>,
     /// Shared with the file rewrites, which run on blocking threads.
     pub converter: Arc<RowConverter>,
+    /// Old keys of primary-key updates whose current-state rows hold
+    /// values to carry ([`Source::Moved`]).
+    pub moved: Vec<OwnedRow>,
+    /// Creates of primary-key updates whose delete is not among the
+    /// changes: their unchanged TOASTed values have no image here and stay
+    /// NULL (the changelog holds Debezium's placeholder as NULL).
+    pub unpaired: usize,
 }
 
 /// Why changelog rows cannot be reduced by their key.
@@ -177,8 +201,14 @@ impl Changes {
         }
         let unchanged = rows.column_by_name(meta::UNCHANGED).cloned();
         let unchanged = unchanged.as_ref().map(|u| u.as_list::<i32>());
+        let lsn = column(meta::LSN).ok();
+        let lsn = lsn.as_ref().and_then(|l| l.as_primitive_opt::<Int64Type>());
+        let moves = KeyMoves::find(&rows, op, unchanged, lsn);
 
         let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
+        // Old keys' images just before their deletes, by the create's row.
+        let mut images: HashMap<usize, Image> = HashMap::new();
+        let mut moved: Vec<OwnedRow> = Vec::new();
         for i in 0..rows.num_rows() {
             if is_marker(i) {
                 // A recovery marker: no key, no row (see `reconcile`).
@@ -186,6 +216,35 @@ impl Changes {
             }
             let k = keys.row(i).owned();
             if op.is_valid(i) && op.value(i) == "d" {
+                if let Some(&create) = moves.create_of.get(&i) {
+                    // The old key's own current-state row, where its image
+                    // (or part of it) is, is another key's to the create.
+                    let mut existing = || {
+                        moved.push(k.clone());
+                        moved.len() - 1
+                    };
+                    let image = match outcomes.get(&k) {
+                        Some(Outcome::Upsert { row, carried }) => {
+                            let mut from = None;
+                            Image::Change {
+                                row: *row,
+                                carried: carried
+                                    .iter()
+                                    .map(|&(c, s)| match s {
+                                        Source::Existing => (
+                                            c,
+                                            Source::Moved(*from.get_or_insert_with(&mut existing)),
+                                        ),
+                                        s => (c, s),
+                                    })
+                                    .collect(),
+                            }
+                        }
+                        Some(Outcome::Delete) => Image::Gone,
+                        None => Image::Moved(existing()),
+                    };
+                    images.insert(create, image);
+                }
                 outcomes.insert(k, Outcome::Delete);
                 continue;
             }
@@ -195,6 +254,7 @@ impl Changes {
             {
                 let names = list.value(i);
                 let names = names.as_string::<i32>();
+                let is_move = moves.creates.contains(&i);
                 for n in 0..names.len() {
                     if !names.is_valid(n) {
                         continue;
@@ -202,15 +262,19 @@ impl Changes {
                     let Ok(c) = schema.index_of(names.value(n)) else {
                         continue;
                     };
-                    let from = match outcomes.get(&k) {
-                        Some(Outcome::Upsert { row, carried }) => carried
-                            .iter()
-                            .find(|(col, _)| *col == c)
-                            .map_or(Source::Change(*row), |(_, s)| *s),
-                        // Deleted since: nothing to carry; the row keeps
-                        // what the changelog has.
-                        Some(Outcome::Delete) => Source::Change(i),
-                        None => Source::Existing,
+                    let from = if is_move {
+                        Source::Pending(i)
+                    } else {
+                        match outcomes.get(&k) {
+                            Some(Outcome::Upsert { row, carried }) => carried
+                                .iter()
+                                .find(|(col, _)| *col == c)
+                                .map_or(Source::Change(*row), |(_, s)| *s),
+                            // Deleted since: nothing to carry; the row keeps
+                            // what the changelog has.
+                            Some(Outcome::Delete) => Source::Change(i),
+                            None => Source::Existing,
+                        }
                     };
                     if from != Source::Change(i) {
                         carried.push((c, from));
@@ -219,11 +283,116 @@ impl Changes {
             }
             outcomes.insert(k, Outcome::Upsert { row: i, carried });
         }
+        let unpaired = moves.creates.len() - images.len();
+        if !moves.creates.is_empty() {
+            for outcome in outcomes.values_mut() {
+                if let Outcome::Upsert { carried, .. } = outcome {
+                    carried.retain_mut(|(c, source)| match resolve(&images, *c, *source) {
+                        Some(s) => {
+                            *source = s;
+                            true
+                        }
+                        None => false,
+                    });
+                }
+            }
+        }
         Ok(Changes {
             rows,
             outcomes,
             converter: Arc::new(converter),
+            moved,
+            unpaired,
         })
+    }
+}
+
+/// A key's image just before its delete.
+#[derive(Debug, Clone)]
+enum Image {
+    /// Change `row`, but for its `carried` columns.
+    Change {
+        row: usize,
+        carried: Vec<(usize, Source)>,
+    },
+    /// The current-state row of [`Changes::moved`]`[n]`.
+    Moved(usize),
+    /// Deleted already: no image.
+    Gone,
+}
+
+/// Where column `c` comes from, for a source that may wait on an old
+/// key's image; `None`: nowhere (the change's own value stays). A chain of
+/// key updates (1 to 2, then 2 to 3) is followed to its first image.
+fn resolve(images: &HashMap<usize, Image>, c: usize, mut source: Source) -> Option<Source> {
+    // Each step goes to an earlier update of the chain, so the chain ends;
+    // the bound only guards against a cycle this code does not make.
+    for _ in 0..=images.len() {
+        let Source::Pending(create) = source else {
+            return Some(source);
+        };
+        source = match images.get(&create)? {
+            Image::Change { row, carried } => carried
+                .iter()
+                .find(|(col, _)| *col == c)
+                .map_or(Source::Change(*row), |(_, s)| *s),
+            Image::Moved(n) => Source::Moved(*n),
+            Image::Gone => return None,
+        };
+    }
+    None
+}
+
+/// The primary-key updates among some changelog rows: creates that list
+/// unchanged columns, and the delete of the same LSN.
+#[derive(Default)]
+struct KeyMoves {
+    creates: std::collections::HashSet<usize>,
+    /// Delete row to its create's row.
+    create_of: HashMap<usize, usize>,
+}
+
+impl KeyMoves {
+    fn find(
+        rows: &RecordBatch,
+        op: &arrow::array::StringArray,
+        unchanged: Option<&arrow::array::ListArray>,
+        lsn: Option<&arrow::array::Int64Array>,
+    ) -> KeyMoves {
+        let mut moves = KeyMoves::default();
+        let (Some(unchanged), Some(lsn)) = (unchanged, lsn) else {
+            return moves;
+        };
+        let is = |i: usize, code: &str| op.is_valid(i) && op.value(i) == code;
+        let mut by_lsn: HashMap<i64, usize> = HashMap::new();
+        for i in 0..rows.num_rows() {
+            if is(i, "c") && unchanged.is_valid(i) && !unchanged.value(i).is_empty() {
+                moves.creates.insert(i);
+                if lsn.is_valid(i) {
+                    by_lsn.insert(lsn.value(i), i);
+                }
+            }
+        }
+        if by_lsn.is_empty() {
+            return moves;
+        }
+        // One delete per LSN; two would make the pairing a guess, and no
+        // image is better than a wrong one.
+        let mut deletes: HashMap<i64, Option<usize>> = HashMap::new();
+        for i in 0..rows.num_rows() {
+            if is(i, "d") && lsn.is_valid(i) && by_lsn.contains_key(&lsn.value(i)) {
+                deletes
+                    .entry(lsn.value(i))
+                    .and_modify(|d| *d = None)
+                    .or_insert(Some(i));
+            }
+        }
+        for (l, d) in deletes {
+            if let Some(d) = d {
+                moves.create_of.insert(d, by_lsn[&l]);
+            }
+        }
+        moves
     }
 }
 

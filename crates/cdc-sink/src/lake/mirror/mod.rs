@@ -38,6 +38,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter};
+use bytes::Bytes;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, MetadataExt, Remove, StructType, Transaction};
@@ -56,7 +57,7 @@ use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
-use crate::lake::mirror::changes::{Changes, Outcome, key_rows};
+use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::Through;
 use crate::lake::table::{LakeRoot, create_table, delta_err};
@@ -180,6 +181,9 @@ pub struct Synced {
     /// A recovery's leftovers removed in a commit of their own: which
     /// recovery, and how many rows went.
     pub reconciled: Option<reconcile::Reconciled>,
+    /// Creates of primary-key updates whose unchanged TOASTed values had no
+    /// previous image (see [`Changes::unpaired`]): those columns stay NULL.
+    pub unavailable: usize,
 }
 
 /// Changelog files to apply, and the version they bring the mirror to.
@@ -198,6 +202,15 @@ struct FileRange {
 }
 
 /// Changes routed to one file (`None`: a new file).
+/// The changes' rows for the rewrites, with the old keys' rows appended.
+struct Lent {
+    changed: RecordBatch,
+    /// Where the row of `Changes::moved[n]` is in `changed`, if it was found.
+    rows: Vec<Option<usize>>,
+    /// Moved keys with no row in the current-state table.
+    missing: usize,
+}
+
 struct Bucket {
     file: Option<usize>,
     /// The changed keys routed to the file, sorted, with their outcomes.
@@ -652,7 +665,34 @@ impl Mirror {
                 .push((k.clone(), changes.outcomes[k].clone()));
         }
 
+        // Values a primary-key update carries from its old key's row.
+        let mut fetched: HashMap<String, Bytes> = HashMap::new();
         let changed = project(&changes.rows, &target_schema).map_err(arrow_err)?;
+        let Lent {
+            changed,
+            rows: lent,
+            missing,
+        } = lend(table, &store, &ranges, key, changes, changed, &mut fetched).await?;
+        if !changes.moved.is_empty() {
+            for bucket in buckets.values_mut() {
+                for (_, outcome) in &mut bucket.keys {
+                    if let Outcome::Upsert { carried, .. } = outcome {
+                        carried.retain_mut(|(_, source)| match *source {
+                            Source::Moved(n) => match lent[n] {
+                                Some(row) => {
+                                    *source = Source::Change(row);
+                                    true
+                                }
+                                None => false,
+                            },
+                            _ => true,
+                        });
+                    }
+                }
+            }
+        }
+        let unavailable = changes.unpaired + missing;
+
         let mut actions = Vec::new();
         let mut added = 0;
         let (mut rows_written, mut bytes_written) = (0, 0);
@@ -660,14 +700,10 @@ impl Mirror {
         for bucket in buckets.into_values() {
             let old = match bucket.file {
                 Some(i) => {
-                    let path = Path::from(ranges[i].path.as_str());
-                    let bytes = store
-                        .get(&path)
-                        .await
-                        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?
-                        .bytes()
-                        .await
-                        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
+                    let bytes = match fetched.remove(&ranges[i].path) {
+                        Some(bytes) => bytes,
+                        None => fetch(&store, &ranges[i].path).await?,
+                    };
                     removed.push(ranges[i].path.clone());
                     Some(OldFile {
                         path: ranges[i].path.clone(),
@@ -778,6 +814,7 @@ impl Mirror {
             rows_written,
             bytes_written,
             through_commit_us: positions.commit_us(),
+            unavailable,
             ..Synced::default()
         };
         match committed {
@@ -1073,7 +1110,110 @@ fn key_of(
     }
 }
 
-/// A mirror file's key range, from its footer.
+/// `changed` with the current-state rows of `changes.moved` (old keys
+/// of primary-key updates) appended, and where each went. The files
+/// read stay in `fetched`: the old key's delete rewrites its file.
+async fn lend(
+    table: &str,
+    store: &ObjectStoreRef,
+    ranges: &[FileRange],
+    key: &[String],
+    changes: &Changes,
+    changed: RecordBatch,
+    fetched: &mut HashMap<String, Bytes>,
+) -> Result<Lent, MirrorError> {
+    let arrow_err = MirrorError::arrow(table);
+    let mut rows = vec![None; changes.moved.len()];
+    let mut parts = vec![changed.clone()];
+    let mut at = changed.num_rows();
+    let mut missing = 0;
+    // Only the keys an outcome still takes a value from.
+    let used: std::collections::BTreeSet<usize> = changes
+        .outcomes
+        .values()
+        .flat_map(|o| match o {
+            Outcome::Upsert { carried, .. } => carried.as_slice(),
+            Outcome::Delete => &[],
+        })
+        .filter_map(|(_, s)| match s {
+            Source::Moved(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    // Moved keys by the file whose range holds them.
+    let mut by_file: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for n in used {
+        let k = &changes.moved[n];
+        let bytes = k.as_ref();
+        let i = ranges
+            .partition_point(|r| r.min.as_slice() <= bytes)
+            .checked_sub(1);
+        match i.filter(|&i| bytes <= ranges[i].max.as_slice()) {
+            Some(i) => by_file.entry(i).or_default().push(n),
+            None => missing += 1,
+        }
+    }
+    for (i, wanted) in by_file {
+        let path = &ranges[i].path;
+        let bytes = match fetched.get(path) {
+            Some(b) => b.clone(),
+            None => {
+                let b = fetch(store, path).await?;
+                fetched.insert(path.clone(), b.clone());
+                b
+            }
+        };
+        let file = ReadFile::read(path.clone(), bytes).map_err(MirrorError::file(table))?;
+        let schema = changed.schema();
+        let aligned = file
+            .batches
+            .iter()
+            .map(|b| align(b, &schema))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_err)?;
+        let batch = arrow::compute::concat_batches(&schema, &aligned).map_err(arrow_err)?;
+        let keys = key_rows(&changes.converter, &batch, key).map_err(arrow_err)?;
+        let mut taken = Vec::new();
+        for n in wanted {
+            let found = (0..batch.num_rows())
+                .rev()
+                .find(|&r| keys.row(r) == changes.moved[n].row());
+            match found {
+                Some(r) => {
+                    taken.push(r as u32);
+                    rows[n] = Some(at);
+                    at += 1;
+                }
+                None => missing += 1,
+            }
+        }
+        let indices = arrow::array::UInt32Array::from(taken);
+        parts.push(arrow::compute::take_record_batch(&batch, &indices).map_err(arrow_err)?);
+    }
+    let changed = if parts.len() == 1 {
+        changed
+    } else {
+        arrow::compute::concat_batches(&changed.schema(), &parts).map_err(arrow_err)?
+    };
+    Ok(Lent {
+        changed,
+        rows,
+        missing,
+    })
+}
+
+/// A mirror file, whole.
+async fn fetch(store: &ObjectStoreRef, path: &str) -> Result<Bytes, MirrorError> {
+    let store_err = |e| MirrorError::Lake(Box::new(LakeError::Store(e)));
+    store
+        .get(&Path::from(path))
+        .await
+        .map_err(store_err)?
+        .bytes()
+        .await
+        .map_err(store_err)
+}
+
 /// A mirror file's key range, from its footer (two ranged GETs: the
 /// footer's length, then the footer). A failed request may pass; a file
 /// without the range will not.

@@ -175,6 +175,9 @@ impl Rewrite {
                         from.push((c, (0, i)));
                     }
                 }
+                // The sync turns these into changes before a rewrite (see
+                // `Mirror::lend`): one left is a value with no image.
+                Source::Moved(_) | Source::Pending(_) => {}
             }
         }
         Some(Plan::New {
