@@ -203,6 +203,7 @@ def rows(args):
                         "partition": cols["_cdc_kafka_partition"][i],
                         "offset": cols["_cdc_kafka_offset"][i],
                         "unchanged": cols["_cdc_unchanged_cols"][i] or [],
+                        "key_update": (cols.get("_cdc_key_update") or [None] * t.num_rows)[i],
                     }
                 )
             )

@@ -1649,6 +1649,21 @@ async fn a_key_update_carries_its_unchanged_toasted_value_to_the_new_key() {
         .find(|r| r.op == "c" && r.values["id"].as_deref() == Some("1000"))
         .unwrap_or_else(|| panic!("no create of key 1000: {rows:?}"));
     assert_eq!(create.unchanged, ["big"], "{create:?}");
+    // Each half names the other's key, from Debezium's headers.
+    assert_eq!(
+        create.key_update.as_deref(),
+        Some(r#"{"id":7}"#),
+        "{create:?}"
+    );
+    let delete = rows
+        .iter()
+        .find(|r| r.op == "d" && r.values["id"].as_deref() == Some("7"))
+        .unwrap_or_else(|| panic!("no delete of key 7: {rows:?}"));
+    assert_eq!(
+        delete.key_update.as_deref(),
+        Some(r#"{"id":1000}"#),
+        "{delete:?}"
+    );
     let pg = capture.client().await;
     assert_mirror_equals_pg(&pg, &prefix, "t").await;
     drop(pg);

@@ -79,6 +79,10 @@ pub struct LakeRow {
     pub offset: i64,
     /// Columns that arrived as Debezium's unchanged-TOAST placeholder.
     pub unchanged: Vec<String>,
+    /// `_cdc_key_update`: on either half of a primary-key update, the
+    /// other half's key.
+    #[serde(default)]
+    pub key_update: Option<String>,
 }
 
 impl LakeRow {

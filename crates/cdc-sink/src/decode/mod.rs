@@ -147,6 +147,10 @@ pub struct ChangeRow {
     pub commit_ts_ms: i64,
     pub lsn: Option<i64>,
     pub tx_id: Option<i64>,
+    /// For either half of a primary-key update, the other half's key as
+    /// Debezium's header gives it ([`MessageHeaders::new_key`],
+    /// [`MessageHeaders::old_key`]).
+    pub key_update: Option<Box<str>>,
 }
 
 impl Datum {
@@ -188,7 +192,20 @@ pub struct MessageHeaders<'a> {
     pub marker: Option<&'a [u8]>,
     /// [`ENCODING_HEADER`]: the schema-id value's encoding, if not JSON.
     pub encoding: Option<&'a [u8]>,
+    /// [`NEW_KEY_HEADER`]: on the delete of a primary-key update, the new
+    /// key.
+    pub new_key: Option<&'a [u8]>,
+    /// [`OLD_KEY_HEADER`]: on the create of a primary-key update, the old
+    /// key.
+    pub old_key: Option<&'a [u8]>,
 }
+
+/// Debezium's header on the delete half of a primary-key update: the new
+/// key (PostgreSQL connector, `io.debezium.connector.postgresql`).
+pub const NEW_KEY_HEADER: &str = "__debezium.newkey";
+/// Debezium's header on the create half of a primary-key update: the old
+/// key.
+pub const OLD_KEY_HEADER: &str = "__debezium.oldkey";
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -700,6 +717,7 @@ impl Decoder {
             commit_ts_ms: source.ts_ms,
             lsn: source.lsn,
             tx_id: source.tx_id,
+            key_update: None,
         })
     }
 

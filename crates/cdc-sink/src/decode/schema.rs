@@ -300,6 +300,11 @@ pub mod meta {
     /// A recovery marker's JSON, in its row only (`decode::marker`); the
     /// column appears in a changelog with its first marker.
     pub const RECOVERY: &str = "_cdc_recovery";
+    /// On either half of a primary-key update (the delete of the old key,
+    /// the create of the new), the other half's key as Debezium's header
+    /// writes it (`{"id":7}`); the column appears in a changelog with its
+    /// first key update. The current-state table pairs the halves by it.
+    pub const KEY_UPDATE: &str = "_cdc_key_update";
 }
 
 #[derive(Debug, Clone)]

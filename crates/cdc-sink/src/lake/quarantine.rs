@@ -16,7 +16,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::marker::HEADER as MARKER_HEADER;
-use crate::decode::{ENCODING_HEADER, MessageHeaders, SCHEMA_HEADER};
+use crate::decode::{
+    ENCODING_HEADER, MessageHeaders, NEW_KEY_HEADER, OLD_KEY_HEADER, SCHEMA_HEADER,
+};
 use crate::source::position::Tp;
 
 /// What is kept of a message that could not be decoded: everything needed
@@ -72,6 +74,8 @@ impl Quarantine {
             (SCHEMA_HEADER, headers.schema_ref),
             (ENCODING_HEADER, headers.encoding),
             (MARKER_HEADER, headers.marker),
+            (NEW_KEY_HEADER, headers.new_key),
+            (OLD_KEY_HEADER, headers.old_key),
         ]
         .into_iter()
         .filter_map(|(name, v)| Some((name.to_string(), String::from_utf8_lossy(v?).into_owned())))

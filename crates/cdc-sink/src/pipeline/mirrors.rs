@@ -24,6 +24,23 @@ use crate::telemetry as t;
 /// next commit.
 const MAX_CONFLICTS: usize = 5;
 
+/// How soon a table whose sync waits for the other half of a primary-key
+/// update is synced again without a commit of its own (the other half may
+/// come through another sink of the group).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What a table needs after a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Nothing until its next commit.
+    Done,
+    /// Its changelog has more to apply.
+    More,
+    /// Another sync shortly: it waits for the other half of a primary-key
+    /// update.
+    Recheck,
+}
+
 pub struct Mirrors {
     changed: Option<mpsc::UnboundedSender<String>>,
     task: JoinHandle<()>,
@@ -90,14 +107,21 @@ async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedRece
     // sync (one bounded batch), and a mirror further behind catches up at
     // the next start, so that a stop never waits on a long catch-up.
     let mut stopping = false;
+    let mut rechecks: HashSet<String> = HashSet::new();
     loop {
         if pending.queue.is_empty() {
             if stopping {
                 break;
             }
-            match rx.recv().await {
-                Some(table) => pending.push(table),
-                None => stopping = true,
+            let received = if rechecks.is_empty() {
+                Some(rx.recv().await)
+            } else {
+                tokio::time::timeout(RECHECK, rx.recv()).await.ok()
+            };
+            match received {
+                Some(Some(table)) => pending.push(table),
+                Some(None) => stopping = true,
+                None => rechecks.drain().for_each(|t| pending.push(t)),
             }
         }
         if !stopping {
@@ -115,22 +139,25 @@ async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedRece
         let Some(table) = pending.pop() else {
             continue;
         };
-        if sync(&mirror, give_up, &table, &mut no_key).await && !stopping {
+        match sync(&mirror, give_up, &table, &mut no_key).await {
             // One bounded batch of commits applied: the rest after the
             // other tables' turn.
-            pending.push(table);
+            Next::More if !stopping => pending.push(table),
+            Next::Recheck if !stopping => {
+                rechecks.insert(table);
+            }
+            _ => {}
         }
     }
 }
 
 /// Syncs one table's mirror, again while it loses to a concurrent writer.
-/// Returns whether its changelog has more to apply.
 async fn sync(
     mirror: &Mirror,
     give_up: Duration,
     table: &str,
     no_key: &mut HashSet<String>,
-) -> bool {
+) -> Next {
     for _ in 0..MAX_CONFLICTS {
         let synced = with_retry(Dependency::Lake, give_up, MirrorError::is_retryable, || {
             mirror.sync(table, false)
@@ -142,7 +169,7 @@ async fn sync(
                 metrics::counter!(t::MIRROR_ERRORS, "table" => table.to_string()).increment(1);
                 tracing::error!(table, error = %chain(&gave_up.error),
                     "syncing the current-state table failed; trying again at its next commit");
-                return false;
+                return Next::Done;
             }
         };
         if synced.conflict {
@@ -156,7 +183,14 @@ async fn sync(
                     "no primary key: no current-state table (the changelog is unaffected)"
                 );
             }
-            return false;
+            return Next::Done;
+        }
+        if synced.waiting {
+            tracing::debug!(
+                table,
+                "waiting for the other half of a primary-key update to be committed"
+            );
+            return Next::Recheck;
         }
         if let Some(through) = synced.through {
             metrics::gauge!(t::MIRROR_CHANGELOG_VERSION, "table" => table.to_string())
@@ -176,7 +210,7 @@ async fn sync(
                     table,
                     creates = synced.unavailable,
                     "primary-key updates whose unchanged TOASTed values had no previous image \
-                     in this sync (the old key's delete was applied by an earlier one); \
+                     in this sync (the old key's delete is in another sync's commits); \
                      those columns stay NULL"
                 );
             }
@@ -193,11 +227,15 @@ async fn sync(
                     files_added = synced.files_added, "current-state table synced");
             }
         }
-        return synced.behind;
+        return if synced.behind {
+            Next::More
+        } else {
+            Next::Done
+        };
     }
     tracing::warn!(
         table,
         "the current-state table kept losing to concurrent writers; trying again at its next commit"
     );
-    false
+    Next::Done
 }

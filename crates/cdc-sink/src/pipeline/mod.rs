@@ -32,7 +32,10 @@ use tokio::sync::watch;
 
 use crate::config::{ConfigError, SinkConfig};
 use crate::decode::marker::{self, MarkerRow};
-use crate::decode::{ChangeRow, Decoded, Decoder, ENCODING_HEADER, MessageHeaders, SCHEMA_HEADER};
+use crate::decode::{
+    ChangeRow, Decoded, Decoder, ENCODING_HEADER, MessageHeaders, NEW_KEY_HEADER, OLD_KEY_HEADER,
+    SCHEMA_HEADER,
+};
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
@@ -288,6 +291,8 @@ pub async fn run_with<S: Source>(
                         SCHEMA_HEADER => headers.schema_ref = h.value,
                         ENCODING_HEADER => headers.encoding = h.value,
                         marker::HEADER => headers.marker = h.value,
+                        NEW_KEY_HEADER => headers.new_key = h.value,
+                        OLD_KEY_HEADER => headers.old_key = h.value,
                         _ => {}
                     }
                 }
@@ -452,7 +457,11 @@ impl<S: Source> Sink<'_, S> {
                 };
                 self.partitions.segment(&tp, offset).push_marker(row);
             }
-            Ok(Decoded::Row(row)) => {
+            Ok(Decoded::Row(mut row)) => {
+                row.key_update = headers
+                    .new_key
+                    .or(headers.old_key)
+                    .map(|k| String::from_utf8_lossy(k).into());
                 if !row.null_in_required.is_empty() {
                     report_lost_values(&mut self.lost_values, table_of(&tp.topic), &row);
                 }

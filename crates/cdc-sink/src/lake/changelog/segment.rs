@@ -12,14 +12,15 @@ use std::time::Instant;
 use arrow::array::{
     ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
     Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
-    ListBuilder, StringBuilder, TimestampMicrosecondBuilder, make_builder,
+    ListBuilder, StringArray, StringBuilder, TimestampMicrosecondBuilder, make_builder,
 };
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
 use crate::decode::marker::{self, MarkerRow};
-use crate::decode::schema::{ColumnType, TableSchema};
+use crate::decode::schema::{ColumnType, TableSchema, meta};
 use crate::decode::{ChangeRow, Datum};
 use crate::lake::changelog::DataFile;
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
@@ -37,6 +38,9 @@ pub struct Group {
     partition: Int32Builder,
     offset: Int64Builder,
     unchanged: ListBuilder<StringBuilder>,
+    /// `_cdc_key_update` of the rows that have one, by row: rare, so kept
+    /// apart, and the column is written only when a row has it.
+    key_updates: Vec<(usize, Box<str>)>,
     rows: usize,
 }
 
@@ -59,6 +63,7 @@ impl Group {
             partition: Int32Builder::new(),
             offset: Int64Builder::new(),
             unchanged: ListBuilder::new(StringBuilder::new()),
+            key_updates: Vec::new(),
             rows: 0,
         }
     }
@@ -99,6 +104,9 @@ impl Group {
             }
             self.unchanged.append(true);
         }
+        if let Some(k) = &row.key_update {
+            self.key_updates.push((self.rows, k.clone()));
+        }
         self.rows += 1;
     }
 
@@ -111,7 +119,21 @@ impl Group {
         arrays.push(Arc::new(self.partition.finish()));
         arrays.push(Arc::new(self.offset.finish()));
         arrays.push(Arc::new(self.unchanged.finish()));
-        RecordBatch::try_new(self.schema.arrow.clone(), arrays)
+        if self.key_updates.is_empty() {
+            return RecordBatch::try_new(self.schema.arrow.clone(), arrays);
+        }
+        let mut keys = vec![None; arrays[0].len()];
+        for (row, key) in self.key_updates.drain(..) {
+            keys[row] = Some(key);
+        }
+        arrays.push(Arc::new(StringArray::from_iter(keys)));
+        let mut fields = self.schema.arrow.fields().to_vec();
+        fields.push(Arc::new(Field::new(meta::KEY_UPDATE, DataType::Utf8, true)));
+        let metadata = self.schema.arrow.metadata().clone();
+        RecordBatch::try_new(
+            Arc::new(Schema::new_with_metadata(fields, metadata)),
+            arrays,
+        )
     }
 }
 
@@ -338,6 +360,46 @@ mod tests {
         let names: Vec<&str> = unchanged.as_string::<i32>().iter().flatten().collect();
         assert_eq!(names, ["amounts", "amounts__string"]);
         assert_eq!(unchanged.len(), 2);
+    }
+
+    /// A key update's half carries the other half's key; a file without
+    /// one has no such column.
+    #[test]
+    fn a_key_update_column_appears_with_its_first_row() {
+        use arrow::array::{Array, AsArray};
+        let mut d = crate::decode::Decoder::new();
+        let mut rows: Vec<ChangeRow> = crate::decode::tests::TWITTER
+            .lines()
+            .filter_map(|line| match d.decode(Some(line.as_bytes())) {
+                Ok(crate::decode::Decoded::Row(r)) => Some(r),
+                _ => None,
+            })
+            .take(3)
+            .collect();
+        let mut plain = Segment::new(0);
+        plain.push(&rows[0], 0, 0);
+        let files = plain.into_files().unwrap();
+        assert!(files[0].batch.column_by_name(meta::KEY_UPDATE).is_none());
+
+        let mut seg = Segment::new(0);
+        let mut moved = rows.remove(1);
+        moved.key_update = Some(r#"{"id":7}"#.into());
+        seg.push(&rows[0], 0, 0);
+        seg.push(&moved, 0, 1);
+        let files = seg.into_files().unwrap();
+        let file = files
+            .iter()
+            .find(|f| f.batch.num_rows() == 2)
+            .expect("both rows in one file");
+        let column = file.batch.column_by_name(meta::KEY_UPDATE).unwrap();
+        let keys = column.as_string::<i32>();
+        assert!(keys.is_null(0));
+        assert_eq!(keys.value(1), r#"{"id":7}"#);
+        assert_eq!(
+            file.batch.schema().metadata(),
+            rows[0].schema.arrow.metadata(),
+            "the table's schema metadata kept"
+        );
     }
 
     #[test]

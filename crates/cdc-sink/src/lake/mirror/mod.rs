@@ -27,6 +27,7 @@
 //! rows back. It only checkpoints and vacuums them.
 
 pub mod changes;
+mod halves;
 mod reconcile;
 mod rewrite;
 pub mod through;
@@ -74,8 +75,9 @@ pub const KEY_PROPERTY: &str = "cdc.primaryKey";
 
 /// Changelog columns a mirror leaves out: they describe a change, not a
 /// row. `_cdc_lsn` and `_cdc_commit_ts` stay: the row's last change.
-const CHANGE_ONLY: [&str; 7] = [
+const CHANGE_ONLY: [&str; 8] = [
     meta::OP,
+    meta::KEY_UPDATE,
     meta::TX_ID,
     meta::KAFKA_PARTITION,
     meta::KAFKA_OFFSET,
@@ -184,13 +186,53 @@ pub struct Synced {
     /// Creates of primary-key updates whose unchanged TOASTed values had no
     /// previous image (see [`Changes::unpaired`]): those columns stay NULL.
     pub unavailable: usize,
+    /// Nothing applied: the next changelog version holds half of a
+    /// primary-key update whose other half is not committed yet. Sync again
+    /// shortly, or at the table's next commit.
+    pub waiting: bool,
 }
 
 /// Changelog files to apply, and the version they bring the mirror to.
 struct Appended {
-    paths: Vec<Path>,
+    files: Vec<Added>,
     through: i64,
+    /// Each version's commit time (ms), from its `commitInfo`.
+    committed_ms: HashMap<i64, i64>,
 }
+
+/// A data file a changelog version added.
+struct Added {
+    path: Path,
+    version: i64,
+    size: usize,
+}
+
+impl Appended {
+    fn paths(&self) -> Vec<Path> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+}
+
+/// A batch of changelog versions, read, as a sync may apply it.
+enum Paired {
+    /// Its files, through this version.
+    Files { files: Vec<ReadFile>, through: i64 },
+    /// A version is gone from the log or its files from the store.
+    Gone,
+    /// Its first version holds half of a primary-key update whose other
+    /// half is not committed yet.
+    Wait,
+}
+
+/// How long a sync waits for the other half of a primary-key update
+/// before it applies one half alone (a create quarantined, say): the
+/// halves are read within moments of each other, so the other is
+/// normally one flush behind.
+const PAIR_WAIT_MS: i64 = 30_000;
+
+/// How many bytes of changelog files past its batch a sync reads, at
+/// least, looking for the other halves of its primary-key updates.
+const PAIR_READ_BYTES: usize = 64 << 20;
 
 /// One live mirror file and the keys it holds.
 #[derive(Debug, Clone)]
@@ -391,9 +433,16 @@ impl Mirror {
             None => None,
         };
         let (files, full, through) = match incremental {
-            Some(batch) => match read_all(table, &store, &batch.paths).await? {
-                Some(files) => (files, false, batch.through),
-                None => (self.live(table, changelog, &store).await?, true, target),
+            Some(batch) => match self.paired(table, changelog, &store, batch, target).await? {
+                Paired::Files { files, through } => (files, false, through),
+                Paired::Gone => (self.live(table, changelog, &store).await?, true, target),
+                Paired::Wait => {
+                    return Ok(Synced {
+                        through: applied,
+                        waiting: true,
+                        ..Synced::default()
+                    });
+                }
             },
             None => (self.live(table, changelog, &store).await?, true, target),
         };
@@ -492,7 +541,8 @@ impl Mirror {
     ) -> Result<Option<Appended>, MirrorError> {
         let err = delta_err(changelog.table_url().as_str());
         let log = changelog.log_store();
-        let mut paths = Vec::new();
+        let mut files = Vec::new();
+        let mut committed_ms = HashMap::new();
         let mut taken = 0;
         let mut through = after;
         for v in after + 1..=target {
@@ -507,6 +557,13 @@ impl Mirror {
                 let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
                     continue;
                 };
+                if let Some(ms) = action
+                    .get("commitInfo")
+                    .and_then(|c| c.get("timestamp"))
+                    .and_then(|t| t.as_i64())
+                {
+                    committed_ms.insert(v, ms);
+                }
                 let Some(add) = action.get("add") else {
                     continue;
                 };
@@ -515,12 +572,102 @@ impl Mirror {
                 }
                 if let Some(path) = add.get("path").and_then(|p| p.as_str()) {
                     let path = percent_decode(path);
-                    paths.push(Path::from(path.as_str()));
-                    taken += add.get("size").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
+                    let size = add.get("size").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
+                    files.push(Added {
+                        path: Path::from(path.as_str()),
+                        version: v,
+                        size,
+                    });
+                    taken += size;
                 }
             }
         }
-        Ok(Some(Appended { paths, through }))
+        Ok(Some(Appended {
+            files,
+            through,
+            committed_ms,
+        }))
+    }
+
+    /// `batch`'s files, read, holding both halves of every primary-key
+    /// update in it or neither (see [`halves`]): extended by the versions
+    /// after it while a half's other half is missing, else cut before the
+    /// half. A half alone in the first version waits for its other half,
+    /// up to [`PAIR_WAIT_MS`] after its commit.
+    async fn paired(
+        &self,
+        table: &str,
+        changelog: &DeltaTable,
+        store: &ObjectStoreRef,
+        mut batch: Appended,
+        target: i64,
+    ) -> Result<Paired, MirrorError> {
+        let Some(mut files) = read_all(table, store, &batch.paths()).await? else {
+            return Ok(Paired::Gone);
+        };
+        let first = batch.files.first().map_or(batch.through, |f| f.version);
+        let mut updates = halves::KeyUpdates::default();
+        for (file, added) in files.iter().zip(&batch.files) {
+            file.batches
+                .iter()
+                .for_each(|b| updates.add(added.version, b));
+        }
+        let mut extended = 0;
+        while let Some(hold) = updates.hold_from() {
+            if batch.through < target && extended < self.sync_bytes.max(PAIR_READ_BYTES) {
+                // The other half is in a later version, committed or not.
+                let Some(more) = self
+                    .appended(changelog, batch.through, batch.through + 1)
+                    .await?
+                else {
+                    return Ok(Paired::Gone);
+                };
+                let Some(read) = read_all(table, store, &more.paths()).await? else {
+                    return Ok(Paired::Gone);
+                };
+                for (file, added) in read.iter().zip(&more.files) {
+                    file.batches
+                        .iter()
+                        .for_each(|b| updates.add(added.version, b));
+                    extended += added.size;
+                }
+                files.extend(read);
+                batch.files.extend(more.files);
+                batch.committed_ms.extend(more.committed_ms);
+                batch.through = more.through;
+                continue;
+            }
+            if hold > first {
+                // The versions before it now; the rest once the other
+                // half is committed.
+                let files = files
+                    .into_iter()
+                    .zip(&batch.files)
+                    .filter(|(_, added)| added.version < hold)
+                    .map(|(file, _)| file)
+                    .collect();
+                return Ok(Paired::Files {
+                    files,
+                    through: hold - 1,
+                });
+            }
+            let unpaired = updates.first_unpaired().unwrap_or(hold);
+            let committed = batch.committed_ms.get(&unpaired).copied().unwrap_or(0);
+            if now_ms() - committed < PAIR_WAIT_MS {
+                return Ok(Paired::Wait);
+            }
+            tracing::warn!(
+                table,
+                version = unpaired,
+                "half of a primary-key update has had no other half in the changelog for \
+                 {PAIR_WAIT_MS} ms; applying it alone"
+            );
+            break;
+        }
+        Ok(Paired::Files {
+            files,
+            through: batch.through,
+        })
     }
 
     /// Every live file of the changelog, read.
@@ -983,6 +1130,14 @@ pub async fn run(
         }
         if synced.no_key {
             println!("{t}: no primary key, no current-state table");
+        } else if synced.waiting {
+            println!(
+                "{t}: at changelog version {:?}; the next holds half of a primary-key update \
+                 whose other half is not committed yet (applied alone {} s after its commit; \
+                 run again)",
+                synced.through,
+                PAIR_WAIT_MS / 1000
+            );
         } else {
             println!(
                 "{t}: through changelog version {:?}, {} upserts, {} deletes{}",

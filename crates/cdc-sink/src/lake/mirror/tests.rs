@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use arrow::array::{
-    AsArray, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    ArrayRef, AsArray, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
     TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Int64Type};
@@ -24,6 +24,13 @@ const TABLE: &str = "items";
 
 /// One change: `(partition, id, op, note, unchanged note?)`.
 type Change<'a> = (i32, i64, &'a str, &'a str, bool);
+
+/// A change with its LSN and `_cdc_key_update`.
+struct Row<'a> {
+    change: Change<'a>,
+    lsn: i64,
+    key_update: Option<&'a str>,
+}
 
 struct Lake {
     _dir: tempfile::TempDir,
@@ -71,8 +78,8 @@ impl Lake {
     /// note, which is a primary-key update's: it shares the LSN of the
     /// delete given before it, as PostgreSQL's one WAL record makes them.
     async fn commit(&mut self, changes: &[Change<'_>], keyed: bool) {
-        let mut by_partition: BTreeMap<i32, Vec<(&Change, i64)>> = BTreeMap::new();
         let mut last_delete = None;
+        let mut rows = Vec::new();
         for c in changes {
             let lsn = match (c.2, c.4, last_delete) {
                 ("c", true, Some(lsn)) => lsn,
@@ -84,14 +91,30 @@ impl Lake {
             if c.2 == "d" {
                 last_delete = Some(lsn);
             }
-            by_partition.entry(c.0).or_default().push((c, lsn));
+            rows.push(Row {
+                change: *c,
+                lsn,
+                key_update: None,
+            });
         }
+        self.commit_rows(&rows, keyed).await;
+    }
+
+    /// Commits `rows` as [`Lake::commit`] does, with their own LSNs and,
+    /// if any row has one, the `_cdc_key_update` column.
+    async fn commit_rows(&mut self, rows: &[Row<'_>], keyed: bool) {
+        let mut by_partition: BTreeMap<i32, Vec<&Row>> = BTreeMap::new();
+        for r in rows {
+            by_partition.entry(r.change.0).or_default().push(r);
+        }
+        let marked = rows.iter().any(|r| r.key_update.is_some());
         let mut writes = Vec::new();
         for (p, cs) in by_partition {
             let first = self.last.get(&p).map_or(0, |l| l + 1);
             let mut unchanged = ListBuilder::new(StringBuilder::new());
-            let lsns: Vec<i64> = cs.iter().map(|(_, lsn)| *lsn).collect();
-            let cs: Vec<&Change> = cs.iter().map(|(c, _)| *c).collect();
+            let lsns: Vec<i64> = cs.iter().map(|r| r.lsn).collect();
+            let marks: Vec<Option<&str>> = cs.iter().map(|r| r.key_update).collect();
+            let cs: Vec<&Change> = cs.iter().map(|r| &r.change).collect();
             for c in &cs {
                 if c.4 {
                     unchanged.values().append_value("note");
@@ -100,7 +123,7 @@ impl Lake {
             }
             let n = cs.len();
             let offsets: Vec<i64> = (first..first + n as i64).collect();
-            let schema = Schema::new(vec![
+            let mut fields = vec![
                 Field::new("id", DataType::Int64, true),
                 Field::new("note", DataType::Utf8, true),
                 Field::new(meta::OP, DataType::Utf8, true),
@@ -114,27 +137,28 @@ impl Lake {
                     DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
                     true,
                 ),
-            ]);
-            let batch = RecordBatch::try_new(
-                Arc::new(schema),
-                vec![
-                    Arc::new(Int64Array::from_iter_values(cs.iter().map(|c| c.1))),
-                    Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.3))),
-                    Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.2))),
-                    Arc::new(
-                        TimestampMicrosecondArray::from_iter_values(
-                            lsns.iter().map(|l| 1_700_000_000_000_000 + l),
-                        )
-                        .with_timezone("UTC"),
-                    ),
-                    Arc::new(Int64Array::from(lsns.clone())),
-                    Arc::new(Int64Array::from(vec![7; n])),
-                    Arc::new(Int32Array::from(vec![p; n])),
-                    Arc::new(Int64Array::from(offsets.clone())),
-                    Arc::new(unchanged.finish()),
-                ],
-            )
-            .unwrap();
+            ];
+            let mut columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from_iter_values(cs.iter().map(|c| c.1))),
+                Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.3))),
+                Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.2))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(
+                        lsns.iter().map(|l| 1_700_000_000_000_000 + l),
+                    )
+                    .with_timezone("UTC"),
+                ),
+                Arc::new(Int64Array::from(lsns.clone())),
+                Arc::new(Int64Array::from(vec![7; n])),
+                Arc::new(Int32Array::from(vec![p; n])),
+                Arc::new(Int64Array::from(offsets.clone())),
+                Arc::new(unchanged.finish()),
+            ];
+            if marked {
+                fields.push(Field::new(meta::KEY_UPDATE, DataType::Utf8, true));
+                columns.push(Arc::new(StringArray::from(marks)));
+            }
+            let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
             writes.push(PartitionWrite {
                 tp: Tp::new(format!("db.{TABLE}"), p),
                 claim: Claim {
@@ -438,6 +462,53 @@ async fn a_primary_key_update_carries_unchanged_values_from_the_old_key() {
     let synced = mirror.sync(TABLE, false).await.unwrap();
     assert_eq!(synced.unavailable, 1, "{synced:?}");
     assert_eq!(lake.rows().await[&500], T);
+}
+
+/// The halves of a primary-key update committed to the changelog apart
+/// (two partitions, cut by a flush): a sync applies neither until both are
+/// in, so the create still finds the old key's row; the versions before
+/// the first half go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_holds_back_half_of_a_key_update_until_the_other_half_is_committed() {
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(1);
+    lake.commit(
+        &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
+        true,
+    )
+    .await;
+    mirror.sync(TABLE, false).await.unwrap();
+    const T: &str = "__debezium_unavailable_value";
+    let half = |change, lsn, key| Row {
+        change,
+        lsn,
+        key_update: Some(key),
+    };
+    // The delete first, alone; an ordinary update before it goes ahead.
+    lake.commit(&[(1, 2, "u", "two'", false)], true).await;
+    lake.commit_rows(&[half((0, 1, "d", "", false), 500, r#"{"id":100}"#)], true)
+        .await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!synced.waiting && synced.behind, "{synced:?}");
+    assert_eq!(lake.rows().await, expect(&[(1, "one"), (2, "two'")]));
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(synced.waiting, "{synced:?}");
+    assert_eq!(lake.rows().await, expect(&[(1, "one"), (2, "two'")]));
+    // Then its create, another key's delete and their create.
+    lake.commit_rows(
+        &[
+            half((1, 100, "c", T, true), 500, r#"{"id":1}"#),
+            half((1, 2, "d", "", false), 501, r#"{"id":200}"#),
+        ],
+        true,
+    )
+    .await;
+    lake.commit_rows(&[half((0, 200, "c", T, true), 501, r#"{"id":2}"#)], true)
+        .await;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!synced.waiting && !synced.behind, "{synced:?}");
+    assert_eq!(synced.unavailable, 0);
+    assert_eq!(lake.rows().await, expect(&[(100, "one"), (200, "two'")]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
