@@ -57,6 +57,7 @@ MUTANTS = [
     ("lost-slot alert that a restarting guard resets", 'expr: |\n          min_over_time(cdc_slot_guard_wal_status{status=~"lost|absent"}[5m]) == 1\n          and\n          count_over_time(cdc_slot_guard_wal_status{status=~"lost|absent"}[5m]) >= 10\n', 'expr: cdc_slot_guard_wal_status{status=~"lost|absent"} == 1\n        for: 5m\n'),
     ("failed-recovery alert blind to one failure", '{outcome="failed"}[15m]) > 0', '{outcome="failed"}[15m]) > 1'),
     ("mirror alert blind to a mirror standing still", "changes(cdc_sink_mirror_changelog_version[10m]) == 0", "changes(cdc_sink_mirror_changelog_version[10m]) < 0"),
+    ("unavailable-values alert blind to one", "(increase(cdc_sink_mirror_unavailable_values_total[15m])) > 0", "(increase(cdc_sink_mirror_unavailable_values_total[15m])) > 1"),
     ("mirror alert on quiet changelogs", "changes(cdc_sink_changelog_version[10m]) > 0", "changes(cdc_sink_changelog_version[10m]) >= 0"),
     ("mirror alert blind to failing syncs", "(increase(cdc_sink_mirror_errors_total[10m])) >= 2", "(increase(cdc_sink_mirror_errors_total[10m])) >= 200"),
 ]

@@ -37,7 +37,7 @@ in {
         rules = json.loads(machine.succeed("curl -fsS http://127.0.0.1:9090/api/v1/rules"))
         names = sorted(r["name"] for g in rules["data"]["groups"] if g["name"] == "cdc-lake" for r in g["rules"])
         assert names == sorted(["CdcSinkConsumerLagGrowing", "CdcSinkQuarantinedMessages", "CdcSinkNoCommit",
-                                "CdcSinkNotReady", "CdcSinkMirrorStuck", "PostgresSlotWalRetained", "PostgresSlotInactive",
+                                "CdcSinkNotReady", "CdcSinkMirrorStuck", "CdcSinkMirrorValuesUnavailable", "PostgresSlotWalRetained", "PostgresSlotInactive",
                                 "ReplicationSlotLost", "SlotGuardRecoveryFailed", "TargetDown"]), names
         # The guard watches the connector's slot, which it sees reserved.
         print(wait_for_query(machine, 'cdc_slot_guard_wal_status{status="reserved"} == 1'))
