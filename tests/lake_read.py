@@ -129,7 +129,8 @@ def latest_state_sql(table_uri, columns, keys):
 
     Per key, changes are ordered by source LSN (then Kafka offset, which
     breaks ties within one partition); the last one wins and a key whose
-    last change is a delete is dropped. A column listed in
+    last change is a delete is dropped, and so is every change older than
+    the newest TRUNCATE (`_cdc_op` `t`). A column listed in
     `_cdc_unchanged_cols` (an unchanged TOASTed value Debezium did not
     send) takes the value of the latest earlier change that carried it;
     NULL if no such change is in the lake.
@@ -155,7 +156,8 @@ def latest_state_sql(table_uri, columns, keys):
         f"    _cdc_op,\n"
         f"    row_number() OVER (PARTITION BY {part} ORDER BY _cdc_lsn DESC, _cdc_kafka_offset DESC) AS newest\n"
         f"  FROM delta_scan('{table_uri}')\n"
-        f"  WHERE _cdc_op <> 'recovery'\n"
+        f"  WHERE _cdc_op NOT IN ('recovery', 't')\n"
+        f"    AND coalesce(_cdc_lsn >= (SELECT max(_cdc_lsn) FROM delta_scan('{table_uri}') WHERE _cdc_op = 't'), true)\n"
         f")\n"
         f"SELECT * EXCLUDE (_cdc_op, newest) FROM changes WHERE newest = 1 AND _cdc_op <> 'd'"
     )

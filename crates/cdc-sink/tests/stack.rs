@@ -1672,6 +1672,61 @@ async fn a_key_update_carries_its_unchanged_toasted_value_to_the_new_key() {
     drop(capture);
 }
 
+/// A TRUNCATE mid-stream (the connector sends it: `skipped.operations` is
+/// `none`): the changelog gets a `t` row, and the current-state table
+/// loses every row changed before it and keeps what came after, equal to
+/// PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncate_empties_the_current_state_table_of_what_came_before() {
+    let capture = OwnCapture::start(
+        "trunc",
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 30) g",
+        &[],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    wait_lake_rows(&sink, &prefix, "t", 30).await;
+    wait_until(
+        "the current-state table to hold the 30 rows",
+        Duration::from_secs(60),
+        async || match mirror_rows("deltalake", &prefix, "t").len() {
+            30 => Ok(()),
+            n => Err(format!("{n} rows")),
+        },
+    )
+    .await;
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE t SET a = 'x' WHERE id = 1;
+         TRUNCATE t;
+         INSERT INTO t VALUES (5, 'five'), (40, 'forty');
+         UPDATE t SET a = 'y' WHERE id = 40;",
+    );
+    // An update, the TRUNCATE, two inserts and an update.
+    let rows = wait_lake_rows(&sink, &prefix, "t", 35).await;
+    terminate(sink);
+    assert_eq!(
+        rows.iter().filter(|r| r.op == "t").count(),
+        1,
+        "one TRUNCATE row: {rows:?}"
+    );
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+    // The shipped latest-state query over the changelog agrees.
+    let latest = latest_by_query(&prefix, "t");
+    let a = |id: &str| latest.get(id).and_then(|r| r["a"].clone());
+    assert_eq!(latest.len(), 2, "{latest:?}");
+    assert_eq!(
+        (a("5").as_deref(), a("40").as_deref()),
+        (Some("five"), Some("y"))
+    );
+    drop(pg);
+    drop(capture);
+}
+
 /// Keys written without their schema (`key.converter.schemas.enable=false`,
 /// a common JsonConverter setting): the sink takes the primary key's
 /// columns from the key's field names, in order, so a table with a

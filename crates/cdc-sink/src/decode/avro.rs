@@ -275,6 +275,7 @@ pub(super) fn read(plan: &Plan, table: &TableSchema, payload: &[u8]) -> Result<E
             }
             None => (Op::Delete, None),
         },
+        b"t" => (Op::Truncate, None),
         other => {
             return Err(format!(
                 "unsupported op `{}`",

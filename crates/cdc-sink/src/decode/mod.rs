@@ -102,6 +102,10 @@ pub enum Op {
     Update,
     Delete,
     Read,
+    /// A TRUNCATE of the table (Debezium sends it with
+    /// `skipped.operations` not listing `t`): no row image; every change
+    /// before it in the source is gone.
+    Truncate,
 }
 
 impl Op {
@@ -111,6 +115,7 @@ impl Op {
             Op::Update => "u",
             Op::Delete => "d",
             Op::Read => "r",
+            Op::Truncate => "t",
         }
     }
 }
@@ -531,9 +536,12 @@ impl Decoder {
             None => return Err(DecodeError::UnknownSchema(fingerprint_text(fingerprint))),
         };
         let event = avro::read(&plan, &schema, bytes).map_err(DecodeError::Avro)?;
-        let image = event
-            .image
-            .ok_or(DecodeError::Envelope("row image missing for op"))?;
+        let image = match (event.op, event.image) {
+            (Op::Truncate, _) => (0..schema.columns.len())
+                .map(|_| avro::Cell::Value(Datum::Null))
+                .collect(),
+            (_, image) => image.ok_or(DecodeError::Envelope("row image missing for op"))?,
+        };
         let mut values = Vec::with_capacity(image.len());
         let mut unchanged = Vec::new();
         for (i, cell) in image.into_iter().enumerate() {
@@ -653,6 +661,17 @@ impl Decoder {
             "u" => (Op::Update, payload.after),
             "r" => (Op::Read, payload.after),
             "d" => (Op::Delete, before(payload.before)?),
+            "t" => {
+                let values = vec![Datum::Null; schema.columns.len()];
+                return Ok(self.row(
+                    schema_id,
+                    schema,
+                    Op::Truncate,
+                    values,
+                    Vec::new(),
+                    &payload.source,
+                ));
+            }
             other => return Err(DecodeError::Op(other.to_string())),
         };
         let image = image.ok_or(DecodeError::Envelope("row image missing for op"))?;
@@ -691,7 +710,7 @@ impl Decoder {
         unchanged: Vec<usize>,
         source: &Source,
     ) -> Decoded {
-        let null_in_required = if op == Op::Delete {
+        let null_in_required = if matches!(op, Op::Delete | Op::Truncate) {
             Vec::new()
         } else {
             schema
@@ -1208,6 +1227,29 @@ pub(crate) mod tests {
             &Datum::Str("fixture tweet #cdc".into())
         );
         assert_eq!(value(tweet_delete, "latitude"), &Datum::Decimal(52_520_008));
+    }
+
+    /// A TRUNCATE (`op` `t`, no image) is a row of its own: every column
+    /// NULL, the source position kept, nothing reported lost.
+    #[test]
+    fn a_truncate_is_a_row_without_values() {
+        let line = TWITTER.lines().next().unwrap();
+        let mut event: serde_json::Value = serde_json::from_str(line).unwrap();
+        let payload = event.get_mut("payload").unwrap();
+        payload["op"] = "t".into();
+        payload["before"] = serde_json::Value::Null;
+        payload["after"] = serde_json::Value::Null;
+        let lsn = payload["source"]["lsn"].as_i64();
+        let text = event.to_string();
+        let mut d = Decoder::new();
+        let Ok(Decoded::Row(row)) = d.decode(Some(text.as_bytes())) else {
+            panic!("not a row: {text}");
+        };
+        assert_eq!(row.op, Op::Truncate);
+        assert_eq!(row.op.code(), "t");
+        assert!(row.values.iter().all(|v| *v == Datum::Null), "{row:?}");
+        assert!(row.null_in_required.is_empty());
+        assert_eq!(row.lsn, lsn);
     }
 
     #[test]

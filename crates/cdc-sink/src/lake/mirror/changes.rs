@@ -30,6 +30,7 @@ use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
 use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
+use crate::lake::mirror::through::{self, TruncateState};
 
 /// Where one column of a surviving row comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +163,11 @@ impl Changes {
     /// A change without a value in a key column is an error
     /// ([`ReduceError::EmptyKey`]): it would be taken for a row whose key
     /// is NULL, and every such change for the same row.
-    pub fn reduce(rows: RecordBatch, key: &[String]) -> Result<Changes, ReduceError> {
+    pub fn reduce(
+        rows: RecordBatch,
+        key: &[String],
+        truncate: Option<TruncateState>,
+    ) -> Result<Changes, ReduceError> {
         let converter = key_converter(&rows.schema(), key)?;
         let keys = key_rows(&converter, &rows, key)?;
         let schema = rows.schema();
@@ -173,7 +178,9 @@ impl Changes {
         };
         let op = column(meta::OP)?;
         let op = op.as_string::<i32>();
-        let is_marker = |i: usize| op.is_valid(i) && op.value(i) == RECOVERY;
+        // Rows without a key: a recovery marker, a TRUNCATE.
+        let is_marker =
+            |i: usize| op.is_valid(i) && matches!(op.value(i), RECOVERY | through::TRUNCATE);
         for name in key {
             let values = column(name)?;
             if values.null_count() == 0 {
@@ -204,14 +211,28 @@ impl Changes {
         let lsn = column(meta::LSN).ok();
         let lsn = lsn.as_ref().and_then(|l| l.as_primitive_opt::<Int64Type>());
         let moves = KeyMoves::find(&rows, op, unchanged, lsn);
+        // Changes a TRUNCATE removed: before it in the source, wherever
+        // they sit in Kafka.
+        let commit = column(meta::COMMIT_TS)
+            .ok()
+            .and_then(|c| arrow::compute::cast(&c, &arrow::datatypes::DataType::Int64).ok());
+        let commit = commit.as_ref().map(|c| c.as_primitive::<Int64Type>());
+        let truncated = |i: usize| {
+            truncate.is_some_and(|t| {
+                t.covers(
+                    lsn.filter(|l| l.is_valid(i)).map(|l| l.value(i)),
+                    commit.filter(|c| c.is_valid(i)).map(|c| c.value(i)),
+                )
+            })
+        };
 
         let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
         // Old keys' images just before their deletes, by the create's row.
         let mut images: HashMap<usize, Image> = HashMap::new();
         let mut moved: Vec<OwnedRow> = Vec::new();
         for i in 0..rows.num_rows() {
-            if is_marker(i) {
-                // A recovery marker: no key, no row (see `reconcile`).
+            if is_marker(i) || truncated(i) {
+                // A marker or TRUNCATE: no key, no row (see `reconcile`).
                 continue;
             }
             let k = keys.row(i).owned();
@@ -452,6 +473,7 @@ pub(crate) mod tests {
                 (3, "c", "y", &[]),
             ]),
             &["id".to_string()],
+            None,
         )
         .unwrap();
         let upsert = |row| {
@@ -477,7 +499,7 @@ pub(crate) mod tests {
         columns[0] = Arc::new(Int64Array::from(vec![Some(1), None]));
         columns.push(Arc::new(Int64Array::from(vec![None, Some(2)])));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
-        match Changes::reduce(batch, &["id".to_string()]) {
+        match Changes::reduce(batch, &["id".to_string()], None) {
             Err(ReduceError::EmptyKey {
                 column, siblings, ..
             }) => {
@@ -513,6 +535,7 @@ pub(crate) mod tests {
                 (2, "u", "__debezium_unavailable_value", &["note"]),
             ]),
             &["id".to_string()],
+            None,
         )
         .unwrap();
         assert_eq!(

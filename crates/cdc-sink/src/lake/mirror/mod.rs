@@ -60,7 +60,7 @@ use crate::lake::files::{
 };
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
-use crate::lake::mirror::through::Through;
+use crate::lake::mirror::through::{Through, TruncateState};
 use crate::lake::table::{LakeRoot, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
@@ -360,16 +360,21 @@ impl Mirror {
         {
             // Due after the changes that complete a recovery's markers, or
             // still due after a crash between their commit and this one.
-            let committed = s.version.is_some();
-            match self.reconcile_if_due(table, &mut mirror, committed).await {
-                // Lost to a concurrent writer: again at the next sync.
-                Ok(Some(r)) if r.conflict => s.behind = true,
-                Ok(Some(r)) => {
-                    s.version = Some(r.version);
-                    s.reconciled = Some(r);
+            // A recovery and a TRUNCATE may both be due: one each.
+            for _ in 0..2 {
+                let committed = s.version.is_some();
+                match self.reconcile_if_due(table, &mut mirror, committed).await {
+                    // Lost to a concurrent writer: again at the next sync.
+                    Ok(Some(r)) if r.conflict => s.behind = true,
+                    Ok(Some(r)) => {
+                        s.version = Some(r.version);
+                        s.reconciled = Some(r);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => synced = Err(e),
                 }
-                Ok(None) => {}
-                Err(e) => synced = Err(e),
+                break;
             }
         }
         open.insert(table.to_string(), (changelog, mirror));
@@ -501,7 +506,14 @@ impl Mirror {
         let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
         drop(batches);
         let rows = sort_by_kafka_position(&rows).map_err(arrow_err)?;
-        let changes = Changes::reduce(rows, &key).map_err(|e| e.into_mirror(table))?;
+        // The newest TRUNCATE, seen before or among these rows: the
+        // changes before it are skipped.
+        let seen = match mirror.version().filter(|_| exists && !full) {
+            Some(v) => self.through_at(table, mirror, v as i64).await?.truncate,
+            None => None,
+        };
+        let truncate = TruncateState::newest(seen, Through::of_rows(&rows).truncate);
+        let changes = Changes::reduce(rows, &key, truncate).map_err(|e| e.into_mirror(table))?;
 
         if !exists {
             self.create(table, mirror, &mirror_schema(&schema), &key)

@@ -30,6 +30,7 @@ use object_store::ObjectStoreExt;
 use serde_json::json;
 
 use super::changes::key_converter;
+use super::through::{RecoveryState, TruncateState};
 use super::{APP_ID, KEY_PROPERTY, Mirror, MirrorError, commit_info, is_conflict};
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
@@ -89,9 +90,40 @@ fn without_leftovers(batch: &RecordBatch, start: Start) -> Result<Option<RecordB
     arrow::compute::filter_record_batch(batch, &keep).map(Some)
 }
 
+/// What a reconciliation removes: the rows a recovery left behind, or
+/// the rows a TRUNCATE removed.
+enum Due {
+    Recovery(RecoveryState),
+    Truncate(TruncateState),
+}
+
+impl Due {
+    /// A row last changed before this is removed.
+    fn start(&self) -> Start {
+        match self {
+            Due::Recovery(r) => Start {
+                lsn: r.slot_start_lsn,
+                micros: r.slot_start_ms.saturating_mul(1000),
+            },
+            Due::Truncate(t) => Start {
+                lsn: t.lsn,
+                micros: t.commit_us,
+            },
+        }
+    }
+
+    fn id(&self) -> String {
+        match self {
+            Due::Recovery(r) => r.id.clone(),
+            Due::Truncate(t) => format!("TRUNCATE at LSN {}", t.lsn),
+        }
+    }
+}
+
 impl Mirror {
     /// Removes the leftovers of the newest recovery if its markers are all
-    /// applied and it is not reconciled yet. `stale`: the mirror was
+    /// applied and it is not reconciled yet, else the rows the newest
+    /// TRUNCATE removed if that is not done yet. `stale`: the mirror was
     /// committed to since it was last loaded.
     pub(super) async fn reconcile_if_due(
         &self,
@@ -108,8 +140,10 @@ impl Mirror {
             return Ok(None);
         };
         let positions = self.through_at(table, mirror, version).await?;
-        let Some(recovery) = positions.recovery.clone().filter(|r| r.due()) else {
-            return Ok(None);
+        let due = match (&positions.recovery, positions.truncate) {
+            (Some(r), _) if r.due() => Due::Recovery(r.clone()),
+            (_, Some(t)) if !t.reconciled => Due::Truncate(t),
+            _ => return Ok(None),
         };
         let state = mirror.snapshot().map_err(&merr)?.clone();
         let applied = state
@@ -145,10 +179,7 @@ impl Mirror {
             let file = ReadFile::read(path.to_string(), bytes).map_err(file_err)?;
             let rows =
                 arrow::compute::concat_batches(&file.schema, &file.batches).map_err(arrow_err)?;
-            let start = Start {
-                lsn: recovery.slot_start_lsn,
-                micros: recovery.slot_start_ms.saturating_mul(1000),
-            };
+            let start = due.start();
             let Some(kept) = without_leftovers(&rows, start).map_err(arrow_err)? else {
                 continue;
             };
@@ -177,14 +208,22 @@ impl Mirror {
             Some(now),
         )));
         let mut done = positions.clone();
-        if let Some(r) = &mut done.recovery {
-            r.reconciled = true;
-        }
+        let what = match &due {
+            Due::Recovery(recovery) => {
+                if let Some(r) = &mut done.recovery {
+                    r.reconciled = true;
+                }
+                json!({ "id": recovery.id, "rowsRemoved": removed_rows })
+            }
+            Due::Truncate(t) => {
+                if let Some(t) = &mut done.truncate {
+                    t.reconciled = true;
+                }
+                json!({ "truncateLsn": t.lsn, "rowsRemoved": removed_rows })
+            }
+        };
         let mut app: HashMap<String, serde_json::Value> = commit_info(through, &done);
-        app.insert(
-            "cdc.reconciled".to_string(),
-            json!({ "id": recovery.id, "rowsRemoved": removed_rows }),
-        );
+        app.insert("cdc.reconciled".to_string(), what);
         let committed = CommitBuilder::from(CommitProperties::default().with_metadata(app))
             .with_max_retries(0)
             .with_actions(actions)
@@ -199,7 +238,7 @@ impl Mirror {
             )
             .await;
         let mut out = Reconciled {
-            id: recovery.id.clone(),
+            id: due.id(),
             rows_removed: removed_rows,
             files_rewritten: rewritten,
             version,
@@ -212,9 +251,18 @@ impl Mirror {
                     .lock()
                     .expect("not poisoned")
                     .insert(table.to_string(), (out.version, done));
-                tracing::warn!(table, recovery = %recovery.id, rows_removed = removed_rows,
-                    files_rewritten = rewritten,
-                    "current-state table reconciled after a lost slot: rows deleted while it was lost removed");
+                match &due {
+                    Due::Recovery(recovery) => tracing::warn!(table, recovery = %recovery.id,
+                        rows_removed = removed_rows, files_rewritten = rewritten,
+                        "current-state table reconciled after a lost slot: rows deleted while it was lost removed"),
+                    Due::Truncate(t) => tracing::info!(
+                        table,
+                        lsn = t.lsn,
+                        rows_removed = removed_rows,
+                        files_rewritten = rewritten,
+                        "current-state table truncated: rows last changed before the TRUNCATE removed"
+                    ),
+                }
                 Ok(Some(out))
             }
             Err(e) if is_conflict(&e) => {

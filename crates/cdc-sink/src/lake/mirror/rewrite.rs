@@ -219,7 +219,7 @@ mod tests {
 
     fn rewrite(old: &RecordBatch, changes: &[(i64, &str, &str, &[&str])]) -> Vec<(i64, String)> {
         let key: Arc<[String]> = vec!["id".to_string()].into();
-        let changes = Changes::reduce(changelog(changes), &key).unwrap();
+        let changes = Changes::reduce(changelog(changes), &key, None).unwrap();
         let mut keys: Vec<(OwnedRow, Outcome)> = changes
             .outcomes
             .iter()

@@ -511,6 +511,66 @@ async fn a_sync_holds_back_half_of_a_key_update_until_the_other_half_is_committe
     assert_eq!(lake.rows().await, expect(&[(100, "one"), (200, "two'")]));
 }
 
+/// A TRUNCATE empties the mirror of every row last changed before it,
+/// keeps what came after, and skips an older change that reaches the
+/// changelog later (from another partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_removes_every_row_before_it_and_only_those() {
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(1);
+    lake.commit(
+        &[
+            (0, 1, "c", "one", false),
+            (1, 2, "c", "two", false),
+            (0, 3, "c", "three", false),
+        ],
+        true,
+    )
+    .await;
+    mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(lake.rows().await.len(), 3);
+    lake.commit(
+        &[
+            (1, 4, "c", "four", false),
+            (0, 0, "t", "", false),
+            (0, 5, "c", "five", false),
+            (0, 3, "c", "three again", false),
+        ],
+        true,
+    )
+    .await;
+    let truncate_lsn = lake.lsn - 2;
+    let synced = mirror.sync(TABLE, false).await.unwrap();
+    assert!(synced.reconciled.is_some(), "{synced:?}");
+    assert_eq!(
+        lake.rows().await,
+        expect(&[(3, "three again"), (5, "five")])
+    );
+    // A change made before the TRUNCATE, committed by another partition's
+    // flush only now: it stays gone.
+    lake.commit_rows(
+        &[Row {
+            change: (1, 6, "c", "six", false),
+            lsn: truncate_lsn - 1,
+            key_update: None,
+        }],
+        true,
+    )
+    .await;
+    lake.commit(&[(1, 5, "u", "five'", false)], true).await;
+    while mirror.sync(TABLE, false).await.unwrap().behind {}
+    assert_eq!(
+        lake.rows().await,
+        expect(&[(3, "three again"), (5, "five'")])
+    );
+    // Built again from the whole changelog: the same.
+    mirror.sync(TABLE, true).await.unwrap();
+    assert_eq!(
+        lake.rows().await,
+        expect(&[(3, "three again"), (5, "five'")])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_without_a_primary_key_gets_no_mirror() {
     let mut lake = Lake::new();

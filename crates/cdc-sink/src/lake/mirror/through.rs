@@ -22,12 +22,66 @@ use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::marker::{RECOVERY, RecoveryMarker};
+
+/// `_cdc_op` of a TRUNCATE.
+pub const TRUNCATE: &str = "t";
 use crate::decode::schema::meta;
 
 /// The `commitInfo` key of the per-partition positions.
 pub const PARTITIONS_KEY: &str = "cdc.partitions";
 /// The `commitInfo` key of the newest recovery's state.
 pub const RECOVERY_KEY: &str = "cdc.recovery";
+/// The `commitInfo` key of the newest TRUNCATE's state.
+pub const TRUNCATE_KEY: &str = "cdc.truncate";
+
+/// The newest TRUNCATE a mirror has seen. Every change before it in the
+/// source is gone with it: a row whose last change is older is removed
+/// (once, `reconciled`), and an older change applied later (from another
+/// partition, committed after) is skipped. TRUNCATE takes an exclusive
+/// lock, so every transaction that wrote the table before it committed
+/// before it, at lower LSNs, and every later one after it: LSN order is
+/// exact here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TruncateState {
+    pub lsn: i64,
+    /// Its source commit time (µs): what an incremental snapshot's read,
+    /// which has no LSN, is judged by.
+    pub commit_us: i64,
+    #[serde(default)]
+    pub reconciled: bool,
+}
+
+impl TruncateState {
+    /// Whether a change at `lsn` (else at `commit_us`) came before it.
+    pub fn covers(&self, lsn: Option<i64>, commit_us: Option<i64>) -> bool {
+        match (lsn, commit_us) {
+            (Some(lsn), _) => lsn < self.lsn,
+            (None, Some(us)) => us < self.commit_us,
+            (None, None) => false,
+        }
+    }
+
+    /// The newer of both; of the same one, reconciled if either is.
+    pub fn newest(
+        older: Option<TruncateState>,
+        newer: Option<TruncateState>,
+    ) -> Option<TruncateState> {
+        TruncateState::merged(older, newer)
+    }
+
+    fn merged(older: Option<TruncateState>, newer: Option<TruncateState>) -> Option<TruncateState> {
+        match (older, newer) {
+            (None, n) => n,
+            (o, None) => o,
+            (Some(o), Some(n)) if o.lsn == n.lsn => Some(TruncateState {
+                reconciled: o.reconciled || n.reconciled,
+                ..o
+            }),
+            (Some(o), Some(n)) => Some(if n.lsn > o.lsn { n } else { o }),
+        }
+    }
+}
 
 /// The newest recovery whose markers a mirror has applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +168,8 @@ pub struct Through {
     partitions: BTreeMap<i32, Applied>,
     /// The newest recovery seen, if any.
     pub recovery: Option<RecoveryState>,
+    /// The newest TRUNCATE seen, if any.
+    pub truncate: Option<TruncateState>,
 }
 
 impl Through {
@@ -166,6 +222,18 @@ impl Through {
                 commit_us: value(&commit, i),
                 lsn: value(&lsn, i),
             };
+            if op
+                .as_ref()
+                .is_some_and(|op| op.is_valid(i) && op.value(i) == TRUNCATE)
+                && let (Some(lsn), Some(commit_us)) = (applied.lsn, applied.commit_us)
+            {
+                let seen = TruncateState {
+                    lsn,
+                    commit_us,
+                    reconciled: false,
+                };
+                out.truncate = TruncateState::merged(out.truncate, Some(seen));
+            }
             let e = out.partitions.entry(partition.value(i)).or_default();
             *e = e.max(applied);
         }
@@ -184,9 +252,13 @@ impl Through {
         let recovery = info
             .get(RECOVERY_KEY)
             .and_then(|r| serde_json::from_value(r.clone()).ok());
+        let truncate = info
+            .get(TRUNCATE_KEY)
+            .and_then(|t| serde_json::from_value(t.clone()).ok());
         Some(Through {
             partitions,
             recovery,
+            truncate,
         })
     }
 
@@ -207,6 +279,12 @@ impl Through {
                 serde_json::to_value(r).expect("a recovery state serialises"),
             ));
         }
+        if let Some(t) = &self.truncate {
+            out.push((
+                TRUNCATE_KEY.to_string(),
+                serde_json::to_value(t).expect("a truncate state serialises"),
+            ));
+        }
         out
     }
 
@@ -218,16 +296,18 @@ impl Through {
             *e = e.max(*a);
         }
         out.recovery = RecoveryState::merged(self.recovery.as_ref(), newer.recovery.as_ref());
+        out.truncate = TruncateState::merged(self.truncate, newer.truncate);
         out
     }
 
-    /// The same positions without the recovery state: what a sync from
-    /// the whole changelog builds on, since its rows hold every marker
-    /// again and its files every row again.
+    /// The same positions without the recovery and truncate states: what
+    /// a sync from the whole changelog builds on, since its rows hold every
+    /// marker and TRUNCATE again and its files every row again.
     pub fn without_recovery(&self) -> Through {
         Through {
             partitions: self.partitions.clone(),
             recovery: None,
+            truncate: None,
         }
     }
 
@@ -301,5 +381,41 @@ mod tests {
         );
         assert_eq!(Through::from_commit_info(&serde_json::json!({})), None);
         assert_eq!(Through::default().commit_us(), None);
+    }
+
+    /// The newest TRUNCATE among the rows, carried through commits; the
+    /// newer one wins, and the same one stays reconciled.
+    #[test]
+    fn the_newest_truncate_is_carried_forward() {
+        let with_ops = |changes: &[(i32, i64, i64)], ops: &[&str]| {
+            let base = rows(changes);
+            let mut fields: Vec<Field> = base
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields.push(Field::new(meta::OP, DataType::Utf8, true));
+            let mut columns = base.columns().to_vec();
+            columns.push(Arc::new(arrow::array::StringArray::from(ops.to_vec())));
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+        };
+        let first = Through::of_rows(&with_ops(&[(0, 100, 10), (1, 200, 20)], &["c", "t"]));
+        let t = first.truncate.unwrap();
+        assert_eq!((t.lsn, t.commit_us, t.reconciled), (20, 200, false));
+        assert!(t.covers(Some(19), None) && !t.covers(Some(20), None));
+        assert!(t.covers(None, Some(199)) && !t.covers(None, None));
+        let mut done = first.clone();
+        done.truncate.as_mut().unwrap().reconciled = true;
+        let again = done.merged(&first);
+        assert!(again.truncate.unwrap().reconciled, "the same TRUNCATE");
+        let later = Through::of_rows(&with_ops(&[(2, 300, 30)], &["t"]));
+        let newer = again.merged(&later).truncate.unwrap();
+        assert_eq!((newer.lsn, newer.reconciled), (30, false));
+        let info: serde_json::Map<_, _> = again.to_commit_info().into_iter().collect();
+        assert_eq!(
+            Through::from_commit_info(&serde_json::Value::Object(info)),
+            Some(again)
+        );
     }
 }
