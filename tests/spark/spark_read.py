@@ -83,7 +83,9 @@ SELECT * FROM (
   SELECT *, row_number() OVER (
     PARTITION BY {key}
     ORDER BY _cdc_lsn DESC NULLS LAST, _cdc_kafka_offset DESC) AS rn
-  FROM delta.`{path}`)
+  FROM delta.`{path}`
+  WHERE _cdc_op NOT IN ('recovery', 't')
+    AND coalesce(_cdc_lsn >= (SELECT max(_cdc_lsn) FROM delta.`{path}` WHERE _cdc_op = 't'), true))
 WHERE rn = 1 AND _cdc_op <> 'd'
 """
 
