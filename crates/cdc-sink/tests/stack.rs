@@ -1387,6 +1387,19 @@ impl Drop for OwnCapture {
     }
 }
 
+/// Waits until the current-state table of `table` holds `n` rows.
+async fn wait_mirror_rows(prefix: &str, table: &str, n: usize) {
+    wait_until(
+        &format!("the current-state table of {table} to hold {n} rows"),
+        Duration::from_secs(60),
+        async || match mirror_rows("deltalake", prefix, table).len() {
+            m if m == n => Ok(()),
+            m => Err(format!("{m} rows")),
+        },
+    )
+    .await;
+}
+
 /// Polls the lake (the `deltalake` reader) until `table` holds `n` change
 /// rows; panics with the sink's log past the deadline.
 async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize) -> Vec<LakeRow> {
@@ -1624,15 +1637,7 @@ async fn a_key_update_carries_its_unchanged_toasted_value_to_the_new_key() {
     let sink = capture.spawn_sink();
     let prefix = capture.prefix.clone();
     wait_lake_rows(&sink, &prefix, "t", 20).await;
-    wait_until(
-        "the current-state table to hold the 20 rows",
-        Duration::from_secs(60),
-        async || match mirror_rows("deltalake", &prefix, "t").len() {
-            20 => Ok(()),
-            n => Err(format!("{n} rows")),
-        },
-    )
-    .await;
+    wait_mirror_rows(&prefix, "t", 20).await;
     OwnCapture::sql(
         &capture.db,
         "UPDATE t SET id = 1000 WHERE id = 7;
@@ -1689,15 +1694,7 @@ async fn a_truncate_empties_the_current_state_table_of_what_came_before() {
     let sink = capture.spawn_sink();
     let prefix = capture.prefix.clone();
     wait_lake_rows(&sink, &prefix, "t", 30).await;
-    wait_until(
-        "the current-state table to hold the 30 rows",
-        Duration::from_secs(60),
-        async || match mirror_rows("deltalake", &prefix, "t").len() {
-            30 => Ok(()),
-            n => Err(format!("{n} rows")),
-        },
-    )
-    .await;
+    wait_mirror_rows(&prefix, "t", 30).await;
     OwnCapture::sql(
         &capture.db,
         "UPDATE t SET a = 'x' WHERE id = 1;
@@ -1781,15 +1778,7 @@ async fn a_key_type_change_stops_the_current_state_table_with_a_clear_error() {
     let sink = capture.spawn_sink();
     let prefix = capture.prefix.clone();
     wait_lake_rows(&sink, &prefix, "t", 20).await;
-    wait_until(
-        "the current-state table to hold the 20 rows",
-        Duration::from_secs(60),
-        async || match mirror_rows("deltalake", &prefix, "t").len() {
-            20 => Ok(()),
-            n => Err(format!("{n} rows")),
-        },
-    )
-    .await;
+    wait_mirror_rows(&prefix, "t", 20).await;
     OwnCapture::sql(
         &capture.db,
         "ALTER TABLE t ALTER COLUMN id TYPE bigint;
