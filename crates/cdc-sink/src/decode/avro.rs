@@ -200,22 +200,33 @@ fn readable(ty: &ColumnType, shape: &Shape) -> bool {
 
 /// One value of a row image: a datum, or Debezium's placeholder for an
 /// unchanged TOASTed value.
-pub(super) enum Cell {
-    Value(Datum),
+pub(super) enum Cell<'a> {
+    Value(Datum<'a>),
     Unavailable,
 }
 
+/// A row image's values, one per column, and the columns whose value was
+/// the unavailable placeholder (`Null` among the values).
+pub(super) struct RowImage<'a> {
+    pub values: Vec<Datum<'a>>,
+    pub unchanged: Vec<usize>,
+}
+
 /// What an Avro payload holds, before the decoder's checks.
-pub(super) struct Event {
+pub(super) struct Event<'a> {
     pub op: Op,
-    pub image: Option<Vec<Cell>>,
+    pub image: Option<RowImage<'a>>,
     pub ts_ms: i64,
     pub lsn: Option<i64>,
     pub tx_id: Option<i64>,
 }
 
 /// Reads one payload under `plan`; `table` gives each column's type.
-pub(super) fn read(plan: &Plan, table: &TableSchema, payload: &[u8]) -> Result<Event, String> {
+pub(super) fn read<'a>(
+    plan: &Plan,
+    table: &TableSchema,
+    payload: &'a [u8],
+) -> Result<Event<'a>, String> {
     let mut r = Reader {
         buf: payload,
         pos: 0,
@@ -348,18 +359,25 @@ impl<'a> Reader<'a> {
         optional: bool,
         columns: &[Shape],
         table: &TableSchema,
-    ) -> Result<Option<Vec<Cell>>, String> {
+    ) -> Result<Option<RowImage<'a>>, String> {
         if optional && self.long()? == 0 {
             return Ok(None);
         }
-        let mut cells = Vec::with_capacity(columns.len());
-        for (shape, col) in columns.iter().zip(&table.columns) {
-            cells.push(
-                self.cell(shape, &col.ty)
-                    .map_err(|e| format!("column `{}`: {e}", col.name))?,
-            );
+        let mut values = Vec::with_capacity(columns.len());
+        let mut unchanged = Vec::new();
+        for (i, (shape, col)) in columns.iter().zip(&table.columns).enumerate() {
+            match self
+                .cell(shape, &col.ty)
+                .map_err(|e| format!("column `{}`: {e}", col.name))?
+            {
+                Cell::Value(d) => values.push(d),
+                Cell::Unavailable => {
+                    unchanged.push(i);
+                    values.push(Datum::Null);
+                }
+            }
         }
-        Ok(Some(cells))
+        Ok(Some(RowImage { values, unchanged }))
     }
 
     /// A long, or null under an optional shape.
@@ -408,7 +426,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One column's value, checked against its type.
-    fn cell(&mut self, shape: &Shape, ty: &ColumnType) -> Result<Cell, String> {
+    fn cell(&mut self, shape: &Shape, ty: &ColumnType) -> Result<Cell<'a>, String> {
         let shape = match shape {
             Shape::Optional(inner) => {
                 if self.long()? == 0 {
@@ -445,14 +463,14 @@ impl<'a> Reader<'a> {
                 if s == UNAVAILABLE {
                     return Ok(Cell::Unavailable);
                 }
-                Datum::Str(s.to_string())
+                Datum::Str(s.into())
             }
             (ColumnType::Binary, Shape::Bytes) => {
                 let b = self.bytes()?;
                 if b == UNAVAILABLE.as_bytes() {
                     return Ok(Cell::Unavailable);
                 }
-                Datum::Bytes(b.to_vec())
+                Datum::Bytes(b.into())
             }
             (ColumnType::Decimal { precision, .. }, Shape::Bytes) => {
                 let b = self.bytes()?;
@@ -467,7 +485,7 @@ impl<'a> Reader<'a> {
                 if b.is_empty() {
                     return Err(expected());
                 }
-                Datum::Str(big_decimal_text(b, *scale))
+                Datum::Str(big_decimal_text(b, *scale).into())
             }
             (ColumnType::NumericText { precision, scale }, Shape::Bytes) => {
                 let s = self.text()?;
@@ -500,7 +518,7 @@ impl<'a> Reader<'a> {
                 if b.is_empty() {
                     return Err(expected());
                 }
-                Datum::Str(big_decimal_text(b, scale))
+                Datum::Str(big_decimal_text(b, scale).into())
             }
             (ColumnType::List(item), Shape::Array(item_shape)) => {
                 let mut cells = Vec::new();
@@ -529,7 +547,7 @@ impl<'a> Reader<'a> {
 /// Debezium's placeholder for an unchanged TOASTed array is the array of
 /// the placeholder alone (text, bytes), or its bytes as integers (`int[]`,
 /// `bigint[]`); a placeholder among other items is an item like any other.
-fn list(cells: Vec<Cell>, item: &ColumnType) -> Result<Cell, String> {
+fn list<'a>(cells: Vec<Cell<'a>>, item: &ColumnType) -> Result<Cell<'a>, String> {
     if let [Cell::Unavailable] = cells.as_slice() {
         return Ok(Cell::Unavailable);
     }
@@ -545,10 +563,10 @@ fn list(cells: Vec<Cell>, item: &ColumnType) -> Result<Cell, String> {
         .map(|c| match (c, item) {
             (Cell::Value(d), _) => Ok(d),
             (Cell::Unavailable, ColumnType::Utf8 | ColumnType::Json) => {
-                Ok(Datum::Str(UNAVAILABLE.to_string()))
+                Ok(Datum::Str(UNAVAILABLE.into()))
             }
             (Cell::Unavailable, ColumnType::Binary) => {
-                Ok(Datum::Bytes(UNAVAILABLE.as_bytes().to_vec()))
+                Ok(Datum::Bytes(UNAVAILABLE.as_bytes().into()))
             }
             (Cell::Unavailable, _) => Err(format!("{item:?} (a placeholder among the items)")),
         })
@@ -656,23 +674,17 @@ mod tests {
             (e.ts_ms, e.lsn, e.tx_id),
             (1_795_754_234_911, None, Some(758))
         );
-        let cells = e.image.unwrap();
-        let values: Vec<Option<Datum>> = cells
-            .into_iter()
-            .map(|c| match c {
-                Cell::Value(d) => Some(d),
-                Cell::Unavailable => None,
-            })
-            .collect();
+        let image = e.image.unwrap();
         assert_eq!(
-            values,
+            image.values,
             [
-                Some(Datum::Int(42)),
-                Some(Datum::Str("héllo".into())),
-                Some(Datum::List(vec![Datum::Str("a".into()), Datum::Null])),
-                None,
+                Datum::Int(42),
+                Datum::Str("héllo".into()),
+                Datum::List(vec![Datum::Str("a".into()), Datum::Null]),
+                Datum::Null,
             ]
         );
+        assert_eq!(image.unchanged, [3]);
         // One byte too many, or too few, is an error, not a row.
         let mut long = b.clone();
         long.push(0);
@@ -692,7 +704,8 @@ mod tests {
             encoding: Some(b"avro"),
             ..MessageHeaders::default()
         };
-        let Decoded::Row(row) = d.decode_message(Some(&update()), &headers).unwrap() else {
+        let value = update();
+        let Decoded::Row(row) = d.decode_message(Some(&value), &headers).unwrap() else {
             panic!("not a row");
         };
         assert_eq!((row.op, row.lsn, row.tx_id), (Op::Update, None, Some(758)));

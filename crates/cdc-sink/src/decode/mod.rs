@@ -122,26 +122,31 @@ impl Op {
 
 /// One value, already checked against its [`ColumnType`].
 #[derive(Debug, Clone, PartialEq)]
-pub enum Datum {
+///
+/// Text and bytes borrow from the Kafka message where its encoding allows
+/// (Avro always, JSON without escapes): a row lives only until it is
+/// appended to its segment's Arrow builders, and a copy per value was a
+/// good share of the sink's allocations.
+pub enum Datum<'a> {
     Null,
     Bool(bool),
     /// Integers, and dates (days), times and timestamps (µs).
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
+    Str(Cow<'a, str>),
+    Bytes(Cow<'a, [u8]>),
     Decimal(i128),
-    List(Vec<Datum>),
+    List(Vec<Datum<'a>>),
 }
 
 #[derive(Debug)]
-pub struct ChangeRow {
+pub struct ChangeRow<'a> {
     pub schema: Arc<TableSchema>,
     /// Identifies the schema within this process (hash of its JSON).
     pub schema_id: u64,
     pub op: Op,
     /// One per `schema.columns`, in order.
-    pub values: Vec<Datum>,
+    pub values: Vec<Datum<'a>>,
     /// Indices of columns whose value was Debezium's unavailable
     /// placeholder; their `values` entry is `Null`.
     pub unchanged: Vec<usize>,
@@ -158,7 +163,7 @@ pub struct ChangeRow {
     pub key_update: Option<Box<str>>,
 }
 
-impl Datum {
+impl Datum<'_> {
     /// About what the value takes in an Arrow builder.
     pub fn size(&self) -> usize {
         match self {
@@ -172,7 +177,7 @@ impl Datum {
     }
 }
 
-impl ChangeRow {
+impl ChangeRow<'_> {
     /// About what the row takes once buffered, CDC columns included.
     pub fn decoded_size(&self) -> usize {
         const CDC_COLUMNS: usize = 48;
@@ -181,9 +186,9 @@ impl ChangeRow {
 }
 
 #[derive(Debug)]
-pub enum Decoded {
+pub enum Decoded<'a> {
     Tombstone,
-    Row(ChangeRow),
+    Row(ChangeRow<'a>),
     /// Not a Debezium event: the slot guard's marker of a recovery.
     Marker(marker::RecoveryMarker),
 }
@@ -501,11 +506,11 @@ impl Decoder {
     }
 
     /// Decodes one Kafka message, in whichever format its headers say.
-    pub fn decode_message(
+    pub fn decode_message<'a>(
         &mut self,
-        value: Option<&[u8]>,
+        value: Option<&'a [u8]>,
         headers: &MessageHeaders<'_>,
-    ) -> Result<Decoded, DecodeError> {
+    ) -> Result<Decoded<'a>, DecodeError> {
         match headers.encoding {
             None | Some(b"json") => self.decode_with(value, headers.schema_ref),
             Some(e) if e == cdc_wire::AVRO.as_bytes() => {
@@ -518,11 +523,11 @@ impl Decoder {
     }
 
     /// Decodes a schema-id value in the Avro encoding of its schema.
-    fn decode_avro(
+    fn decode_avro<'a>(
         &mut self,
-        value: Option<&[u8]>,
+        value: Option<&'a [u8]>,
         schema_ref: Option<&[u8]>,
-    ) -> Result<Decoded, DecodeError> {
+    ) -> Result<Decoded<'a>, DecodeError> {
         let Some(bytes) = value else {
             return Ok(Decoded::Tombstone);
         };
@@ -536,23 +541,13 @@ impl Decoder {
             None => return Err(DecodeError::UnknownSchema(fingerprint_text(fingerprint))),
         };
         let event = avro::read(&plan, &schema, bytes).map_err(DecodeError::Avro)?;
-        let image = match (event.op, event.image) {
-            (Op::Truncate, _) => (0..schema.columns.len())
-                .map(|_| avro::Cell::Value(Datum::Null))
-                .collect(),
+        let avro::RowImage { values, unchanged } = match (event.op, event.image) {
+            (Op::Truncate, _) => avro::RowImage {
+                values: vec![Datum::Null; schema.columns.len()],
+                unchanged: Vec::new(),
+            },
             (_, image) => image.ok_or(DecodeError::Envelope("row image missing for op"))?,
         };
-        let mut values = Vec::with_capacity(image.len());
-        let mut unchanged = Vec::new();
-        for (i, cell) in image.into_iter().enumerate() {
-            match cell {
-                avro::Cell::Value(d) => values.push(d),
-                avro::Cell::Unavailable => {
-                    unchanged.push(i);
-                    values.push(Datum::Null);
-                }
-            }
-        }
         let source = Source {
             ts_ms: event.ts_ms,
             lsn: event.lsn,
@@ -575,7 +570,7 @@ impl Decoder {
 
     /// Decodes one Kafka message value of the JSON-with-schemas format;
     /// `None` is a Kafka tombstone.
-    pub fn decode(&mut self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    pub fn decode<'a>(&mut self, value: Option<&'a [u8]>) -> Result<Decoded<'a>, DecodeError> {
         self.decode_with(value, None)
     }
 
@@ -583,11 +578,11 @@ impl Decoder {
     /// [`SCHEMA_HEADER`] header: with one, the value is the payload alone
     /// and the schema is the registered one; without, the value carries
     /// its schema.
-    pub fn decode_with(
+    pub fn decode_with<'a>(
         &mut self,
-        value: Option<&[u8]>,
+        value: Option<&'a [u8]>,
         schema_ref: Option<&[u8]>,
-    ) -> Result<Decoded, DecodeError> {
+    ) -> Result<Decoded<'a>, DecodeError> {
         let Some(bytes) = value else {
             return Ok(Decoded::Tombstone);
         };
@@ -628,12 +623,12 @@ impl Decoder {
     }
 
     /// The payload (before, after, source, op) under its schema.
-    fn decode_payload(
+    fn decode_payload<'a>(
         &mut self,
         schema_id: u64,
         schema: Arc<TableSchema>,
-        payload: &[u8],
-    ) -> Result<Decoded, DecodeError> {
+        payload: &'a [u8],
+    ) -> Result<Decoded<'a>, DecodeError> {
         if payload == b"null" {
             return Err(DecodeError::Envelope(
                 "`payload` is null, but the Kafka value is not (a tombstone has a null value)",
@@ -701,15 +696,15 @@ impl Decoder {
 
     /// A decoded row image as a [`ChangeRow`], with the checks every format
     /// shares.
-    fn row(
+    fn row<'a>(
         &mut self,
         schema_id: u64,
         schema: Arc<TableSchema>,
         op: Op,
-        mut values: Vec<Datum>,
+        mut values: Vec<Datum<'a>>,
         unchanged: Vec<usize>,
         source: &Source,
-    ) -> Decoded {
+    ) -> Decoded<'a> {
         let null_in_required = if matches!(op, Op::Delete | Op::Truncate) {
             Vec::new()
         } else {
@@ -771,7 +766,7 @@ impl Decoder {
         &mut self,
         schema_id: u64,
         schema: Arc<TableSchema>,
-        values: &mut Vec<Datum>,
+        values: &mut Vec<Datum<'_>>,
     ) -> (u64, Arc<TableSchema>) {
         let special = |d: &Datum| matches!(d, Datum::Str(_));
         let moved: Vec<usize> = schema
@@ -963,7 +958,7 @@ pub(crate) mod tests {
     pub(crate) const TYPE_ZOO: &str = include_str!("../../tests/fixtures/type_zoo.jsonl");
     pub(crate) const TWITTER: &str = include_str!("../../tests/fixtures/twitter.jsonl");
 
-    fn decode_all(d: &mut Decoder, corpus: &str) -> Vec<Decoded> {
+    fn decode_all<'a>(d: &mut Decoder, corpus: &'a str) -> Vec<Decoded<'a>> {
         corpus
             .lines()
             // An empty fixture line stands for a Kafka null value.
@@ -974,7 +969,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn rows(decoded: Vec<Decoded>) -> Vec<ChangeRow> {
+    fn rows(decoded: Vec<Decoded<'_>>) -> Vec<ChangeRow<'_>> {
         decoded
             .into_iter()
             .filter_map(|d| match d {
@@ -984,7 +979,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn value<'a>(row: &'a ChangeRow, column: &str) -> &'a Datum {
+    fn value<'a, 'r>(row: &'r ChangeRow<'a>, column: &str) -> &'r Datum<'a> {
         let i = row
             .schema
             .columns
@@ -994,16 +989,16 @@ pub(crate) mod tests {
         &row.values[i]
     }
 
-    fn texts(items: &[Option<&str>]) -> Datum {
+    fn texts(items: &[Option<&str>]) -> Datum<'static> {
         Datum::List(
             items
                 .iter()
-                .map(|i| i.map_or(Datum::Null, |s| Datum::Str(s.into())))
+                .map(|i| i.map_or(Datum::Null, |s| Datum::Str(s.to_string().into())))
                 .collect(),
         )
     }
 
-    fn names(row: &ChangeRow) -> Vec<&str> {
+    fn names<'r>(row: &'r ChangeRow<'_>) -> Vec<&'r str> {
         row.schema.columns.iter().map(|c| c.name.as_str()).collect()
     }
 
@@ -1088,7 +1083,7 @@ pub(crate) mod tests {
         assert_ne!(read.schema_id, update.schema_id);
     }
 
-    fn rows_of(d: &mut Decoder, corpus: &str) -> Vec<ChangeRow> {
+    fn rows_of<'a>(d: &mut Decoder, corpus: &'a str) -> Vec<ChangeRow<'a>> {
         rows(decode_all(d, corpus))
     }
 
@@ -1172,7 +1167,7 @@ pub(crate) mod tests {
         assert_eq!(value(full, "zoned_ts"), &Datum::Int(1_709_205_255_654_321));
         assert_eq!(
             value(full, "blob"),
-            &Datum::Bytes(vec![0xde, 0xad, 0xbe, 0xef])
+            &Datum::Bytes(vec![0xde, 0xad, 0xbe, 0xef].into())
         );
         assert_eq!(
             value(full, "tags"),
@@ -1365,7 +1360,7 @@ pub(crate) mod tests {
         assert_eq!(value(a, "days"), &Datum::List(vec![Datum::Int(19_782)]));
         assert_eq!(
             value(a, "blobs"),
-            &Datum::List(vec![Datum::Bytes(vec![0x00, 0xff])])
+            &Datum::List(vec![Datum::Bytes(vec![0x00, 0xff].into())])
         );
         assert!(matches!(value(a, "spot"), Datum::Str(s) if s.contains("\"x\":1.5")));
     }

@@ -11,7 +11,7 @@ use crate::decode::schema::{ColumnType, is_numeric_special};
 
 /// `decimal.format=NUMERIC` writes decimals as JSON numbers; they are read
 /// from their digits here, before anything could round them through f64.
-pub(super) fn exact_number(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
+pub(super) fn exact_number(ty: &ColumnType, raw: &str) -> Option<Result<Datum<'static>, String>> {
     let numeric = raw.starts_with(|c: char| c == '-' || c.is_ascii_digit());
     if !numeric
         || !matches!(
@@ -39,7 +39,7 @@ pub(super) fn exact_number(ty: &ColumnType, raw: &str) -> Option<Result<Datum, S
         ),
         ColumnType::WideDecimal { scale } if numeric => Some(
             parse_decimal_text(raw, *scale)
-                .map(Datum::Str)
+                .map(|s| Datum::Str(s.into()))
                 .ok_or_else(|| format!("{ty:?}")),
         ),
         _ => None,
@@ -50,7 +50,7 @@ pub(super) fn checked_precision(
     unscaled: i128,
     precision: u8,
     ty: &ColumnType,
-) -> Result<Datum, String> {
+) -> Result<Datum<'static>, String> {
     if unscaled.unsigned_abs() >= 10u128.pow(precision as u32) {
         return Err(format!("{ty:?} (value exceeds the precision)"));
     }
@@ -60,7 +60,7 @@ pub(super) fn checked_precision(
 /// The common cases read straight from the raw JSON, without building a
 /// `Value`: null, integers, booleans, and strings without escapes that are
 /// not Debezium's placeholder. `None` sends the value down the general path.
-pub(super) fn plain(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>> {
+pub(super) fn plain<'a>(ty: &ColumnType, raw: &'a str) -> Option<Result<Datum<'a>, String>> {
     if raw == "null" {
         return Some(Ok(Datum::Null));
     }
@@ -87,7 +87,7 @@ pub(super) fn plain(ty: &ColumnType, raw: &str) -> Option<Result<Datum, String>>
             "false" => Some(Ok(Datum::Bool(false))),
             _ => None,
         },
-        ColumnType::Utf8 => text().map(|s| Ok(Datum::Str(s.to_string()))),
+        ColumnType::Utf8 => text().map(|s| Ok(Datum::Str(s.into()))),
         ColumnType::ZonedTimestamp => text().and_then(|s| {
             chrono::DateTime::parse_from_rfc3339(s)
                 .ok()
@@ -170,7 +170,7 @@ pub(super) fn truncate(mut s: String, max: usize) -> String {
 }
 
 /// Converts one JSON value; the error is what was expected.
-pub(super) fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
+pub(super) fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum<'static>, String> {
     if v.is_null() {
         return Ok(Datum::Null);
     }
@@ -192,13 +192,13 @@ pub(super) fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
         }
         ColumnType::Utf8 => v
             .as_str()
-            .map(|s| Datum::Str(s.to_string()))
+            .map(|s| Datum::Str(s.to_string().into()))
             .ok_or_else(expected),
-        ColumnType::Json => Ok(Datum::Str(v.to_string())),
+        ColumnType::Json => Ok(Datum::Str(v.to_string().into())),
         ColumnType::Binary => v
             .as_str()
             .and_then(|s| BASE64.decode(s).ok())
-            .map(Datum::Bytes)
+            .map(|b| Datum::Bytes(b.into()))
             .ok_or_else(expected),
         ColumnType::Decimal { precision, .. } => {
             // A NUMERIC-format number never gets here (see `exact_number`),
@@ -223,7 +223,7 @@ pub(super) fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
         ColumnType::WideDecimal { scale } => v
             .as_str()
             .and_then(|s| BASE64.decode(s).ok())
-            .map(|b| Datum::Str(big_decimal_text(&b, *scale)))
+            .map(|b| Datum::Str(big_decimal_text(&b, *scale).into()))
             .ok_or_else(expected),
         ColumnType::LocalTimestamp(unit) => v
             .as_i64()
@@ -253,7 +253,7 @@ pub(super) fn to_datum(ty: &ColumnType, v: &Value) -> Result<Datum, String> {
                 .and_then(|s| BASE64.decode(s).ok());
             match (scale, bytes) {
                 (Some(scale), Some(b)) if !b.is_empty() => {
-                    Ok(Datum::Str(big_decimal_text(&b, scale as u32)))
+                    Ok(Datum::Str(big_decimal_text(&b, scale as u32).into()))
                 }
                 _ => Err(expected()),
             }
@@ -276,9 +276,9 @@ pub(super) fn numeric_text(
     precision: u8,
     scale: i8,
     ty: &ColumnType,
-) -> Result<Datum, String> {
+) -> Result<Datum<'static>, String> {
     if is_numeric_special(s) {
-        return Ok(Datum::Str(s.to_string()));
+        return Ok(Datum::Str(s.to_string().into()));
     }
     let plain = without_exponent(s);
     parse_decimal(plain.as_deref().unwrap_or(s), scale as u32)
@@ -287,14 +287,14 @@ pub(super) fn numeric_text(
 }
 
 /// One value of a `NumericText` list as PostgreSQL's text, for the sibling.
-pub(super) fn as_text(ty: &ColumnType, d: &Datum) -> Datum {
+pub(super) fn as_text<'a>(ty: &ColumnType, d: &Datum<'a>) -> Datum<'a> {
     match (ty, d) {
         (ColumnType::List(item), Datum::List(items)) => {
             Datum::List(items.iter().map(|d| as_text(item, d)).collect())
         }
         (ColumnType::List(item), d) => as_text(item, d),
         (ColumnType::NumericText { scale, .. }, Datum::Decimal(u)) => {
-            Datum::Str(format_decimal(*u, *scale as u32))
+            Datum::Str(format_decimal(*u, *scale as u32).into())
         }
         (_, d) => d.clone(),
     }

@@ -426,7 +426,8 @@ async fn a_fenced_partition_resumes_after_the_other_writers_rows() {
     let mut decoder = Decoder::new();
     let mut segment = Segment::new(10);
     for o in 10..20 {
-        let Ok(Decoded::Row(row)) = decoder.decode(Some(&event(o))) else {
+        let value = event(o);
+        let Ok(Decoded::Row(row)) = decoder.decode(Some(&value)) else {
             panic!("a fixture event");
         };
         segment.push(&row, 0, o);
