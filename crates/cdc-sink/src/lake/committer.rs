@@ -415,7 +415,7 @@ mod tests {
         for t in tables {
             let offsets: Vec<i64> = landed
                 .iter()
-                .filter(|l| l.tp.topic == format!("db.{t}"))
+                .filter(|l| *l.tp.topic == format!("db.{t}"))
                 .map(|l| l.last)
                 .collect();
             assert_eq!(

@@ -42,7 +42,7 @@ pub fn quarantine_key(prefix: &Path, tp: &Tp, offset: i64) -> Path {
     prefix
         .clone()
         .join("_quarantine")
-        .join(tp.topic.as_str())
+        .join(&*tp.topic)
         .join(format!("p{:03}", tp.partition))
         .join(format!("{offset:020}.json"))
 }
@@ -81,7 +81,7 @@ impl Quarantine {
         .filter_map(|(name, v)| Some((name.to_string(), String::from_utf8_lossy(v?).into_owned())))
         .collect();
         let record = QuarantineRecord {
-            topic: tp.topic.clone(),
+            topic: tp.topic.to_string(),
             partition: tp.partition,
             offset,
             error: error.to_string(),

@@ -48,7 +48,7 @@ use crate::lake::{LakeError, table_of};
 use crate::pipeline::mirrors::Mirrors;
 use crate::pipeline::partition::{Partitions, Taken};
 use crate::retry::{Dependency, with_retry};
-use crate::source::position::{Admit, Ticket, Tp};
+use crate::source::position::{Admit, Ticket, Tp, TpNames};
 use crate::source::schemas::SchemaTopicError;
 use crate::source::{KafkaSource, Rebalance, Rebalances, Source};
 use crate::telemetry::{self as t, Meters};
@@ -245,6 +245,7 @@ pub async fn run_with<S: Source>(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
+    let mut tp_names = TpNames::default();
     loop {
         tokio::select! {
             biased;
@@ -284,7 +285,7 @@ pub async fn run_with<S: Source>(
                 };
                 // Buffers of revoked partitions go before anything else.
                 sink.apply_rebalances(&mut rebalances);
-                let tp = Tp::new(msg.topic(), msg.partition());
+                let tp = tp_names.get(msg.topic(), msg.partition());
                 let mut headers = MessageHeaders::default();
                 for h in msg.headers().iter().flat_map(|h| h.iter()) {
                     match h.key {

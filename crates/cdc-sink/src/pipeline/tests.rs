@@ -133,7 +133,7 @@ impl ScriptedSource {
         Some(OwnedMessage::new(
             value,
             None,
-            tp.topic,
+            tp.topic.to_string(),
             Timestamp::NotAvailable,
             tp.partition,
             offset,

@@ -25,19 +25,52 @@
 //! [`Position`] per assigned partition, together with what that partition
 //! has buffered (`pipeline::partition`).
 
+use std::sync::Arc;
+
 /// A topic and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tp {
-    pub topic: String,
+    /// Shared: a `Tp` is made for every message, and cloned into every
+    /// map and commit that names its partition.
+    pub topic: Arc<str>,
     pub partition: i32,
 }
 
 impl Tp {
-    pub fn new(topic: impl Into<String>, partition: i32) -> Tp {
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Tp {
         Tp {
             topic: topic.into(),
             partition,
         }
+    }
+}
+
+/// The [`Tp`]s of the partitions messages came from, so that naming a
+/// message's partition is a comparison, not an allocation. Messages come
+/// in runs from one partition (a fetch's batch), so the last one is tried
+/// first.
+#[derive(Debug, Default)]
+pub struct TpNames {
+    seen: Vec<Tp>,
+    last: usize,
+}
+
+impl TpNames {
+    pub fn get(&mut self, topic: &str, partition: i32) -> Tp {
+        let is = |t: &Tp| t.partition == partition && *t.topic == *topic;
+        if let Some(tp) = self.seen.get(self.last).filter(|t| is(t)) {
+            return tp.clone();
+        }
+        self.last = match self.seen.iter().position(is) {
+            Some(i) => i,
+            None => {
+                let shared = self.seen.iter().find(|t| *t.topic == *topic);
+                let topic = shared.map_or_else(|| Arc::from(topic), |t| t.topic.clone());
+                self.seen.push(Tp { topic, partition });
+                self.seen.len() - 1
+            }
+        };
+        self.seen[self.last].clone()
     }
 }
 
@@ -276,6 +309,23 @@ impl Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tp_names_hand_out_one_shared_topic_per_topic() {
+        let mut names = TpNames::default();
+        let a0 = names.get("db.a", 0);
+        let a1 = names.get("db.a", 1);
+        let b0 = names.get("db.b", 0);
+        assert_eq!(a0, Tp::new("db.a", 0));
+        assert_eq!(a1, Tp::new("db.a", 1));
+        assert_eq!(b0, Tp::new("db.b", 0));
+        assert!(Arc::ptr_eq(&a0.topic, &a1.topic));
+        // Found again, last one or not, without a new allocation.
+        assert!(Arc::ptr_eq(&names.get("db.b", 0).topic, &b0.topic));
+        assert!(Arc::ptr_eq(&names.get("db.a", 1).topic, &a0.topic));
+        assert_eq!(names.get("db.a", 0), a0);
+        assert_eq!(names.seen.len(), 3);
+    }
 
     fn known(lake: Option<i64>) -> Position {
         let mut p = Position::new(Ticket(0));
