@@ -711,6 +711,12 @@ mod tests {
         assert_eq!((row.op, row.lsn, row.tx_id), (Op::Update, None, Some(758)));
         assert_eq!(row.values[0], Datum::Int(42));
         assert_eq!(row.unchanged, [3]);
+        // Text is the message's own bytes, not a copy.
+        let Datum::Str(std::borrow::Cow::Borrowed(text)) = &row.values[1] else {
+            panic!("text copied out of the message: {:?}", row.values[1]);
+        };
+        assert_eq!(*text, "héllo");
+        assert!(value.as_ptr_range().contains(&text.as_ptr()));
         assert!(matches!(
             d.decode_message(None, &headers).unwrap(),
             Decoded::Tombstone

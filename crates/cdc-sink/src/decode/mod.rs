@@ -121,12 +121,12 @@ impl Op {
 }
 
 /// One value, already checked against its [`ColumnType`].
-#[derive(Debug, Clone, PartialEq)]
 ///
 /// Text and bytes borrow from the Kafka message where its encoding allows
 /// (Avro always, JSON without escapes): a row lives only until it is
 /// appended to its segment's Arrow builders, and a copy per value was a
 /// good share of the sink's allocations.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Datum<'a> {
     Null,
     Bool(bool),
@@ -1129,6 +1129,24 @@ pub(crate) mod tests {
                 .null_in_required
                 .is_empty()
         );
+    }
+
+    /// A JSON string without escapes is the message's own text, not a
+    /// copy; one with escapes is unescaped into a value of its own.
+    #[test]
+    fn json_text_borrows_from_the_message_unless_escaped() {
+        let mut d = Decoder::new();
+        let rows = rows_of(&mut d, TYPE_ZOO);
+        let full = rows
+            .iter()
+            .find(|r| r.op == Op::Create && value(r, "id") == &Datum::Int(1))
+            .unwrap();
+        let Datum::Str(Cow::Borrowed(label)) = value(full, "label") else {
+            panic!("copied: {:?}", value(full, "label"));
+        };
+        assert_eq!(*label, "héllo");
+        assert!(TYPE_ZOO.as_bytes().as_ptr_range().contains(&label.as_ptr()));
+        assert!(matches!(value(full, "note"), Datum::Str(Cow::Owned(n)) if n == "multi\nline"));
     }
 
     #[test]

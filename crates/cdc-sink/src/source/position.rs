@@ -48,7 +48,8 @@ impl Tp {
 /// The [`Tp`]s of the partitions messages came from, so that naming a
 /// message's partition is a comparison, not an allocation. Messages come
 /// in runs from one partition (a fetch's batch), so the last one is tried
-/// first.
+/// first. It holds one entry per partition the process has consumed,
+/// revoked ones included: a few hundred at most, a few bytes each.
 #[derive(Debug, Default)]
 pub struct TpNames {
     seen: Vec<Tp>,
