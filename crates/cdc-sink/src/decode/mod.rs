@@ -1,11 +1,16 @@
-//! Debezium change events to typed rows, in either of two JSON formats:
+//! Debezium change events to typed rows, in any of three formats:
 //!
 //! - Kafka Connect's JsonConverter with schemas enabled: every value is
 //!   `{"schema": S, "payload": P}`;
 //! - the schema-id format of `debezium/converter` (SchemaIdConverter): the
 //!   value is P alone, its header [`SCHEMA_HEADER`] names S by fingerprint,
 //!   and S itself is published once on a compacted topic, which the
-//!   pipeline reads and hands to [`Decoder::register`].
+//!   pipeline reads and hands to [`Decoder::register`];
+//! - the same with P in S's Avro encoding ([`ENCODING_HEADER`] `avro`, the
+//!   stack's default), read by `avro`.
+//!
+//! A row's text and bytes borrow from the message where the format allows,
+//! so a [`ChangeRow`] lives no longer than its Kafka message.
 //!
 //! [`Decoder`] parses each distinct envelope schema once and caches the
 //! resulting [`TableSchema`] by a hash of its raw JSON, so the per-message
