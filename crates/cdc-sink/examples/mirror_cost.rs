@@ -103,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
         FileWriter::new(writer_properties(&cfg.output)),
         cfg.lake.table_properties(),
         cfg.mirror.target_file_bytes,
-    );
+    )
+    .with_clustering(cfg.mirror.clustering);
     match args.command {
         Cmd::Seed { rows } => seed(&root, &changelog, &mirror, rows).await,
         Cmd::Apply {

@@ -186,12 +186,15 @@ pub async fn run(
     })?);
     let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
     let mirror = cfg.mirror.enabled.then(|| {
-        Arc::new(Mirror::new(
-            lake.root().clone(),
-            FileWriter::new(writer_properties(&cfg.output)),
-            cfg.lake.table_properties(),
-            cfg.mirror.target_file_bytes,
-        ))
+        Arc::new(
+            Mirror::new(
+                lake.root().clone(),
+                FileWriter::new(writer_properties(&cfg.output)),
+                cfg.lake.table_properties(),
+                cfg.mirror.target_file_bytes,
+            )
+            .with_clustering(cfg.mirror.clustering),
+        )
     });
     let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket,

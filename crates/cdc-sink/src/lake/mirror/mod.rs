@@ -28,6 +28,7 @@
 
 pub mod changes;
 mod halves;
+pub mod order;
 mod reconcile;
 mod rewrite;
 pub mod through;
@@ -51,6 +52,7 @@ use object_store::path::Path;
 use parquet::file::metadata::ParquetMetaDataReader;
 use serde_json::json;
 
+use crate::config::Clustering;
 use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
@@ -265,6 +267,8 @@ pub struct Mirror {
     properties: BTreeMap<String, String>,
     /// Files are cut at about this many encoded bytes.
     target_bytes: usize,
+    /// How a new or rebuilt mirror orders its files.
+    clustering: Clustering,
     /// New keys past the last file go into it while it is smaller than
     /// this, then into a new file.
     tail_bytes: usize,
@@ -322,6 +326,7 @@ impl Mirror {
             files,
             properties,
             target_bytes: target_bytes.max(1),
+            clustering: Clustering::Time,
             tail_bytes: target_bytes / 4,
             sync_bytes: (target_bytes / 8).max(1),
             ranges: std::sync::Mutex::new(HashMap::new()),
@@ -329,6 +334,13 @@ impl Mirror {
             through: std::sync::Mutex::new(HashMap::new()),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Orders the files of mirrors this creates or rebuilds by
+    /// `clustering` (by time unless told).
+    pub fn with_clustering(mut self, clustering: Clustering) -> Mirror {
+        self.clustering = clustering;
+        self
     }
 
     pub fn root(&self) -> &LakeRoot {
@@ -513,10 +525,19 @@ impl Mirror {
             None => None,
         };
         let truncate = TruncateState::newest(seen, Through::of_rows(&rows).truncate);
-        let changes = Changes::reduce(rows, &key, truncate).map_err(|e| e.into_mirror(table))?;
+        // The key's columns in the order of the mirror's files: chosen from
+        // these rows when they replace every file, else the mirror's own.
+        // Everything from here on sorts, routes and bounds by it.
+        let order = if !exists || full {
+            order::chosen(&rows, &key, self.clustering).map_err(arrow_err)?
+        } else {
+            let state = mirror.snapshot().map_err(&merr)?;
+            order::of(state.metadata().configuration(), &key)
+        };
+        let changes = Changes::reduce(rows, &order, truncate).map_err(|e| e.into_mirror(table))?;
 
         if !exists {
-            self.create(table, mirror, &mirror_schema(&schema), &key)
+            self.create(table, mirror, &mirror_schema(&schema), &key, &order)
                 .await?;
             mirror.load().await.map_err(&merr)?;
             if mirror.version() != Some(0) {
@@ -529,7 +550,7 @@ impl Mirror {
             }
         }
         let mut outcome = self
-            .apply(table, mirror, &key, &changes, full, through)
+            .apply(table, mirror, &order, &changes, full, through)
             .await?;
         outcome.behind = through < target;
         if outcome.conflict {
@@ -709,6 +730,7 @@ impl Mirror {
         mirror: &DeltaTable,
         schema: &SchemaRef,
         key: &[String],
+        order: &[String],
     ) -> Result<(), MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let nullable: Vec<Field> = schema
@@ -728,12 +750,17 @@ impl Mirror {
             KEY_PROPERTY.to_string(),
             serde_json::to_string(key).expect("names serialise"),
         );
+        properties.insert(
+            order::ORDER_PROPERTY.to_string(),
+            serde_json::to_string(order).expect("names serialise"),
+        );
         create_table(mirror, &name, &delta, &[], properties.iter()).await?;
         Ok(())
     }
 
     /// Applies `changes` to the mirror's files and commits them with the
-    /// `txn` of changelog version `through`.
+    /// `txn` of changelog version `through`. `key` is the mirror's order of
+    /// its key's columns ([`order`]); a full sync makes it the table's.
     async fn apply(
         &self,
         table: &str,
@@ -919,12 +946,20 @@ impl Mirror {
         let mut evolved = current.clone();
         crate::lake::table::conform(RecordBatch::new_empty(target_schema.clone()), &mut evolved)
             .map_err(&merr)?;
-        if evolved != current {
-            let metadata = state
+        let order_json = serde_json::to_string(key).expect("names serialise");
+        let reordered = full
+            && state.metadata().configuration().get(order::ORDER_PROPERTY) != Some(&order_json);
+        if evolved != current || reordered {
+            let mut metadata = state
                 .metadata()
                 .clone()
                 .with_schema(&evolved)
                 .map_err(|e| merr(e.into()))?;
+            if reordered {
+                metadata = metadata
+                    .add_config_key(order::ORDER_PROPERTY.to_string(), order_json)
+                    .map_err(|e| merr(e.into()))?;
+            }
             actions.push(Action::Metadata(metadata));
         }
         actions.push(Action::Txn(Transaction::new_with_last_update(
@@ -1115,7 +1150,8 @@ pub async fn run(
         FileWriter::new(crate::lake::files::writer_properties(&cfg.output)),
         cfg.lake.table_properties(),
         cfg.mirror.target_file_bytes,
-    );
+    )
+    .with_clustering(cfg.mirror.clustering);
     let tables = match table {
         Some(t) => vec![t.to_string()],
         None => mirror.root().tables().await?,

@@ -153,14 +153,15 @@ impl Mirror {
         let Some(through) = applied else {
             return Ok(None);
         };
-        let key: Vec<String> = state
-            .metadata()
-            .configuration()
+        let configuration = state.metadata().configuration();
+        let key: Vec<String> = configuration
             .get(KEY_PROPERTY)
             .and_then(|k| serde_json::from_str(k).ok())
             .ok_or_else(|| MirrorError::BadKey {
                 table: table.to_string(),
             })?;
+        // The files are sorted, and their ranges bound, in the mirror's order.
+        let key = super::order::of(configuration, &key);
         let arrow_err = MirrorError::arrow(table);
         let file_err = MirrorError::file(table);
         let store = mirror.log_store().object_store(None);

@@ -240,6 +240,80 @@ impl Lake {
         assert!(outcome.fenced.is_empty());
     }
 
+    /// Commits `likes` (`(user_id, tweet_id, op)`, keyed by both, in that
+    /// order) as one flush of partition 0.
+    async fn commit_likes(&mut self, likes: &[(i64, i64, &str)]) {
+        let first = self.last.get(&0).map_or(0, |l| l + 1);
+        let n = likes.len() as i64;
+        let offsets: Vec<i64> = (first..first + n).collect();
+        let lsns: Vec<i64> = offsets.iter().map(|o| 1000 + o).collect();
+        let schema = Schema::new(vec![
+            Field::new("user_id", DataType::Int64, true),
+            Field::new("tweet_id", DataType::Int64, true),
+            Field::new(meta::OP, DataType::Utf8, true),
+            Field::new(meta::LSN, DataType::Int64, true),
+            Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+            Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
+        ]);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(likes.iter().map(|l| l.0))),
+            Arc::new(Int64Array::from_iter_values(likes.iter().map(|l| l.1))),
+            Arc::new(StringArray::from_iter_values(likes.iter().map(|l| l.2))),
+            Arc::new(Int64Array::from(lsns)),
+            Arc::new(Int32Array::from(vec![0; likes.len()])),
+            Arc::new(Int64Array::from(offsets.clone())),
+        ];
+        let write = PartitionWrite {
+            tp: Tp::new(format!("db.{TABLE}"), 0),
+            claim: Claim {
+                expected: self.last.get(&0).copied(),
+                last: *offsets.last().unwrap(),
+            },
+            files: vec![DataFile {
+                date: NaiveDate::from_ymd_opt(2026, 12, 4).unwrap(),
+                batch: RecordBatch::try_new(Arc::new(schema), columns).unwrap(),
+                key: Some(Arc::from(vec![
+                    "user_id".to_string(),
+                    "tweet_id".to_string(),
+                ])),
+            }],
+        };
+        self.last.insert(0, *offsets.last().unwrap());
+        let outcome = self.changelog.write(TABLE, &[write]).await.unwrap();
+        assert!(outcome.fenced.is_empty());
+    }
+
+    /// The mirror's `(user_id, tweet_id)` keys, read as [`Lake::rows`]
+    /// reads, each once.
+    async fn like_rows(&self) -> std::collections::BTreeSet<(i64, i64)> {
+        let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+        t.load().await.unwrap();
+        let store = t.log_store().object_store(None);
+        let mut out = std::collections::BTreeSet::new();
+        for f in t.snapshot().unwrap().log_data().iter() {
+            let bytes = store
+                .get(&f.object_store_path())
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            for b in ReadFile::read(f.path().to_string(), bytes).unwrap().batches {
+                let users = b.column_by_name("user_id").unwrap();
+                let tweets = b.column_by_name("tweet_id").unwrap();
+                let (users, tweets) = (
+                    users.as_primitive::<Int64Type>(),
+                    tweets.as_primitive::<Int64Type>(),
+                );
+                for i in 0..b.num_rows() {
+                    let key = (users.value(i), tweets.value(i));
+                    assert!(out.insert(key), "key {key:?} twice");
+                }
+            }
+        }
+        out
+    }
+
     async fn live_files(&self) -> usize {
         let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
         t.load().await.unwrap();
@@ -393,6 +467,63 @@ async fn updates_rewrite_only_the_files_that_hold_their_keys() {
         "{synced:?}"
     );
     assert_eq!(lake.rows().await.len(), 20_000);
+}
+
+/// `likes (user_id, tweet_id)`: likes of recent tweets by users from all
+/// over. Clustered by time, the mirror sorts by `tweet_id` first, so a
+/// batch of new likes and unlikes of recent ones rewrites only the last
+/// files; in the key's own order the same batch rewrites every file, until
+/// a rebuild clusters it by time.
+#[tokio::test]
+async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
+    // The `i`-th like: one of the 20 newest tweets, by a user spread over
+    // 5,000 (no pair twice: a user's likes are 5,000 apart, 500 tweets).
+    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
+    for clustering in [Clustering::Time, Clustering::Key] {
+        let mut lake = Lake::new();
+        let mirror = lake.mirror(256 << 10).with_clustering(clustering);
+        let seeded: Vec<(i64, i64, &str)> =
+            (0..80_000).map(|i| (like(i).0, like(i).1, "c")).collect();
+        lake.commit_likes(&seeded).await;
+        while mirror.sync(TABLE, false).await.unwrap().behind {}
+        let files = lake.live_files().await;
+        assert!(files >= 4, "{clustering:?}: {files} files");
+
+        // 500 new likes, and unlikes of 20 of the last 1,000.
+        let mut batch: Vec<(i64, i64, &str)> = (80_000..80_500)
+            .map(|i| (like(i).0, like(i).1, "c"))
+            .collect();
+        batch.extend((0..20).map(|n| (like(79_000 + n * 50).0, like(79_000 + n * 50).1, "d")));
+        lake.commit_likes(&batch).await;
+        let synced = mirror.sync(TABLE, false).await.unwrap();
+        match clustering {
+            Clustering::Time => assert!(synced.files_removed <= 2, "{synced:?}"),
+            Clustering::Key => assert_eq!(synced.files_removed, files, "{synced:?}"),
+        }
+
+        let want: std::collections::BTreeSet<(i64, i64)> = (0..80_500)
+            .filter(|i| !(79_000..80_000).contains(i) || (i - 79_000) % 50 != 0)
+            .map(like)
+            .collect();
+        assert_eq!(lake.like_rows().await, want, "{clustering:?}");
+        if clustering == Clustering::Time {
+            continue;
+        }
+
+        // A rebuild clusters a mirror of the key's order by time; later
+        // syncs keep to it.
+        let retimed = lake.mirror(256 << 10);
+        assert!(retimed.sync(TABLE, true).await.unwrap().full);
+        let more: Vec<(i64, i64, &str)> = (80_500..81_000)
+            .map(|i| (like(i).0, like(i).1, "c"))
+            .collect();
+        lake.commit_likes(&more).await;
+        let synced = retimed.sync(TABLE, false).await.unwrap();
+        assert!(synced.files_removed <= 2, "{synced:?}");
+        let want: std::collections::BTreeSet<(i64, i64)> =
+            want.into_iter().chain((80_500..81_000).map(like)).collect();
+        assert_eq!(lake.like_rows().await, want, "after the rebuild");
+    }
 }
 
 /// A primary-key update (a delete of the old key and a create of the new
