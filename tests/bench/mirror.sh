@@ -14,7 +14,10 @@
 # JSON line: S3 GET/PUT/LIST requests and bytes (counted by a wrapper
 # around the store), wall time, peak RSS of the sync, files and rows
 # rewritten. Only MinIO is needed (tests/stack.sh up). MIRROR_BENCH_PREFIX
-# (default bench-mirror) names the lake prefix, for a fresh seed.
+# (default bench-mirror) names the lake prefix, for a fresh seed;
+# MIRROR_BENCH_UNLIKES=anywhere draws unlikes from every like rather than
+# the newest 100,000 (tweetgen's); CDC_SINK_MIRROR__CLUSTERING=key seeds
+# mirrors sorted in the primary key's own order rather than by time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-lake/target}
@@ -28,5 +31,6 @@ for rows in "${sizes[@]}"; do
   start=$(date +%s)
   RUST_LOG=warn "$bin" --prefix "${MIRROR_BENCH_PREFIX:-bench-mirror}" seed --rows "$rows"
   echo "   seeded in $(( $(date +%s) - start )) s" >&2
-  RUST_LOG=warn "$bin" --prefix "${MIRROR_BENCH_PREFIX:-bench-mirror}" apply --rows "$rows" --keys 1000 --batches 3
+  RUST_LOG=warn "$bin" --prefix "${MIRROR_BENCH_PREFIX:-bench-mirror}" apply --rows "$rows" --keys 1000 --batches 3 \
+    --unlikes "${MIRROR_BENCH_UNLIKES:-recent}"
 done

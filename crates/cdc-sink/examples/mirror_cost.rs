@@ -2,15 +2,18 @@
 //! size: `tests/bench/mirror.sh` runs it (see docs/benchmarks.md).
 //!
 //! `seed --rows N` writes a changelog `likes_N` of N `likes`-shaped inserts
-//! (key `(user_id, tweet_id)`, sorted, 50 likes per user) through the sink's
-//! own changelog writer, one commit per million rows, and syncs its mirror
+//! (key `(user_id, tweet_id)`) in the order they were made: ten likes per
+//! tweet, each of one of the 200 newest tweets, by users spread over the
+//! id space (50 likes per user). It writes them through the sink's own
+//! changelog writer, one commit per million rows, and syncs the mirror
 //! after each commit, as a sink would; then checkpoints both.
 //!
 //! `apply --rows N` then commits batches of `--keys` changed keys to the
-//! changelog, in tweetgen's mix for likes (15 likes to 1 unlike: inserts by
+//! changelog, in tweetgen's mix for likes (15 likes to 1 unlike: likes by
 //! users drawn from a heavy tail of activity, scattered over the id space,
-//! of recent tweets; deletes of existing likes drawn uniformly), and syncs
-//! the mirror after each. The first batch runs in a fresh process (the key
+//! of recent tweets; unlikes of one of the newest 100,000 likes, which is
+//! what tweetgen remembers and draws its unlikes from, or with
+//! `--unlikes anywhere` of any like), and syncs the mirror after each. The first batch runs in a fresh process (the key
 //! ranges of the mirror's files are read from their footers); later ones
 //! run as in a sink that has been running (ranges known). For each it
 //! prints one JSON line: the S3 requests and bytes of the sync (counted by
@@ -55,6 +58,10 @@ use object_store::{
 use url::Url;
 
 const LIKES_PER_USER: i64 = 50;
+/// A like is of one of this many newest tweets.
+const RECENT_TWEETS: i64 = 200;
+/// How many of the newest likes tweetgen remembers and unlikes from.
+const REMEMBERED_LIKES: i64 = 100_000;
 const SEED_COMMIT_ROWS: i64 = 1_000_000;
 const GROUP: &str = "bench-mirror";
 
@@ -82,7 +89,18 @@ enum Cmd {
         keys: usize,
         #[arg(long, default_value_t = 3)]
         batches: usize,
+        /// Which likes an unlike takes back.
+        #[arg(long, value_enum, default_value_t = Unlikes::Recent)]
+        unlikes: Unlikes,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Unlikes {
+    /// One of the newest 100,000 (tweetgen's pool of likes it remembers).
+    Recent,
+    /// Any like, uniformly.
+    Anywhere,
 }
 
 #[tokio::main]
@@ -111,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
             rows,
             keys,
             batches,
+            unlikes,
         } => {
             let table = table_name(rows);
             let tp = Tp::new(format!("bench.{table}"), 0);
@@ -121,7 +140,8 @@ async fn main() -> anyhow::Result<()> {
             let mut rng = Rng(0x5eed ^ rows as u64);
             let mut next_tweet = rows / 10 + 1;
             for batch in 0..batches {
-                let (batch_rows, first_new) = changes(&mut rng, rows, keys, next_tweet, last);
+                let (batch_rows, first_new) =
+                    changes(&mut rng, rows, keys, unlikes, next_tweet, last);
                 next_tweet = first_new;
                 let n = batch_rows.num_rows() as i64;
                 write(&changelog, &table, &tp, last, batch_rows).await?;
@@ -140,6 +160,10 @@ async fn main() -> anyhow::Result<()> {
                         "batch": batch,
                         "ranges": if batch == 0 { "read from footers" } else { "known" },
                         "keys": keys,
+                        "unlikes": match unlikes {
+                            Unlikes::Recent => "recent",
+                            Unlikes::Anywhere => "anywhere",
+                        },
                         "upserts": synced.upserts,
                         "deletes": synced.deletes,
                         "wall_ms": wall.as_millis() as u64,
@@ -203,14 +227,21 @@ async fn seed(
     Ok(())
 }
 
-/// The `i`-th key of a seeded table, in key order: user `i / 50 + 1`, and
-/// 50 distinct tweets of the first `rows / 10`.
+/// The `i`-th like of a seeded table, in the order they were made: one of
+/// the [`RECENT_TWEETS`] newest (log-uniform in age) when `i / 10 + 1` is
+/// the newest, by user `i mod users` scattered over the ids. A user's likes
+/// are `rows / 500` tweets apart, more than their ages span from 100,000
+/// rows up, so no pair is made twice.
 fn seed_key(rows: i64, i: i64) -> (i64, i64) {
-    let tweets = (rows / 10).max(LIKES_PER_USER);
-    let stride = tweets / LIKES_PER_USER;
-    let user = i / LIKES_PER_USER + 1;
-    let tweet = (i % LIKES_PER_USER) * stride + user % stride + 1;
-    (user, tweet)
+    let users = (rows / LIKES_PER_USER).max(1);
+    // A multiplicative hash of `i` for the age; a prime above any user
+    // count scatters the users (a bijection modulo `users`).
+    let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
+    let unit = h as f64 / (1u64 << 53) as f64;
+    let age = (unit * (RECENT_TWEETS as f64).ln()).exp() as i64 - 1;
+    let tweet = (i / 10 + 1 - age).max(1);
+    let user = ((i % users) as u64).wrapping_mul(2_654_435_761) % users as u64;
+    (user as i64 + 1, tweet)
 }
 
 /// One batch of `keys` changed keys in tweetgen's mix for likes, and the
@@ -219,6 +250,7 @@ fn changes(
     rng: &mut Rng,
     rows: i64,
     keys: usize,
+    unlikes: Unlikes,
     next_tweet: i64,
     last_offset: i64,
 ) -> (RecordBatch, i64) {
@@ -226,11 +258,16 @@ fn changes(
     let mut seen = HashSet::new();
     let (mut u, mut t, mut ops) = (Vec::new(), Vec::new(), Vec::new());
     // Tweets posted since: likes go to the newest, most of them.
-    let recent = 200;
+    let recent = RECENT_TWEETS;
+    let remembered = REMEMBERED_LIKES.min(rows);
     while u.len() < keys {
         let key = if rng.below(16) == 0 {
             ops.push("d");
-            seed_key(rows, rng.below(rows as u64) as i64)
+            let i = match unlikes {
+                Unlikes::Recent => rows - 1 - rng.below(remembered as u64) as i64,
+                Unlikes::Anywhere => rng.below(rows as u64) as i64,
+            };
+            seed_key(rows, i)
         } else {
             ops.push("c");
             // Activity rank from a heavy tail (log-uniform), scattered

@@ -34,6 +34,11 @@ pub const ORDER_PROPERTY: &str = "cdc.clusterBy";
 /// the key's own order is as good as any.
 const FOLLOWS_TIME: f64 = 0.5;
 
+/// Rows a choice needs, at least: Spearman's correlation of 100 unrelated
+/// values is about 0 ± 0.1, so [`FOLLOWS_TIME`] is not reached by chance.
+/// A mirror created from fewer keeps the key's order until a rebuild.
+const ENOUGH_ROWS: usize = 100;
+
 /// Rows looked at per partition, at most (evenly spaced): ranks of a
 /// sample say as much as ranks of all, and cost a sort of the sample.
 const SAMPLE: usize = 1 << 16;
@@ -46,7 +51,7 @@ pub fn chosen(
     key: &[String],
     clustering: Clustering,
 ) -> Result<Vec<String>, ArrowError> {
-    if clustering == Clustering::Key || key.len() < 2 {
+    if clustering == Clustering::Key || key.len() < 2 || rows.num_rows() < ENOUGH_ROWS {
         return Ok(key.to_vec());
     }
     let mut best = (0, time_correlation(rows, &key[0])?);
@@ -85,9 +90,11 @@ pub fn of(configuration: &HashMap<String, String>, key: &[String]) -> Vec<String
 /// their partitions: Spearman's correlation per partition, weighted by its
 /// rows (1: they only grow; 0: no relation; a constant column 0).
 fn time_correlation(rows: &RecordBatch, column: &str) -> Result<f64, ArrowError> {
-    let values = rows
-        .column_by_name(column)
-        .ok_or_else(|| ArrowError::SchemaError(format!("no key column `{column}`")))?;
+    // A key column the rows lack is reported by the reduction that needs it
+    // (`KeyChanged`, naming it); here it follows nothing.
+    let Some(values) = rows.column_by_name(column) else {
+        return Ok(0.0);
+    };
     let partitions = rows
         .column_by_name(meta::KAFKA_PARTITION)
         .and_then(|p| p.as_primitive_opt::<Int32Type>());
@@ -209,6 +216,16 @@ mod tests {
         let rows = likes(10_000);
         let key = names(&["user_id", "tenant"]);
         assert_eq!(chosen(&rows, &key, Clustering::Time).expect("chosen"), key);
+        let key = names(&["user_id", "tweet_id"]);
+        assert_eq!(
+            chosen(&likes(99), &key, Clustering::Time).expect("chosen"),
+            key,
+            "too few rows to tell"
+        );
+        assert_ne!(
+            chosen(&likes(1_000), &key, Clustering::Time).expect("chosen"),
+            key
+        );
     }
 
     #[test]
