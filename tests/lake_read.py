@@ -20,10 +20,10 @@ text (the form tests compare with PostgreSQL's): timestamps as epoch
 microseconds, decimals with their scale, floats as PostgreSQL spells them
 (NaN, Infinity), booleans as true/false, bytes as \\x hex, lists as
 [a, b]. `state` prints, per table, the Delta version, the files the log
-holds, and the `txn` version of each --app-id. S3 settings come from the
-CDC_SINK_S3__* environment variables (tests/stack.sh env). The reader runs
-only through the Delta log: files a crashed attempt left behind are not
-seen.
+holds, the `txn` version of each --app-id, and the table's properties.
+S3 settings come from the CDC_SINK_S3__* environment variables
+(tests/stack.sh env). The reader runs only through the Delta log: files a
+crashed attempt left behind are not seen.
 """
 
 import argparse
@@ -256,6 +256,7 @@ def state(args):
                     "version": dt.version(),
                     "files": sorted(dt.file_uris()),
                     "txn": {a: dt.transaction_version(a) for a in args.app_id},
+                    "configuration": dt.metadata().configuration,
                 }
             )
         )

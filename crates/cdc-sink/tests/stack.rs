@@ -32,7 +32,8 @@ use test_support::kafka::{
     send_with_headers, wait_committed, watermarks,
 };
 use test_support::lake::{
-    LakeRow, lake_rows, lake_schema, latest_by_query, mirror_rows, primary_key, table_state,
+    LakeRow, lake_rows, lake_schema, latest_by_query, mirror_rows, primary_key, table_exists,
+    table_state,
 };
 use test_support::prom::{Scrape, scrape};
 use test_support::wait::{try_wait_until, try_wait_until_blocking};
@@ -1754,6 +1755,88 @@ async fn keys_without_their_schema_still_key_the_current_state_table() {
     wait_lake_rows(&sink, &prefix, "likes", 40).await;
     terminate(sink);
     let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "likes").await;
+    drop(pg);
+    drop(capture);
+}
+
+/// A composite key whose second column grows with time (`likes`: new
+/// likes go to new tweets, by users from anywhere): the current-state
+/// table sorts its files by `tweet_id` first, chosen from the snapshot it
+/// was created from, and stays equal to PostgreSQL through updates,
+/// deletes, new likes and a key update. `cdc-sink mirror --rebuild` with
+/// `mirror.clustering = "key"` sorts it in the key's own order, and it is
+/// equal still.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_key() {
+    // Like `g` is of one of the 20 newest tweets (`g / 10` is the newest),
+    // by one of 500 users; a user's likes are 50 tweets apart.
+    let likes = |from: i32, to: i32| {
+        format!(
+            "INSERT INTO likes SELECT (g * 7919) % 500, g / 10 + (g * 13) % 20, g \
+             FROM generate_series({from}, {to}) g"
+        )
+    };
+    let capture = OwnCapture::start(
+        "clustered",
+        "likes",
+        &format!(
+            "CREATE TABLE likes (user_id bigint, tweet_id bigint, n integer,
+                                 PRIMARY KEY (user_id, tweet_id));
+             {}",
+            likes(1, 2000)
+        ),
+        &[],
+    )
+    .await;
+    let sink = capture.spawn_sink();
+    let prefix = capture.prefix.clone();
+    let pg = capture.client().await;
+    let equal = async || {
+        if !table_exists(&prefix, "likes", true) {
+            return Err("no current-state table yet".to_string());
+        }
+        mirror_diff(&pg, "deltalake", &prefix, "likes").await
+    };
+    wait_until(
+        "the snapshot in the current-state table",
+        Duration::from_secs(90),
+        equal,
+    )
+    .await;
+    OwnCapture::sql(
+        &capture.db,
+        &format!(
+            "UPDATE likes SET n = -n WHERE user_id = 3;
+             DELETE FROM likes WHERE tweet_id BETWEEN 150 AND 160;
+             {};
+             UPDATE likes SET user_id = 1000 WHERE tweet_id = 190 AND user_id < 100;",
+            likes(2001, 2500)
+        ),
+    );
+    wait_until(
+        "the changes in the current-state table",
+        Duration::from_secs(90),
+        equal,
+    )
+    .await;
+    terminate(sink);
+    let order = |prefix: &str| -> Vec<String> {
+        let state = table_state(prefix, "_current/likes", &[]);
+        serde_json::from_str(&state.configuration["cdc.clusterBy"]).unwrap()
+    };
+    assert_eq!(order(&prefix), ["tweet_id", "user_id"]);
+    assert_mirror_equals_pg(&pg, &prefix, "likes").await;
+
+    let rebuilt = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args(["mirror", "--table", "likes", "--rebuild"])
+        .env("CDC_SINK_OUTPUT__PREFIX", &prefix)
+        .env("CDC_SINK_KAFKA__GROUP_ID", &capture.group)
+        .env("CDC_SINK_MIRROR__CLUSTERING", "key")
+        .status()
+        .expect("run cdc-sink mirror");
+    assert!(rebuilt.success(), "{rebuilt}");
+    assert_eq!(order(&prefix), ["user_id", "tweet_id"]);
     assert_mirror_equals_pg(&pg, &prefix, "likes").await;
     drop(pg);
     drop(capture);

@@ -139,11 +139,13 @@ pub fn latest_by_query(
         .collect()
 }
 
-/// The files a table's log holds, and the `txn` version of each app id.
+/// The files a table's log holds, the `txn` version of each app id, and
+/// the table's properties.
 #[derive(Debug)]
 pub struct TableState {
     pub files: BTreeSet<String>,
     pub txn: BTreeMap<String, Option<i64>>,
+    pub configuration: BTreeMap<String, String>,
 }
 
 /// `lake_read.py state` of `table`, with the `txn` versions of `app_ids`.
@@ -162,6 +164,7 @@ pub fn table_state(prefix: &str, table: &str, app_ids: &[String]) -> TableState 
             .map(|f| f.as_str().unwrap().to_string())
             .collect(),
         txn: serde_json::from_value(v["txn"].clone()).unwrap(),
+        configuration: serde_json::from_value(v["configuration"].clone()).unwrap(),
     }
 }
 
