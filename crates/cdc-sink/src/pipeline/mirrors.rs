@@ -218,7 +218,7 @@ async fn sync(
                 metrics::gauge!(t::MIRROR_SOURCE_TIMESTAMP, "table" => table.to_string())
                     .set(us as f64 / 1e6);
             }
-            if synced.full {
+            if synced.full && !synced.rechosen {
                 tracing::info!(table, through = ?synced.through, upserts = synced.upserts,
                     "current-state table built from the whole changelog");
             } else {

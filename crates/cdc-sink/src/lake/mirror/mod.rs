@@ -61,6 +61,7 @@ use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
+use crate::lake::mirror::order::Order;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::{Through, TruncateState};
 use crate::lake::table::{LakeRoot, create_table, delta_err};
@@ -165,6 +166,9 @@ pub struct Synced {
     /// Applied from the whole changelog rather than the versions since the
     /// last sync (a new mirror, a rebuild, or a gap no longer in the log).
     pub full: bool,
+    /// Applied from the whole changelog because the mirror's order was
+    /// still pending ([`order`]): routine while the table is small.
+    pub rechosen: bool,
     pub upserts: usize,
     pub deletes: usize,
     pub files_removed: usize,
@@ -425,6 +429,24 @@ impl Mirror {
             });
         }
 
+        // A mirror whose order is still pending (chosen from too few rows)
+        // is rebuilt while its changelog is small, which is cheap: the order
+        // is chosen again from every change so far.
+        let rechosen = !rebuild
+            && exists
+            && { order::pending(mirror.snapshot().map_err(&merr)?.metadata().configuration()) }
+            && {
+                let bytes: i64 = changelog
+                    .snapshot()
+                    .map_err(&err)?
+                    .log_data()
+                    .iter()
+                    .map(|f| f.size())
+                    .sum();
+                bytes <= self.sync_bytes as i64
+            };
+        let rebuild = rebuild || rechosen;
+
         // The changelog's commits since the last sync (from version 0 for
         // a new mirror), a bounded batch of them at a time, so that memory
         // does not grow with how far behind the mirror is; the caller syncs
@@ -532,17 +554,27 @@ impl Mirror {
             order::chosen(&rows, &key, self.clustering).map_err(arrow_err)?
         } else {
             let state = mirror.snapshot().map_err(&merr)?;
-            order::of(state.metadata().configuration(), &key)
+            let configuration = state.metadata().configuration();
+            Order {
+                columns: order::of(configuration, &key),
+                pending: order::pending(configuration),
+            }
         };
-        let changes = Changes::reduce(rows, &order, truncate).map_err(|e| e.into_mirror(table))?;
+        let changes =
+            Changes::reduce(rows, &order.columns, truncate).map_err(|e| e.into_mirror(table))?;
 
         if !exists {
             self.create(table, mirror, &mirror_schema(&schema), &key, &order)
                 .await?;
             mirror.load().await.map_err(&merr)?;
-            if mirror.version() != Some(0) {
-                // Another writer created it and synced it first: these
-                // changes, read for an empty mirror, no longer apply.
+            let theirs = order::of(
+                mirror.snapshot().map_err(&merr)?.metadata().configuration(),
+                &key,
+            );
+            if mirror.version() != Some(0) || theirs != order.columns {
+                // Another writer created it (in an order of its own, maybe)
+                // or synced it first: these changes, read and sorted for an
+                // empty mirror in this order, no longer apply.
                 return Ok(Synced {
                     conflict: true,
                     ..Synced::default()
@@ -553,6 +585,7 @@ impl Mirror {
             .apply(table, mirror, &order, &changes, full, through)
             .await?;
         outcome.behind = through < target;
+        outcome.rechosen = rechosen;
         if outcome.conflict {
             tracing::info!(
                 table,
@@ -730,7 +763,7 @@ impl Mirror {
         mirror: &DeltaTable,
         schema: &SchemaRef,
         key: &[String],
-        order: &[String],
+        order: &Order,
     ) -> Result<(), MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let nullable: Vec<Field> = schema
@@ -750,26 +783,24 @@ impl Mirror {
             KEY_PROPERTY.to_string(),
             serde_json::to_string(key).expect("names serialise"),
         );
-        properties.insert(
-            order::ORDER_PROPERTY.to_string(),
-            serde_json::to_string(order).expect("names serialise"),
-        );
+        properties.extend(order.properties());
         create_table(mirror, &name, &delta, &[], properties.iter()).await?;
         Ok(())
     }
 
     /// Applies `changes` to the mirror's files and commits them with the
-    /// `txn` of changelog version `through`. `key` is the mirror's order of
-    /// its key's columns ([`order`]); a full sync makes it the table's.
+    /// `txn` of changelog version `through`, the files sorted in `order`
+    /// (a full sync makes it the table's).
     async fn apply(
         &self,
         table: &str,
         mirror: &DeltaTable,
-        key: &[String],
+        order: &Order,
         changes: &Changes,
         full: bool,
         through: i64,
     ) -> Result<Synced, MirrorError> {
+        let key = order.columns.as_slice();
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
         let arrow_err = MirrorError::arrow(table);
@@ -792,7 +823,7 @@ impl Mirror {
             let range = match cached {
                 Some(r) => r,
                 None => {
-                    let r = read_range(&store, path, f.size()).await?;
+                    let r = read_range(&store, path, f.size(), key).await?;
                     self.ranges
                         .lock()
                         .expect("not poisoned")
@@ -946,9 +977,13 @@ impl Mirror {
         let mut evolved = current.clone();
         crate::lake::table::conform(RecordBatch::new_empty(target_schema.clone()), &mut evolved)
             .map_err(&merr)?;
-        let order_json = serde_json::to_string(key).expect("names serialise");
+        // A full sync's order (chosen anew) becomes the table's, in the same
+        // commit as the files sorted by it.
+        let configuration = state.metadata().configuration();
         let reordered = full
-            && state.metadata().configuration().get(order::ORDER_PROPERTY) != Some(&order_json);
+            && (order::of(configuration, key) != key
+                || !configuration.contains_key(order::ORDER_PROPERTY)
+                || order::pending(configuration) != order.pending);
         if evolved != current || reordered {
             let mut metadata = state
                 .metadata()
@@ -957,8 +992,11 @@ impl Mirror {
                 .map_err(|e| merr(e.into()))?;
             if reordered {
                 metadata = metadata
-                    .add_config_key(order::ORDER_PROPERTY.to_string(), order_json)
+                    .remove_config_key(order::PENDING_PROPERTY)
                     .map_err(|e| merr(e.into()))?;
+                for (k, v) in order.properties() {
+                    metadata = metadata.add_config_key(k, v).map_err(|e| merr(e.into()))?;
+                }
             }
             actions.push(Action::Metadata(metadata));
         }
@@ -1420,7 +1458,12 @@ async fn fetch(store: &ObjectStoreRef, path: &str) -> Result<Bytes, MirrorError>
 /// A mirror file's key range, from its footer (two ranged GETs: the
 /// footer's length, then the footer). A failed request may pass; a file
 /// without the range will not.
-async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<FileRange, LakeError> {
+async fn read_range(
+    store: &ObjectStoreRef,
+    path: Path,
+    size: i64,
+    order: &[String],
+) -> Result<FileRange, LakeError> {
     let bad = |m: String| {
         LakeError::File(FileError::Read {
             path: path.to_string(),
@@ -1462,6 +1505,18 @@ async fn read_range(store: &ObjectStoreRef, path: Path, size: i64) -> Result<Fil
         .flatten()
         .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
         .collect();
+    // Its ranges bound keys in the order it was sorted in: routing keys
+    // of another order by them would put rows in the wrong files.
+    let sorted_by: Option<Vec<String>> = kv
+        .get(KEY_METADATA)
+        .and_then(|k| serde_json::from_str(k).ok());
+    if let Some(sorted_by) = sorted_by.filter(|s| s != order) {
+        return Err(bad(format!(
+            "a mirror file sorted by {sorted_by:?} in a table sorted by {order:?} (written by \
+             a sink that does not know the table's order: an older version?); rebuild the \
+             table with `cdc-sink mirror --table <table> --rebuild`"
+        )));
+    }
     let bound = |k: &str| {
         kv.get(k)
             .and_then(|h| unhex(h))

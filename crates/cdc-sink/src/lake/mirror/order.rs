@@ -15,8 +15,13 @@
 //! sorts the same way. A column goes first when its values' ranks follow
 //! the rows' order within their Kafka partitions (Spearman's correlation)
 //! closely, and more closely than the key's own first column.
+//!
+//! A new table's first changes may be too few to tell (a table captured
+//! empty): its choice stays open ([`PENDING_PROPERTY`]), and while its
+//! changelog is small each sync rebuilds it, choosing again from every
+//! change so far, until the choice is made from enough rows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::Int32Type;
@@ -30,18 +35,44 @@ use crate::decode::schema::meta;
 /// array of the primary key's columns).
 pub const ORDER_PROPERTY: &str = "cdc.clusterBy";
 
+/// Set while the order was chosen from too few rows to tell.
+pub const PENDING_PROPERTY: &str = "cdc.clusterByPending";
+
 /// How closely a column's values must follow time to go first: below it
 /// the key's own order is as good as any.
 const FOLLOWS_TIME: f64 = 0.5;
 
 /// Rows a choice needs, at least: Spearman's correlation of 100 unrelated
 /// values is about 0 ± 0.1, so [`FOLLOWS_TIME`] is not reached by chance.
-/// A mirror created from fewer keeps the key's order until a rebuild.
+/// A choice from fewer stays pending (see the module's overview).
 const ENOUGH_ROWS: usize = 100;
 
 /// Rows looked at per partition, at most (evenly spaced): ranks of a
 /// sample say as much as ranks of all, and cost a sort of the sample.
 const SAMPLE: usize = 1 << 16;
+
+/// The order of a mirror's files, as chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// The primary key's columns, in the order the files are sorted by.
+    pub columns: Vec<String>,
+    /// Chosen from too few rows to tell: choose again while that is cheap.
+    pub pending: bool,
+}
+
+impl Order {
+    /// The table properties that record this order.
+    pub fn properties(&self) -> Vec<(String, String)> {
+        let mut p = vec![(
+            ORDER_PROPERTY.to_string(),
+            serde_json::to_string(&self.columns).expect("names serialise"),
+        )];
+        if self.pending {
+            p.push((PENDING_PROPERTY.to_string(), "true".to_string()));
+        }
+        p
+    }
+}
 
 /// The order of a mirror created or rebuilt from `rows` (changelog rows
 /// in Kafka order): `key` with its column that best follows time first,
@@ -50,23 +81,36 @@ pub fn chosen(
     rows: &RecordBatch,
     key: &[String],
     clustering: Clustering,
-) -> Result<Vec<String>, ArrowError> {
-    if clustering == Clustering::Key || key.len() < 2 || rows.num_rows() < ENOUGH_ROWS {
-        return Ok(key.to_vec());
+) -> Result<Order, ArrowError> {
+    let mut order = Order {
+        columns: key.to_vec(),
+        pending: false,
+    };
+    if clustering == Clustering::Key || key.len() < 2 {
+        return Ok(order);
     }
-    let mut best = (0, time_correlation(rows, &key[0])?);
+    if rows.num_rows() < ENOUGH_ROWS {
+        order.pending = true;
+        return Ok(order);
+    }
+    let samples = partition_samples(rows);
+    let mut best = (0, time_correlation(rows, &samples, &key[0])?);
     for (i, column) in key.iter().enumerate().skip(1) {
-        let r = time_correlation(rows, column)?;
+        let r = time_correlation(rows, &samples, column)?;
         if r > best.1 {
             best = (i, r);
         }
     }
-    let mut order = key.to_vec();
     if best.1 >= FOLLOWS_TIME {
-        let first = order.remove(best.0);
-        order.insert(0, first);
+        let first = order.columns.remove(best.0);
+        order.columns.insert(0, first);
     }
     Ok(order)
+}
+
+/// Whether a mirror's order was chosen from too few rows to tell.
+pub fn pending(configuration: &HashMap<String, String>) -> bool {
+    configuration.contains_key(PENDING_PROPERTY)
 }
 
 /// The order of an existing mirror: its property, if that is an order of
@@ -86,35 +130,46 @@ pub fn of(configuration: &HashMap<String, String>, key: &[String]) -> Vec<String
         .unwrap_or_else(|| key.to_vec())
 }
 
-/// How closely the ranks of `column`'s values follow the rows' order in
-/// their partitions: Spearman's correlation per partition, weighted by its
-/// rows (1: they only grow; 0: no relation; a constant column 0).
-fn time_correlation(rows: &RecordBatch, column: &str) -> Result<f64, ArrowError> {
-    // A key column the rows lack is reported by the reduction that needs it
-    // (`KeyChanged`, naming it); here it follows nothing.
-    let Some(values) = rows.column_by_name(column) else {
-        return Ok(0.0);
-    };
+/// For each Kafka partition of `rows`, in partition order, the indices of
+/// at most [`SAMPLE`] of its rows, evenly spaced, in the order they come.
+fn partition_samples(rows: &RecordBatch) -> Vec<Vec<u32>> {
     let partitions = rows
         .column_by_name(meta::KAFKA_PARTITION)
         .and_then(|p| p.as_primitive_opt::<Int32Type>());
-    // Rows by partition, in the order they come in.
-    let mut by_partition: HashMap<Option<i32>, Vec<u32>> = HashMap::new();
+    let mut by_partition: BTreeMap<Option<i32>, Vec<u32>> = BTreeMap::new();
     for i in 0..rows.num_rows() {
         let p = partitions.and_then(|p| p.is_valid(i).then(|| p.value(i)));
         by_partition.entry(p).or_default().push(i as u32);
     }
+    by_partition
+        .into_values()
+        .map(|indices| {
+            let step = indices.len().div_ceil(SAMPLE).max(1);
+            indices.into_iter().step_by(step).collect()
+        })
+        .collect()
+}
+
+/// How closely the ranks of `column`'s values follow the rows' order in
+/// their partitions: Spearman's correlation per partition, weighted by its
+/// rows sampled (1: they only grow; 0: no relation, a constant column, or
+/// values that fall with time).
+fn time_correlation(
+    rows: &RecordBatch,
+    samples: &[Vec<u32>],
+    column: &str,
+) -> Result<f64, ArrowError> {
+    // A key column the rows lack fails the reduction that needs it, which
+    // names it; here it follows nothing.
+    let Some(values) = rows.column_by_name(column) else {
+        return Ok(0.0);
+    };
     let converter = RowConverter::new(vec![SortField::new(values.data_type().clone())])?;
     let (mut weighted, mut weight) = (0.0, 0.0);
-    for indices in by_partition.values() {
-        let step = indices.len().div_ceil(SAMPLE).max(1);
-        let sample: Vec<u32> = indices.iter().step_by(step).copied().collect();
-        if sample.len() < 3 {
-            continue;
-        }
+    for sample in samples.iter().filter(|s| s.len() >= 3) {
         let taken = arrow::compute::take(
             values.as_ref(),
-            &arrow::array::UInt32Array::from(sample),
+            &arrow::array::UInt32Array::from(sample.clone()),
             None,
         )?;
         let n = taken.len() as f64;
@@ -197,34 +252,45 @@ mod tests {
     fn the_column_that_grows_with_time_goes_first() {
         let rows = likes(10_000);
         let key = names(&["tenant", "user_id", "tweet_id"]);
+        let time = chosen(&rows, &key, Clustering::Time).expect("chosen");
+        assert_eq!(time.columns, names(&["tweet_id", "tenant", "user_id"]));
+        assert!(!time.pending);
         assert_eq!(
-            chosen(&rows, &key, Clustering::Time).expect("chosen"),
-            names(&["tweet_id", "tenant", "user_id"])
-        );
-        assert_eq!(
-            chosen(&rows, &key, Clustering::Key).expect("chosen"),
+            chosen(&rows, &key, Clustering::Key)
+                .expect("chosen")
+                .columns,
             key,
             "clustering by key keeps the key's order"
         );
-        assert!(time_correlation(&rows, "tweet_id").expect("r") > 0.99);
-        assert!(time_correlation(&rows, "user_id").expect("r").abs() < 0.1);
-        assert_eq!(time_correlation(&rows, "tenant").expect("r"), 0.0);
+        let samples = partition_samples(&rows);
+        assert_eq!(samples.len(), 2, "two partitions");
+        assert!(time_correlation(&rows, &samples, "tweet_id").expect("r") > 0.99);
+        assert!(
+            time_correlation(&rows, &samples, "user_id")
+                .expect("r")
+                .abs()
+                < 0.1
+        );
+        assert_eq!(time_correlation(&rows, &samples, "tenant").expect("r"), 0.0);
     }
 
     #[test]
     fn no_column_that_follows_time_keeps_the_key_order() {
         let rows = likes(10_000);
         let key = names(&["user_id", "tenant"]);
-        assert_eq!(chosen(&rows, &key, Clustering::Time).expect("chosen"), key);
+        let kept = chosen(&rows, &key, Clustering::Time).expect("chosen");
+        assert_eq!((kept.columns, kept.pending), (key, false));
         let key = names(&["user_id", "tweet_id"]);
+        let few = chosen(&likes(99), &key, Clustering::Time).expect("chosen");
         assert_eq!(
-            chosen(&likes(99), &key, Clustering::Time).expect("chosen"),
-            key,
+            (few.columns, few.pending),
+            (key.clone(), true),
             "too few rows to tell"
         );
-        assert_ne!(
-            chosen(&likes(1_000), &key, Clustering::Time).expect("chosen"),
-            key
+        let enough = chosen(&likes(1_000), &key, Clustering::Time).expect("chosen");
+        assert_eq!(
+            (enough.columns, enough.pending),
+            (names(&["tweet_id", "user_id"]), false)
         );
     }
 

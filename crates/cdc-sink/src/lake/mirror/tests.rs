@@ -526,6 +526,108 @@ async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
     }
 }
 
+/// A mirror created from too few rows to tell its order (a table captured
+/// empty, its first likes) keeps the key's order pending: while the
+/// changelog is small each sync rebuilds it, and once there are enough
+/// rows the order is chosen for good; syncs are incremental again.
+#[tokio::test]
+async fn a_mirror_created_from_few_rows_chooses_its_order_once_there_are_enough() {
+    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
+    let likes = |from: i64, to: i64| -> Vec<(i64, i64, &'static str)> {
+        (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
+    };
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(256 << 10);
+    let configuration = async |lake: &Lake| {
+        let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+        t.load().await.unwrap();
+        t.snapshot().unwrap().metadata().configuration().clone()
+    };
+
+    lake.commit_likes(&likes(0, 10)).await;
+    let first = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!first.rechosen, "{first:?}");
+    let c = configuration(&lake).await;
+    assert_eq!(c[order::ORDER_PROPERTY], r#"["user_id","tweet_id"]"#);
+    assert!(order::pending(&c), "{c:?}");
+
+    lake.commit_likes(&likes(10, 50)).await;
+    let second = mirror.sync(TABLE, false).await.unwrap();
+    assert!(second.full && second.rechosen, "{second:?}");
+    assert!(
+        order::pending(&configuration(&lake).await),
+        "50 rows: still too few"
+    );
+
+    lake.commit_likes(&likes(50, 2_000)).await;
+    let third = mirror.sync(TABLE, false).await.unwrap();
+    assert!(third.full && third.rechosen, "{third:?}");
+    let c = configuration(&lake).await;
+    assert_eq!(c[order::ORDER_PROPERTY], r#"["tweet_id","user_id"]"#);
+    assert!(!order::pending(&c), "{c:?}");
+
+    let (user, tweet) = like(1_500);
+    lake.commit_likes(&[(user, tweet, "d"), (4_999, 500, "c")])
+        .await;
+    let fourth = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!fourth.full && !fourth.rechosen, "{fourth:?}");
+    let want: std::collections::BTreeSet<(i64, i64)> = (0..2_000)
+        .map(like)
+        .filter(|k| *k != (user, tweet))
+        .chain([(4_999, 500)])
+        .collect();
+    assert_eq!(lake.like_rows().await, want);
+}
+
+/// A mirror file sorted in another order than its table says (written by
+/// a sink that does not know `cdc.clusterBy`) is not routed by: the sync
+/// stops with an error that names the rebuild, and the rebuild mends it.
+#[tokio::test]
+async fn a_file_in_another_order_than_its_table_stops_the_sync() {
+    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
+    let mut lake = Lake::new();
+    let seeded: Vec<(i64, i64, &str)> = (0..2_000).map(|i| (like(i).0, like(i).1, "c")).collect();
+    lake.commit_likes(&seeded).await;
+    lake.mirror(256 << 10).sync(TABLE, false).await.unwrap();
+
+    // The table now says key order; its file is sorted by time.
+    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+    t.load().await.unwrap();
+    let state = t.snapshot().unwrap().clone();
+    let metadata = state
+        .metadata()
+        .clone()
+        .add_config_key(
+            order::ORDER_PROPERTY.to_string(),
+            r#"["user_id","tweet_id"]"#.to_string(),
+        )
+        .unwrap();
+    CommitBuilder::default()
+        .with_actions(vec![Action::Metadata(metadata)])
+        .build(
+            Some(state.snapshot()),
+            t.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    lake.commit_likes(&[(4_999, 500, "c")]).await;
+    let mirror = lake.mirror(256 << 10);
+    let e = mirror.sync(TABLE, false).await.unwrap_err();
+    let message = format!("{:#}", anyhow::Error::from(e));
+    assert!(message.contains("--rebuild"), "{message}");
+
+    assert!(mirror.sync(TABLE, true).await.unwrap().full);
+    let want: std::collections::BTreeSet<(i64, i64)> =
+        (0..2_000).map(like).chain([(4_999, 500)]).collect();
+    assert_eq!(lake.like_rows().await, want);
+}
+
 /// A primary-key update (a delete of the old key and a create of the new
 /// one, sharing an LSN) carries its unchanged TOASTed value from the old
 /// key's image: its current-state row, in another file; a change of it in
