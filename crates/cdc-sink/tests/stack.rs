@@ -1761,9 +1761,10 @@ async fn keys_without_their_schema_still_key_the_current_state_table() {
 }
 
 /// A composite key whose second column grows with time (`likes`: new
-/// likes go to new tweets, by users from anywhere): the current-state
-/// table sorts its files by `tweet_id` first, chosen from the snapshot it
-/// was created from, and stays equal to PostgreSQL through updates,
+/// likes go to new tweets, by users from anywhere). Its current-state
+/// table, created from a snapshot of 10 rows (too few to tell), keeps its
+/// order pending; once 2,000 likes have streamed in, it sorts its files by
+/// `tweet_id` first, and stays equal to PostgreSQL through updates,
 /// deletes, new likes and a key update. `cdc-sink mirror --rebuild` with
 /// `mirror.clustering = "key"` sorts it in the key's own order, and it is
 /// equal still.
@@ -1784,7 +1785,7 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
             "CREATE TABLE likes (user_id bigint, tweet_id bigint, n integer,
                                  PRIMARY KEY (user_id, tweet_id));
              {}",
-            likes(1, 2000)
+            likes(1, 10)
         ),
         &[],
     )
@@ -1798,12 +1799,27 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
         }
         mirror_diff(&pg, "deltalake", &prefix, "likes").await
     };
+    let state = |prefix: &str| table_state(prefix, "_current/likes", &[]).configuration;
+    let order = |prefix: &str| -> Vec<String> {
+        serde_json::from_str(&state(prefix)["cdc.clusterBy"]).unwrap()
+    };
     wait_until(
         "the snapshot in the current-state table",
         Duration::from_secs(90),
         equal,
     )
     .await;
+    assert_eq!(order(&prefix), ["user_id", "tweet_id"]);
+    assert!(state(&prefix).contains_key("cdc.clusterByPending"));
+    OwnCapture::sql(&capture.db, &likes(11, 2000));
+    wait_until(
+        "the likes in the current-state table",
+        Duration::from_secs(90),
+        equal,
+    )
+    .await;
+    assert_eq!(order(&prefix), ["tweet_id", "user_id"]);
+    assert!(!state(&prefix).contains_key("cdc.clusterByPending"));
     OwnCapture::sql(
         &capture.db,
         &format!(
@@ -1821,10 +1837,6 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
     )
     .await;
     terminate(sink);
-    let order = |prefix: &str| -> Vec<String> {
-        let state = table_state(prefix, "_current/likes", &[]);
-        serde_json::from_str(&state.configuration["cdc.clusterBy"]).unwrap()
-    };
     assert_eq!(order(&prefix), ["tweet_id", "user_id"]);
     assert_mirror_equals_pg(&pg, &prefix, "likes").await;
 
