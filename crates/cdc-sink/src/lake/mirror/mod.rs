@@ -537,9 +537,11 @@ impl Mirror {
                 batches.push(align(&b, &schema).map_err(arrow_err)?);
             }
         }
-        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
-        drop(batches);
-        let rows = sort_by_kafka_position(&rows).map_err(arrow_err)?;
+        let rows = {
+            let unsorted = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
+            drop(batches);
+            sort_by_kafka_position(&unsorted).map_err(arrow_err)?
+        };
         // The newest TRUNCATE, seen before or among these rows: the
         // changes before it are skipped.
         let seen = match mirror.version().filter(|_| exists && !full) {
@@ -582,7 +584,7 @@ impl Mirror {
             }
         }
         let mut outcome = self
-            .apply(table, mirror, &order, &changes, full, through)
+            .apply(table, mirror, &order, changes, full, through)
             .await?;
         outcome.behind = through < target;
         outcome.rechosen = rechosen;
@@ -796,7 +798,7 @@ impl Mirror {
         table: &str,
         mirror: &DeltaTable,
         order: &Order,
-        changes: &Changes,
+        mut changes: Changes,
         full: bool,
         through: i64,
     ) -> Result<Synced, MirrorError> {
@@ -812,6 +814,10 @@ impl Mirror {
         // The live files and their key ranges.
         let mut ranges = Vec::new();
         let needs_ranges = !full && !changes.outcomes.is_empty();
+        let (upserts, deletes) = changes.outcomes.values().fold((0, 0), |(u, d), o| match o {
+            Outcome::Upsert { .. } => (u + 1, d),
+            Outcome::Delete => (u, d + 1),
+        });
         for f in state.log_data().iter().filter(|_| needs_ranges) {
             let path = f.object_store_path();
             let cached = self
@@ -836,9 +842,11 @@ impl Mirror {
         ranges.sort_by(|a, b| a.min.cmp(&b.min));
 
         // Route every changed key to the file whose range holds it (or
-        // would, extended); a full sync replaces every file.
-        let mut keys: Vec<&OwnedRow> = changes.outcomes.keys().collect();
-        keys.sort();
+        // would, extended); a full sync replaces every file. The outcomes
+        // move into their buckets: a full sync has one per key.
+        let mut keys: Vec<(OwnedRow, Outcome)> =
+            std::mem::take(&mut changes.outcomes).into_iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
         let mut buckets: BTreeMap<Option<usize>, Bucket> = BTreeMap::new();
         let mut removed = Vec::new();
         if full {
@@ -848,7 +856,8 @@ impl Mirror {
                 .map(|f| f.object_store_path().to_string())
                 .collect();
         }
-        for k in keys {
+        for (k, outcome) in keys {
+            let is_delete = matches!(outcome, Outcome::Delete);
             let file = if full || ranges.is_empty() {
                 None
             } else {
@@ -858,7 +867,6 @@ impl Mirror {
                     .saturating_sub(1);
                 let r = &ranges[i];
                 let past_end = bytes > r.max.as_slice();
-                let is_delete = matches!(changes.outcomes[k], Outcome::Delete);
                 if is_delete && (past_end || bytes < r.min.as_slice()) {
                     // Not in any file: nothing to delete.
                     continue;
@@ -869,7 +877,7 @@ impl Mirror {
                     Some(i)
                 }
             };
-            if file.is_none() && matches!(changes.outcomes[k], Outcome::Delete) {
+            if file.is_none() && is_delete {
                 continue;
             }
             buckets
@@ -879,7 +887,7 @@ impl Mirror {
                     keys: Vec::new(),
                 })
                 .keys
-                .push((k.clone(), changes.outcomes[k].clone()));
+                .push((k, outcome));
         }
 
         // Values a primary-key update carries from its old key's row.
@@ -889,7 +897,17 @@ impl Mirror {
             changed,
             rows: lent,
             missing,
-        } = lend(table, &store, &ranges, key, changes, changed, &mut fetched).await?;
+        } = lend(
+            table,
+            &store,
+            &ranges,
+            key,
+            &changes,
+            moved_used(buckets.values().flat_map(|b| b.keys.iter().map(|(_, o)| o))),
+            changed,
+            &mut fetched,
+        )
+        .await?;
         if !changes.moved.is_empty() {
             for bucket in buckets.values_mut() {
                 for (_, outcome) in &mut bucket.keys {
@@ -1032,10 +1050,6 @@ impl Mirror {
             .with_actions(actions)
             .build(Some(state.snapshot()), mirror.log_store(), operation)
             .await;
-        let (upserts, deletes) = changes.outcomes.values().fold((0, 0), |(u, d), o| match o {
-            Outcome::Upsert { .. } => (u + 1, d),
-            Outcome::Delete => (u, d + 1),
-        });
         let mut synced = Synced {
             through: Some(through),
             full,
@@ -1351,8 +1365,9 @@ fn key_of(
     }
 }
 
-/// `changed` with the current-state rows of `changes.moved` (old keys
-/// of primary-key updates) appended, and where each went. The files
+/// `changed` with the current-state rows of `changes.moved[n]` for each
+/// `n` in `used` (old keys of primary-key updates an outcome takes values
+/// from) appended, and where each went. The files
 /// read stay in `fetched`: the old key's delete rewrites its file.
 async fn lend(
     table: &str,
@@ -1360,6 +1375,7 @@ async fn lend(
     ranges: &[FileRange],
     key: &[String],
     changes: &Changes,
+    used: std::collections::BTreeSet<usize>,
     changed: RecordBatch,
     fetched: &mut HashMap<String, Bytes>,
 ) -> Result<Lent, MirrorError> {
@@ -1369,18 +1385,6 @@ async fn lend(
     let mut at = changed.num_rows();
     let mut missing = 0;
     // Only the keys an outcome still takes a value from.
-    let used: std::collections::BTreeSet<usize> = changes
-        .outcomes
-        .values()
-        .flat_map(|o| match o {
-            Outcome::Upsert { carried, .. } => carried.as_slice(),
-            Outcome::Delete => &[],
-        })
-        .filter_map(|(_, s)| match s {
-            Source::Moved(n) => Some(*n),
-            _ => None,
-        })
-        .collect();
     // Moved keys by the file whose range holds them.
     let mut by_file: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for n in used {
@@ -1441,6 +1445,22 @@ async fn lend(
         rows,
         missing,
     })
+}
+
+/// The old keys (`Changes::moved`) that `outcomes` carry values from.
+fn moved_used<'a>(
+    outcomes: impl Iterator<Item = &'a Outcome>,
+) -> std::collections::BTreeSet<usize> {
+    outcomes
+        .flat_map(|o| match o {
+            Outcome::Upsert { carried, .. } => carried.as_slice(),
+            Outcome::Delete => &[],
+        })
+        .filter_map(|(_, s)| match s {
+            Source::Moved(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A mirror file, whole.
