@@ -66,6 +66,8 @@ pub struct Changes {
     pub rows: RecordBatch,
     /// Each key's outcome, by the key's row encoding.
     pub outcomes: HashMap<OwnedRow, Outcome>,
+    /// The key's columns, in the order the keys are encoded and compared.
+    pub key: Vec<String>,
     /// Shared with the file rewrites, which run on blocking threads.
     pub converter: Arc<RowConverter>,
     /// Old keys of primary-key updates whose current-state rows hold
@@ -321,6 +323,7 @@ impl Changes {
         Ok(Changes {
             rows,
             outcomes,
+            key: key.to_vec(),
             converter: Arc::new(converter),
             moved,
             unpaired,

@@ -901,7 +901,6 @@ impl Mirror {
             table,
             &store,
             &ranges,
-            key,
             &changes,
             moved_used(buckets.values().flat_map(|b| b.keys.iter().map(|(_, o)| o))),
             changed,
@@ -1373,7 +1372,6 @@ async fn lend(
     table: &str,
     store: &ObjectStoreRef,
     ranges: &[FileRange],
-    key: &[String],
     changes: &Changes,
     used: std::collections::BTreeSet<usize>,
     changed: RecordBatch,
@@ -1417,7 +1415,7 @@ async fn lend(
             .collect::<Result<Vec<_>, _>>()
             .map_err(arrow_err)?;
         let batch = arrow::compute::concat_batches(&schema, &aligned).map_err(arrow_err)?;
-        let keys = key_rows(&changes.converter, &batch, key).map_err(arrow_err)?;
+        let keys = key_rows(&changes.converter, &batch, &changes.key).map_err(arrow_err)?;
         let mut taken = Vec::new();
         for n in wanted {
             let found = (0..batch.num_rows())
