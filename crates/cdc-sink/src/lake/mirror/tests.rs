@@ -177,16 +177,16 @@ impl Lake {
         assert!(outcome.fenced.is_empty());
     }
 
-    /// The mirror's rows as `id -> note`, read through its Delta log and
-    /// Parquet files; panics on a key held twice.
-    async fn rows(&self) -> BTreeMap<i64, String> {
+    /// The mirror's batches, read through its Delta log (its own, not the
+    /// writer's) and Parquet files.
+    async fn mirror_batches(&self) -> Vec<RecordBatch> {
         let mut t = DeltaTableBuilder::from_url(self.root.table_url(&LakeRoot::mirror_of(TABLE)))
             .unwrap()
             .build()
             .unwrap();
         t.load().await.unwrap();
         let store = t.log_store().object_store(None);
-        let mut out = BTreeMap::new();
+        let mut out = Vec::new();
         for f in t.snapshot().unwrap().log_data().iter() {
             let bytes = store
                 .get(&f.object_store_path())
@@ -195,17 +195,24 @@ impl Lake {
                 .bytes()
                 .await
                 .unwrap();
-            for b in ReadFile::read(f.path().to_string(), bytes).unwrap().batches {
-                let ids = b.column_by_name("id").unwrap();
-                let ids = ids.as_primitive::<Int64Type>();
-                let notes = b.column_by_name("note").unwrap();
-                let notes = notes.as_string::<i32>();
-                assert!(b.column_by_name(meta::OP).is_none(), "no change columns");
-                assert!(b.column_by_name(meta::LSN).is_some());
-                for i in 0..b.num_rows() {
-                    let dup = out.insert(ids.value(i), notes.value(i).to_string());
-                    assert!(dup.is_none(), "key {} twice", ids.value(i));
-                }
+            out.extend(ReadFile::read(f.path().to_string(), bytes).unwrap().batches);
+        }
+        out
+    }
+
+    /// The mirror's rows as `id -> note`; panics on a key held twice.
+    async fn rows(&self) -> BTreeMap<i64, String> {
+        let mut out = BTreeMap::new();
+        for b in self.mirror_batches().await {
+            let ids = b.column_by_name("id").unwrap();
+            let ids = ids.as_primitive::<Int64Type>();
+            let notes = b.column_by_name("note").unwrap();
+            let notes = notes.as_string::<i32>();
+            assert!(b.column_by_name(meta::OP).is_none(), "no change columns");
+            assert!(b.column_by_name(meta::LSN).is_some());
+            for i in 0..b.num_rows() {
+                let dup = out.insert(ids.value(i), notes.value(i).to_string());
+                assert!(dup.is_none(), "key {} twice", ids.value(i));
             }
         }
         out
@@ -283,32 +290,19 @@ impl Lake {
         assert!(outcome.fenced.is_empty());
     }
 
-    /// The mirror's `(user_id, tweet_id)` keys, read as [`Lake::rows`]
-    /// reads, each once.
+    /// The mirror's `(user_id, tweet_id)` keys; panics on a key held twice.
     async fn like_rows(&self) -> std::collections::BTreeSet<(i64, i64)> {
-        let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
-        t.load().await.unwrap();
-        let store = t.log_store().object_store(None);
         let mut out = std::collections::BTreeSet::new();
-        for f in t.snapshot().unwrap().log_data().iter() {
-            let bytes = store
-                .get(&f.object_store_path())
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            for b in ReadFile::read(f.path().to_string(), bytes).unwrap().batches {
-                let users = b.column_by_name("user_id").unwrap();
-                let tweets = b.column_by_name("tweet_id").unwrap();
-                let (users, tweets) = (
-                    users.as_primitive::<Int64Type>(),
-                    tweets.as_primitive::<Int64Type>(),
-                );
-                for i in 0..b.num_rows() {
-                    let key = (users.value(i), tweets.value(i));
-                    assert!(out.insert(key), "key {key:?} twice");
-                }
+        for b in self.mirror_batches().await {
+            let users = b.column_by_name("user_id").unwrap();
+            let tweets = b.column_by_name("tweet_id").unwrap();
+            let (users, tweets) = (
+                users.as_primitive::<Int64Type>(),
+                tweets.as_primitive::<Int64Type>(),
+            );
+            for i in 0..b.num_rows() {
+                let key = (users.value(i), tweets.value(i));
+                assert!(out.insert(key), "key {key:?} twice");
             }
         }
         out
