@@ -429,23 +429,13 @@ impl Mirror {
             });
         }
 
-        // A mirror whose order is still pending (chosen from too few rows)
-        // is rebuilt while its changelog is small, which is cheap: the order
-        // is chosen again from every change so far.
-        let rechosen = !rebuild
-            && exists
-            && { order::pending(mirror.snapshot().map_err(&merr)?.metadata().configuration()) }
-            && {
-                let bytes: i64 = changelog
-                    .snapshot()
-                    .map_err(&err)?
-                    .log_data()
-                    .iter()
-                    .map(|f| f.size())
-                    .sum();
-                bytes <= self.sync_bytes as i64
-            };
-        let rebuild = rebuild || rechosen;
+        let store = changelog.log_store().object_store(None);
+        let rechosen = match rebuild {
+            false => self.rechoose(table, changelog, mirror, &store).await?,
+            true => None,
+        };
+        let rechoosing = rechosen.is_some();
+        let rebuild = rebuild || rechoosing;
 
         // The changelog's commits since the last sync (from version 0 for
         // a new mirror), a bounded batch of them at a time, so that memory
@@ -453,7 +443,6 @@ impl Mirror {
         // again while `through` is short of the changelog. A rebuild, or
         // commits no longer in the log or whose files were compacted and
         // vacuumed since, take the live files instead, all at once.
-        let store = changelog.log_store().object_store(None);
         // A table known to have no key is looked at again only from where
         // it was last looked at: its files are not read again every commit.
         let looked = self
@@ -483,7 +472,10 @@ impl Mirror {
                     });
                 }
             },
-            None => (self.live(table, changelog, &store).await?, true, target),
+            None => match rechosen {
+                Some(files) => (files, true, target),
+                None => (self.live(table, changelog, &store).await?, true, target),
+            },
         };
 
         if !exists && !files.iter().any(has_changes) {
@@ -587,7 +579,7 @@ impl Mirror {
             .apply(table, mirror, &order, changes, full, through)
             .await?;
         outcome.behind = through < target;
-        outcome.rechosen = rechosen;
+        outcome.rechosen = rechoosing;
         if outcome.conflict {
             tracing::info!(
                 table,
@@ -595,6 +587,52 @@ impl Mirror {
             );
         }
         Ok(outcome)
+    }
+
+    /// The changelog's live files, read, if this sync should rebuild the
+    /// mirror to choose its order again ([`order`]): the order is pending
+    /// (chosen from too few rows), the changelog is small (at most
+    /// [`Mirror::sync_bytes`]), so the rebuild is cheap, and nothing a
+    /// rebuild would redo or lose is at stake. A rebuild applies every
+    /// change at once, so it would apply half of a primary-key update whose
+    /// other half is not committed yet without its carried values (an
+    /// incremental sync waits for it), and it would take a recovery or a
+    /// TRUNCATE the mirror has already reconciled as due again.
+    async fn rechoose(
+        &self,
+        table: &str,
+        changelog: &DeltaTable,
+        mirror: &DeltaTable,
+        store: &ObjectStoreRef,
+    ) -> Result<Option<Vec<ReadFile>>, MirrorError> {
+        let merr = delta_err(table);
+        let Some(version) = mirror.version() else {
+            return Ok(None);
+        };
+        let state = mirror.snapshot().map_err(&merr)?;
+        if !order::pending(state.metadata().configuration()) {
+            return Ok(None);
+        }
+        let bytes: i64 = changelog
+            .snapshot()
+            .map_err(delta_err(table))?
+            .log_data()
+            .iter()
+            .map(|f| f.size())
+            .sum();
+        if bytes > self.sync_bytes as i64 {
+            return Ok(None);
+        }
+        let through = self.through_at(table, mirror, version as i64).await?;
+        if through.recovery.is_some() || through.truncate.is_some() {
+            return Ok(None);
+        }
+        let files = self.live(table, changelog, store).await?;
+        let mut updates = halves::KeyUpdates::default();
+        for f in &files {
+            f.batches.iter().for_each(|b| updates.add(0, b));
+        }
+        Ok(updates.first_unpaired().is_none().then_some(files))
     }
 
     /// The data files the changelog's versions from `after+1` added
@@ -997,9 +1035,9 @@ impl Mirror {
         // A full sync's order (chosen anew) becomes the table's, in the same
         // commit as the files sorted by it.
         let configuration = state.metadata().configuration();
+        let order_json = serde_json::to_string(key).expect("names serialise");
         let reordered = full
-            && (order::of(configuration, key) != key
-                || !configuration.contains_key(order::ORDER_PROPERTY)
+            && (configuration.get(order::ORDER_PROPERTY) != Some(&order_json)
                 || order::pending(configuration) != order.pending);
         if evolved != current || reordered {
             let mut metadata = state
@@ -1008,6 +1046,8 @@ impl Mirror {
                 .with_schema(&evolved)
                 .map_err(|e| merr(e.into()))?;
             if reordered {
+                tracing::info!(table, order = ?order.columns, pending = order.pending,
+                    "current-state table's files sorted in a newly chosen order");
                 metadata = metadata
                     .remove_config_key(order::PENDING_PROPERTY)
                     .map_err(|e| merr(e.into()))?;

@@ -622,6 +622,81 @@ async fn a_file_in_another_order_than_its_table_stops_the_sync() {
     assert_eq!(lake.like_rows().await, want);
 }
 
+/// A pending mirror is rebuilt to choose its order again only while no
+/// recovery or TRUNCATE is in it: a rebuild would take a recovery it has
+/// reconciled as due again, and reconcile it at every sync.
+#[tokio::test]
+async fn a_pending_order_is_not_chosen_again_over_a_reconciled_recovery() {
+    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
+    let likes = |from: i64, to: i64| -> Vec<(i64, i64, &'static str)> {
+        (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
+    };
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(256 << 10);
+    lake.commit_likes(&likes(0, 10)).await;
+    mirror.sync(TABLE, false).await.unwrap();
+    let marker = RecoveryMarker {
+        id: "slot@1".into(),
+        slot: "slot".into(),
+        slot_start_lsn: 0,
+        slot_start_ms: 1_764_979_100_000,
+        partitions: 1,
+        completed_at_ms: 1_764_979_200_000,
+    };
+    lake.commit_markers(&marker, &[0]).await;
+    let recovered = mirror.sync(TABLE, false).await.unwrap();
+    assert!(recovered.reconciled.is_some(), "{recovered:?}");
+
+    lake.commit_likes(&likes(10, 20)).await;
+    let next = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!next.rechosen && next.reconciled.is_none(), "{next:?}");
+    let want: std::collections::BTreeSet<(i64, i64)> = (0..20).map(like).collect();
+    assert_eq!(lake.like_rows().await, want);
+}
+
+/// A rebuild writes the order it chose over whatever the table said, even
+/// a list that is not an order of the key's columns.
+#[tokio::test]
+async fn a_rebuild_writes_its_order_over_any_other() {
+    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
+    let mut lake = Lake::new();
+    let seeded: Vec<(i64, i64, &str)> = (0..2_000).map(|i| (like(i).0, like(i).1, "c")).collect();
+    lake.commit_likes(&seeded).await;
+    lake.mirror(256 << 10).sync(TABLE, false).await.unwrap();
+    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+    t.load().await.unwrap();
+    let state = t.snapshot().unwrap().clone();
+    let metadata = state
+        .metadata()
+        .clone()
+        .add_config_key(
+            order::ORDER_PROPERTY.to_string(),
+            r#"["tweet_id"]"#.to_string(),
+        )
+        .unwrap();
+    CommitBuilder::default()
+        .with_actions(vec![Action::Metadata(metadata)])
+        .build(
+            Some(state.snapshot()),
+            t.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    assert!(lake.mirror(256 << 10).sync(TABLE, true).await.unwrap().full);
+    lake.commit_likes(&[(4_999, 500, "c")]).await;
+    let fresh = lake.mirror(256 << 10).sync(TABLE, false).await.unwrap();
+    assert!(!fresh.full, "{fresh:?}");
+    let want: std::collections::BTreeSet<(i64, i64)> =
+        (0..2_000).map(like).chain([(4_999, 500)]).collect();
+    assert_eq!(lake.like_rows().await, want);
+}
+
 /// A primary-key update (a delete of the old key and a create of the new
 /// one, sharing an LSN) carries its unchanged TOASTed value from the old
 /// key's image: its current-state row, in another file; a change of it in
