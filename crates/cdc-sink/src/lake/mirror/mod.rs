@@ -548,11 +548,7 @@ impl Mirror {
             order::chosen(&rows, &key, self.clustering).map_err(arrow_err)?
         } else {
             let state = mirror.snapshot().map_err(&merr)?;
-            let configuration = state.metadata().configuration();
-            Order {
-                columns: order::of(configuration, &key),
-                pending: order::pending(configuration),
-            }
+            Order::stored(state.metadata().configuration(), &key)
         };
         let changes =
             Changes::reduce(rows, &order.columns, truncate).map_err(|e| e.into_mirror(table))?;
@@ -605,7 +601,8 @@ impl Mirror {
         mirror: &DeltaTable,
         store: &ObjectStoreRef,
     ) -> Result<Option<Vec<ReadFile>>, MirrorError> {
-        let merr = delta_err(table);
+        let name = LakeRoot::mirror_of(table);
+        let merr = delta_err(&name);
         let Some(version) = mirror.version() else {
             return Ok(None);
         };

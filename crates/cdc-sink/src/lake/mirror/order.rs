@@ -61,6 +61,15 @@ pub struct Order {
 }
 
 impl Order {
+    /// The order an existing mirror's properties record ([`of`],
+    /// [`pending`]).
+    pub fn stored(configuration: &HashMap<String, String>, key: &[String]) -> Order {
+        Order {
+            columns: of(configuration, key),
+            pending: pending(configuration),
+        }
+    }
+
     /// The table properties that record this order.
     pub fn properties(&self) -> Vec<(String, String)> {
         let mut p = vec![(
