@@ -319,11 +319,49 @@ impl Lake {
         out
     }
 
+    /// Commits `cdc.clusterBy` = `order` to the mirror's properties, as a
+    /// writer that does not sort by it would leave them.
+    async fn set_mirror_order(&self, order: &str) {
+        let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+        t.load().await.unwrap();
+        let state = t.snapshot().unwrap().clone();
+        let metadata = state
+            .metadata()
+            .clone()
+            .add_config_key(order::ORDER_PROPERTY.to_string(), order.to_string())
+            .unwrap();
+        CommitBuilder::default()
+            .with_actions(vec![Action::Metadata(metadata)])
+            .build(
+                Some(state.snapshot()),
+                t.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     async fn live_files(&self) -> usize {
         let mut t = self.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
         t.load().await.unwrap();
         t.snapshot().unwrap().log_data().num_files()
     }
+}
+
+/// The `i`-th like of the `likes`-shaped tests: one of the 20 newest
+/// tweets (`i / 10` is the newest), by a user spread over 5,000 (no pair
+/// twice: a user's likes are 5,000 apart, 500 tweets).
+fn like(i: i64) -> (i64, i64) {
+    ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20)
+}
+
+/// Likes `from..to`, as creates.
+fn likes(from: i64, to: i64) -> Vec<(i64, i64, &'static str)> {
+    (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
 }
 
 fn expect(rows: &[(i64, &str)]) -> BTreeMap<i64, String> {
@@ -481,23 +519,16 @@ async fn updates_rewrite_only_the_files_that_hold_their_keys() {
 /// a rebuild clusters it by time.
 #[tokio::test]
 async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
-    // The `i`-th like: one of the 20 newest tweets, by a user spread over
-    // 5,000 (no pair twice: a user's likes are 5,000 apart, 500 tweets).
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
     for clustering in [Clustering::Time, Clustering::Key] {
         let mut lake = Lake::new();
         let mirror = lake.mirror(256 << 10).with_clustering(clustering);
-        let seeded: Vec<(i64, i64, &str)> =
-            (0..80_000).map(|i| (like(i).0, like(i).1, "c")).collect();
-        lake.commit_likes(&seeded).await;
+        lake.commit_likes(&likes(0, 80_000)).await;
         while mirror.sync(TABLE, false).await.unwrap().behind {}
         let files = lake.live_files().await;
         assert!(files >= 4, "{clustering:?}: {files} files");
 
         // 500 new likes, and unlikes of 20 of the last 1,000.
-        let mut batch: Vec<(i64, i64, &str)> = (80_000..80_500)
-            .map(|i| (like(i).0, like(i).1, "c"))
-            .collect();
+        let mut batch = likes(80_000, 80_500);
         batch.extend((0..20).map(|n| (like(79_000 + n * 50).0, like(79_000 + n * 50).1, "d")));
         lake.commit_likes(&batch).await;
         let synced = mirror.sync(TABLE, false).await.unwrap();
@@ -537,10 +568,6 @@ async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
 /// rows the order is chosen for good; syncs are incremental again.
 #[tokio::test]
 async fn a_mirror_created_from_few_rows_chooses_its_order_once_there_are_enough() {
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
-    let likes = |from: i64, to: i64| -> Vec<(i64, i64, &'static str)> {
-        (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
-    };
     let mut lake = Lake::new();
     let mirror = lake.mirror(256 << 10);
     let configuration = async |lake: &Lake| {
@@ -589,37 +616,12 @@ async fn a_mirror_created_from_few_rows_chooses_its_order_once_there_are_enough(
 /// stops with an error that names the rebuild, and the rebuild mends it.
 #[tokio::test]
 async fn a_file_in_another_order_than_its_table_stops_the_sync() {
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
     let mut lake = Lake::new();
-    let seeded: Vec<(i64, i64, &str)> = (0..2_000).map(|i| (like(i).0, like(i).1, "c")).collect();
-    lake.commit_likes(&seeded).await;
+    lake.commit_likes(&likes(0, 2_000)).await;
     lake.mirror(256 << 10).sync(TABLE, false).await.unwrap();
 
     // The table now says key order; its file is sorted by time.
-    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
-    t.load().await.unwrap();
-    let state = t.snapshot().unwrap().clone();
-    let metadata = state
-        .metadata()
-        .clone()
-        .add_config_key(
-            order::ORDER_PROPERTY.to_string(),
-            r#"["user_id","tweet_id"]"#.to_string(),
-        )
-        .unwrap();
-    CommitBuilder::default()
-        .with_actions(vec![Action::Metadata(metadata)])
-        .build(
-            Some(state.snapshot()),
-            t.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: None,
-                predicate: None,
-            },
-        )
-        .await
-        .unwrap();
+    lake.set_mirror_order(r#"["user_id","tweet_id"]"#).await;
 
     lake.commit_likes(&[(4_999, 500, "c")]).await;
     let mirror = lake.mirror(256 << 10);
@@ -638,10 +640,6 @@ async fn a_file_in_another_order_than_its_table_stops_the_sync() {
 /// reconciled as due again, and reconcile it at every sync.
 #[tokio::test]
 async fn a_pending_order_is_not_chosen_again_over_a_reconciled_recovery() {
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
-    let likes = |from: i64, to: i64| -> Vec<(i64, i64, &'static str)> {
-        (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
-    };
     let mut lake = Lake::new();
     let mirror = lake.mirror(256 << 10);
     lake.commit_likes(&likes(0, 10)).await;
@@ -670,11 +668,9 @@ async fn a_pending_order_is_not_chosen_again_over_a_reconciled_recovery() {
 /// for the other half.
 #[tokio::test]
 async fn a_pending_order_is_not_chosen_again_over_half_a_key_update() {
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
     let mut lake = Lake::new();
     let mirror = lake.mirror(256 << 10);
-    let few: Vec<(i64, i64, &str)> = (0..10).map(|i| (like(i).0, like(i).1, "c")).collect();
-    lake.commit_likes(&few).await;
+    lake.commit_likes(&likes(0, 10)).await;
     mirror.sync(TABLE, false).await.unwrap();
     let (user, tweet) = like(3);
     lake.commit_marked_likes(&[(user, tweet, "d")], Some(r#"{"user_id":1,"tweet_id":1}"#))
@@ -691,35 +687,10 @@ async fn a_pending_order_is_not_chosen_again_over_half_a_key_update() {
 /// a list that is not an order of the key's columns.
 #[tokio::test]
 async fn a_rebuild_writes_its_order_over_any_other() {
-    let like = |i: i64| ((i * 7_919) % 5_000, i / 10 + (i * 13) % 20);
     let mut lake = Lake::new();
-    let seeded: Vec<(i64, i64, &str)> = (0..2_000).map(|i| (like(i).0, like(i).1, "c")).collect();
-    lake.commit_likes(&seeded).await;
+    lake.commit_likes(&likes(0, 2_000)).await;
     lake.mirror(256 << 10).sync(TABLE, false).await.unwrap();
-    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
-    t.load().await.unwrap();
-    let state = t.snapshot().unwrap().clone();
-    let metadata = state
-        .metadata()
-        .clone()
-        .add_config_key(
-            order::ORDER_PROPERTY.to_string(),
-            r#"["tweet_id"]"#.to_string(),
-        )
-        .unwrap();
-    CommitBuilder::default()
-        .with_actions(vec![Action::Metadata(metadata)])
-        .build(
-            Some(state.snapshot()),
-            t.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: None,
-                predicate: None,
-            },
-        )
-        .await
-        .unwrap();
+    lake.set_mirror_order(r#"["tweet_id"]"#).await;
 
     assert!(lake.mirror(256 << 10).sync(TABLE, true).await.unwrap().full);
     lake.commit_likes(&[(4_999, 500, "c")]).await;
