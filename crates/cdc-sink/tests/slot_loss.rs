@@ -293,7 +293,7 @@ async fn a_lost_slot_is_recovered_with_no_manual_step() {
                 if guard.is_finished() {
                     return Err("the guard stopped".to_string());
                 }
-                if n.current_config().get(slot_guard::recovery::PENDING).is_some() {
+                if n.try_current_config()?.get(slot_guard::recovery::PENDING).is_some() {
                     return Err("still marked pending".to_string());
                 }
                 match wal_status(&pg, &n.slot).await.as_deref() {

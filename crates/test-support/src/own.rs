@@ -284,13 +284,18 @@ impl OwnConnector {
 
     /// The connector's configuration as Connect has it now.
     pub fn current_config(&self) -> Value {
+        self.try_current_config().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`OwnConnector::current_config`], or why Connect did not answer:
+    /// while a reconfiguration rebalances its workers, Connect answers
+    /// 500 for a moment, which a probe waits out.
+    pub fn try_current_config(&self) -> Result<Value, String> {
         let out = rest("GET", &format!("/connectors/{}/config", self.name), None);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
     /// Deletes the connector and its topics (the table's and Debezium's
