@@ -116,13 +116,7 @@ async fn main() -> anyhow::Result<()> {
         FileWriter::new(writer_properties(&cfg.output)),
         &cfg.lake,
     );
-    let mirror = Mirror::new(
-        root.clone(),
-        FileWriter::new(writer_properties(&cfg.output)),
-        cfg.lake.table_properties(),
-        cfg.mirror.target_file_bytes,
-    )
-    .with_clustering(cfg.mirror.clustering);
+    let mirror = Mirror::configured(root.clone(), &cfg);
     match args.command {
         Cmd::Seed { rows } => seed(&root, &changelog, &mirror, rows).await,
         Cmd::Apply {

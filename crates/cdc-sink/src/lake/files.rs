@@ -269,15 +269,27 @@ pub fn output_schema(
     partition_columns: &[String],
     files: &[ReadFile],
 ) -> Result<SchemaRef, FileError> {
-    for file in files {
-        if let Some(extra) = file
-            .schema
+    let schemas: Vec<(&str, &Schema)> = files
+        .iter()
+        .map(|f| (f.path.as_str(), f.schema.as_ref()))
+        .collect();
+    output_schema_of(table_schema, partition_columns, &schemas)
+}
+
+/// [`output_schema`] from the files' paths and schemas alone.
+pub fn output_schema_of(
+    table_schema: &StructType,
+    partition_columns: &[String],
+    files: &[(&str, &Schema)],
+) -> Result<SchemaRef, FileError> {
+    for (path, schema) in files {
+        if let Some(extra) = schema
             .fields()
             .iter()
             .find(|f| table_schema.field(f.name()).is_none())
         {
             return Err(FileError::UnknownColumn {
-                path: file.path.clone(),
+                path: path.to_string(),
                 column: extra.name().clone(),
             });
         }
@@ -289,7 +301,7 @@ pub fn output_schema(
         }
         let found: Vec<&Field> = files
             .iter()
-            .filter_map(|f| f.schema.field_with_name(column.name()).ok())
+            .filter_map(|(_, schema)| schema.field_with_name(column.name()).ok())
             .collect();
         let field = match found.first() {
             Some(first) => {

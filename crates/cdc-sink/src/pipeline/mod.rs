@@ -39,7 +39,6 @@ use crate::decode::{
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 use crate::lake::changelog::{Changelog, PartitionWrite};
 use crate::lake::committer::{Committer, Fate, Flush, Flushed, LakeFailed, TableFlush, Write};
-use crate::lake::files::{FileWriter, writer_properties};
 use crate::lake::mirror::Mirror;
 use crate::lake::quarantine::Quarantine;
 use crate::lake::storage::s3_store;
@@ -186,15 +185,7 @@ pub async fn run(
     })?);
     let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
     let mirror = cfg.mirror.enabled.then(|| {
-        Arc::new(
-            Mirror::new(
-                lake.root().clone(),
-                FileWriter::new(writer_properties(&cfg.output)),
-                cfg.lake.table_properties(),
-                cfg.mirror.target_file_bytes,
-            )
-            .with_clustering(cfg.mirror.clustering),
-        )
+        Arc::new(Mirror::configured(lake.root().clone(), cfg))
     });
     let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket,

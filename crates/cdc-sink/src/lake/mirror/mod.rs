@@ -26,6 +26,7 @@
 //! `dataChange=false` removes, so a compaction racing a sync could bring
 //! rows back. It only checkpoints and vacuums them.
 
+mod build;
 pub mod changes;
 mod halves;
 pub mod order;
@@ -46,6 +47,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, Transactio
 use deltalake::kernel::{Action, MetadataExt, Remove, StructType, Transaction};
 use deltalake::logstore::ObjectStoreRef;
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
@@ -60,6 +62,7 @@ use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
+use crate::lake::mirror::build::{LiveFile, Whole};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::order::Order;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
@@ -177,6 +180,9 @@ pub struct Synced {
     /// their Parquet bytes.
     pub rows_written: usize,
     pub bytes_written: usize,
+    /// Built from the whole changelog in this many ranges of its order
+    /// (0: not by ranges; see [`build`]).
+    pub ranges: usize,
     /// The table has no primary key: no mirror.
     pub no_key: bool,
     /// Lost to a concurrent writer: sync again.
@@ -230,6 +236,9 @@ enum Paired {
     Wait,
 }
 
+/// [`Mirror::with_build_bytes`] unless told.
+pub const DEFAULT_BUILD_BYTES: usize = 512 << 20;
+
 /// How long a sync waits for the other half of a primary-key update
 /// before it applies one half alone (a create quarantined, say): the
 /// halves are read within moments of each other, so the other is
@@ -239,6 +248,34 @@ const PAIR_WAIT_MS: i64 = 30_000;
 /// How many bytes of changelog files past its batch a sync reads, at
 /// least, looking for the other halves of its primary-key updates.
 const PAIR_READ_BYTES: usize = 64 << 20;
+
+/// Files put for some changes, not committed yet.
+struct Staged {
+    adds: Vec<Action>,
+    /// Files rewritten (beside a full sync's, which are every file).
+    removed: Vec<String>,
+    /// The mirror's columns the files hold.
+    schema: SchemaRef,
+    upserts: usize,
+    deletes: usize,
+    rows_written: usize,
+    bytes_written: usize,
+    unavailable: usize,
+}
+
+impl Staged {
+    /// Both, as one commit's.
+    fn and(mut self, other: Staged) -> Staged {
+        self.adds.extend(other.adds);
+        self.removed.extend(other.removed);
+        self.upserts += other.upserts;
+        self.deletes += other.deletes;
+        self.rows_written += other.rows_written;
+        self.bytes_written += other.bytes_written;
+        self.unavailable += other.unavailable;
+        self
+    }
+}
 
 /// One live mirror file and the keys it holds.
 #[derive(Debug, Clone)]
@@ -279,6 +316,9 @@ pub struct Mirror {
     /// Changelog Parquet bytes one sync applies at most (at least one
     /// commit's): what bounds its memory.
     sync_bytes: usize,
+    /// Arrow bytes of changelog rows a sync from the whole changelog holds
+    /// at once: past them it builds by ranges ([`build`]).
+    build_bytes: usize,
     /// Tables found without a primary key, and the changelog version they
     /// were looked at through.
     no_key: std::sync::Mutex<HashMap<String, i64>>,
@@ -333,6 +373,7 @@ impl Mirror {
             clustering: Clustering::Time,
             tail_bytes: target_bytes / 4,
             sync_bytes: (target_bytes / 8).max(1),
+            build_bytes: DEFAULT_BUILD_BYTES,
             ranges: std::sync::Mutex::new(HashMap::new()),
             no_key: std::sync::Mutex::new(HashMap::new()),
             through: std::sync::Mutex::new(HashMap::new()),
@@ -340,10 +381,29 @@ impl Mirror {
         }
     }
 
+    /// The mirrors of the lake at `root`, as `cfg` configures them.
+    pub fn configured(root: LakeRoot, cfg: &crate::config::SinkConfig) -> Mirror {
+        Mirror::new(
+            root,
+            FileWriter::new(crate::lake::files::writer_properties(&cfg.output)),
+            cfg.lake.table_properties(),
+            cfg.mirror.target_file_bytes,
+        )
+        .with_clustering(cfg.mirror.clustering)
+        .with_build_bytes(cfg.mirror.build_bytes)
+    }
+
     /// Orders the files of mirrors this creates or rebuilds by
     /// `clustering` (by time unless told).
     pub fn with_clustering(mut self, clustering: Clustering) -> Mirror {
         self.clustering = clustering;
+        self
+    }
+
+    /// Bounds a build from the whole changelog to about `bytes` of
+    /// changelog rows at once (Arrow's size; its peak is a few times that).
+    pub fn with_build_bytes(mut self, bytes: usize) -> Mirror {
+        self.build_bytes = bytes.max(1);
         self
     }
 
@@ -460,10 +520,14 @@ impl Mirror {
             Some(a) => self.appended(changelog, a, target).await?,
             None => None,
         };
-        let (files, full, through) = match incremental {
+        let (whole, full, through) = match incremental {
             Some(batch) => match self.paired(table, changelog, &store, batch, target).await? {
-                Paired::Files { files, through } => (files, false, through),
-                Paired::Gone => (self.live(table, changelog, &store).await?, true, target),
+                Paired::Files { files, through } => (Whole::Files(files), false, through),
+                Paired::Gone => (
+                    self.whole(table, changelog, mirror, &store).await?,
+                    true,
+                    target,
+                ),
                 Paired::Wait => {
                     return Ok(Synced {
                         through: applied,
@@ -473,12 +537,16 @@ impl Mirror {
                 }
             },
             None => match rechosen {
-                Some(files) => (files, true, target),
-                None => (self.live(table, changelog, &store).await?, true, target),
+                Some(files) => (Whole::Files(files), true, target),
+                None => (
+                    self.whole(table, changelog, mirror, &store).await?,
+                    true,
+                    target,
+                ),
             },
         };
 
-        if !exists && !files.iter().any(has_changes) {
+        if !exists && !whole.has_changes() {
             // Only the changelog's creation (or recovery markers) so far:
             // nothing says whether it has a key yet, so it is not taken
             // for a table without one.
@@ -487,7 +555,7 @@ impl Mirror {
                 ..Synced::default()
             });
         }
-        let key = match key_of(table, &files, exists.then_some(&*mirror))? {
+        let key = match key_of(table, whole.named_key(), exists.then_some(&*mirror))? {
             Some(key) => key,
             None => {
                 self.no_key
@@ -510,6 +578,17 @@ impl Mirror {
                 ..Synced::default()
             });
         }
+        let files = match whole {
+            Whole::Files(files) => files,
+            Whole::Ranged(survey) => {
+                let mut synced = self
+                    .build(table, changelog, mirror, exists, survey, &key, through)
+                    .await?;
+                synced.behind = through < target;
+                synced.rechosen = rechoosing;
+                return Ok(synced);
+            }
+        };
 
         // The changes, in Kafka order, reduced to one outcome per key.
         let arrow_err = MirrorError::arrow(table);
@@ -553,23 +632,15 @@ impl Mirror {
         let changes =
             Changes::reduce(rows, &order.columns, truncate).map_err(|e| e.into_mirror(table))?;
 
-        if !exists {
-            self.create(table, mirror, &mirror_schema(&schema), &key, &order)
-                .await?;
-            mirror.load().await.map_err(&merr)?;
-            let theirs = order::of(
-                mirror.snapshot().map_err(&merr)?.metadata().configuration(),
-                &key,
-            );
-            if mirror.version() != Some(0) || theirs != order.columns {
-                // Another writer created it (in an order of its own, maybe)
-                // or synced it first: these changes, read and sorted for an
-                // empty mirror in this order, no longer apply.
-                return Ok(Synced {
-                    conflict: true,
-                    ..Synced::default()
-                });
-            }
+        if !exists
+            && !self
+                .create(table, mirror, &mirror_schema(&schema), &key, &order)
+                .await?
+        {
+            return Ok(Synced {
+                conflict: true,
+                ..Synced::default()
+            });
         }
         let mut outcome = self
             .apply(table, mirror, &order, changes, full, through)
@@ -787,21 +858,23 @@ impl Mirror {
             .iter()
             .map(|f| f.object_store_path())
             .collect();
-        read_all(table, store, &paths).await?.ok_or_else(|| {
-            MirrorError::Lake(Box::new(LakeError::Location(format!(
-                "a live file of `{table}` is missing"
-            ))))
-        })
+        read_all(table, store, &paths)
+            .await?
+            .ok_or_else(|| missing_live_file(table))
     }
 
+    /// Creates the mirror, sorted in `order`, and loads it; `false` if
+    /// another writer created it (in an order of its own, maybe) or synced
+    /// it first: changes read and sorted for an empty mirror in this order
+    /// no longer apply.
     async fn create(
         &self,
         table: &str,
-        mirror: &DeltaTable,
+        mirror: &mut DeltaTable,
         schema: &SchemaRef,
         key: &[String],
         order: &Order,
-    ) -> Result<(), MirrorError> {
+    ) -> Result<bool, MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let nullable: Vec<Field> = schema
             .fields()
@@ -822,7 +895,128 @@ impl Mirror {
         );
         properties.extend(order.properties());
         create_table(mirror, &name, &delta, &[], properties.iter()).await?;
-        Ok(())
+        let merr = delta_err(&name);
+        mirror.load().await.map_err(&merr)?;
+        let theirs = order::of(
+            mirror.snapshot().map_err(&merr)?.metadata().configuration(),
+            key,
+        );
+        Ok(mirror.version() == Some(0) && theirs == order.columns)
+    }
+
+    /// Every live file of the changelog, read, or surveyed when their rows
+    /// outgrow [`Mirror::build_bytes`] (see [`build`]).
+    async fn whole(
+        &self,
+        table: &str,
+        changelog: &DeltaTable,
+        mirror: &DeltaTable,
+        store: &ObjectStoreRef,
+    ) -> Result<Whole, MirrorError> {
+        let files: Vec<LiveFile> = changelog
+            .snapshot()
+            .map_err(delta_err(table))?
+            .log_data()
+            .iter()
+            .map(|f| LiveFile {
+                path: f.object_store_path(),
+                size: f.size().max(0) as usize,
+                rows: f.num_records(),
+            })
+            .collect();
+        let key = property_key(mirror.version().is_some().then_some(mirror))
+            .and_then(|k| serde_json::from_str(&k).ok());
+        build::read_whole(table, store, files, key, self.build_bytes)
+            .await?
+            .ok_or_else(|| missing_live_file(table))
+    }
+
+    /// A full sync from a survey of the whole changelog: the mirror built
+    /// range by range of its order, and committed once (see [`build`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn build(
+        &self,
+        table: &str,
+        changelog: &DeltaTable,
+        mirror: &mut DeltaTable,
+        exists: bool,
+        mut survey: Box<build::Survey>,
+        key: &[String],
+        through: i64,
+    ) -> Result<Synced, MirrorError> {
+        let name = LakeRoot::mirror_of(table);
+        let merr = delta_err(&name);
+        let store = changelog.log_store().object_store(None);
+        survey
+            .pair_unmarked(table, &store)
+            .await?
+            .ok_or_else(|| missing_live_file(table))?;
+        let state = changelog.snapshot().map_err(delta_err(table))?;
+        let plan = survey.plan(
+            table,
+            state.schema().as_ref(),
+            state.metadata().partition_columns(),
+            key,
+            self.clustering,
+            self.build_bytes,
+        )?;
+        if !exists
+            && !self
+                .create(
+                    table,
+                    mirror,
+                    &mirror_schema(&plan.schema),
+                    key,
+                    &plan.order,
+                )
+                .await?
+        {
+            return Ok(Synced {
+                conflict: true,
+                ..Synced::default()
+            });
+        }
+        let mirror_state = mirror.snapshot().map_err(&merr)?.clone();
+        let truncate = TruncateState::newest(None, survey.through.truncate);
+        let mut staged: Option<Staged> = None;
+        for i in 0..plan.ranges() {
+            let range = plan.range(i);
+            let rows = plan
+                .read(table, &store, &range)
+                .await?
+                .ok_or_else(|| missing_live_file(table))?;
+            let mut changes = Changes::reduce(rows, &plan.order.columns, truncate)
+                .map_err(|e| e.into_mirror(table))?;
+            // Gathered keys' outcomes are their own ranges' to write.
+            changes.outcomes.retain(|k, _| range.holds(k.as_ref()));
+            let part = self
+                .stage(table, mirror, &mirror_state, &plan.order, changes, true)
+                .await?;
+            staged = Some(match staged {
+                Some(before) => before.and(part),
+                None => part,
+            });
+        }
+        tracing::info!(
+            table,
+            ranges = plan.ranges(),
+            "current-state table built from the whole changelog, range by range"
+        );
+        let staged = staged.expect("a plan has a range at least");
+        let mut synced = self
+            .commit(
+                table,
+                mirror,
+                &mirror_state,
+                &plan.order,
+                staged,
+                &survey.through,
+                true,
+                through,
+            )
+            .await?;
+        synced.ranges = plan.ranges();
+        Ok(synced)
     }
 
     /// Applies `changes` to the mirror's files and commits them with the
@@ -833,16 +1027,39 @@ impl Mirror {
         table: &str,
         mirror: &DeltaTable,
         order: &Order,
-        mut changes: Changes,
+        changes: Changes,
         full: bool,
         through: i64,
     ) -> Result<Synced, MirrorError> {
-        let key = order.columns.as_slice();
-        let name = LakeRoot::mirror_of(table);
-        let merr = delta_err(&name);
-        let arrow_err = MirrorError::arrow(table);
+        let state = mirror
+            .snapshot()
+            .map_err(delta_err(&LakeRoot::mirror_of(table)))?
+            .clone();
+        let positions = Through::of_rows(&changes.rows);
+        let staged = self
+            .stage(table, mirror, &state, order, changes, full)
+            .await?;
+        self.commit(
+            table, mirror, &state, order, staged, &positions, full, through,
+        )
+        .await
+    }
+
+    /// Writes the files `changes` make of the mirror's (every file anew for
+    /// a full sync, `state`'s files left to [`Mirror::commit`] to remove),
+    /// without committing them.
+    async fn stage(
+        &self,
+        table: &str,
+        mirror: &DeltaTable,
+        state: &DeltaTableState,
+        order: &Order,
+        mut changes: Changes,
+        full: bool,
+    ) -> Result<Staged, MirrorError> {
         let store = mirror.log_store().object_store(None);
-        let state = mirror.snapshot().map_err(&merr)?.clone();
+        let key = order.columns.as_slice();
+        let arrow_err = MirrorError::arrow(table);
         let target_schema = mirror_schema(&changes.rows.schema());
         let converter = &changes.converter;
 
@@ -884,13 +1101,6 @@ impl Mirror {
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         let mut buckets: BTreeMap<Option<usize>, Bucket> = BTreeMap::new();
         let mut removed = Vec::new();
-        if full {
-            removed = state
-                .log_data()
-                .iter()
-                .map(|f| f.object_store_path().to_string())
-                .collect();
-        }
         for (k, outcome) in keys {
             let is_delete = matches!(outcome, Outcome::Delete);
             let file = if full || ranges.is_empty() {
@@ -963,7 +1173,6 @@ impl Mirror {
         let unavailable = changes.unpaired + missing;
 
         let mut actions = Vec::new();
-        let mut added = 0;
         let (mut rows_written, mut bytes_written) = (0, 0);
         let key_names: Arc<[String]> = key.into();
         for bucket in buckets.into_values() {
@@ -1010,8 +1219,56 @@ impl Mirror {
                     .map_err(|e| e.into_mirror(table))?;
                 bytes_written += add.size as usize;
                 actions.push(Action::Add(add));
-                added += 1;
             }
+        }
+        Ok(Staged {
+            adds: actions,
+            removed,
+            schema: target_schema,
+            upserts,
+            deletes,
+            rows_written,
+            bytes_written,
+            unavailable,
+        })
+    }
+
+    /// Commits `staged` (for a full sync, with the removes of every file
+    /// `state` has) with the `txn` of changelog version `through`.
+    /// `positions`: those of the changelog rows applied.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        table: &str,
+        mirror: &DeltaTable,
+        state: &DeltaTableState,
+        order: &Order,
+        staged: Staged,
+        positions: &Through,
+        full: bool,
+        through: i64,
+    ) -> Result<Synced, MirrorError> {
+        let key = order.columns.as_slice();
+        let name = LakeRoot::mirror_of(table);
+        let merr = delta_err(&name);
+        let Staged {
+            adds: mut actions,
+            mut removed,
+            schema: target_schema,
+            upserts,
+            deletes,
+            rows_written,
+            bytes_written,
+            unavailable,
+        } = staged;
+        let added = actions.len();
+        if full {
+            removed.extend(
+                state
+                    .log_data()
+                    .iter()
+                    .map(|f| f.object_store_path().to_string()),
+            );
         }
         let now = now_ms();
         for path in &removed {
@@ -1067,7 +1324,7 @@ impl Mirror {
             .through_at(table, mirror, state.version() as i64)
             .await?;
         let base = if full { base.without_recovery() } else { base };
-        let positions = base.merged(&Through::of_rows(&changes.rows));
+        let positions = base.merged(positions);
         let app = commit_info(through, &positions);
         tracing::debug!(
             table,
@@ -1233,13 +1490,7 @@ pub async fn run(
     table: Option<&str>,
     rebuild: bool,
 ) -> Result<Vec<Synced>, MirrorError> {
-    let mirror = Mirror::new(
-        LakeRoot::new(&cfg.s3, &cfg.output.prefix)?,
-        FileWriter::new(crate::lake::files::writer_properties(&cfg.output)),
-        cfg.lake.table_properties(),
-        cfg.mirror.target_file_bytes,
-    )
-    .with_clustering(cfg.mirror.clustering);
+    let mirror = Mirror::configured(LakeRoot::new(&cfg.s3, &cfg.output.prefix)?, cfg);
     let tables = match table {
         Some(t) => vec![t.to_string()],
         None => mirror.root().tables().await?,
@@ -1347,6 +1598,12 @@ fn has_changes(file: &ReadFile) -> bool {
     })
 }
 
+fn missing_live_file(table: &str) -> MirrorError {
+    MirrorError::Lake(Box::new(LakeError::Location(format!(
+        "a live file of `{table}` is missing"
+    ))))
+}
+
 /// Reads `paths`; `None` if one is gone.
 async fn read_all(
     table: &str,
@@ -1355,41 +1612,56 @@ async fn read_all(
 ) -> Result<Option<Vec<ReadFile>>, MirrorError> {
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let got = match store.get(p).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(MirrorError::Lake(Box::new(LakeError::Store(e)))),
-        };
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
-        files.push(
-            ReadFile::read(p.to_string(), bytes).map_err(|source| MirrorError::File {
-                table: table.to_string(),
-                source,
-            })?,
-        );
+        match fetch_file(table, store, p).await? {
+            Some(file) => files.push(file),
+            None => return Ok(None),
+        }
     }
     Ok(Some(files))
 }
 
-/// The primary key: from the newest changelog file that names one, else
-/// from the mirror's own property.
-fn key_of(
+/// Reads the changelog file at `path`; `None` if it is gone.
+async fn fetch_file(
     table: &str,
-    files: &[ReadFile],
-    mirror: Option<&DeltaTable>,
-) -> Result<Option<Vec<String>>, MirrorError> {
-    let named = files
+    store: &ObjectStoreRef,
+    path: &Path,
+) -> Result<Option<ReadFile>, MirrorError> {
+    let got = match store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(MirrorError::Lake(Box::new(LakeError::Store(e)))),
+    };
+    let bytes = got
+        .bytes()
+        .await
+        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
+    ReadFile::read(path.to_string(), bytes)
+        .map(Some)
+        .map_err(MirrorError::file(table))
+}
+
+/// The primary key the newest of `files` that names one names (JSON).
+fn newest_key(files: &[ReadFile]) -> Option<String> {
+    files
         .iter()
         .rev()
         .find_map(|f| f.footer.get(KEY_METADATA).cloned())
-        .or_else(|| {
-            let state = mirror?.snapshot().ok()?;
-            state.metadata().configuration().get(KEY_PROPERTY).cloned()
-        });
-    match named {
+}
+
+/// The mirror's own record of its primary key (JSON).
+fn property_key(mirror: Option<&DeltaTable>) -> Option<String> {
+    let state = mirror?.snapshot().ok()?;
+    state.metadata().configuration().get(KEY_PROPERTY).cloned()
+}
+
+/// The primary key: the one the changelog's newest file names, else the
+/// mirror's own property.
+fn key_of(
+    table: &str,
+    named: Option<String>,
+    mirror: Option<&DeltaTable>,
+) -> Result<Option<Vec<String>>, MirrorError> {
+    match named.or_else(|| property_key(mirror)) {
         None => Ok(None),
         Some(json) => serde_json::from_str::<Vec<String>>(&json)
             .ok()

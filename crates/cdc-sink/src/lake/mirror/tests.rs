@@ -1027,3 +1027,87 @@ async fn a_recovery_removes_the_rows_deleted_while_the_slot_was_lost() {
     assert!(rebuilt.full && rebuilt.reconciled.is_some(), "{rebuilt:?}");
     assert_eq!(lake.rows().await, want);
 }
+
+/// A rebuild whose changelog outgrows `build_bytes` builds by ranges of
+/// the key, and ends with the rows a build at once ends with: updates
+/// that carry an unchanged note, deletes, a TRUNCATE, and primary-key
+/// updates that move a row, with its carried note, into another range,
+/// one of them with its delete unmarked (a lake from before
+/// `_cdc_key_update`) and another chained on it. Its files keep disjoint
+/// key ranges, so later changes route to them as to any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_by_ranges_ends_with_the_rows_of_a_build_at_once() {
+    let mut lake = Lake::new();
+    let notes: Vec<String> = (0..25_000).map(|i| format!("note {i}")).collect();
+    let creates = |ids: std::ops::Range<usize>| -> Vec<Change> {
+        ids.map(|i| ((i % 2) as i32, i as i64, "c", notes[i].as_str(), false))
+            .collect()
+    };
+    // Gone with the TRUNCATE after them.
+    lake.commit(&creates(20_000..25_000), true).await;
+    lake.commit(&[(0, 0, "t", "", false)], true).await;
+    for chunk in (0..20_000).step_by(2_500) {
+        lake.commit(&creates(chunk..chunk + 2_500), true).await;
+    }
+    let mut changes: Vec<Change> = vec![
+        (1, 3, "u", "three", false),
+        (1, 7, "u", "", true),
+        (0, 10_500, "d", "", false),
+    ];
+    changes.extend((100..200).map(|i| (i % 2, i as i64, "d", "", false)));
+    lake.commit(&changes, true).await;
+    // 3 becomes 30,000 (last range), unmarked: its create carries "three".
+    lake.commit(&[(1, 3, "d", "", false), (0, 30_000, "c", "", true)], true)
+        .await;
+    // 30,000 becomes 10,500 (a middle range), marked.
+    lake.lsn += 1;
+    let lsn = lake.lsn;
+    lake.commit_rows(
+        &[
+            Row {
+                change: (0, 10_500, "c", "", true),
+                lsn,
+                key_update: Some(r#"{"id":30000}"#),
+            },
+            Row {
+                change: (1, 30_000, "d", "", false),
+                lsn,
+                key_update: Some(r#"{"id":10500}"#),
+            },
+        ],
+        true,
+    )
+    .await;
+
+    let once = lake.mirror(256 << 10);
+    let synced = once.sync(TABLE, true).await.unwrap();
+    assert_eq!((synced.full, synced.ranges), (true, 0), "{synced:?}");
+    let want = lake.rows().await;
+    assert_eq!(want.len(), 20_000 - 101, "3 moved to 10,500, 101 deleted");
+    assert_eq!(want[&10_500], "three", "carried through two key updates");
+    assert_eq!(want[&7], "note 7");
+    assert!(!want.contains_key(&3) && !want.contains_key(&30_000));
+
+    let ranged = lake.mirror(256 << 10).with_build_bytes(256 << 10);
+    let synced = ranged.sync(TABLE, true).await.unwrap();
+    assert!(synced.full && synced.ranges >= 4, "{synced:?}");
+    assert_eq!(synced.unavailable, 0, "{synced:?}");
+    assert_eq!(lake.rows().await, want);
+
+    lake.commit(
+        &[
+            (1, 11_001, "u", "changed", false),
+            (0, 50_000, "c", "new", false),
+            (1, 5_001, "d", "", false),
+        ],
+        true,
+    )
+    .await;
+    let synced = ranged.sync(TABLE, false).await.unwrap();
+    assert!(!synced.full && synced.files_removed <= 3, "{synced:?}");
+    let mut want = want;
+    want.insert(11_001, "changed".into());
+    want.insert(50_000, "new".into());
+    want.remove(&5_001);
+    assert_eq!(lake.rows().await, want);
+}
