@@ -187,11 +187,10 @@ pub struct MirrorConfig {
     pub target_file_bytes: usize,
     /// The order a current-state table's files are sorted and cut in.
     pub clustering: Clustering,
-    /// Changelog rows (their Arrow size) a current-state table built from
-    /// the whole changelog (a rebuild) holds at once; a bigger changelog is
-    /// built range by range of the table's order. The peak is about three
-    /// times this.
-    pub build_bytes: usize,
+    /// The memory a current-state table built from the whole changelog (a
+    /// rebuild) aims to stay under, beyond the process's own: a changelog
+    /// that would take more is built range by range of the table's order.
+    pub build_memory_bytes: usize,
 }
 
 /// How a current-state table orders its rows across files.
@@ -282,7 +281,7 @@ impl Default for SinkConfig {
                 // in a drain was 550 MiB rather than 435 (docs/benchmarks.md).
                 target_file_bytes: 16 * 1024 * 1024,
                 clustering: Clustering::Time,
-                build_bytes: crate::lake::mirror::DEFAULT_BUILD_BYTES,
+                build_memory_bytes: crate::lake::mirror::DEFAULT_BUILD_BYTES,
             },
             give_up_after_secs: 120,
         }
@@ -365,8 +364,8 @@ impl SinkConfig {
         if self.mirror.target_file_bytes < 1024 * 1024 {
             return invalid("mirror.target_file_bytes", "must be at least 1 MiB");
         }
-        if self.mirror.build_bytes < 1024 * 1024 {
-            return invalid("mirror.build_bytes", "must be at least 1 MiB");
+        if self.mirror.build_memory_bytes < 1024 * 1024 {
+            return invalid("mirror.build_memory_bytes", "must be at least 1 MiB");
         }
         if let Some(k) = self
             .kafka

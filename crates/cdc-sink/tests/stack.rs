@@ -1850,6 +1850,21 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
     assert!(rebuilt.success(), "{rebuilt}");
     assert_eq!(order(&prefix), ["user_id", "tweet_id"]);
     assert_mirror_equals_pg(&pg, &prefix, "likes").await;
+
+    // Rebuilt again in a budget that its 2,500 rows outgrow: range by
+    // range of `tweet_id`, committed at once.
+    let rebuilt = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args(["mirror", "--table", "likes", "--rebuild"])
+        .env("CDC_SINK_OUTPUT__PREFIX", &prefix)
+        .env("CDC_SINK_KAFKA__GROUP_ID", &capture.group)
+        .env("CDC_SINK_MIRROR__BUILD_MEMORY_BYTES", "1048576")
+        .output()
+        .expect("run cdc-sink mirror");
+    let said = String::from_utf8_lossy(&rebuilt.stdout);
+    assert!(rebuilt.status.success(), "{}: {said}", rebuilt.status);
+    assert!(said.contains("ranges of its order"), "{said}");
+    assert_eq!(order(&prefix), ["tweet_id", "user_id"]);
+    assert_mirror_equals_pg(&pg, &prefix, "likes").await;
     drop(pg);
     drop(capture);
 }

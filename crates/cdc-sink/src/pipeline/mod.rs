@@ -184,9 +184,10 @@ pub async fn run(
         source: Box::new(source),
     })?);
     let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
-    let mirror = cfg.mirror.enabled.then(|| {
-        Arc::new(Mirror::configured(lake.root().clone(), cfg))
-    });
+    let mirror = cfg
+        .mirror
+        .enabled
+        .then(|| Arc::new(Mirror::configured(lake.root().clone(), cfg)));
     let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket,
         mirrors = cfg.mirror.enabled, "sink started");

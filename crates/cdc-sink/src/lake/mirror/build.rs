@@ -1,20 +1,20 @@
 //! A mirror built from the whole changelog in ranges of its order, so that
 //! the build's memory is bounded by [`Mirror`](super::Mirror)'s
-//! `build_bytes`, not by the table.
+//! `build_bytes` (`mirror.build_memory_bytes`), not by the table.
 //!
 //! A full sync (a rebuild, a new mirror whose first changelog versions are
 //! gone from the log, a gap) reads every live changelog file. While their
-//! rows fit the budget it keeps them and applies them at once, as it always
-//! did ([`Whole::Files`]). Past that it drops them and only surveys the
-//! rest ([`Survey`]), then builds in ranges:
+//! rows fit the budget ([`peak`]) it keeps them and applies them at once,
+//! as it always did ([`Whole::Files`]). Past that it drops them and only
+//! surveys the rest ([`Survey`]), then builds in ranges:
 //!
 //! 1. **Survey**, one read of every file: the key's columns of every n-th
 //!    row (a sample, in Kafka order), the halves of primary-key updates,
 //!    each file's least and greatest key value per key column, its schema,
 //!    and its positions and markers ([`Through`]).
 //! 2. **Plan**: the order is chosen from the sample, and the sample's
-//!    quantiles of the order's first column cut it into ranges of about
-//!    `build_bytes` of rows each. A key's changes all share its first
+//!    quantiles of the order's first column cut it into ranges whose
+//!    [`peak`] is about the budget each. A key's changes all share its first
 //!    column, so each key is in exactly one range, and the ranges' files
 //!    are disjoint and in order.
 //! 3. **Each range**: read the files whose key bounds meet it, keep the
@@ -108,6 +108,7 @@ pub(super) struct Survey {
     named: Option<String>,
     /// The rows' Arrow bytes, all told.
     bytes: usize,
+    rows: usize,
 }
 
 struct Surveyed {
@@ -120,8 +121,8 @@ struct Surveyed {
     bounds: HashMap<String, ArrayRef>,
 }
 
-/// Reads every file of `files`, keeping them while their rows' Arrow bytes
-/// are at most `budget`, surveying them all. `key`: the primary key as
+/// Reads every file of `files`, keeping them while the [`peak`] of
+/// applying them is at most `budget`, surveying them all. `key`: the primary key as
 /// known before the first file names one (the mirror's property).
 pub(super) async fn read_whole(
     table: &str,
@@ -144,6 +145,7 @@ pub(super) async fn read_whole(
         has_changes: false,
         named: None,
         bytes: 0,
+        rows: 0,
     };
     let mut key = key;
     let mut seen_rows = 0usize;
@@ -162,6 +164,7 @@ pub(super) async fn read_whole(
         let mut bounds = Bounds::default();
         for batch in &file.batches {
             survey.bytes += batch.get_array_memory_size();
+            survey.rows += batch.num_rows();
             survey.through = survey.through.merged(&Through::of_rows(batch));
             let Some(key) = &key else {
                 continue;
@@ -193,7 +196,7 @@ pub(super) async fn read_whole(
             bounds: bounds.finish().map_err(arrow_err)?,
         });
         kept = match kept {
-            Some(mut files) if survey.bytes <= budget => {
+            Some(mut files) if peak(survey.bytes, survey.rows) <= budget => {
                 files.push(file);
                 Some(files)
             }
@@ -204,6 +207,16 @@ pub(super) async fn read_whole(
         Some(files) => Whole::Files(files),
         None => Whole::Ranged(Box::new(survey)),
     }))
+}
+
+/// About the most memory applying `rows` changelog rows of `bytes` (their
+/// Arrow size) at once takes: the rows about three times (as read, sorted,
+/// and as the mirror's rows written), and per row its key's encoding, its
+/// entry in the map of outcomes and its place in the sorts. Measured on
+/// `likes` (60 bytes a row): 330 bytes a row at the peak
+/// (docs/benchmarks.md).
+pub(super) fn peak(bytes: usize, rows: usize) -> usize {
+    3 * bytes + 150 * rows
 }
 
 /// `columns` with the Kafka position, which orders the sample.
@@ -464,7 +477,7 @@ impl Survey {
     }
 
     /// Chooses the order from the sample and cuts it into ranges of about
-    /// `budget` bytes of rows.
+    /// `budget` bytes of [`peak`] each.
     pub fn plan(
         &self,
         table: &str,
@@ -519,7 +532,7 @@ impl Survey {
             .map(|i| encoded.row(i).data())
             .collect();
         values.sort_unstable();
-        let ranges = self.bytes.div_ceil(budget.max(1)).max(1);
+        let ranges = peak(self.bytes, self.rows).div_ceil(budget.max(1)).max(1);
         let mut cuts: Vec<Vec<u8>> = Vec::new();
         for i in 1..ranges {
             let Some(v) = values.get(i * values.len() / ranges) else {

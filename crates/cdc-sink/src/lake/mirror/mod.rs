@@ -237,7 +237,7 @@ enum Paired {
 }
 
 /// [`Mirror::with_build_bytes`] unless told.
-pub const DEFAULT_BUILD_BYTES: usize = 512 << 20;
+pub const DEFAULT_BUILD_BYTES: usize = 1 << 30;
 
 /// How long a sync waits for the other half of a primary-key update
 /// before it applies one half alone (a create quarantined, say): the
@@ -316,8 +316,8 @@ pub struct Mirror {
     /// Changelog Parquet bytes one sync applies at most (at least one
     /// commit's): what bounds its memory.
     sync_bytes: usize,
-    /// Arrow bytes of changelog rows a sync from the whole changelog holds
-    /// at once: past them it builds by ranges ([`build`]).
+    /// The memory a sync from the whole changelog aims to stay under:
+    /// past it, it builds by ranges ([`build`]).
     build_bytes: usize,
     /// Tables found without a primary key, and the changelog version they
     /// were looked at through.
@@ -390,7 +390,7 @@ impl Mirror {
             cfg.mirror.target_file_bytes,
         )
         .with_clustering(cfg.mirror.clustering)
-        .with_build_bytes(cfg.mirror.build_bytes)
+        .with_build_bytes(cfg.mirror.build_memory_bytes)
     }
 
     /// Orders the files of mirrors this creates or rebuilds by
@@ -400,8 +400,8 @@ impl Mirror {
         self
     }
 
-    /// Bounds a build from the whole changelog to about `bytes` of
-    /// changelog rows at once (Arrow's size; its peak is a few times that).
+    /// Bounds a build from the whole changelog to about `bytes` of memory
+    /// ([`build::peak`]), range by range of the table's order.
     pub fn with_build_bytes(mut self, bytes: usize) -> Mirror {
         self.build_bytes = bytes.max(1);
         self
@@ -1531,10 +1531,10 @@ pub async fn run(
                 synced.through,
                 synced.upserts,
                 synced.deletes,
-                if synced.full {
-                    " (from the whole changelog)"
-                } else {
-                    ""
+                match (synced.full, synced.ranges) {
+                    (false, _) => String::new(),
+                    (true, 0) => " (from the whole changelog)".to_string(),
+                    (true, n) => format!(" (from the whole changelog, in {n} ranges of its order)"),
                 }
             );
         }
