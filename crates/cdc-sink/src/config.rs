@@ -364,8 +364,8 @@ impl SinkConfig {
         if self.mirror.target_file_bytes < 1024 * 1024 {
             return invalid("mirror.target_file_bytes", "must be at least 1 MiB");
         }
-        if self.mirror.build_memory_bytes < 1024 * 1024 {
-            return invalid("mirror.build_memory_bytes", "must be at least 1 MiB");
+        if self.mirror.build_memory_bytes < 64 * 1024 {
+            return invalid("mirror.build_memory_bytes", "must be at least 64 KiB");
         }
         if let Some(k) = self
             .kafka

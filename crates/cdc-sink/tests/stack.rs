@@ -1857,7 +1857,7 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
         .args(["mirror", "--table", "likes", "--rebuild"])
         .env("CDC_SINK_OUTPUT__PREFIX", &prefix)
         .env("CDC_SINK_KAFKA__GROUP_ID", &capture.group)
-        .env("CDC_SINK_MIRROR__BUILD_MEMORY_BYTES", "1048576")
+        .env("CDC_SINK_MIRROR__BUILD_MEMORY_BYTES", "65536")
         .output()
         .expect("run cdc-sink mirror");
     let said = String::from_utf8_lossy(&rebuilt.stdout);
