@@ -87,8 +87,8 @@ impl Whole {
     /// The primary key the newest file that names one names (JSON).
     pub fn named_key(&self) -> Option<String> {
         match self {
-            Whole::Files(files) => super::newest_key(files),
-            Whole::Ranged(survey) => survey.named.clone(),
+            Whole::Files(files) => newest_key(files),
+            Whole::Ranged(survey) => survey.named.as_ref().map(|(_, k)| k.clone()),
         }
     }
 }
@@ -99,13 +99,12 @@ pub(super) struct Survey {
     files: Vec<Surveyed>,
     /// Every n-th row's key columns (as far as known) and Kafka position.
     sample: Vec<RecordBatch>,
-    /// Halves of primary-key updates: key columns, op, LSN.
-    halves: Vec<RecordBatch>,
     /// Every row's positions, recoveries and TRUNCATEs.
     pub through: Through,
     has_changes: bool,
-    /// The newest footer's key (JSON).
-    named: Option<String>,
+    /// The key named by the file holding the newest change, of those that
+    /// name one (JSON), and that change's LSN.
+    named: Option<(Option<i64>, String)>,
     /// The rows' Arrow bytes, all told.
     bytes: usize,
     rows: usize,
@@ -115,6 +114,8 @@ struct Surveyed {
     path: Path,
     /// The key its rows were surveyed by.
     key: Option<Vec<String>>,
+    /// Its halves of primary-key updates: key columns, op, LSN.
+    halves: Vec<RecordBatch>,
     schema: SchemaRef,
     /// Per key column: its least and greatest value among the file's
     /// changes (NULL least), as two rows.
@@ -140,7 +141,6 @@ pub(super) async fn read_whole(
     let mut survey = Survey {
         files: Vec::with_capacity(files.len()),
         sample: Vec::new(),
-        halves: Vec::new(),
         through: Through::default(),
         has_changes: false,
         named: None,
@@ -154,12 +154,16 @@ pub(super) async fn read_whole(
             return Ok(None);
         };
         if let Some(named) = file.footer.get(KEY_METADATA) {
-            survey.named = Some(named.clone());
+            let newest = max_lsn(&file);
+            if survey.named.as_ref().is_none_or(|(lsn, _)| newest >= *lsn) {
+                survey.named = Some((newest, named.clone()));
+            }
             key = serde_json::from_str::<Vec<String>>(named)
                 .ok()
                 .filter(|k| !k.is_empty())
                 .or(key);
         }
+        let mut file_halves = Vec::new();
         survey.has_changes |= super::has_changes(&file);
         let mut bounds = Bounds::default();
         for batch in &file.batches {
@@ -186,12 +190,13 @@ pub(super) async fn read_whole(
                 .map_err(arrow_err)?,
             );
             if let Some(halves) = halves(batch, key, None).map_err(arrow_err)? {
-                survey.halves.push(halves);
+                file_halves.push(halves);
             }
         }
         survey.files.push(Surveyed {
             path: live.path,
             key: key.clone(),
+            halves: file_halves,
             schema: file.schema.clone(),
             bounds: bounds.finish().map_err(arrow_err)?,
         });
@@ -217,6 +222,40 @@ pub(super) async fn read_whole(
 /// (docs/benchmarks.md).
 pub(super) fn peak(bytes: usize, rows: usize) -> usize {
     3 * bytes + 150 * rows
+}
+
+/// The LSN of the newest change in `file` (`None`: no row has one).
+fn max_lsn(file: &ReadFile) -> Option<i64> {
+    file.batches
+        .iter()
+        .filter_map(|b| {
+            let lsn = b
+                .column_by_name(meta::LSN)?
+                .as_primitive_opt::<Int64Type>()?;
+            arrow::compute::max(lsn)
+        })
+        .max()
+}
+
+/// The primary key named by the file holding the newest change, of
+/// those that name one (JSON): not the order of `files`, which the Delta
+/// log does not keep for live files (it lists the newest first), nor
+/// when a file was written (a compaction rewrites old rows).
+pub(super) fn newest_key(files: &[ReadFile]) -> Option<String> {
+    files
+        .iter()
+        .filter_map(|f| Some((max_lsn(f), f.footer.get(KEY_METADATA)?)))
+        .max_by_key(|(lsn, _)| *lsn)
+        .map(|(_, key)| key.clone())
+}
+
+/// Whether `k` names the same columns as `key`, in any order.
+fn same_key(k: &Option<Vec<String>>, key: &[String]) -> bool {
+    let mut k = k.clone().unwrap_or_default();
+    let mut key = key.to_vec();
+    k.sort();
+    key.sort();
+    k == key
 }
 
 /// `columns` with the Kafka position, which orders the sample.
@@ -434,19 +473,35 @@ impl Range {
 }
 
 impl Survey {
-    /// Finds the deletes that pair with creates the survey holds no
-    /// delete for: in a lake written before `_cdc_key_update`, no delete
-    /// is marked, so they take another read of the files that may hold
-    /// them. `None` if a file is gone.
-    pub async fn pair_unmarked(
+    /// Completes the halves of primary-key updates for a build by `key`:
+    /// those of files surveyed by another key (one changed since, or not
+    /// known yet then) are read again by this one, and the deletes that
+    /// pair with creates the survey holds no delete for are found: in a
+    /// lake written before `_cdc_key_update`, no delete is marked, so
+    /// they take another read of the files. `None` if a file is gone.
+    pub async fn pair_halves(
         &mut self,
         table: &str,
         store: &ObjectStoreRef,
+        key: &[String],
     ) -> Result<Option<()>, MirrorError> {
         let arrow_err = MirrorError::arrow(table);
+        for f in self.files.iter_mut().filter(|f| !same_key(&f.key, key)) {
+            let Some(file) = fetch_file(table, store, &f.path).await? else {
+                return Ok(None);
+            };
+            f.halves.clear();
+            for batch in &file.batches {
+                if let Some(found) = halves(batch, key, None).map_err(arrow_err)? {
+                    f.halves.push(found);
+                }
+            }
+            f.key = Some(key.to_vec());
+            f.bounds.clear();
+        }
         let mut deletes = HashSet::new();
         let mut creates = HashSet::new();
-        for b in &self.halves {
+        for b in self.files.iter().flat_map(|f| &f.halves) {
             let op = b.column_by_name(meta::OP).expect("projected");
             let op = op.as_string::<i32>();
             let lsn = b.column_by_name(meta::LSN).expect("projected");
@@ -462,14 +517,13 @@ impl Survey {
         if unpaired.is_empty() {
             return Ok(Some(()));
         }
-        for f in &self.files {
-            let Some(key) = &f.key else { continue };
+        for f in &mut self.files {
             let Some(file) = fetch_file(table, store, &f.path).await? else {
                 return Ok(None);
             };
             for batch in &file.batches {
                 if let Some(found) = halves(batch, key, Some(&unpaired)).map_err(arrow_err)? {
-                    self.halves.push(found);
+                    f.halves.push(found);
                 }
             }
         }
@@ -545,17 +599,10 @@ impl Survey {
 
         // Each file's bounds of the first column, in its encoding.
         let mut files = Vec::with_capacity(self.files.len());
-        let same_key = |k: &Option<Vec<String>>| {
-            let mut k = k.clone().unwrap_or_default();
-            let mut key = key.to_vec();
-            k.sort();
-            key.sort();
-            k == key
-        };
         for f in &self.files {
             // A file of another key (one changed since) is read for every
             // range, as the build applies it by this key.
-            let bounds = match f.bounds.get(first).filter(|_| same_key(&f.key)) {
+            let bounds = match f.bounds.get(first).filter(|_| same_key(&f.key, key)) {
                 Some(b) => {
                     let b = if b.data_type() == &first_type {
                         b.clone()
@@ -577,7 +624,7 @@ impl Survey {
         let halves_schema = project(&halves_columns).map_err(arrow_err)?;
         let mut deletes: HashMap<i64, Vec<u8>> = HashMap::new();
         let mut creates: Vec<(i64, Vec<u8>)> = Vec::new();
-        for b in &self.halves {
+        for b in self.files.iter().flat_map(|f| &f.halves) {
             let b = align(b, &halves_schema).map_err(arrow_err)?;
             let keys =
                 super::changes::key_rows(&converter, &b, &order.columns).map_err(arrow_err)?;

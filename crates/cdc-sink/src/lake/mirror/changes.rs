@@ -74,9 +74,10 @@ pub struct Changes {
     /// values to carry ([`Source::Moved`]).
     pub moved: Vec<OwnedRow>,
     /// Creates of primary-key updates whose delete is not among the
-    /// changes: their unchanged TOASTed values have no image here and stay
-    /// NULL (the changelog holds Debezium's placeholder as NULL).
-    pub unpaired: usize,
+    /// changes (their rows): their unchanged TOASTed values have no image
+    /// here and stay NULL (the changelog holds Debezium's placeholder as
+    /// NULL). A create a TRUNCATE removed is not one.
+    pub unpaired: Vec<usize>,
 }
 
 /// Why changelog rows cannot be reduced by their key.
@@ -165,6 +166,27 @@ impl Changes {
     /// A change without a value in a key column is an error
     /// ([`ReduceError::EmptyKey`]): it would be taken for a row whose key
     /// is NULL, and every such change for the same row.
+    /// Keeps only the keys `keep` holds (by their encoding): their
+    /// outcomes and their unpaired creates.
+    pub fn retain_keys(&mut self, keep: impl Fn(&[u8]) -> bool) -> Result<(), ArrowError> {
+        self.outcomes.retain(|k, _| keep(k.as_ref()));
+        if !self.unpaired.is_empty() {
+            let rows = arrow::compute::take_record_batch(
+                &self.rows,
+                &arrow::array::UInt32Array::from_iter_values(
+                    self.unpaired.iter().map(|&i| i as u32),
+                ),
+            )?;
+            let keys = key_rows(&self.converter, &rows, &self.key)?;
+            let mut n = 0;
+            self.unpaired.retain(|_| {
+                n += 1;
+                keep(keys.row(n - 1).as_ref())
+            });
+        }
+        Ok(())
+    }
+
     pub fn reduce(
         rows: RecordBatch,
         key: &[String],
@@ -306,7 +328,13 @@ impl Changes {
             }
             outcomes.insert(k, Outcome::Upsert { row: i, carried });
         }
-        let unpaired = moves.creates.len() - images.len();
+        let mut unpaired: Vec<usize> = moves
+            .creates
+            .iter()
+            .copied()
+            .filter(|i| !images.contains_key(i) && !truncated(*i))
+            .collect();
+        unpaired.sort_unstable();
         if !moves.creates.is_empty() {
             for outcome in outcomes.values_mut() {
                 if let Outcome::Upsert { carried, .. } = outcome {

@@ -948,7 +948,7 @@ impl Mirror {
         let merr = delta_err(&name);
         let store = changelog.log_store().object_store(None);
         survey
-            .pair_unmarked(table, &store)
+            .pair_halves(table, &store, key)
             .await?
             .ok_or_else(|| missing_live_file(table))?;
         let state = changelog.snapshot().map_err(delta_err(table))?;
@@ -987,8 +987,10 @@ impl Mirror {
                 .ok_or_else(|| missing_live_file(table))?;
             let mut changes = Changes::reduce(rows, &plan.order.columns, truncate)
                 .map_err(|e| e.into_mirror(table))?;
-            // Gathered keys' outcomes are their own ranges' to write.
-            changes.outcomes.retain(|k, _| range.holds(k.as_ref()));
+            // Gathered keys are their own ranges' to write and count.
+            changes
+                .retain_keys(|k| range.holds(k))
+                .map_err(MirrorError::arrow(table))?;
             let part = self
                 .stage(table, mirror, &mirror_state, &plan.order, changes, true)
                 .await?;
@@ -1170,7 +1172,7 @@ impl Mirror {
                 }
             }
         }
-        let unavailable = changes.unpaired + missing;
+        let unavailable = changes.unpaired.len() + missing;
 
         let mut actions = Vec::new();
         let (mut rows_written, mut bytes_written) = (0, 0);
@@ -1638,14 +1640,6 @@ async fn fetch_file(
     ReadFile::read(path.to_string(), bytes)
         .map(Some)
         .map_err(MirrorError::file(table))
-}
-
-/// The primary key the newest of `files` that names one names (JSON).
-fn newest_key(files: &[ReadFile]) -> Option<String> {
-    files
-        .iter()
-        .rev()
-        .find_map(|f| f.footer.get(KEY_METADATA).cloned())
 }
 
 /// The mirror's own record of its primary key (JSON).

@@ -1111,3 +1111,186 @@ async fn a_build_by_ranges_ends_with_the_rows_of_a_build_at_once() {
     want.remove(&5_001);
     assert_eq!(lake.rows().await, want);
 }
+
+/// A row of the `(a, b, note)` tests: `(a, b, op, note, unchanged note?,
+/// lsn)`.
+type Ab<'a> = (i64, i64, &'a str, &'a str, bool, i64);
+
+impl Lake {
+    /// Commits `rows` of a table `(a, b, note)` to partition 0, the footer
+    /// naming `key` as the primary key (none: a file from before footers).
+    async fn commit_ab(&mut self, rows: &[Ab<'_>], key: Option<&[&str]>) {
+        let first = self.last.get(&0).map_or(0, |l| l + 1);
+        let offsets: Vec<i64> = (first..first + rows.len() as i64).collect();
+        let mut unchanged = ListBuilder::new(StringBuilder::new());
+        for r in rows {
+            if r.4 {
+                unchanged.values().append_value("note");
+            }
+            unchanged.append(true);
+        }
+        let fields = vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+            Field::new(meta::OP, DataType::Utf8, true),
+            Field::new(meta::LSN, DataType::Int64, true),
+            Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+            Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
+            Field::new(
+                meta::UNCHANGED,
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                true,
+            ),
+        ];
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.5))),
+            Arc::new(Int32Array::from(vec![0; rows.len()])),
+            Arc::new(Int64Array::from(offsets.clone())),
+            Arc::new(unchanged.finish()),
+        ];
+        let write = PartitionWrite {
+            tp: Tp::new(format!("db.{TABLE}"), 0),
+            claim: Claim {
+                expected: self.last.get(&0).copied(),
+                last: *offsets.last().unwrap(),
+            },
+            files: vec![DataFile {
+                date: NaiveDate::from_ymd_opt(2026, 12, 4).unwrap(),
+                batch: RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap(),
+                key: key.map(|k| Arc::from(k.iter().map(|s| s.to_string()).collect::<Vec<_>>())),
+            }],
+        };
+        self.last.insert(0, *offsets.last().unwrap());
+        let outcome = self.changelog.write(TABLE, &[write]).await.unwrap();
+        assert!(outcome.fenced.is_empty());
+    }
+
+    /// The mirror's rows of the `(a, b, note)` tests; panics on a key held
+    /// twice.
+    async fn ab_rows(&self) -> BTreeMap<(i64, i64), String> {
+        let mut out = BTreeMap::new();
+        for batch in self.mirror_batches().await {
+            let a = batch.column_by_name("a").unwrap();
+            let b = batch.column_by_name("b").unwrap();
+            let note = batch.column_by_name("note").unwrap();
+            let (a, b, note) = (
+                a.as_primitive::<Int64Type>(),
+                b.as_primitive::<Int64Type>(),
+                note.as_string::<i32>(),
+            );
+            for i in 0..batch.num_rows() {
+                let value = if note.is_valid(i) {
+                    note.value(i)
+                } else {
+                    "NULL"
+                };
+                let dup = out.insert((a.value(i), b.value(i)), value.to_string());
+                assert!(dup.is_none(), "({}, {}) twice", a.value(i), b.value(i));
+            }
+        }
+        out
+    }
+}
+
+/// The Delta log lists live files newest first, and a compaction rewrites
+/// old rows into a new file: a build from the whole changelog takes the
+/// key named by the file that holds the newest change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_build_takes_the_key_of_the_file_with_the_newest_change() {
+    let mut lake = Lake::new();
+    lake.commit_ab(&[(10, 0, "c", "old", false, 1001)], Some(&["a"]))
+        .await;
+    lake.commit_ab(&[(10, 1, "c", "new", false, 1002)], Some(&["a", "b"]))
+        .await;
+    lake.mirror(256 << 10).sync(TABLE, true).await.unwrap();
+    assert_eq!(
+        lake.ab_rows().await.into_keys().collect::<Vec<_>>(),
+        [(10, 0), (10, 1)],
+        "keyed by (a, b)"
+    );
+}
+
+/// A key that gained a column (`a` to `a, b`), and a primary-key update
+/// in files of the old key (or of none, from before footers): built by
+/// ranges of the new key, its halves are paired by the new key's columns,
+/// and the moved row keeps its note, as in a build at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_under_an_older_key_keeps_its_note_by_ranges() {
+    for old_key in [Some(&["a"][..]), None] {
+        let mut lake = Lake::new();
+        let notes: Vec<String> = (0..5_000).map(|i| format!("note {i}")).collect();
+        let mut lsn = 1000;
+        for chunk in (0..5_000).step_by(500) {
+            let rows: Vec<Ab> = (chunk..chunk + 500)
+                .map(|i| {
+                    lsn += 1;
+                    (i as i64, 0, "c", notes[i].as_str(), false, lsn)
+                })
+                .collect();
+            lake.commit_ab(&rows, Some(&["a", "b"])).await;
+        }
+        lake.commit_ab(
+            &[
+                (3, 0, "d", "", false, lsn + 1),
+                (1_004_000, 0, "c", "", true, lsn + 1),
+            ],
+            old_key,
+        )
+        .await;
+        lake.commit_ab(&[(10, 1, "c", "new", false, lsn + 2)], old_key)
+            .await;
+
+        let once = lake.mirror(256 << 10).with_clustering(Clustering::Key);
+        assert_eq!(once.sync(TABLE, true).await.unwrap().ranges, 0);
+        let want = lake.ab_rows().await;
+        assert_eq!(want[&(1_004_000, 0)], "note 3", "{old_key:?}: at once");
+        let ranged = lake
+            .mirror(256 << 10)
+            .with_clustering(Clustering::Key)
+            .with_build_bytes(128 << 10);
+        let synced = ranged.sync(TABLE, true).await.unwrap();
+        assert!(synced.ranges > 1, "{synced:?}");
+        assert_eq!(synced.unavailable, 0, "{old_key:?}: {synced:?}");
+        assert_eq!(lake.ab_rows().await, want, "{old_key:?}: by ranges");
+    }
+}
+
+/// A create whose unchanged note has no image (its delete never reached
+/// the changelog) is counted once by ranges, though the range its key
+/// moves to next reads its history too; and a key update a TRUNCATE
+/// removed is not counted at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate() {
+    let mut lake = Lake::new();
+    lake.commit(&[(0, 20_002, "c", "two", false)], true).await;
+    lake.commit(
+        &[(0, 20_002, "d", "", false), (0, 20_004, "c", "", true)],
+        true,
+    )
+    .await;
+    lake.commit(&[(0, 0, "t", "", false)], true).await;
+    let notes: Vec<String> = (0..20_000).map(|i| format!("note {i}")).collect();
+    for chunk in (0..20_000).step_by(2_500) {
+        let cs: Vec<Change> = (chunk..chunk + 2_500)
+            .map(|i| ((i % 2) as i32, i as i64, "c", notes[i].as_str(), false))
+            .collect();
+        lake.commit(&cs, true).await;
+    }
+    // 30,000 appears by a key update without its delete, then moves to 5.
+    lake.commit(&[(0, 30_000, "c", "", true)], true).await;
+    lake.commit(&[(0, 30_000, "d", "", false), (1, 5, "c", "", true)], true)
+        .await;
+    let once = lake.mirror(256 << 10).sync(TABLE, true).await.unwrap();
+    assert_eq!(once.unavailable, 1, "{once:?}");
+    let want = lake.rows().await;
+    let ranged = lake.mirror(256 << 10).with_build_bytes(256 << 10);
+    let synced = ranged.sync(TABLE, true).await.unwrap();
+    assert!(synced.ranges > 1, "{synced:?}");
+    assert_eq!(synced.unavailable, 1, "{synced:?}");
+    assert_eq!(lake.rows().await, want);
+}
