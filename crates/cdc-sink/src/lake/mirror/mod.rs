@@ -111,6 +111,17 @@ pub enum MirrorError {
     #[error("the primary key of `{table}` in its changelog files is not a list of columns")]
     BadKey { table: String },
     #[error(
+        "building the current-state table of `{table}` from its whole changelog took {took:?}, \
+         more than half of the vacuum retention ({retention:?}): a vacuum could have deleted \
+         the files it put before their commit, so it is not committed; raise \
+         `lake.vacuum_retention_hours` or `mirror.build_memory_bytes`"
+    )]
+    BuildTooLong {
+        table: String,
+        took: std::time::Duration,
+        retention: std::time::Duration,
+    },
+    #[error(
         "key column `{column}` of `{table}` is empty in the change at {at}; its type or name \
          changed ({siblings}), which the current-state table cannot follow yet: it stays \
          at the change before, and the changelog goes on"
@@ -154,6 +165,7 @@ impl MirrorError {
             MirrorError::File { source, .. } => source.is_retryable(),
             MirrorError::Arrow { .. }
             | MirrorError::BadKey { .. }
+            | MirrorError::BuildTooLong { .. }
             | MirrorError::KeyChanged { .. } => false,
         }
     }
@@ -249,7 +261,28 @@ const PAIR_WAIT_MS: i64 = 30_000;
 /// least, looking for the other halves of its primary-key updates.
 const PAIR_READ_BYTES: usize = 64 << 20;
 
+/// Tests: a build tells `reached` once its files are put, then waits for
+/// `proceed` before it commits them.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct BuildGate {
+    pub reached: tokio::sync::Notify,
+    pub proceed: tokio::sync::Notify,
+}
+
+/// How many times a build's commit goes on top of commits that changed
+/// nothing it replaces ([`Mirror::content`]).
+const MAX_REBASES: usize = 5;
+
+/// A mirror's live files and the changelog version it reflects.
+#[derive(Debug, PartialEq, Eq)]
+struct Content {
+    files: Vec<String>,
+    applied: Option<i64>,
+}
+
 /// Files put for some changes, not committed yet.
+#[derive(Clone)]
 struct Staged {
     adds: Vec<Action>,
     /// Files rewritten (beside a full sync's, which are every file).
@@ -319,6 +352,12 @@ pub struct Mirror {
     /// The memory a sync from the whole changelog aims to stay under:
     /// past it, it builds by ranges ([`build`]).
     build_bytes: usize,
+    /// Upkeep's vacuum deletes unreferenced files older than this: files
+    /// a build put must be committed well within it.
+    vacuum_retention: std::time::Duration,
+    /// Tests: where a build waits before its commit.
+    #[cfg(test)]
+    build_gate: Option<Arc<BuildGate>>,
     /// Tables found without a primary key, and the changelog version they
     /// were looked at through.
     no_key: std::sync::Mutex<HashMap<String, i64>>,
@@ -374,6 +413,9 @@ impl Mirror {
             tail_bytes: target_bytes / 4,
             sync_bytes: (target_bytes / 8).max(1),
             build_bytes: DEFAULT_BUILD_BYTES,
+            vacuum_retention: std::time::Duration::from_secs(168 * 3600),
+            #[cfg(test)]
+            build_gate: None,
             ranges: std::sync::Mutex::new(HashMap::new()),
             no_key: std::sync::Mutex::new(HashMap::new()),
             through: std::sync::Mutex::new(HashMap::new()),
@@ -383,14 +425,17 @@ impl Mirror {
 
     /// The mirrors of the lake at `root`, as `cfg` configures them.
     pub fn configured(root: LakeRoot, cfg: &crate::config::SinkConfig) -> Mirror {
-        Mirror::new(
+        let mut mirror = Mirror::new(
             root,
             FileWriter::new(crate::lake::files::writer_properties(&cfg.output)),
             cfg.lake.table_properties(),
             cfg.mirror.target_file_bytes,
         )
         .with_clustering(cfg.mirror.clustering)
-        .with_build_bytes(cfg.mirror.build_memory_bytes)
+        .with_build_bytes(cfg.mirror.build_memory_bytes);
+        mirror.vacuum_retention =
+            std::time::Duration::from_secs(cfg.lake.vacuum_retention_hours * 3600);
+        mirror
     }
 
     /// Orders the files of mirrors this creates or rebuilds by
@@ -404,6 +449,18 @@ impl Mirror {
     /// ([`build::peak`]), range by range of the table's order.
     pub fn with_build_bytes(mut self, bytes: usize) -> Mirror {
         self.build_bytes = bytes.max(1);
+        self
+    }
+
+    #[cfg(test)]
+    fn with_build_gate(mut self, gate: Arc<BuildGate>) -> Mirror {
+        self.build_gate = Some(gate);
+        self
+    }
+
+    #[cfg(test)]
+    fn with_vacuum_retention(mut self, retention: std::time::Duration) -> Mirror {
+        self.vacuum_retention = retention;
         self
     }
 
@@ -960,6 +1017,50 @@ impl Mirror {
             self.clustering,
             self.build_bytes,
         )?;
+        // What the build replaces: a commit on top of it that changes none
+        // of it (upkeep's vacuum) is no conflict (see below).
+        let base = match exists {
+            true => Some(self.content(table, mirror).await?),
+            false => None,
+        };
+        let truncate = TruncateState::newest(None, survey.through.truncate);
+        let started = std::time::Instant::now();
+        let mut staged: Option<Staged> = None;
+        for i in 0..plan.ranges() {
+            let range = plan.range(i);
+            let rows = plan
+                .read(table, &store, &range)
+                .await?
+                .ok_or_else(|| missing_live_file(table))?;
+            let mut changes = Changes::reduce(rows, &plan.order.columns, truncate)
+                .map_err(|e| e.into_mirror(table))?;
+            // Gathered keys are their own ranges' to write and count.
+            changes
+                .retain_keys(|k| range.holds(k))
+                .map_err(MirrorError::arrow(table))?;
+            let part = self
+                .stage(table, mirror, None, &plan.order, changes, true)
+                .await?;
+            staged = Some(match staged {
+                Some(before) => before.and(part),
+                None => part,
+            });
+        }
+        tracing::info!(
+            table,
+            ranges = plan.ranges(),
+            "current-state table built from the whole changelog, range by range"
+        );
+        let staged = staged.expect("a plan has a range at least");
+        #[cfg(test)]
+        if let Some(gate) = &self.build_gate {
+            gate.reached.notify_one();
+            gate.proceed.notified().await;
+        }
+        // A new table is created only now, with every file put: it is
+        // never seen empty, nor left so by a build that fails. The files
+        // of one that loses the race stay unreferenced: vacuum removes
+        // them.
         if !exists
             && !self
                 .create(
@@ -976,49 +1077,65 @@ impl Mirror {
                 ..Synced::default()
             });
         }
-        let mirror_state = mirror.snapshot().map_err(&merr)?.clone();
-        let truncate = TruncateState::newest(None, survey.through.truncate);
-        let mut staged: Option<Staged> = None;
-        for i in 0..plan.ranges() {
-            let range = plan.range(i);
-            let rows = plan
-                .read(table, &store, &range)
-                .await?
-                .ok_or_else(|| missing_live_file(table))?;
-            let mut changes = Changes::reduce(rows, &plan.order.columns, truncate)
-                .map_err(|e| e.into_mirror(table))?;
-            // Gathered keys are their own ranges' to write and count.
-            changes
-                .retain_keys(|k| range.holds(k))
-                .map_err(MirrorError::arrow(table))?;
-            let part = self
-                .stage(table, mirror, &mirror_state, &plan.order, changes, true)
+        let mut state = mirror.snapshot().map_err(&merr)?.clone();
+        let mut base = match base {
+            Some(base) => base,
+            None => self.content(table, mirror).await?,
+        };
+        let mut rebased = 0;
+        loop {
+            if started.elapsed() > self.vacuum_retention / 2 {
+                return Err(MirrorError::BuildTooLong {
+                    table: table.to_string(),
+                    took: started.elapsed(),
+                    retention: self.vacuum_retention,
+                });
+            }
+            let mut synced = self
+                .commit(
+                    table,
+                    mirror,
+                    &state,
+                    &plan.order,
+                    staged.clone(),
+                    &survey.through,
+                    true,
+                    through,
+                )
                 .await?;
-            staged = Some(match staged {
-                Some(before) => before.and(part),
-                None => part,
-            });
+            synced.ranges = plan.ranges();
+            if !synced.conflict || rebased == MAX_REBASES {
+                return Ok(synced);
+            }
+            // A build takes minutes: a commit meanwhile that changed no
+            // file and no position (upkeep's vacuum) leaves what it
+            // replaces as it was, so it commits on top of that one.
+            refresh(mirror).await.map_err(&merr)?;
+            let now = self.content(table, mirror).await?;
+            if now != base {
+                return Ok(synced);
+            }
+            (state, base) = (mirror.snapshot().map_err(&merr)?.clone(), now);
+            rebased += 1;
         }
-        tracing::info!(
-            table,
-            ranges = plan.ranges(),
-            "current-state table built from the whole changelog, range by range"
-        );
-        let staged = staged.expect("a plan has a range at least");
-        let mut synced = self
-            .commit(
-                table,
-                mirror,
-                &mirror_state,
-                &plan.order,
-                staged,
-                &survey.through,
-                true,
-                through,
-            )
-            .await?;
-        synced.ranges = plan.ranges();
-        Ok(synced)
+    }
+
+    /// What a mirror holds, as far as a build from the whole changelog
+    /// replaces it: its live files and its `txn`.
+    async fn content(&self, table: &str, mirror: &DeltaTable) -> Result<Content, MirrorError> {
+        let name = LakeRoot::mirror_of(table);
+        let state = mirror.snapshot().map_err(delta_err(&name))?;
+        let mut files: Vec<String> = state
+            .log_data()
+            .iter()
+            .map(|f| f.path().to_string())
+            .collect();
+        files.sort_unstable();
+        let applied = state
+            .transaction_version(mirror.log_store().as_ref(), APP_ID)
+            .await
+            .map_err(delta_err(&name))?;
+        Ok(Content { files, applied })
     }
 
     /// Applies `changes` to the mirror's files and commits them with the
@@ -1039,7 +1156,7 @@ impl Mirror {
             .clone();
         let positions = Through::of_rows(&changes.rows);
         let staged = self
-            .stage(table, mirror, &state, order, changes, full)
+            .stage(table, mirror, Some(&state), order, changes, full)
             .await?;
         self.commit(
             table, mirror, &state, order, staged, &positions, full, through,
@@ -1054,7 +1171,7 @@ impl Mirror {
         &self,
         table: &str,
         mirror: &DeltaTable,
-        state: &DeltaTableState,
+        state: Option<&DeltaTableState>,
         order: &Order,
         mut changes: Changes,
         full: bool,
@@ -1067,13 +1184,17 @@ impl Mirror {
 
         // The live files and their key ranges.
         let mut ranges = Vec::new();
-        let needs_ranges = !full && !changes.outcomes.is_empty();
+        let routed = state.filter(|_| !full && !changes.outcomes.is_empty());
         let (upserts, deletes) = changes.outcomes.values().fold((0, 0), |(u, d), o| match o {
             Outcome::Upsert { .. } => (u + 1, d),
             Outcome::Delete => (u, d + 1),
         });
-        for f in state.log_data().iter().filter(|_| needs_ranges) {
-            let path = f.object_store_path();
+        let live: Vec<(Path, i64)> = routed
+            .iter()
+            .flat_map(|s| s.log_data())
+            .map(|f| (f.object_store_path(), f.size()))
+            .collect();
+        for (path, size) in live {
             let cached = self
                 .ranges
                 .lock()
@@ -1083,7 +1204,7 @@ impl Mirror {
             let range = match cached {
                 Some(r) => r,
                 None => {
-                    let r = read_range(&store, path, f.size(), key).await?;
+                    let r = read_range(&store, path, size, key).await?;
                     self.ranges
                         .lock()
                         .expect("not poisoned")

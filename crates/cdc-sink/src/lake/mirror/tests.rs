@@ -1294,3 +1294,66 @@ async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate()
     assert_eq!(synced.unavailable, 1, "{synced:?}");
     assert_eq!(lake.rows().await, want);
 }
+
+/// A build by ranges takes minutes on a big table: a commit to the mirror
+/// meanwhile that changes none of its files and not its `txn` (upkeep's
+/// vacuum; here a property) does not cost it the build, which commits on
+/// top of it. A new table is created only once every file is put: no
+/// reader sees it empty meanwhile. And a build that took longer than half
+/// the vacuum retention is not committed: a vacuum could have deleted the
+/// files it put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replaces() {
+    let mut lake = Lake::new();
+    let notes: Vec<String> = (0..20_000).map(|i| format!("note {i}")).collect();
+    for chunk in (0..20_000).step_by(2_500) {
+        let cs: Vec<Change> = (chunk..chunk + 2_500)
+            .map(|i| (i % 2, i as i64, "c", notes[i as usize].as_str(), false))
+            .collect();
+        lake.commit(&cs, true).await;
+    }
+    let gate = Arc::new(BuildGate::default());
+    let ranged = Arc::new(
+        lake.mirror(256 << 10)
+            .with_build_bytes(256 << 10)
+            .with_build_gate(gate.clone()),
+    );
+    let build = tokio::spawn({
+        let ranged = ranged.clone();
+        async move { ranged.sync(TABLE, true).await }
+    });
+    gate.reached.notified().await;
+    assert!(
+        !table_exists(&lake.root, &LakeRoot::mirror_of(TABLE)).await,
+        "a new table waits for its files"
+    );
+    gate.proceed.notify_one();
+    let synced = build.await.unwrap().unwrap();
+    assert!(synced.ranges > 1 && !synced.conflict, "{synced:?}");
+    let want = lake.rows().await;
+    assert_eq!(want.len(), 20_000);
+
+    let build = tokio::spawn({
+        let ranged = ranged.clone();
+        async move { ranged.sync(TABLE, true).await }
+    });
+    gate.reached.notified().await;
+    lake.set_mirror_order(r#"["id"]"#).await;
+    gate.proceed.notify_one();
+    let synced = build.await.unwrap().unwrap();
+    assert!(synced.ranges > 1 && !synced.conflict, "{synced:?}");
+    assert_eq!(lake.rows().await, want);
+
+    let slow = lake
+        .mirror(256 << 10)
+        .with_build_bytes(256 << 10)
+        .with_vacuum_retention(std::time::Duration::ZERO);
+    let err = slow.sync(TABLE, true).await.unwrap_err();
+    assert!(matches!(err, MirrorError::BuildTooLong { .. }), "{err}");
+    assert_eq!(lake.rows().await, want, "not committed");
+}
+
+/// Whether a Delta table is at `table` under `root`.
+async fn table_exists(root: &LakeRoot, table: &str) -> bool {
+    root.handle(table).unwrap().load().await.is_ok()
+}
