@@ -281,7 +281,7 @@ impl Default for SinkConfig {
                 // in a drain was 550 MiB rather than 435 (docs/benchmarks.md).
                 target_file_bytes: 16 * 1024 * 1024,
                 clustering: Clustering::Time,
-                build_memory_bytes: crate::lake::mirror::DEFAULT_BUILD_BYTES,
+                build_memory_bytes: 1 << 30,
             },
             give_up_after_secs: 120,
         }

@@ -42,17 +42,19 @@ use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use deltalake::kernel::StructType;
 use deltalake::logstore::ObjectStoreRef;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use crate::config::Clustering;
 use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
+use crate::lake::LakeError;
 use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{ReadFile, align, output_schema_of, sort_by_kafka_position};
+use crate::lake::mirror::MirrorError;
 use crate::lake::mirror::changes::key_converter;
 use crate::lake::mirror::order::{self, Order};
 use crate::lake::mirror::through::{self, Through};
-use crate::lake::mirror::{MirrorError, fetch_file};
 
 /// Rows sampled, about: enough for the order's choice (which looks at up
 /// to 65,536 rows per partition) and for the quantiles of a few hundred
@@ -79,7 +81,7 @@ impl Whole {
     /// Whether a file holds a change of a row (not only markers).
     pub fn has_changes(&self) -> bool {
         match self {
-            Whole::Files(files) => files.iter().any(super::has_changes),
+            Whole::Files(files) => files.iter().any(has_changes),
             Whole::Ranged(survey) => survey.has_changes,
         }
     }
@@ -164,7 +166,7 @@ pub(super) async fn read_whole(
                 .or(key);
         }
         let mut file_halves = Vec::new();
-        survey.has_changes |= super::has_changes(&file);
+        survey.has_changes |= has_changes(&file);
         let mut bounds = Bounds::default();
         for batch in &file.batches {
             survey.bytes += batch.get_array_memory_size();
@@ -256,6 +258,39 @@ fn same_key(k: &Option<Vec<String>>, key: &[String]) -> bool {
     k.sort();
     key.sort();
     k == key
+}
+
+/// Reads the changelog file at `path`; `None` if it is gone.
+pub(super) async fn fetch_file(
+    table: &str,
+    store: &ObjectStoreRef,
+    path: &Path,
+) -> Result<Option<ReadFile>, MirrorError> {
+    let got = match store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(MirrorError::Lake(Box::new(LakeError::Store(e)))),
+    };
+    let bytes = got
+        .bytes()
+        .await
+        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
+    ReadFile::read(path.to_string(), bytes)
+        .map(Some)
+        .map_err(MirrorError::file(table))
+}
+
+/// Whether `file` holds a change of a row (not only recovery markers).
+pub(super) fn has_changes(file: &ReadFile) -> bool {
+    file.batches.iter().any(|b| {
+        match b
+            .column_by_name(meta::OP)
+            .and_then(|c| c.as_string_opt::<i32>())
+        {
+            Some(op) => (0..op.len()).any(|i| !op.is_valid(i) || op.value(i) != RECOVERY),
+            None => b.num_rows() > 0,
+        }
+    })
 }
 
 /// `columns` with the Kafka position, which orders the sample.

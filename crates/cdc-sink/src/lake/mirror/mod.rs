@@ -37,7 +37,7 @@ pub mod through;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter};
@@ -54,15 +54,14 @@ use object_store::path::Path;
 use parquet::file::metadata::ParquetMetaDataReader;
 use serde_json::json;
 
-use crate::config::Clustering;
-use crate::decode::marker::RECOVERY;
+use crate::config::{Clustering, MirrorConfig};
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
-use crate::lake::mirror::build::{LiveFile, Whole};
+use crate::lake::mirror::build::{LiveFile, Whole, fetch_file};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::order::Order;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
@@ -248,9 +247,6 @@ enum Paired {
     Wait,
 }
 
-/// [`Mirror::with_build_bytes`] unless told.
-pub const DEFAULT_BUILD_BYTES: usize = 1 << 30;
-
 /// How long a sync waits for the other half of a primary-key update
 /// before it applies one half alone (a create quarantined, say): the
 /// halves are read within moments of each other, so the other is
@@ -412,7 +408,7 @@ impl Mirror {
             clustering: Clustering::Time,
             tail_bytes: target_bytes / 4,
             sync_bytes: (target_bytes / 8).max(1),
-            build_bytes: DEFAULT_BUILD_BYTES,
+            build_bytes: MirrorConfig::default().build_memory_bytes,
             vacuum_retention: std::time::Duration::from_secs(168 * 3600),
             #[cfg(test)]
             build_gate: None,
@@ -1708,19 +1704,6 @@ fn percent_decode(path: &str) -> String {
         .unwrap_or_else(|| path.to_string())
 }
 
-/// Whether `file` holds a change of a row (not only recovery markers).
-fn has_changes(file: &ReadFile) -> bool {
-    file.batches.iter().any(|b| {
-        match b
-            .column_by_name(meta::OP)
-            .and_then(|c| c.as_string_opt::<i32>())
-        {
-            Some(op) => (0..op.len()).any(|i| !op.is_valid(i) || op.value(i) != RECOVERY),
-            None => b.num_rows() > 0,
-        }
-    })
-}
-
 fn missing_live_file(table: &str) -> MirrorError {
     MirrorError::Lake(Box::new(LakeError::Location(format!(
         "a live file of `{table}` is missing"
@@ -1741,26 +1724,6 @@ async fn read_all(
         }
     }
     Ok(Some(files))
-}
-
-/// Reads the changelog file at `path`; `None` if it is gone.
-async fn fetch_file(
-    table: &str,
-    store: &ObjectStoreRef,
-    path: &Path,
-) -> Result<Option<ReadFile>, MirrorError> {
-    let got = match store.get(path).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(MirrorError::Lake(Box::new(LakeError::Store(e)))),
-    };
-    let bytes = got
-        .bytes()
-        .await
-        .map_err(|e| MirrorError::Lake(Box::new(LakeError::Store(e))))?;
-    ReadFile::read(path.to_string(), bytes)
-        .map(Some)
-        .map_err(MirrorError::file(table))
 }
 
 /// The mirror's own record of its primary key (JSON).

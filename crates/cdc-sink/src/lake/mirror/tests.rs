@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use arrow::array::{
-    ArrayRef, AsArray, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    Array, ArrayRef, AsArray, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
     TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Int64Type};
