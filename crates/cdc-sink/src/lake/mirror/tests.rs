@@ -1038,17 +1038,10 @@ async fn a_recovery_removes_the_rows_deleted_while_the_slot_was_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_by_ranges_ends_with_the_rows_of_a_build_at_once() {
     let mut lake = Lake::new();
-    let notes: Vec<String> = (0..25_000).map(|i| format!("note {i}")).collect();
-    let creates = |ids: std::ops::Range<usize>| -> Vec<Change> {
-        ids.map(|i| ((i % 2) as i32, i as i64, "c", notes[i].as_str(), false))
-            .collect()
-    };
     // Gone with the TRUNCATE after them.
-    lake.commit(&creates(20_000..25_000), true).await;
+    lake.commit_notes(20_000..25_000).await;
     lake.commit(&[(0, 0, "t", "", false)], true).await;
-    for chunk in (0..20_000).step_by(2_500) {
-        lake.commit(&creates(chunk..chunk + 2_500), true).await;
-    }
+    lake.commit_notes(0..20_000).await;
     let mut changes: Vec<Change> = vec![
         (1, 3, "u", "three", false),
         (1, 7, "u", "", true),
@@ -1170,6 +1163,19 @@ impl Lake {
         assert!(outcome.fenced.is_empty());
     }
 
+    /// Creates of `ids` noted `note <id>`, over two partitions (odd ids
+    /// in 1), 2,500 to a commit.
+    async fn commit_notes(&mut self, ids: std::ops::Range<i64>) {
+        let notes: Vec<(i64, String)> = ids.map(|i| (i, format!("note {i}"))).collect();
+        for chunk in notes.chunks(2_500) {
+            let creates: Vec<Change> = chunk
+                .iter()
+                .map(|(i, note)| ((i % 2) as i32, *i, "c", note.as_str(), false))
+                .collect();
+            self.commit(&creates, true).await;
+        }
+    }
+
     /// The mirror's rows of the `(a, b, note)` tests; panics on a key held
     /// twice.
     async fn ab_rows(&self) -> BTreeMap<(i64, i64), String> {
@@ -1274,13 +1280,7 @@ async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate()
     )
     .await;
     lake.commit(&[(0, 0, "t", "", false)], true).await;
-    let notes: Vec<String> = (0..20_000).map(|i| format!("note {i}")).collect();
-    for chunk in (0..20_000).step_by(2_500) {
-        let cs: Vec<Change> = (chunk..chunk + 2_500)
-            .map(|i| ((i % 2) as i32, i as i64, "c", notes[i].as_str(), false))
-            .collect();
-        lake.commit(&cs, true).await;
-    }
+    lake.commit_notes(0..20_000).await;
     // 30,000 appears by a key update without its delete, then moves to 5.
     lake.commit(&[(0, 30_000, "c", "", true)], true).await;
     lake.commit(&[(0, 30_000, "d", "", false), (1, 5, "c", "", true)], true)
@@ -1305,13 +1305,7 @@ async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replaces() {
     let mut lake = Lake::new();
-    let notes: Vec<String> = (0..20_000).map(|i| format!("note {i}")).collect();
-    for chunk in (0..20_000).step_by(2_500) {
-        let cs: Vec<Change> = (chunk..chunk + 2_500)
-            .map(|i| (i % 2, i as i64, "c", notes[i as usize].as_str(), false))
-            .collect();
-        lake.commit(&cs, true).await;
-    }
+    lake.commit_notes(0..20_000).await;
     let gate = Arc::new(BuildGate::default());
     let ranged = Arc::new(
         lake.mirror(256 << 10)
