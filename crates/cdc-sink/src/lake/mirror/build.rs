@@ -86,7 +86,8 @@ impl Whole {
         }
     }
 
-    /// The primary key the newest file that names one names (JSON).
+    /// The primary key named by the file holding the newest change
+    /// ([`newest_key`]), as JSON.
     pub fn named_key(&self) -> Option<String> {
         match self {
             Whole::Files(files) => newest_key(files),
@@ -125,8 +126,9 @@ struct Surveyed {
 }
 
 /// Reads every file of `files`, keeping them while the [`peak`] of
-/// applying them is at most `budget`, surveying them all. `key`: the primary key as
-/// known before the first file names one (the mirror's property).
+/// applying them is at most `budget`, surveying them all. `key`: the
+/// primary key as known before the first file names one (the mirror's
+/// property). `None` if a file is gone.
 pub(super) async fn read_whole(
     table: &str,
     store: &ObjectStoreRef,
