@@ -222,8 +222,8 @@ pub(super) async fn read_whole(
 /// Arrow size) at once takes: the rows about three times (as read, sorted,
 /// and as the mirror's rows written), and per row its key's encoding, its
 /// entry in the map of outcomes and its place in the sorts. Measured on
-/// `likes` (60 bytes a row): 330 bytes a row at the peak
-/// (docs/benchmarks.md).
+/// `likes` (60 bytes a row): 330 bytes a row at the peak; on `tweets` it
+/// errs on the safe side (docs/benchmarks.md).
 pub(super) fn peak(bytes: usize, rows: usize) -> usize {
     3 * bytes + 150 * rows
 }
