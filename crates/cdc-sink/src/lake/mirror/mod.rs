@@ -1028,12 +1028,17 @@ impl Mirror {
                 .read(table, &store, &range)
                 .await?
                 .ok_or_else(|| missing_live_file(table))?;
-            let mut changes = Changes::reduce(rows, &plan.order.columns, truncate)
-                .map_err(|e| e.into_mirror(table))?;
-            // Gathered keys are their own ranges' to write and count.
-            changes
-                .retain_keys(|k| range.holds(k))
-                .map_err(MirrorError::arrow(table))?;
+            // Seconds of CPU for a range of millions of rows: off the
+            // runtime, which a running sink's Kafka loop shares.
+            let columns = plan.order.columns.clone();
+            let changes = blocking(table, move || {
+                let mut changes = Changes::reduce(rows, &columns, truncate)?;
+                // Gathered keys are their own ranges' to write and count.
+                changes.retain_keys(|k| range.holds(k))?;
+                Ok(changes)
+            })
+            .await?
+            .map_err(|e: changes::ReduceError| e.into_mirror(table))?;
             let part = self
                 .stage(table, mirror, None, &plan.order, changes, true)
                 .await?;
@@ -1318,18 +1323,9 @@ impl Mirror {
                 converter: changes.converter.clone(),
                 schema: target_schema.clone(),
             };
-            let merged = match tokio::task::spawn_blocking(move || rewrite.run()).await {
-                Ok(merged) => merged.map_err(|e| e.into_mirror(table))?,
-                Err(e) => match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    // Only a runtime shutting down cancels a blocking task.
-                    Err(_) => {
-                        return Err(MirrorError::arrow(table)(ArrowError::ExternalError(
-                            "the runtime shut down during a file's rewrite".into(),
-                        )));
-                    }
-                },
-            };
+            let merged = blocking(table, move || rewrite.run())
+                .await?
+                .map_err(|e| e.into_mirror(table))?;
             rows_written += merged.num_rows();
             for chunk in self.chunks(&merged) {
                 let add = self
@@ -1702,6 +1698,23 @@ fn percent_decode(path: &str) -> String {
                 .map(|p| p.to_string_lossy().trim_start_matches('/').to_string())
         })
         .unwrap_or_else(|| path.to_string())
+}
+
+/// `work` on the blocking pool: a file's rewrite, a range's reduction.
+async fn blocking<T: Send + 'static>(
+    table: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, MirrorError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Ok(done),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels a blocking task.
+            Err(_) => Err(MirrorError::arrow(table)(ArrowError::ExternalError(
+                "the runtime shut down during a blocking step".into(),
+            ))),
+        },
+    }
 }
 
 fn missing_live_file(table: &str) -> MirrorError {
