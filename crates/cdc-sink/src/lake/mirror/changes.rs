@@ -162,10 +162,6 @@ pub fn key_rows(
 }
 
 impl Changes {
-    /// Reduces `rows` (changelog rows already in Kafka order) by `key`.
-    /// A change without a value in a key column is an error
-    /// ([`ReduceError::EmptyKey`]): it would be taken for a row whose key
-    /// is NULL, and every such change for the same row.
     /// Keeps only the keys `keep` holds (by their encoding): their
     /// outcomes and their unpaired creates.
     pub fn retain_keys(&mut self, keep: impl Fn(&[u8]) -> bool) -> Result<(), ArrowError> {
@@ -187,6 +183,10 @@ impl Changes {
         Ok(())
     }
 
+    /// Reduces `rows` (changelog rows already in Kafka order) by `key`.
+    /// A change without a value in a key column is an error
+    /// ([`ReduceError::EmptyKey`]): it would be taken for a row whose key
+    /// is NULL, and every such change for the same row.
     pub fn reduce(
         rows: RecordBatch,
         key: &[String],
