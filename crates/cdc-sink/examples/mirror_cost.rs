@@ -24,16 +24,12 @@
 //! Needs MinIO configured the sink's way (`tests/stack.sh env`).
 
 use std::collections::HashSet;
-use std::fmt;
-use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arrow::array::{Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use async_trait::async_trait;
-use bytes::Bytes;
 use cdc_sink::config::SinkConfig;
 use cdc_sink::decode::schema::{meta, utc_micros};
 use cdc_sink::lake::changelog::{Changelog, DataFile, PartitionWrite};
@@ -44,17 +40,8 @@ use cdc_sink::lake::table::LakeRoot;
 use cdc_sink::source::position::{Claim, Tp};
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
-use deltalake::logstore::{
-    ObjectStoreFactory, ObjectStoreRef, StorageConfig, logstore_factories, object_store_factories,
-};
-use deltalake::{DeltaResult, DeltaTableBuilder};
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
-};
+use deltalake::DeltaTableBuilder;
+use test_support::counted::{Counters, counted_scheme};
 use url::Url;
 
 const LIKES_PER_USER: i64 = 50;
@@ -364,220 +351,18 @@ async fn live_files(root: &LakeRoot, table: &str) -> anyhow::Result<usize> {
 }
 
 /// A lake root whose store counts its requests: the bucket is reached as
-/// `counted://<bucket>/`, which resolves to the sink's S3 store, wrapped.
+/// `counted-s3://<bucket>/`, which resolves to the sink's S3 store, wrapped.
 fn counted_root(
     cfg: &SinkConfig,
     prefix: &str,
     counters: Arc<Counters>,
 ) -> anyhow::Result<LakeRoot> {
     storage::register();
-    let s3 = Url::parse("s3://")?;
-    let counted = Url::parse("counted://")?;
-    let inner = object_store_factories()
-        .get(&s3)
-        .map(|f| f.value().clone())
-        .ok_or_else(|| anyhow::anyhow!("no s3 store factory"))?;
-    object_store_factories().insert(
-        counted.clone(),
-        Arc::new(CountedFactory { inner, counters }),
-    );
-    let log = logstore_factories()
-        .get(&s3)
-        .map(|f| f.value().clone())
-        .ok_or_else(|| anyhow::anyhow!("no s3 log store factory"))?;
-    logstore_factories().insert(counted, log);
-    let url = Url::parse(&format!("counted://{}/{prefix}/", cfg.s3.bucket))?;
+    let scheme = counted_scheme("s3", counters).map_err(anyhow::Error::msg)?;
+    let url = Url::parse(&format!("{scheme}://{}/{prefix}/", cfg.s3.bucket))?;
     // The builder must know the scheme too, or it refuses the URL.
     DeltaTableBuilder::from_url(url.clone())?;
     Ok(LakeRoot::at(url, storage::options(&cfg.s3)?))
-}
-
-struct CountedFactory {
-    inner: Arc<dyn ObjectStoreFactory>,
-    counters: Arc<Counters>,
-}
-
-impl ObjectStoreFactory for CountedFactory {
-    fn parse_url_opts(
-        &self,
-        url: &Url,
-        config: &StorageConfig,
-    ) -> DeltaResult<(ObjectStoreRef, Path)> {
-        let mut s3 = url.clone();
-        s3.set_scheme("s3").expect("s3 is a valid scheme");
-        let (store, path) = self.inner.parse_url_opts(&s3, config)?;
-        Ok((
-            Arc::new(Counted {
-                inner: store,
-                counters: self.counters.clone(),
-            }),
-            path,
-        ))
-    }
-}
-
-#[derive(Default)]
-struct Counters {
-    gets: AtomicU64,
-    get_bytes: AtomicU64,
-    puts: AtomicU64,
-    put_bytes: AtomicU64,
-    lists: AtomicU64,
-}
-
-impl Counters {
-    fn reset(&self) {
-        for c in [
-            &self.gets,
-            &self.get_bytes,
-            &self.puts,
-            &self.put_bytes,
-            &self.lists,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Counted {
-    inner: ObjectStoreRef,
-    counters: Arc<Counters>,
-}
-
-impl fmt::Debug for Counters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Counters")
-    }
-}
-
-impl fmt::Display for Counted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counted({})", self.inner)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Counted {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .put_bytes
-            .fetch_add(payload.content_length() as u64, Ordering::Relaxed);
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        // Initiating and completing are requests of their own.
-        self.counters.puts.fetch_add(2, Ordering::Relaxed);
-        Ok(Box::new(CountedUpload {
-            inner: self.inner.put_multipart_opts(location, opts).await?,
-            counters: self.counters.clone(),
-        }))
-    }
-
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.counters.gets.fetch_add(1, Ordering::Relaxed);
-        let mut result = self.inner.get_opts(location, options).await?;
-        if let GetResultPayload::Stream(stream) = result.payload {
-            let counters = self.counters.clone();
-            result.payload = GetResultPayload::Stream(
-                stream
-                    .inspect(move |chunk| {
-                        if let Ok(b) = chunk {
-                            counters
-                                .get_bytes
-                                .fetch_add(b.len() as u64, Ordering::Relaxed);
-                        }
-                    })
-                    .boxed(),
-            );
-        }
-        Ok(result)
-    }
-
-    async fn get_ranges(
-        &self,
-        location: &Path,
-        ranges: &[Range<u64>],
-    ) -> object_store::Result<Vec<Bytes>> {
-        // Counted one request per range (the S3 client coalesces nearby
-        // ranges; this overcounts requests a little, never bytes).
-        let out = self.inner.get_ranges(location, ranges).await?;
-        self.counters
-            .gets
-            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
-        let bytes: usize = out.iter().map(Bytes::len).sum();
-        self.counters
-            .get_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        Ok(out)
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.counters.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.counters.lists.fetch_add(1, Ordering::Relaxed);
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
-#[derive(Debug)]
-struct CountedUpload {
-    inner: Box<dyn MultipartUpload>,
-    counters: Arc<Counters>,
-}
-
-#[async_trait]
-impl MultipartUpload for CountedUpload {
-    fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .put_bytes
-            .fetch_add(data.content_length() as u64, Ordering::Relaxed);
-        self.inner.put_part(data)
-    }
-
-    async fn complete(&mut self) -> object_store::Result<PutResult> {
-        self.inner.complete().await
-    }
-
-    async fn abort(&mut self) -> object_store::Result<()> {
-        self.inner.abort().await
-    }
 }
 
 /// splitmix64: a reproducible stream without a dependency.

@@ -30,12 +30,16 @@
 //!   beside the stack's: its own PostgreSQL, connector and sink.
 //! - [`connect`]: Kafka Connect's REST API, and a connector's committed
 //!   source offset.
+//! - [`counted`] (feature `lake`): an object store that counts the
+//!   requests delta-rs and the sink make of it.
 
 #[cfg(feature = "kafka")]
 pub mod avro;
 #[cfg(feature = "postgres")]
 pub mod compare;
 pub mod connect;
+#[cfg(feature = "lake")]
+pub mod counted;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

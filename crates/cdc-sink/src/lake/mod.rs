@@ -21,6 +21,7 @@
 pub mod changelog;
 pub mod committer;
 pub mod files;
+pub mod head;
 pub mod mirror;
 pub mod quarantine;
 pub mod storage;

@@ -18,13 +18,13 @@ use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, MetadataExt, Protocol, StructField, StructType};
 use deltalake::logstore::{LogStore, ObjectStoreRef};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use url::Url;
 
 use crate::config::S3Config;
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
+use crate::lake::head::LogHead;
 
 /// Not a table: where the sink keeps messages it could not read.
 pub const QUARANTINE_DIR: &str = "_quarantine";
@@ -168,10 +168,10 @@ pub struct Tables {
 /// One table, as this process knows it.
 #[derive(Default)]
 pub struct TableSlot {
-    /// The open table, at the version last read or committed. A tokio
-    /// mutex held across one commit, which also keeps two commits of this
-    /// process to one table from racing each other.
-    pub open: tokio::sync::Mutex<Option<OpenTable>>,
+    /// The table's log as this writer follows it. A tokio mutex held
+    /// across one commit, which also keeps two commits of this process to
+    /// one table from racing each other.
+    pub open: tokio::sync::Mutex<Option<LogHead>>,
     /// What staging files needs, kept apart from `open` so that encoding
     /// and putting the next files never waits for a commit in progress.
     /// A std mutex: held only to clone or replace it.
@@ -183,13 +183,12 @@ impl TableSlot {
         self.view.lock().expect("not poisoned").clone()
     }
 
-    pub fn set_view(&self, table: &DeltaTable) -> Result<(), DeltaTableError> {
+    pub fn set_view(&self, head: &LogHead) {
         let view = TableView {
-            schema: Arc::new(table.snapshot()?.schema().as_ref().clone()),
-            store: table.log_store().object_store(None),
+            schema: head.schema().clone(),
+            store: head.store(),
         };
         *self.view.lock().expect("not poisoned") = Some(view);
-        Ok(())
     }
 }
 
@@ -198,11 +197,6 @@ impl TableSlot {
 pub struct TableView {
     pub schema: Arc<StructType>,
     pub store: ObjectStoreRef,
-}
-
-pub struct OpenTable {
-    pub table: DeltaTable,
-    pub txns: TxnCache,
 }
 
 impl Tables {
@@ -234,30 +228,26 @@ impl Tables {
         &self,
         table: &str,
         slot: &TableSlot,
-        open: &mut Option<OpenTable>,
+        open: &mut Option<LogHead>,
         create_with: Option<&Schema>,
     ) -> Result<(), LakeError> {
         let err = delta_err(table);
-        if open.is_none() {
-            let t = self.root.handle(table).map_err(&err)?;
-            if !t.verify_deltatable_existence().await.map_err(&err)? {
-                match create_with {
-                    Some(schema) => self.create(table, &t, schema).await?,
-                    None => return Ok(()),
+        match open {
+            Some(head) => head.catch_up().await.map_err(&err)?,
+            None => {
+                let mut t = self.root.handle(table).map_err(&err)?;
+                if !t.verify_deltatable_existence().await.map_err(&err)? {
+                    match create_with {
+                        Some(schema) => self.create(table, &t, schema).await?,
+                        None => return Ok(()),
+                    }
                 }
+                t.load().await.map_err(&err)?;
+                *open = Some(LogHead::open(t).map_err(&err)?);
             }
-            *open = Some(OpenTable {
-                table: t,
-                txns: TxnCache::default(),
-            });
         }
-        let o = open.as_mut().expect("opened above");
-        if o.table.version().is_none() {
-            o.table.load().await.map_err(&err)?;
-        } else {
-            o.table.update_state().await.map_err(&err)?;
-        }
-        slot.set_view(&o.table).map_err(&err)
+        slot.set_view(open.as_ref().expect("opened above"));
+        Ok(())
     }
 
     /// The table's schema and store for staging files, opening (and, with
@@ -285,19 +275,12 @@ impl Tables {
         let slot = self.slot(table);
         let mut open = slot.open.lock().await;
         self.refresh(table, &slot, &mut open, None).await?;
-        let Some(o) = open.as_mut() else {
+        let Some(head) = open.as_mut() else {
             return Ok(vec![None; app_ids.len()]);
         };
-        let state = o.table.snapshot().map_err(&err)?.clone();
-        let log_store = o.table.log_store();
         let mut out = Vec::with_capacity(app_ids.len());
         for id in app_ids {
-            out.push(
-                o.txns
-                    .get(&state, log_store.as_ref(), id)
-                    .await
-                    .map_err(&err)?,
-            );
+            out.push(head.txn(&id).await.map_err(&err)?);
         }
         Ok(out)
     }
@@ -359,50 +342,6 @@ pub async fn create_table<'a>(
         Err(e) => return Err(err(e)),
     }
     Ok(())
-}
-
-/// `txn` versions as of one table version. Looking one up replays the log
-/// since the last checkpoint (up to `checkpoint_interval` commits, each an
-/// S3 GET); a table that only this sink writes still holds what its own
-/// last commit wrote, so that is remembered instead.
-#[derive(Default)]
-pub struct TxnCache {
-    at: Option<i64>,
-    versions: HashMap<String, Option<i64>>,
-}
-
-impl TxnCache {
-    pub async fn get(
-        &mut self,
-        state: &DeltaTableState,
-        log_store: &dyn LogStore,
-        app_id: String,
-    ) -> Result<Option<i64>, DeltaTableError> {
-        let version = state.version() as i64;
-        if self.at != Some(version) {
-            // Someone else committed since: what we knew may be stale.
-            self.versions.clear();
-            self.at = Some(version);
-        }
-        if let Some(found) = self.versions.get(&app_id) {
-            return Ok(*found);
-        }
-        let found = state.transaction_version(log_store, &app_id).await?;
-        self.versions.insert(app_id, found);
-        Ok(found)
-    }
-
-    /// Our commit `version`, carrying `txns`, landed. Only if it sits
-    /// directly on the version the cache is at is nothing else in between.
-    pub fn committed(&mut self, version: i64, txns: impl Iterator<Item = (String, i64)>) {
-        if self.at.is_some_and(|at| version == at + 1) {
-            self.at = Some(version);
-            self.versions.extend(txns.map(|(id, v)| (id, Some(v))));
-        } else {
-            self.at = None;
-            self.versions.clear();
-        }
-    }
 }
 
 /// Reader 3 / writer 7 with `timestampNtz`, so that `timestamp` columns

@@ -9,15 +9,17 @@
 //! restarted sink asks the table where each partition stands
 //! ([`Changelog::positions`]) instead of trusting Kafka.
 //!
-//! Commits are optimistic: delta-rs writes the next log entry with an S3
+//! Commits are optimistic: the next log entry is written with an S3
 //! conditional put (If-None-Match), so two writers can never both create
-//! version N. Before committing, each partition's `txn` version is judged
-//! against the write's [`Claim`]; if another writer moved it (a rebalance
-//! during a long upload, a frozen sink that woke up), that partition is
+//! version N ([`LogHead`] follows the log and writes it). Before
+//! committing, each partition's `txn` version is judged against the
+//! write's [`Claim`]; if another writer moved it (a rebalance during a long
+//! upload, a frozen sink that woke up), that partition is
 //! [fenced](CommitOutcome::fenced): its files stay unreferenced (vacuum
-//! removes them) and its position is read again. delta-rs' conflict checker
-//! covers the window between that check and the put: a concurrent commit
-//! carrying the same `app_id` fails ours.
+//! removes them) and its position is read again. A put that loses the race
+//! for its version reads the winning commit and judges every partition
+//! again, so a concurrent commit carrying the same `app_id` fences that
+//! partition and no other.
 
 pub mod roll;
 pub mod segment;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use chrono::NaiveDate;
 use deltalake::DeltaTableError;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::transaction::TransactionError;
 use deltalake::kernel::{Action, Add, MetadataExt, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use futures::{StreamExt, TryStreamExt, stream};
@@ -36,6 +38,7 @@ use object_store::ObjectStore;
 use crate::config::SinkConfig;
 use crate::decode::schema::meta;
 use crate::lake::files::{FileWriter, PartitionValues, now_ms, writer_properties};
+use crate::lake::head::LogHead;
 use crate::lake::table::{LakeRoot, Tables, conform, delta_err};
 use crate::lake::{LakeError, app_id};
 use crate::source::position::{Claim, Tp, Verdict};
@@ -116,6 +119,21 @@ impl Staged {
         &self.table
     }
 }
+
+/// One round of [`Changelog::commit`].
+struct Round {
+    /// The partitions already landed or fenced, and the counts of the
+    /// files `actions` adds.
+    outcome: CommitOutcome,
+    /// The partitions `actions` commits, with their last offset.
+    ours: Vec<(Tp, i64)>,
+    actions: Vec<Action>,
+}
+
+/// Rounds of a commit that another writer's commit can cost before it
+/// gives up (delta-rs' own default is 15). Each lost round means another
+/// writer committed to the table meanwhile.
+const COMMIT_ATTEMPTS: usize = 15;
 
 /// Files of one flush encoded and put at once.
 const CONCURRENT_PUTS: usize = 4;
@@ -261,30 +279,70 @@ impl Changelog {
     /// land shows up as a moved `txn` version (committed or fenced), never
     /// twice.
     pub async fn commit(&self, staged: &Staged) -> Result<CommitOutcome, LakeError> {
-        let mut outcome = CommitOutcome::default();
         let table = staged.table.as_str();
         let Some(base) = &staged.base else {
-            return Ok(outcome);
+            return Ok(CommitOutcome::default());
         };
         let err = delta_err(table);
-        let group = &self.group_id;
         let slot = self.tables.slot(table);
         let mut open = slot.open.lock().await;
-        self.tables.refresh(table, &slot, &mut open, None).await?;
-        let o = open
-            .as_mut()
-            .ok_or_else(|| LakeError::Location(self.root().table_url(table).to_string()))?;
-        let log_store = o.table.log_store();
+        for _ in 0..COMMIT_ATTEMPTS {
+            // Reads what others committed since this writer's last look.
+            self.tables.refresh(table, &slot, &mut open, None).await?;
+            let head = open
+                .as_mut()
+                .ok_or_else(|| LakeError::Location(self.root().table_url(table).to_string()))?;
+            let Round {
+                mut outcome,
+                ours,
+                actions,
+            } = self.round(head, staged, base).await?;
+            if ours.is_empty() {
+                return Ok(outcome);
+            }
+            tracing::debug!(table, files = outcome.files, "files uploaded; committing");
+            crate::lake::failpoint_pause("lake::before-commit").await;
+            let operation = DeltaOperation::StreamingUpdate {
+                output_mode: OutputMode::Append,
+                query_id: format!("cdc-sink:{}", self.group_id),
+                epoch_id: now_ms(),
+            };
+            // `None`: another writer took the version. Its commit is read
+            // on the next round, and each partition judged again: one it
+            // advanced is fenced, the others still commit.
+            if let Some(version) = head.append(actions, operation).await.map_err(&err)? {
+                slot.set_view(head);
+                outcome.version = Some(version);
+                outcome.committed.extend(ours);
+                return Ok(outcome);
+            }
+            tracing::debug!(
+                table,
+                "another writer committed first; committing on top of it"
+            );
+        }
+        Err(err(DeltaTableError::Transaction {
+            source: TransactionError::MaxCommitAttempts(COMMIT_ATTEMPTS as i32),
+        }))
+    }
 
-        // Fencing: a partition whose txn version moved is not ours to write.
-        let state = o.table.snapshot().map_err(&err)?.clone();
+    /// One round of a commit against what `head` holds: each partition
+    /// judged by its `txn` version, and the actions that commit the ones
+    /// still this writer's (none: nothing to commit).
+    async fn round(
+        &self,
+        head: &mut LogHead,
+        staged: &Staged,
+        base: &StructType,
+    ) -> Result<Round, LakeError> {
+        let table = staged.table.as_str();
+        let err = delta_err(table);
+        let group = &self.group_id;
+        let mut outcome = CommitOutcome::default();
         let mut ours = Vec::with_capacity(staged.writes.len());
+        // Fencing: a partition whose txn version moved is not ours to write.
         for w in &staged.writes {
-            let found = o
-                .txns
-                .get(&state, log_store.as_ref(), app_id(group, &w.tp))
-                .await
-                .map_err(&err)?;
+            let found = head.txn(&app_id(group, &w.tp)).await.map_err(&err)?;
             match w.claim.judge(found) {
                 Verdict::Commit => ours.push(w),
                 Verdict::Landed => outcome.committed.push((w.tp.clone(), w.claim.last)),
@@ -295,18 +353,21 @@ impl Changelog {
                 }
             }
         }
+        let mut actions = Vec::new();
         if ours.is_empty() {
-            return Ok(outcome);
+            return Ok(Round {
+                outcome,
+                ours: Vec::new(),
+                actions,
+            });
         }
-        let already = outcome.committed.clone();
 
         // Schema: the files fit the schema staging saw. If a commit since
         // changed it (another sink's, or ours of a flush staged earlier),
         // they are fitted and put again; rare, and never wrong.
-        let current: StructType = state.schema().as_ref().clone();
+        let current: &StructType = head.schema();
         let mut evolved = staged.evolved.clone();
-        let mut actions = Vec::new();
-        if current == **base {
+        if current == base {
             for f in ours.iter().flat_map(|w| &w.files) {
                 outcome.count(&f.add, f.batch.num_rows());
                 actions.push(Action::Add(f.add.clone()));
@@ -317,7 +378,7 @@ impl Changelog {
                 "table schema changed since staging; fitting files again"
             );
             evolved = current.clone();
-            let store = log_store.object_store(None);
+            let store = head.store();
             for f in ours.iter().flat_map(|w| &w.files) {
                 let batch = conform(f.batch.clone(), &mut evolved).map_err(&err)?;
                 let again = self
@@ -327,11 +388,11 @@ impl Changelog {
                 actions.push(Action::Add(again.add));
             }
         }
-        if evolved != current {
+        if &evolved != head.schema().as_ref() {
             // Tables this sink creates support timestamp_ntz from the start
             // (see `table::protocol`), so a new column never needs a
             // protocol change.
-            let metadata = state
+            let metadata = head
                 .metadata()
                 .clone()
                 .with_schema(&evolved)
@@ -339,8 +400,6 @@ impl Changelog {
             actions.push(Action::Metadata(metadata));
             tracing::info!(table, "table schema evolved");
         }
-        tracing::debug!(table, files = outcome.files, "files uploaded; committing");
-        crate::lake::failpoint_pause("lake::before-commit").await;
         let now = now_ms();
         for w in &ours {
             actions.push(Action::Txn(Transaction::new_with_last_update(
@@ -349,47 +408,159 @@ impl Changelog {
                 Some(now),
             )));
         }
-        let operation = DeltaOperation::StreamingUpdate {
-            output_mode: OutputMode::Append,
-            query_id: format!("cdc-sink:{group}"),
-            epoch_id: now,
-        };
-        let result = CommitBuilder::from(CommitProperties::default())
-            .with_actions(actions)
-            .build(Some(state.snapshot()), log_store.clone(), operation)
-            .await;
-        match result {
-            Ok(done) => {
-                let version = done.version() as i64;
-                o.txns.committed(
-                    version,
-                    ours.iter().map(|w| (app_id(group, &w.tp), w.claim.last)),
-                );
-                // The commit's own snapshot: the next refresh reads only
-                // what others commit meanwhile.
-                o.table.state = Some(done.snapshot());
-                slot.set_view(&o.table).map_err(&err)?;
-                outcome.version = Some(version);
-                outcome.committed = already;
-                outcome
-                    .committed
-                    .extend(ours.iter().map(|w| (w.tp.clone(), w.claim.last)));
-                Ok(outcome)
-            }
-            // A concurrent commit carried one of our app ids: none of ours
-            // landed (maybe our own earlier attempt did; re-reading the
-            // position sorts that out either way).
-            Err(DeltaTableError::Transaction {
-                source: TransactionError::CommitConflict(c),
-            }) => {
-                tracing::warn!(conflict = %c, "commit lost to a concurrent writer");
-                outcome.fenced.extend(ours.iter().map(|w| w.tp.clone()));
-                outcome.files = 0;
-                outcome.rows = 0;
-                outcome.bytes = 0;
-                Ok(outcome)
-            }
-            Err(e) => Err(err(e)),
+        Ok(Round {
+            outcome,
+            ours: ours.iter().map(|w| (w.tp.clone(), w.claim.last)).collect(),
+            actions,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+
+    use arrow::array::{Int32Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use test_support::counted::{Counters, counted_scheme};
+    use url::Url;
+
+    use super::*;
+    use crate::config::{LakeConfig, OutputConfig};
+
+    const TABLE: &str = "t";
+
+    fn changelog(root: Url, checkpoint_interval: u64) -> Changelog {
+        Changelog::new(
+            LakeRoot::at(root, HashMap::new()),
+            "g",
+            FileWriter::new(writer_properties(&OutputConfig::default())),
+            &LakeConfig {
+                checkpoint_interval,
+                ..LakeConfig::default()
+            },
+        )
+    }
+
+    /// One row at `offset` of partition `partition`, claiming to follow
+    /// `expected`.
+    fn write(partition: i32, expected: Option<i64>, offset: i64) -> PartitionWrite {
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
+                Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![offset])),
+                Arc::new(Int32Array::from(vec![partition])),
+                Arc::new(Int64Array::from(vec![offset])),
+            ],
+        )
+        .unwrap();
+        PartitionWrite {
+            tp: Tp::new("db.t", partition),
+            claim: Claim {
+                expected,
+                last: offset,
+            },
+            files: vec![DataFile {
+                date: NaiveDate::from_ymd_opt(2026, 12, 7).unwrap(),
+                batch,
+                key: None,
+            }],
+        }
+    }
+
+    /// A commit's requests do not grow with the table's history: it reads
+    /// the log entries after its own last commit, not the whole log (as
+    /// delta-rs' commit did, listing every entry to clean up expired
+    /// ones, and re-reading every live file's statistics).
+    #[tokio::test]
+    async fn a_commit_lists_only_the_log_entries_after_its_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let counters = Arc::new(Counters::default());
+        let scheme = counted_scheme("file", counters.clone()).unwrap();
+        let root = Url::parse(&format!("{scheme}://{}/", dir.path().display())).unwrap();
+        let lake = changelog(root, 10);
+        let mut last = None;
+        // Versions 1 to 40 (0 creates the table), checkpoints at 9, 19, 29
+        // and 39.
+        for offset in 0..40 {
+            let outcome = lake.write(TABLE, &[write(0, last, offset)]).await.unwrap();
+            assert_eq!(outcome.committed.len(), 1, "{outcome:?}");
+            last = Some(offset);
+        }
+        counters.reset();
+        let outcome = lake.write(TABLE, &[write(0, last, 40)]).await.unwrap();
+        assert_eq!(outcome.version, Some(41));
+        let listed = counters.listed.load(Ordering::Relaxed);
+        assert!(
+            listed <= 3,
+            "version 41 listed {listed} objects in {} lists",
+            counters.lists.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Checkpoints come every `delta.checkpointInterval` commits, as
+    /// readers expect, and a reader opening the table sees every write.
+    #[tokio::test]
+    async fn commits_checkpoint_every_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Url::from_directory_path(dir.path()).unwrap();
+        let lake = changelog(root.clone(), 4);
+        let mut last = None;
+        for offset in 0..9 {
+            lake.write(TABLE, &[write(0, last, offset)]).await.unwrap();
+            last = Some(offset);
+        }
+        let log = dir.path().join(TABLE).join("_delta_log");
+        for v in [3, 7] {
+            let checkpoint = log.join(format!("{v:020}.checkpoint.parquet"));
+            assert!(checkpoint.exists(), "{checkpoint:?}");
+        }
+        let mut t = LakeRoot::at(root, HashMap::new()).handle(TABLE).unwrap();
+        t.load().await.unwrap();
+        assert_eq!(t.version(), Some(9));
+        assert_eq!(t.snapshot().unwrap().log_data().num_files(), 9);
+    }
+
+    /// Two writers of one table, each with its own partition: a writer
+    /// whose put loses to the other's commit reads it and commits on top;
+    /// a partition the other advanced is fenced, not overwritten.
+    #[tokio::test]
+    async fn a_commit_lost_to_another_writer_lands_on_top_or_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Url::from_directory_path(dir.path()).unwrap();
+        let (a, b) = (changelog(root.clone(), 100), changelog(root.clone(), 100));
+        a.write(TABLE, &[write(0, None, 0)]).await.unwrap();
+        // `b` opens the table; `a` then commits again, so `b`'s head is a
+        // version behind when it puts.
+        assert_eq!(
+            b.positions(TABLE, &[Tp::new("db.t", 0)]).await.unwrap(),
+            vec![Some(0)]
+        );
+        let staged = b.stage(TABLE, &[write(1, None, 10)]).await.unwrap();
+        a.write(TABLE, &[write(0, Some(0), 1)]).await.unwrap();
+        let outcome = b.commit(&staged).await.unwrap();
+        assert_eq!(outcome.version, Some(3), "{outcome:?}");
+        assert_eq!(outcome.committed, vec![(Tp::new("db.t", 1), 10)]);
+
+        // `b` now writes partition 0 as if it still held it at offset 0;
+        // `a` has moved it to 1.
+        let outcome = b.write(TABLE, &[write(0, Some(0), 5)]).await.unwrap();
+        assert_eq!(outcome.version, None, "{outcome:?}");
+        assert_eq!(outcome.fenced, vec![Tp::new("db.t", 0)]);
+
+        let mut t = LakeRoot::at(root, HashMap::new()).handle(TABLE).unwrap();
+        t.load().await.unwrap();
+        let state = t.snapshot().unwrap();
+        assert_eq!(state.log_data().num_files(), 3);
+        for (partition, offset) in [(0, 1), (1, 10)] {
+            let id = app_id("g", &Tp::new("db.t", partition));
+            let found = state.transaction_version(t.log_store().as_ref(), id).await;
+            assert_eq!(found.unwrap(), Some(offset));
         }
     }
 }
