@@ -14,10 +14,12 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
-use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, MetadataExt, Protocol, StructField, StructType};
 use deltalake::logstore::{LogStore, ObjectStoreRef};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use url::Url;
 
@@ -342,6 +344,20 @@ pub async fn create_table<'a>(
         Err(e) => return Err(err(e)),
     }
     Ok(())
+}
+
+/// The commit properties of a delta-rs commit on top of `state`:
+/// delta-rs' default cleans up expired log entries after every commit, by
+/// listing the table's whole `_delta_log` (a week of commits, at the
+/// default retention). An entry can only expire at a checkpoint, so only
+/// the commit that writes one cleans up; the changelog's
+/// [`LogHead`] does the same.
+pub fn commit_properties(state: &DeltaTableState) -> CommitProperties {
+    let next = state.version() + 1;
+    let checkpoints = (next + 1).is_multiple_of(state.table_config().checkpoint_interval().get());
+    CommitProperties::default().with_cleanup_expired_logs(Some(
+        checkpoints && state.table_config().enable_expired_log_cleanup(),
+    ))
 }
 
 /// Reader 3 / writer 7 with `timestampNtz`, so that `timestamp` columns

@@ -43,7 +43,7 @@ use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter};
 use bytes::Bytes;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::transaction::{CommitBuilder, TransactionError};
 use deltalake::kernel::{Action, MetadataExt, Remove, StructType, Transaction};
 use deltalake::logstore::ObjectStoreRef;
 use deltalake::protocol::{DeltaOperation, SaveMode};
@@ -66,7 +66,7 @@ use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::order::Order;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::{Through, TruncateState};
-use crate::lake::table::{LakeRoot, create_table, delta_err};
+use crate::lake::table::{LakeRoot, commit_properties, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
 /// version the mirror reflects.
@@ -1453,7 +1453,7 @@ impl Mirror {
             partition_by: None,
             predicate: None,
         };
-        let committed = CommitBuilder::from(CommitProperties::default().with_metadata(app))
+        let committed = CommitBuilder::from(commit_properties(state).with_metadata(app))
             .with_max_retries(0)
             .with_actions(actions)
             .build(Some(state.snapshot()), mirror.log_store(), operation)

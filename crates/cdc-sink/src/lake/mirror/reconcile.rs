@@ -23,7 +23,7 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use arrow::error::ArrowError;
 use deltalake::DeltaTable;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Remove, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use object_store::ObjectStoreExt;
@@ -35,7 +35,7 @@ use super::{APP_ID, KEY_PROPERTY, Mirror, MirrorError, commit_info, is_conflict}
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::files::{ReadFile, now_ms};
-use crate::lake::table::{LakeRoot, delta_err};
+use crate::lake::table::{LakeRoot, commit_properties, delta_err};
 
 /// What one reconciliation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,7 +225,7 @@ impl Mirror {
         };
         let mut app: HashMap<String, serde_json::Value> = commit_info(through, &done);
         app.insert("cdc.reconciled".to_string(), what);
-        let committed = CommitBuilder::from(CommitProperties::default().with_metadata(app))
+        let committed = CommitBuilder::from(commit_properties(&state).with_metadata(app))
             .with_max_retries(0)
             .with_actions(actions)
             .build(

@@ -34,6 +34,7 @@ struct Row<'a> {
 
 struct Lake {
     _dir: tempfile::TempDir,
+    config: LakeConfig,
     root: LakeRoot,
     changelog: Changelog,
     /// The last offset committed per partition.
@@ -44,18 +45,35 @@ struct Lake {
 impl Lake {
     fn new() -> Lake {
         let dir = tempfile::tempdir().unwrap();
-        let root = LakeRoot::at(
-            url::Url::from_directory_path(dir.path()).unwrap(),
-            Default::default(),
-        );
+        let url = url::Url::from_directory_path(dir.path()).unwrap();
+        Lake::at(dir, url, LakeConfig::default())
+    }
+
+    /// A lake whose store counts its requests into `counters`.
+    fn counted(counters: Arc<test_support::counted::Counters>) -> Lake {
+        let dir = tempfile::tempdir().unwrap();
+        let scheme = test_support::counted::counted_scheme("file", counters).unwrap();
+        let url = url::Url::parse(&format!("{scheme}://{}/", dir.path().display())).unwrap();
+        // Checkpoints often: a table's load lists the log only from its
+        // last checkpoint.
+        let config = LakeConfig {
+            checkpoint_interval: 5,
+            ..LakeConfig::default()
+        };
+        Lake::at(dir, url, config)
+    }
+
+    fn at(dir: tempfile::TempDir, url: url::Url, config: LakeConfig) -> Lake {
+        let root = LakeRoot::at(url, Default::default());
         let changelog = Changelog::new(
             root.clone(),
             "g",
             FileWriter::new(writer_properties(&OutputConfig::default())),
-            &LakeConfig::default(),
+            &config,
         );
         Lake {
             _dir: dir,
+            config,
             root,
             changelog,
             last: BTreeMap::new(),
@@ -67,7 +85,7 @@ impl Lake {
         Mirror::new(
             self.root.clone(),
             FileWriter::new(writer_properties(&OutputConfig::default())),
-            LakeConfig::default().table_properties(),
+            self.config.table_properties(),
             target_bytes,
         )
     }
@@ -434,6 +452,36 @@ async fn a_mirror_holds_the_last_image_of_every_key_and_no_deleted_one() {
 /// A mirror far behind catches up a bounded batch of changelog commits at
 /// a time (here one: a tiny budget), each sync saying whether more remain,
 /// and ends where one sync of everything would.
+/// A sync's requests do not grow with the mirror's history: its commit
+/// does not list the whole `_delta_log` to clean up expired entries (as
+/// delta-rs' commit does after every commit), only when it writes a
+/// checkpoint, which is the only time an entry can expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_sync_lists_no_more_as_the_log_grows() {
+    let counters = Arc::new(test_support::counted::Counters::default());
+    let mut lake = Lake::counted(counters.clone());
+    let mirror = lake.mirror(32 << 20);
+    let mut listed = Vec::new();
+    for id in 0..30 {
+        counters.reset();
+        lake.commit(&[(0, id, "c", "n", false)], true).await;
+        mirror.sync(TABLE, false).await.unwrap();
+        listed.push(counters.listed.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    // Every fifth commit of each table checkpoints, and lists its whole
+    // log to clean up; the others list what follows the last checkpoint.
+    let median = |window: &[u64]| {
+        let mut w = window.to_vec();
+        w.sort();
+        w[w.len() / 2]
+    };
+    let (early, late) = (median(&listed[10..15]), median(&listed[25..30]));
+    assert!(
+        late <= early + 3,
+        "objects listed by each commit and sync: {listed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_far_behind_catches_up_in_bounded_batches() {
     let mut lake = Lake::new();
