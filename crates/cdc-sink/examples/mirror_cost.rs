@@ -351,14 +351,14 @@ async fn live_files(root: &LakeRoot, table: &str) -> anyhow::Result<usize> {
 }
 
 /// A lake root whose store counts its requests: the bucket is reached as
-/// `counted-s3://<bucket>/`, which resolves to the sink's S3 store, wrapped.
+/// `counted-bench-s3://<bucket>/`, which resolves to the sink's S3 store, wrapped.
 fn counted_root(
     cfg: &SinkConfig,
     prefix: &str,
     counters: Arc<Counters>,
 ) -> anyhow::Result<LakeRoot> {
     storage::register();
-    let scheme = counted_scheme("s3", counters).map_err(anyhow::Error::msg)?;
+    let scheme = counted_scheme("s3", "bench", counters).map_err(anyhow::Error::msg)?;
     let url = Url::parse(&format!("{scheme}://{}/{prefix}/", cfg.s3.bucket))?;
     // The builder must know the scheme too, or it refuses the URL.
     DeltaTableBuilder::from_url(url.clone())?;

@@ -2,8 +2,8 @@
 //! operation costs in requests and a benchmark can report it (feature
 //! `lake`).
 //!
-//! [`counted_scheme`] registers `counted-<scheme>://` with delta-rs: a
-//! table URL under it resolves to `<scheme>://`'s store (the sink's S3
+//! [`counted_scheme`] registers `counted-<tag>-<scheme>://` with delta-rs:
+//! a table URL under it resolves to `<scheme>://`'s store (the sink's S3
 //! store, or the local file system), wrapped in [`Counted`], and to the
 //! same log store.
 
@@ -27,13 +27,14 @@ use object_store::{
 };
 use url::Url;
 
-/// Registers `counted-<inner>://`, whose stores count into `counters`,
-/// and returns that scheme. `inner`'s factories must be registered
-/// already (the sink's `storage::register` for `s3`; delta-rs' own for
-/// `file`). A later call for the same scheme replaces the counters.
-pub fn counted_scheme(inner: &str, counters: Arc<Counters>) -> Result<String, String> {
+/// Registers `counted-<tag>-<inner>://`, whose stores count into
+/// `counters`, and returns that scheme. `inner`'s factories must be
+/// registered already (the sink's `storage::register` for `s3`; delta-rs'
+/// own for `file`). Delta-rs keeps its factories for the whole process, so
+/// tests that run at once each use their own `tag` (letters, digits, `-`).
+pub fn counted_scheme(inner: &str, tag: &str, counters: Arc<Counters>) -> Result<String, String> {
     let from = Url::parse(&format!("{inner}://")).map_err(|e| e.to_string())?;
-    let scheme = format!("counted-{inner}");
+    let scheme = format!("counted-{tag}-{inner}");
     let to = Url::parse(&format!("{scheme}://")).map_err(|e| e.to_string())?;
     let store = object_store_factories()
         .get(&from)

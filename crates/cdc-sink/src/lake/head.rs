@@ -52,6 +52,15 @@ pub struct LogHead {
 impl LogHead {
     /// Follows `table`, which is loaded.
     pub fn open(table: DeltaTable) -> Result<LogHead, DeltaTableError> {
+        // `append` hands the log store the commit's bytes, which only the
+        // default log store (a conditional put) takes; the lake registers
+        // it for every scheme it uses (`storage`).
+        let log_store = table.log_store().name();
+        if log_store != "DefaultLogStore" {
+            return Err(DeltaTableError::Generic(format!(
+                "the changelog writer needs delta-rs' default log store, not {log_store}"
+            )));
+        }
         let state = table.snapshot()?;
         Ok(LogHead {
             version: state.version() as i64,
@@ -106,8 +115,12 @@ impl LogHead {
         if let Some(found) = self.txns.get(app_id) {
             return Ok(*found);
         }
-        // No commit since the snapshot named it: the snapshot's answer
-        // holds.
+        // No commit since the snapshot named it, so the snapshot's answer
+        // holds; but the snapshot reads its log from storage to answer, and
+        // log cleanup may have deleted an old snapshot's log since. So it
+        // is brought to the head first: a full load, paid only when a
+        // partition new to this writer is looked up.
+        self.snapshot_at_head().await?;
         let found = self
             .table
             .snapshot()?
@@ -183,13 +196,10 @@ impl LogHead {
             .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL)
     }
 
-    /// A checkpoint at `version`, and the log entries it lets go. Brings
-    /// the snapshot to `version` first: once per checkpoint interval, the
-    /// cost a commit used to pay every time.
+    /// A checkpoint at `version`, and the log entries it lets go: once per
+    /// checkpoint interval, the full load a commit used to pay every time.
     async fn checkpoint(&mut self) -> Result<(), DeltaTableError> {
-        self.table
-            .update_incremental(Some(self.version as u64))
-            .await?;
+        self.snapshot_at_head().await?;
         create_checkpoint(&self.table, None).await?;
         if self
             .table
@@ -198,6 +208,14 @@ impl LogHead {
             .enable_expired_log_cleanup()
         {
             cleanup_metadata(&self.table, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads the snapshot at this head's version, unless it is there.
+    async fn snapshot_at_head(&mut self) -> Result<(), DeltaTableError> {
+        if self.table.version() != Some(self.version as u64) {
+            self.table.load_version(self.version as u64).await?;
         }
         Ok(())
     }

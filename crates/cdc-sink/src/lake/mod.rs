@@ -80,6 +80,24 @@ impl LakeError {
     }
 }
 
+/// Tests: a writer tells `reached` where the gate stands (a build once its
+/// files are put, a changelog commit before its put), then waits for
+/// `proceed`, so a test can commit something else in between.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Gate {
+    pub reached: tokio::sync::Notify,
+    pub proceed: tokio::sync::Notify,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub(crate) async fn pass(&self) {
+        self.reached.notify_one();
+        self.proceed.notified().await;
+    }
+}
+
 /// The crash tests' failpoints: a pause between putting a commit's files
 /// and committing them, which widens the window a SIGKILL must hit to
 /// leave written-but-uncommitted files. `lake::before-commit` (the

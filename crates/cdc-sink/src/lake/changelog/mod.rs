@@ -143,6 +143,9 @@ pub struct Changelog {
     tables: Tables,
     group_id: String,
     files: FileWriter,
+    /// Tests: where the next commit waits before its put (once).
+    #[cfg(test)]
+    commit_gate: std::sync::Mutex<Option<Arc<crate::lake::Gate>>>,
 }
 
 impl Changelog {
@@ -167,6 +170,8 @@ impl Changelog {
             tables: Tables::new(root, lake.table_properties()),
             group_id: group_id.to_string(),
             files,
+            #[cfg(test)]
+            commit_gate: std::sync::Mutex::new(None),
         }
     }
 
@@ -286,7 +291,7 @@ impl Changelog {
         let err = delta_err(table);
         let slot = self.tables.slot(table);
         let mut open = slot.open.lock().await;
-        for _ in 0..COMMIT_ATTEMPTS {
+        for round in 0..COMMIT_ATTEMPTS {
             // Reads what others committed since this writer's last look.
             self.tables.refresh(table, &slot, &mut open, None).await?;
             let head = open
@@ -301,7 +306,16 @@ impl Changelog {
                 return Ok(outcome);
             }
             tracing::debug!(table, files = outcome.files, "files uploaded; committing");
-            crate::lake::failpoint_pause("lake::before-commit").await;
+            if round == 0 {
+                crate::lake::failpoint_pause("lake::before-commit").await;
+            }
+            #[cfg(test)]
+            {
+                let gate = self.commit_gate.lock().expect("not poisoned").take();
+                if let Some(gate) = gate {
+                    gate.pass().await;
+                }
+            }
             let operation = DeltaOperation::StreamingUpdate {
                 output_mode: OutputMode::Append,
                 query_id: format!("cdc-sink:{}", self.group_id),
@@ -481,7 +495,7 @@ mod tests {
     async fn a_commit_lists_only_the_log_entries_after_its_last() {
         let dir = tempfile::tempdir().unwrap();
         let counters = Arc::new(Counters::default());
-        let scheme = counted_scheme("file", counters.clone()).unwrap();
+        let scheme = counted_scheme("file", "changelog", counters.clone()).unwrap();
         let root = Url::parse(&format!("{scheme}://{}/", dir.path().display())).unwrap();
         let lake = changelog(root, 10);
         let mut last = None;
@@ -526,32 +540,45 @@ mod tests {
         assert_eq!(t.snapshot().unwrap().log_data().num_files(), 9);
     }
 
-    /// Two writers of one table, each with its own partition: a writer
-    /// whose put loses to the other's commit reads it and commits on top;
-    /// a partition the other advanced is fenced, not overwritten.
-    #[tokio::test]
+    /// Two writers of one table, each with its own partition. A writer
+    /// whose put loses to the other's commit reads that commit and judges
+    /// its partitions again: one the other advanced is fenced, not
+    /// overwritten; the others commit on top.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_lost_to_another_writer_lands_on_top_or_is_fenced() {
         let dir = tempfile::tempdir().unwrap();
         let root = Url::from_directory_path(dir.path()).unwrap();
         let (a, b) = (changelog(root.clone(), 100), changelog(root.clone(), 100));
         a.write(TABLE, &[write(0, None, 0)]).await.unwrap();
-        // `b` opens the table; `a` then commits again, so `b`'s head is a
-        // version behind when it puts.
+        let p0 = Tp::new("db.t", 0);
         assert_eq!(
-            b.positions(TABLE, &[Tp::new("db.t", 0)]).await.unwrap(),
+            b.positions(TABLE, std::slice::from_ref(&p0)).await.unwrap(),
             vec![Some(0)]
         );
-        let staged = b.stage(TABLE, &[write(1, None, 10)]).await.unwrap();
-        a.write(TABLE, &[write(0, Some(0), 1)]).await.unwrap();
-        let outcome = b.commit(&staged).await.unwrap();
-        assert_eq!(outcome.version, Some(3), "{outcome:?}");
-        assert_eq!(outcome.committed, vec![(Tp::new("db.t", 1), 10)]);
 
-        // `b` now writes partition 0 as if it still held it at offset 0;
-        // `a` has moved it to 1.
-        let outcome = b.write(TABLE, &[write(0, Some(0), 5)]).await.unwrap();
-        assert_eq!(outcome.version, None, "{outcome:?}");
-        assert_eq!(outcome.fenced, vec![Tp::new("db.t", 0)]);
+        // `b` writes partition 1 (its own) and partition 0 as if it still
+        // held it at offset 0. Between its look at the table and its put,
+        // `a` commits partition 0's offset 1: `b`'s put of version 2 loses.
+        let gate = Arc::new(crate::lake::Gate::default());
+        *b.commit_gate.lock().unwrap() = Some(gate.clone());
+        let staged = b
+            .stage(TABLE, &[write(0, Some(0), 5), write(1, None, 10)])
+            .await
+            .unwrap();
+        let b = Arc::new(b);
+        let committing = tokio::spawn({
+            let b = b.clone();
+            async move { b.commit(&staged).await }
+        });
+        gate.reached.notified().await;
+        let won = a.write(TABLE, &[write(0, Some(0), 1)]).await.unwrap();
+        assert_eq!(won.version, Some(2));
+        gate.proceed.notify_one();
+        let outcome = committing.await.unwrap().unwrap();
+        assert_eq!(outcome.version, Some(3), "{outcome:?}");
+        assert_eq!(outcome.fenced, vec![p0.clone()]);
+        assert_eq!(outcome.committed, vec![(Tp::new("db.t", 1), 10)]);
+        assert_eq!((outcome.files, outcome.rows), (1, 1));
 
         let mut t = LakeRoot::at(root, HashMap::new()).handle(TABLE).unwrap();
         t.load().await.unwrap();

@@ -257,15 +257,6 @@ const PAIR_WAIT_MS: i64 = 30_000;
 /// least, looking for the other halves of its primary-key updates.
 const PAIR_READ_BYTES: usize = 64 << 20;
 
-/// Tests: a build tells `reached` once its files are put, then waits for
-/// `proceed` before it commits them.
-#[cfg(test)]
-#[derive(Default)]
-pub(crate) struct BuildGate {
-    pub reached: tokio::sync::Notify,
-    pub proceed: tokio::sync::Notify,
-}
-
 /// How many times a build's commit goes on top of commits that changed
 /// nothing it replaces ([`Mirror::content`]).
 const MAX_REBASES: usize = 5;
@@ -353,7 +344,7 @@ pub struct Mirror {
     vacuum_retention: std::time::Duration,
     /// Tests: where a build waits before its commit.
     #[cfg(test)]
-    build_gate: Option<Arc<BuildGate>>,
+    build_gate: Option<Arc<crate::lake::Gate>>,
     /// Tables found without a primary key, and the changelog version they
     /// were looked at through.
     no_key: std::sync::Mutex<HashMap<String, i64>>,
@@ -449,7 +440,7 @@ impl Mirror {
     }
 
     #[cfg(test)]
-    fn with_build_gate(mut self, gate: Arc<BuildGate>) -> Mirror {
+    fn with_build_gate(mut self, gate: Arc<crate::lake::Gate>) -> Mirror {
         self.build_gate = Some(gate);
         self
     }
@@ -1055,8 +1046,7 @@ impl Mirror {
         let staged = staged.expect("a plan has a range at least");
         #[cfg(test)]
         if let Some(gate) = &self.build_gate {
-            gate.reached.notify_one();
-            gate.proceed.notified().await;
+            gate.pass().await;
         }
         // A new table is created only now, with every file put: it is
         // never seen empty, nor left so by a build that fails. The files

@@ -52,7 +52,7 @@ impl Lake {
     /// A lake whose store counts its requests into `counters`.
     fn counted(counters: Arc<test_support::counted::Counters>) -> Lake {
         let dir = tempfile::tempdir().unwrap();
-        let scheme = test_support::counted::counted_scheme("file", counters).unwrap();
+        let scheme = test_support::counted::counted_scheme("file", "mirror", counters).unwrap();
         let url = url::Url::parse(&format!("{scheme}://{}/", dir.path().display())).unwrap();
         // Checkpoints often: a table's load lists the log only from its
         // last checkpoint.
@@ -449,9 +449,6 @@ async fn a_mirror_holds_the_last_image_of_every_key_and_no_deleted_one() {
     assert_eq!(lake.rows().await, want);
 }
 
-/// A mirror far behind catches up a bounded batch of changelog commits at
-/// a time (here one: a tiny budget), each sync saying whether more remain,
-/// and ends where one sync of everything would.
 /// A sync's requests do not grow with the mirror's history: its commit
 /// does not list the whole `_delta_log` to clean up expired entries (as
 /// delta-rs' commit does after every commit), only when it writes a
@@ -482,6 +479,9 @@ async fn a_mirror_sync_lists_no_more_as_the_log_grows() {
     );
 }
 
+/// A mirror far behind catches up a bounded batch of changelog commits at
+/// a time (here one: a tiny budget), each sync saying whether more remain,
+/// and ends where one sync of everything would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_far_behind_catches_up_in_bounded_batches() {
     let mut lake = Lake::new();
@@ -1354,7 +1354,7 @@ async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate()
 async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replaces() {
     let mut lake = Lake::new();
     lake.commit_notes(0..20_000).await;
-    let gate = Arc::new(BuildGate::default());
+    let gate = Arc::new(crate::lake::Gate::default());
     let ranged = Arc::new(
         lake.mirror(256 << 10)
             .with_build_bytes(256 << 10)
