@@ -28,10 +28,11 @@ use std::sync::Arc;
 use deltalake::checkpoints::{cleanup_metadata, create_checkpoint};
 use deltalake::kernel::transaction::{CommitData, PROTOCOL, TransactionError};
 use deltalake::kernel::{Action, Metadata, StructType};
-use deltalake::logstore::{CommitOrBytes, ObjectStoreRef, get_actions};
+use deltalake::logstore::{CommitOrBytes, LogStoreRef, ObjectStoreRef, get_actions};
 use deltalake::protocol::DeltaOperation;
 use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
 
 /// What `delta.checkpointInterval` is when a table does not set it.
 const DEFAULT_CHECKPOINT_INTERVAL: i64 = 100;
@@ -71,6 +72,16 @@ impl LogHead {
         })
     }
 
+    /// Follows the table `t` is a handle on, loading it; `None` if there
+    /// is no table there (yet).
+    pub async fn open_existing(mut t: DeltaTable) -> Result<Option<LogHead>, DeltaTableError> {
+        if !t.verify_deltatable_existence().await? {
+            return Ok(None);
+        }
+        t.load().await?;
+        LogHead::open(t).map(Some)
+    }
+
     pub fn version(&self) -> i64 {
         self.version
     }
@@ -85,6 +96,22 @@ impl LogHead {
 
     pub fn store(&self) -> ObjectStoreRef {
         self.table.log_store().object_store(None)
+    }
+
+    pub fn log_store(&self) -> LogStoreRef {
+        self.table.log_store()
+    }
+
+    pub fn table_url(&self) -> &Url {
+        self.table.table_url()
+    }
+
+    /// The table's full snapshot at this head's version, for what needs
+    /// its live files (a rebuild). A full load unless it is there already:
+    /// for rare paths, not for every commit or sync.
+    pub async fn table_at_head(&mut self) -> Result<&DeltaTable, DeltaTableError> {
+        self.snapshot_at_head().await?;
+        Ok(&self.table)
     }
 
     /// Reads the commits made since `version`, one GET each after one

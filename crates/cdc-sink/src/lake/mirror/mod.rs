@@ -61,6 +61,7 @@ use crate::lake::changelog::KEY_METADATA;
 use crate::lake::files::{
     FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
 };
+use crate::lake::head::LogHead;
 use crate::lake::mirror::build::{LiveFile, Whole, fetch_file};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::order::Order;
@@ -356,7 +357,7 @@ pub struct Mirror {
     /// this writer made).
     through: std::sync::Mutex<HashMap<String, (i64, Through)>>,
     /// Each table's changelog and mirror, as of the last sync.
-    open: tokio::sync::Mutex<HashMap<String, (DeltaTable, DeltaTable)>>,
+    open: tokio::sync::Mutex<HashMap<String, (Option<LogHead>, DeltaTable)>>,
 }
 
 /// Brings `t` to its latest version, loading it the first time; `false`
@@ -465,7 +466,7 @@ impl Mirror {
         let (mut changelog, mut mirror) = match open.remove(table) {
             Some(pair) => pair,
             None => (
-                self.root.handle(table).map_err(delta_err(table))?,
+                None,
                 self.root
                     .handle(&LakeRoot::mirror_of(table))
                     .map_err(delta_err(table))?,
@@ -504,15 +505,25 @@ impl Mirror {
     async fn sync_open(
         &self,
         table: &str,
-        changelog: &mut DeltaTable,
+        changelog: &mut Option<LogHead>,
         mirror: &mut DeltaTable,
         rebuild: bool,
     ) -> Result<Synced, MirrorError> {
         let err = delta_err(table);
-        if !refresh(changelog).await.map_err(&err)? {
-            return Ok(Synced::default());
+        // The changelog is followed by its log alone (see `LogHead`): its
+        // full snapshot, which parses every live file's statistics again on
+        // each update, is loaded only when a sync needs its live files.
+        match changelog {
+            Some(head) => head.catch_up().await.map_err(&err)?,
+            None => {
+                let t = self.root.handle(table).map_err(&err)?;
+                *changelog = LogHead::open_existing(t).await.map_err(&err)?;
+            }
         }
-        let target = changelog.version().unwrap_or(0) as i64;
+        let Some(changelog) = changelog.as_mut() else {
+            return Ok(Synced::default());
+        };
+        let target = changelog.version();
 
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
@@ -533,7 +544,7 @@ impl Mirror {
             });
         }
 
-        let store = changelog.log_store().object_store(None);
+        let store = changelog.store();
         let rechosen = match rebuild {
             false => self.rechoose(table, changelog, mirror, &store).await?,
             true => None,
@@ -636,14 +647,14 @@ impl Mirror {
 
         // The changes, in Kafka order, reduced to one outcome per key.
         let arrow_err = MirrorError::arrow(table);
-        let state = changelog.snapshot().map_err(&err)?;
-        let partition_columns = state.metadata().partition_columns().to_vec();
-        let schema = output_schema(state.schema().as_ref(), &partition_columns, &files).map_err(
-            |source| MirrorError::File {
-                table: table.to_string(),
-                source,
-            },
-        )?;
+        let partition_columns = changelog.metadata().partition_columns().to_vec();
+        let schema =
+            output_schema(changelog.schema(), &partition_columns, &files).map_err(|source| {
+                MirrorError::File {
+                    table: table.to_string(),
+                    source,
+                }
+            })?;
         // Each intermediate goes as soon as the next is made: the peak is
         // about twice the changes, not four times.
         let mut batches = Vec::new();
@@ -712,7 +723,7 @@ impl Mirror {
     async fn rechoose(
         &self,
         table: &str,
-        changelog: &DeltaTable,
+        changelog: &mut LogHead,
         mirror: &DeltaTable,
         store: &ObjectStoreRef,
     ) -> Result<Option<Vec<ReadFile>>, MirrorError> {
@@ -726,6 +737,9 @@ impl Mirror {
             return Ok(None);
         }
         let bytes: i64 = changelog
+            .table_at_head()
+            .await
+            .map_err(delta_err(table))?
             .snapshot()
             .map_err(delta_err(table))?
             .log_data()
@@ -753,7 +767,7 @@ impl Mirror {
     /// version is no longer in the log.
     async fn appended(
         &self,
-        changelog: &DeltaTable,
+        changelog: &LogHead,
         after: i64,
         target: i64,
     ) -> Result<Option<Appended>, MirrorError> {
@@ -815,7 +829,7 @@ impl Mirror {
     async fn paired(
         &self,
         table: &str,
-        changelog: &DeltaTable,
+        changelog: &LogHead,
         store: &ObjectStoreRef,
         mut batch: Appended,
         target: i64,
@@ -892,10 +906,13 @@ impl Mirror {
     async fn live(
         &self,
         table: &str,
-        changelog: &DeltaTable,
+        changelog: &mut LogHead,
         store: &ObjectStoreRef,
     ) -> Result<Vec<ReadFile>, MirrorError> {
         let paths: Vec<Path> = changelog
+            .table_at_head()
+            .await
+            .map_err(delta_err(table))?
             .snapshot()
             .map_err(delta_err(table))?
             .log_data()
@@ -953,11 +970,14 @@ impl Mirror {
     async fn whole(
         &self,
         table: &str,
-        changelog: &DeltaTable,
+        changelog: &mut LogHead,
         mirror: &DeltaTable,
         store: &ObjectStoreRef,
     ) -> Result<Whole, MirrorError> {
         let files: Vec<LiveFile> = changelog
+            .table_at_head()
+            .await
+            .map_err(delta_err(table))?
             .snapshot()
             .map_err(delta_err(table))?
             .log_data()
@@ -981,7 +1001,7 @@ impl Mirror {
     async fn build(
         &self,
         table: &str,
-        changelog: &DeltaTable,
+        changelog: &LogHead,
         mirror: &mut DeltaTable,
         exists: bool,
         mut survey: Box<build::Survey>,
@@ -990,16 +1010,15 @@ impl Mirror {
     ) -> Result<Synced, MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
-        let store = changelog.log_store().object_store(None);
+        let store = changelog.store();
         survey
             .pair_halves(table, &store, key)
             .await?
             .ok_or_else(|| missing_live_file(table))?;
-        let state = changelog.snapshot().map_err(delta_err(table))?;
         let plan = survey.plan(
             table,
-            state.schema().as_ref(),
-            state.metadata().partition_columns(),
+            changelog.schema(),
+            changelog.metadata().partition_columns(),
             key,
             self.clustering,
             self.build_bytes,
