@@ -306,35 +306,15 @@ async fn commit(
 mod tests {
     use std::collections::HashMap;
 
-    use arrow::array::{Int32Array, Int64Array};
-    use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::record_batch::RecordBatch;
     use chrono::NaiveDate;
     use url::Url;
 
     use super::*;
     use crate::config::{LakeConfig, OutputConfig};
-    use crate::decode::schema::meta;
     use crate::lake::changelog::DataFile;
     use crate::lake::files::{FileWriter, writer_properties};
     use crate::lake::table::LakeRoot;
     use crate::source::position::{Position, Tickets};
-
-    fn batch(offset: i64) -> RecordBatch {
-        RecordBatch::try_new(
-            Arc::new(Schema::new(vec![
-                Field::new("id", DataType::Int64, true),
-                Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
-                Field::new(meta::KAFKA_OFFSET, DataType::Int64, true),
-            ])),
-            vec![
-                Arc::new(Int64Array::from(vec![offset])),
-                Arc::new(Int32Array::from(vec![0])),
-                Arc::new(Int64Array::from(vec![offset])),
-            ],
-        )
-        .unwrap()
-    }
 
     /// Flushes of several new tables handed over back to back: each is
     /// staged (creating its tables) while the one before commits. They all
@@ -382,7 +362,7 @@ mod tests {
                                 claim: stage.claim,
                                 files: vec![DataFile {
                                     date: NaiveDate::from_ymd_opt(2026, 11, 27).unwrap(),
-                                    batch: batch(offset),
+                                    batch: crate::lake::changelog::tests::batch(0, offset),
                                     key: None,
                                 }],
                             },

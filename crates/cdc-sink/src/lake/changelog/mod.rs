@@ -431,7 +431,7 @@ impl Changelog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::Ordering;
 
@@ -457,10 +457,10 @@ mod tests {
         )
     }
 
-    /// One row at `offset` of partition `partition`, claiming to follow
-    /// `expected`.
-    fn write(partition: i32, expected: Option<i64>, offset: i64) -> PartitionWrite {
-        let batch = RecordBatch::try_new(
+    /// One row at `offset` of partition `partition` (the committer's tests
+    /// use it too).
+    pub(crate) fn batch(partition: i32, offset: i64) -> RecordBatch {
+        RecordBatch::try_new(
             Arc::new(Schema::new(vec![
                 Field::new("id", DataType::Int64, true),
                 Field::new(meta::KAFKA_PARTITION, DataType::Int32, true),
@@ -472,7 +472,13 @@ mod tests {
                 Arc::new(Int64Array::from(vec![offset])),
             ],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// One row at `offset` of partition `partition`, claiming to follow
+    /// `expected`.
+    fn write(partition: i32, expected: Option<i64>, offset: i64) -> PartitionWrite {
+        let batch = batch(partition, offset);
         PartitionWrite {
             tp: Tp::new("db.t", partition),
             claim: Claim {
