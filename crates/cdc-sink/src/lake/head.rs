@@ -106,6 +106,12 @@ impl LogHead {
         self.table.table_url()
     }
 
+    /// The table's full snapshot as last loaded: at this head's version or
+    /// behind it.
+    pub fn table_as_loaded(&self) -> &DeltaTable {
+        &self.table
+    }
+
     /// The table's full snapshot at this head's version, for what needs
     /// its live files (a rebuild). A full load unless it is there already:
     /// for rare paths, not for every commit or sync.

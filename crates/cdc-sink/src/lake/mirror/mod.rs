@@ -736,21 +736,22 @@ impl Mirror {
         if !order::pending(state.metadata().configuration()) {
             return Ok(None);
         }
-        let bytes: i64 = changelog
-            .table_at_head()
-            .await
-            .map_err(delta_err(table))?
-            .snapshot()
-            .map_err(delta_err(table))?
-            .log_data()
-            .iter()
-            .map(|f| f.size())
-            .sum();
-        if bytes > self.sync_bytes as i64 {
-            return Ok(None);
-        }
         let through = self.through_at(table, mirror, version as i64).await?;
         if through.recovery.is_some() || through.truncate.is_some() {
+            return Ok(None);
+        }
+        // A changelog only grows: one the snapshot as last loaded (behind
+        // the head, maybe) already finds too big is too big now, and the
+        // head's full snapshot is not loaded to say so, sync after sync.
+        let bytes = |t: &DeltaTable| -> Result<i64, DeltaTableError> {
+            Ok(t.snapshot()?.log_data().iter().map(|f| f.size()).sum())
+        };
+        let too_big = self.sync_bytes as i64;
+        if bytes(changelog.table_as_loaded()).map_err(delta_err(table))? > too_big {
+            return Ok(None);
+        }
+        let at_head = changelog.table_at_head().await.map_err(delta_err(table))?;
+        if bytes(at_head).map_err(delta_err(table))? > too_big {
             return Ok(None);
         }
         let files = self.live(table, changelog, store).await?;
