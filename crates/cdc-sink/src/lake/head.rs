@@ -1,6 +1,8 @@
-//! A changelog table as its appender follows it: the version, schema,
-//! protocol and `txn` versions, kept current by reading each new commit
-//! once, and commits written straight to the log.
+//! A changelog table followed by its log: the version, schema, protocol
+//! and `txn` versions, kept current by reading each new commit once, and
+//! commits written straight to the log. The changelog's writer appends
+//! through it; the current-state tables' writer reads the changelog
+//! through one of its own.
 //!
 //! Why not delta-rs' `CommitBuilder`, as the other writers use: after every
 //! commit it brings the table's full snapshot up to date, and that
