@@ -14,6 +14,15 @@
 #                   bit strings, timetz, money, an enum, a range, and NULL
 #                   in a NOT NULL column's delete; snapshot and streaming
 #
+# `tests/capture-fixtures.sh avro` captures only
+#   twitter_avro.jsonl  the newest 1,000 events of the stack's own
+#                   twitter.tweets topic as the stack writes them (Avro
+#                   values, schema-id headers), for the decode benchmark:
+#                   first a line per schema they name ({"fingerprint",
+#                   "schema"}), then a line per event ({"fingerprint",
+#                   "avro": the value in base64}). Fill the topic first
+#                   (tweetgen's load mode, or tests/bench/drain.sh).
+#
 # Each line is one Kafka message value in Connect's JSON with schemas (the
 # connector's schema-id format is switched off here: the decode tests derive
 # schema-id messages from these); an empty line is a tombstone. The
@@ -54,6 +63,43 @@ remove() { # remove DB: the connector and its slot (the database stays, to look 
   sleep 2
   su -d postgres -c "SELECT pg_drop_replication_slot('$1_slot') FROM pg_replication_slots WHERE slot_name = '$1_slot'" >/dev/null
 }
+
+if [ "${1:-}" = avro ]; then
+  topic=twitter.tweets
+  # %S the value's length, %h its headers, then the value's bytes as they
+  # are: Avro is binary, so it is cut by length, never by line.
+  for p in 0 1 2; do
+    end=$(kcat -b "$CDC_SINK_KAFKA__BROKERS" -Q -t "$topic:$p:-1" | awk '{print $NF}')
+    from=$(( end > 334 ? end - 334 : 0 ))
+    kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t "$topic" -p "$p" -o "$from" -e -q -f '%S\n%h\n%s'
+  done >/tmp/capture-avro.bin
+  kcat -b "$CDC_SINK_KAFKA__BROKERS" -C -t _cdclake.schemas -o beginning -e -q -f '%k\t%s\n' \
+    >/tmp/capture-schemas.tsv
+  python3 - "$out/twitter_avro.jsonl" <<'PY'
+import base64, json, re, sys
+data = open("/tmp/capture-avro.bin", "rb").read()
+events, pos = [], 0
+while pos < len(data):
+    nl = data.index(b"\n", pos)
+    size = int(data[pos:nl])
+    hl = data.index(b"\n", nl + 1)
+    headers = data[nl + 1:hl].decode()
+    value = data[hl + 1:hl + 1 + size]
+    pos = hl + 1 + max(size, 0)  # a null value's length is -1
+    if "cdclake.encoding=avro" not in headers or size <= 0:
+        continue  # a tombstone, or not the stack's Avro values
+    fingerprint = re.search(r"cdclake\.schema=([^,]+)", headers).group(1)
+    events.append((fingerprint, value))
+schemas = dict(line.rstrip("\n").split("\t", 1) for line in open("/tmp/capture-schemas.tsv") if "\t" in line)
+with open(sys.argv[1], "w") as out:
+    for fp in sorted({fp for fp, _ in events}):
+        out.write(json.dumps({"fingerprint": fp, "schema": schemas[fp]}) + "\n")
+    for fp, value in events:
+        out.write(json.dumps({"fingerprint": fp, "avro": base64.b64encode(value).decode()}) + "\n")
+print(f"captured: {len(events)} Avro events of twitter.tweets")
+PY
+  exit 0
+fi
 
 if [ "${1:-}" = exact ]; then
   fresh_db exact

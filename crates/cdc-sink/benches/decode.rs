@@ -2,16 +2,20 @@
 //! messages captured from the local stack: the demo tables' events, the
 //! shape of the sink's real traffic. Each in both formats the sink reads:
 //! JSON with schemas, and the schema-id format (the same messages' payloads,
-//! their schemas registered once, as the schema topic gives them).
+//! their schemas registered once, as the schema topic gives them). And the
+//! stack's own format, Avro values under schema-id headers, on the newest
+//! 1,000 events of a filled `twitter.tweets` (`tests/capture-fixtures.sh
+//! avro`): the messages `tests/bench/drain.sh` drains.
 //!
 //! `cargo bench -p cdc-sink --bench decode`
 
 use std::hint::black_box;
 
 use cdc_sink::config::SinkConfig;
-use cdc_sink::decode::{Decoded, Decoder};
+use cdc_sink::decode::{Decoded, Decoder, MessageHeaders};
 use cdc_sink::lake::changelog::segment::Segment;
 use cdc_sink::lake::files::{encode, writer_properties};
+use cdc_wire::AVRO;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// The demo tables' events, repeated to a corpus of `n` messages.
@@ -56,6 +60,89 @@ fn by_id(msgs: &[Vec<u8>]) -> (Vec<ById>, Decoder) {
         })
         .collect();
     (out, d)
+}
+
+/// The captured Avro events repeated to `n` messages, and a decoder that
+/// knows their schemas.
+fn avro_corpus(n: usize) -> (Vec<ById>, Decoder) {
+    use base64::Engine as _;
+    let mut d = Decoder::new();
+    let mut events = Vec::new();
+    for line in include_str!("../tests/fixtures/twitter_avro.jsonl").lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let fingerprint = v["fingerprint"].as_str().unwrap().as_bytes().to_vec();
+        if let Some(schema) = v["schema"].as_str() {
+            d.register(&fingerprint, schema);
+            continue;
+        }
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(v["avro"].as_str().unwrap())
+            .unwrap();
+        events.push(ById {
+            payload,
+            fingerprint,
+        });
+    }
+    let msgs = (0..n)
+        .map(|i| {
+            let e = &events[i % events.len()];
+            ById {
+                payload: e.payload.clone(),
+                fingerprint: e.fingerprint.clone(),
+            }
+        })
+        .collect();
+    (msgs, d)
+}
+
+fn avro_headers(m: &ById) -> MessageHeaders<'_> {
+    MessageHeaders {
+        schema_ref: Some(&m.fingerprint),
+        encoding: Some(AVRO.as_bytes()),
+        ..MessageHeaders::default()
+    }
+}
+
+fn decode_avro(c: &mut Criterion) {
+    let (msgs, mut d) = avro_corpus(10_000);
+    let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    let mut g = c.benchmark_group("decode avro");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function(format!("{} msgs, {} MiB", msgs.len(), bytes >> 20), |b| {
+        b.iter(|| {
+            for m in &msgs {
+                black_box(
+                    d.decode_message(Some(&m.payload), &avro_headers(m))
+                        .unwrap(),
+                );
+            }
+        })
+    });
+    g.finish();
+}
+
+fn decode_avro_arrow_parquet(c: &mut Criterion) {
+    let (msgs, mut d) = avro_corpus(10_000);
+    let props = writer_properties(&SinkConfig::default().output);
+    let mut g = c.benchmark_group("decode avro+arrow+parquet(zstd)");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function("10k msgs", |b| {
+        b.iter(|| {
+            let mut seg = Segment::new(0);
+            for (i, m) in msgs.iter().enumerate() {
+                if let Decoded::Row(r) = d
+                    .decode_message(Some(&m.payload), &avro_headers(m))
+                    .unwrap()
+                {
+                    seg.push(&r, 0, i as i64);
+                }
+            }
+            for file in seg.into_files().unwrap() {
+                black_box(encode(&file.batch, &props).unwrap());
+            }
+        })
+    });
+    g.finish();
 }
 
 fn decode_by_id(c: &mut Criterion) {
@@ -143,6 +230,8 @@ criterion_group!(
     decode_only,
     decode_arrow_parquet,
     decode_by_id,
-    decode_by_id_arrow_parquet
+    decode_by_id_arrow_parquet,
+    decode_avro,
+    decode_avro_arrow_parquet
 );
 criterion_main!(benches);
