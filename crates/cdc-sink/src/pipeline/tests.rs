@@ -11,6 +11,7 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use cdc_telemetry::Readiness;
 use deltalake::DeltaTableBuilder;
+use futures::{Stream, stream};
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::consumer::CommitMode;
@@ -115,6 +116,21 @@ impl ScriptedSource {
         self.log.lock().unwrap().seeks.clone()
     }
 
+    /// The next message, once there is one.
+    async fn recv(&self) -> OwnedMessage {
+        loop {
+            // Registered before looking, so a message appended between the
+            // look and the wait still wakes it.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Some(m) = self.next() {
+                return m;
+            }
+            woken.await;
+        }
+    }
+
     fn next(&self) -> Option<OwnedMessage> {
         let mut log = self.log.lock().unwrap();
         if log.paused {
@@ -145,18 +161,10 @@ impl ScriptedSource {
 impl Source for ScriptedSource {
     type Message<'a> = OwnedMessage;
 
-    async fn recv(&self) -> KafkaResult<OwnedMessage> {
-        loop {
-            // Registered before looking, so a message appended between the
-            // look and the wait still wakes it.
-            let woken = self.wake.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            if let Some(m) = self.next() {
-                return Ok(m);
-            }
-            woken.await;
-        }
+    fn messages(&self) -> impl Stream<Item = KafkaResult<OwnedMessage>> + Send + Unpin {
+        Box::pin(stream::unfold(self, |source| async move {
+            Some((Ok(source.recv().await), source))
+        }))
     }
 
     fn commit(&self, _: &[(Tp, i64)], _: CommitMode) -> KafkaResult<()> {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::Stream;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
@@ -119,8 +120,13 @@ pub trait Source {
     where
         Self: 'a;
 
-    /// The next message of any assigned, unpaused partition. Cancel safe.
-    fn recv(&self) -> impl Future<Output = KafkaResult<Self::Message<'_>>> + Send;
+    /// The messages of every assigned, unpaused partition, as they come;
+    /// it never ends. Its `next()` is cancel safe, and a poll that finds a
+    /// message ready takes it without waiting (what lets the loop take a
+    /// burst of them between its other work). One stream serves the whole
+    /// loop: librdkafka's stream registers a waker slot, under a lock, each
+    /// time one is made.
+    fn messages(&self) -> impl Stream<Item = KafkaResult<Self::Message<'_>>> + Send + Unpin;
 
     /// Commits `offset` (the next to read) for each partition, for lag
     /// tools: nothing in the sink reads these back.
@@ -231,8 +237,8 @@ impl KafkaSource {
 impl Source for KafkaSource {
     type Message<'a> = rdkafka::message::BorrowedMessage<'a>;
 
-    fn recv(&self) -> impl Future<Output = KafkaResult<Self::Message<'_>>> + Send {
-        self.consumer.recv()
+    fn messages(&self) -> impl Stream<Item = KafkaResult<Self::Message<'_>>> + Send + Unpin {
+        self.consumer.stream()
     }
 
     /// As of librdkafka's last statistics (every 5 s).
