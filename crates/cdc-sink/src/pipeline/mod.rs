@@ -530,9 +530,7 @@ impl<S: Source> Sink<'_, S> {
         // for `flush_due`, which sends every due segment together and only
         // while the committer keeps up. Flushing it here, one partition per
         // message, queued small commits faster than they landed.
-        if let Some(reason @ (RollReason::Rows | RollReason::Bytes)) =
-            self.partitions.roll_reason(&tp, &self.settings.policy)
-        {
+        if let Some(reason) = self.partitions.full(&tp, &self.settings.policy) {
             self.flush(vec![tp], FlushReason::Rolled(reason));
         }
         Ok(())

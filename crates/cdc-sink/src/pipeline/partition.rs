@@ -146,9 +146,10 @@ impl Partitions {
         self.segments().map(|(tp, _)| tp.clone()).collect()
     }
 
-    /// Why `tp`'s segment is due, if it is.
-    pub fn roll_reason(&self, tp: &Tp, policy: &RollPolicy) -> Option<RollReason> {
-        self.parts.get(tp)?.segment.as_ref()?.roll_reason(policy)
+    /// Whether `tp`'s segment is full (rows or bytes): age is the tick's
+    /// to check.
+    pub fn full(&self, tp: &Tp, policy: &RollPolicy) -> Option<RollReason> {
+        self.parts.get(tp)?.segment.as_ref()?.full(policy)
     }
 
     fn segments(&self) -> impl Iterator<Item = (&Tp, &Segment)> {

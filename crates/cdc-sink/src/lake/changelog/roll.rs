@@ -31,12 +31,18 @@ impl RollPolicy {
     }
 
     pub fn check(&self, rows: usize, bytes: usize, age: Duration) -> Option<RollReason> {
+        self.full(rows, bytes)
+            .or((age >= self.max_age).then_some(RollReason::Age))
+    }
+
+    /// [`RollPolicy::check`] without the age: whether a segment is full,
+    /// which is asked after every row, where reading the clock would be a
+    /// good part of a row's cost.
+    pub fn full(&self, rows: usize, bytes: usize) -> Option<RollReason> {
         if rows >= self.max_rows {
             Some(RollReason::Rows)
         } else if bytes >= self.max_bytes {
             Some(RollReason::Bytes)
-        } else if age >= self.max_age {
-            Some(RollReason::Age)
         } else {
             None
         }
@@ -61,5 +67,8 @@ mod tests {
             p.check(0, 0, Duration::from_secs(10)),
             Some(RollReason::Age)
         );
+        assert_eq!(p.full(0, 0), None);
+        assert_eq!(p.full(10, 100), Some(RollReason::Rows));
+        assert_eq!(p.full(0, 100), Some(RollReason::Bytes));
     }
 }
