@@ -521,17 +521,18 @@ impl<'a> Reader<'a> {
                 Datum::Str(big_decimal_text(b, scale).into())
             }
             (ColumnType::List(item), Shape::Array(item_shape)) => {
-                let mut cells = Vec::new();
+                let mut items = ListItems::default();
                 loop {
                     let n = self.block()?;
                     if n == 0 {
                         break;
                     }
+                    items.values.reserve(n);
                     for _ in 0..n {
-                        cells.push(self.cell(item_shape, item)?);
+                        items.push(self.cell(item_shape, item)?, item);
                     }
                 }
-                return list(cells, item);
+                return items.finish(item);
             }
             _ => {
                 return Err(format!(
@@ -543,35 +544,55 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// An array column's cells, as the JSON path reads the same array:
+/// An array column's items, read as the JSON path reads the same array:
 /// Debezium's placeholder for an unchanged TOASTed array is the array of
 /// the placeholder alone (text, bytes), or its bytes as integers (`int[]`,
 /// `bigint[]`); a placeholder among other items is an item like any other.
-fn list<'a>(cells: Vec<Cell<'a>>, item: &ColumnType) -> Result<Cell<'a>, String> {
-    if let [Cell::Unavailable] = cells.as_slice() {
-        return Ok(Cell::Unavailable);
-    }
-    let ints = cells.iter().map(|c| match c {
-        Cell::Value(Datum::Int(n)) => Some(*n),
-        _ => None,
-    });
-    if is_placeholder_ints(ints) {
-        return Ok(Cell::Unavailable);
-    }
-    let items = cells
-        .into_iter()
-        .map(|c| match (c, item) {
-            (Cell::Value(d), _) => Ok(d),
-            (Cell::Unavailable, ColumnType::Utf8 | ColumnType::Json) => {
-                Ok(Datum::Str(UNAVAILABLE.into()))
+/// The items go straight into the list they become, no cell kept aside.
+#[derive(Default)]
+struct ListItems<'a> {
+    values: Vec<Datum<'a>>,
+    /// Items that were the placeholder (each one's value is the
+    /// placeholder's text or bytes, or `Null` for another item type).
+    placeholders: usize,
+}
+
+impl<'a> ListItems<'a> {
+    fn push(&mut self, cell: Cell<'a>, item: &ColumnType) {
+        self.values.push(match cell {
+            Cell::Value(d) => d,
+            Cell::Unavailable => {
+                self.placeholders += 1;
+                match item {
+                    ColumnType::Utf8 | ColumnType::Json => Datum::Str(UNAVAILABLE.into()),
+                    ColumnType::Binary => Datum::Bytes(UNAVAILABLE.as_bytes().into()),
+                    _ => Datum::Null,
+                }
             }
-            (Cell::Unavailable, ColumnType::Binary) => {
-                Ok(Datum::Bytes(UNAVAILABLE.as_bytes().into()))
-            }
-            (Cell::Unavailable, _) => Err(format!("{item:?} (a placeholder among the items)")),
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Cell::Value(Datum::List(items)))
+        });
+    }
+
+    fn finish(self, item: &ColumnType) -> Result<Cell<'a>, String> {
+        if self.placeholders == 1 && self.values.len() == 1 {
+            return Ok(Cell::Unavailable);
+        }
+        let ints = self.values.iter().map(|d| match d {
+            Datum::Int(n) => Some(*n),
+            _ => None,
+        });
+        if is_placeholder_ints(ints) {
+            return Ok(Cell::Unavailable);
+        }
+        if self.placeholders > 0
+            && !matches!(
+                item,
+                ColumnType::Utf8 | ColumnType::Json | ColumnType::Binary
+            )
+        {
+            return Err(format!("{item:?} (a placeholder among the items)"));
+        }
+        Ok(Cell::Value(Datum::List(self.values)))
+    }
 }
 
 #[cfg(test)]
@@ -760,6 +781,15 @@ mod tests {
     /// Arrays as the JSON path reads them: the placeholder alone, or its
     /// bytes as integers, is an unchanged TOASTed array; a placeholder
     /// among other texts is a text.
+    /// The items of `cells` as the reader gathers them.
+    fn list<'a>(cells: Vec<Cell<'a>>, item: &ColumnType) -> Result<Cell<'a>, String> {
+        let mut items = ListItems::default();
+        for c in cells {
+            items.push(c, item);
+        }
+        items.finish(item)
+    }
+
     #[test]
     fn array_placeholders_match_the_json_path() {
         let ints: Vec<Cell> = UNAVAILABLE
@@ -774,6 +804,10 @@ mod tests {
             list(vec![Cell::Unavailable], &ColumnType::Utf8),
             Ok(Cell::Unavailable)
         ));
+        assert!(matches!(
+            list(vec![Cell::Unavailable], &ColumnType::ZonedTimestamp),
+            Ok(Cell::Unavailable)
+        ));
         let Ok(Cell::Value(Datum::List(items))) = list(
             vec![Cell::Unavailable, Cell::Value(Datum::Str("x".into()))],
             &ColumnType::Utf8,
@@ -784,10 +818,24 @@ mod tests {
             items,
             [Datum::Str(UNAVAILABLE.into()), Datum::Str("x".into())]
         );
+        let Ok(Cell::Value(Datum::List(items))) = list(
+            vec![Cell::Value(Datum::Int(1)), Cell::Value(Datum::Null)],
+            &ColumnType::Int32,
+        ) else {
+            panic!("not a list");
+        };
+        assert_eq!(items, [Datum::Int(1), Datum::Null]);
         assert!(
             list(
                 vec![Cell::Unavailable, Cell::Unavailable],
                 &ColumnType::Int32
+            )
+            .is_err()
+        );
+        assert!(
+            list(
+                vec![Cell::Value(Datum::Int(1)), Cell::Unavailable],
+                &ColumnType::ZonedTimestamp
             )
             .is_err()
         );
