@@ -25,6 +25,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use tokio::sync::Semaphore;
 
 use crate::config::{CompressionCodec, OutputConfig};
@@ -86,6 +87,8 @@ pub fn writer_properties(output: &OutputConfig) -> WriterProperties {
             "org.apache.spark.version".to_string(),
             "3.5.0".to_string(),
         )]))
+        .set_column_dictionary_enabled(ColumnPath::from(meta::KAFKA_OFFSET), false)
+        .set_column_dictionary_enabled(ColumnPath::from(meta::LSN), false)
         .build()
 }
 
