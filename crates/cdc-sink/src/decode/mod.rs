@@ -182,14 +182,6 @@ impl Datum<'_> {
     }
 }
 
-impl ChangeRow<'_> {
-    /// About what the row takes once buffered, CDC columns included.
-    pub fn decoded_size(&self) -> usize {
-        const CDC_COLUMNS: usize = 48;
-        self.values.iter().map(Datum::size).sum::<usize>() + CDC_COLUMNS
-    }
-}
-
 #[derive(Debug)]
 pub enum Decoded<'a> {
     Tombstone,

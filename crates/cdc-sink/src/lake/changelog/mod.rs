@@ -21,6 +21,7 @@
 //! again, so a concurrent commit carrying the same `app_id` fences that
 //! partition and no other.
 
+pub mod column;
 pub mod roll;
 pub mod segment;
 

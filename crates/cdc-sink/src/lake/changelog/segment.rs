@@ -10,19 +10,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
-    Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
-    ListBuilder, StringArray, StringBuilder, TimestampMicrosecondBuilder, make_builder,
+    ArrayBuilder, ArrayRef, Int32Builder, Int64Builder, ListBuilder, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 
+use crate::decode::ChangeRow;
 use crate::decode::marker::{self, MarkerRow};
-use crate::decode::schema::{ColumnType, TableSchema, meta};
-use crate::decode::{ChangeRow, Datum};
+use crate::decode::schema::{TableSchema, meta};
 use crate::lake::changelog::DataFile;
+use crate::lake::changelog::column::ColumnBuilder;
 use crate::lake::changelog::roll::{RollPolicy, RollReason};
 
 /// Rows of one schema and one event date.
@@ -30,7 +30,7 @@ pub struct Group {
     pub schema: Arc<TableSchema>,
     pub schema_id: u64,
     pub date: NaiveDate,
-    columns: Vec<Box<dyn ArrayBuilder>>,
+    columns: Vec<ColumnBuilder>,
     op: StringBuilder,
     commit_ts: TimestampMicrosecondBuilder,
     lsn: Int64Builder,
@@ -49,7 +49,7 @@ impl Group {
         let columns = schema
             .columns
             .iter()
-            .map(|c| make_builder(&c.ty.arrow(), 1024))
+            .map(|c| ColumnBuilder::new(&c.ty))
             .collect();
         Group {
             schema,
@@ -72,14 +72,14 @@ impl Group {
         self.rows
     }
 
-    fn append(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
-        for ((builder, col), value) in self
-            .columns
-            .iter_mut()
-            .zip(&self.schema.columns)
-            .zip(&row.values)
-        {
-            append(builder.as_mut(), &col.ty, value);
+    /// Appends a row; returns about what it takes buffered, CDC columns
+    /// included (measured here, in the one pass over its values).
+    fn append(&mut self, row: &ChangeRow, partition: i32, offset: i64) -> usize {
+        const CDC_COLUMNS: usize = 48;
+        let mut size = CDC_COLUMNS;
+        for (builder, value) in self.columns.iter_mut().zip(&row.values) {
+            builder.append(value);
+            size += value.size();
         }
         self.op.append_value(row.op.code());
         self.commit_ts
@@ -108,6 +108,7 @@ impl Group {
             self.key_updates.push((self.rows, k.clone()));
         }
         self.rows += 1;
+        size
     }
 
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
@@ -134,76 +135,6 @@ impl Group {
             Arc::new(Schema::new_with_metadata(fields, metadata)),
             arrays,
         )
-    }
-}
-
-/// Appends one value. The decoder has already checked `value` against `ty`,
-/// and the builder was made from `ty`, so a mismatch here is a bug.
-fn append(builder: &mut dyn ArrayBuilder, ty: &ColumnType, value: &Datum) {
-    fn get<T: 'static>(b: &mut dyn ArrayBuilder) -> &mut T {
-        b.as_any_mut()
-            .downcast_mut::<T>()
-            .expect("builder made from this column type")
-    }
-    match (ty, value) {
-        (ColumnType::Bool, Datum::Bool(v)) => get::<BooleanBuilder>(builder).append_value(*v),
-        (ColumnType::Bool, _) => get::<BooleanBuilder>(builder).append_null(),
-        (ColumnType::Int8, Datum::Int(v)) => get::<Int8Builder>(builder).append_value(*v as i8),
-        (ColumnType::Int8, _) => get::<Int8Builder>(builder).append_null(),
-        (ColumnType::Int16, Datum::Int(v)) => get::<Int16Builder>(builder).append_value(*v as i16),
-        (ColumnType::Int16, _) => get::<Int16Builder>(builder).append_null(),
-        (ColumnType::Int32, Datum::Int(v)) => get::<Int32Builder>(builder).append_value(*v as i32),
-        (ColumnType::Int32, _) => get::<Int32Builder>(builder).append_null(),
-        (ColumnType::Int64, Datum::Int(v)) => get::<Int64Builder>(builder).append_value(*v),
-        (ColumnType::Int64, _) => get::<Int64Builder>(builder).append_null(),
-        (ColumnType::Float32, Datum::Float(v)) => {
-            get::<Float32Builder>(builder).append_value(*v as f32)
-        }
-        (ColumnType::Float32, _) => get::<Float32Builder>(builder).append_null(),
-        (ColumnType::Float64, Datum::Float(v)) => get::<Float64Builder>(builder).append_value(*v),
-        (ColumnType::Float64, _) => get::<Float64Builder>(builder).append_null(),
-        (
-            ColumnType::Utf8
-            | ColumnType::Json
-            | ColumnType::VariableDecimal
-            | ColumnType::WideDecimal { .. },
-            Datum::Str(s),
-        ) => get::<StringBuilder>(builder).append_value(s),
-        (
-            ColumnType::Utf8
-            | ColumnType::Json
-            | ColumnType::VariableDecimal
-            | ColumnType::WideDecimal { .. },
-            _,
-        ) => get::<StringBuilder>(builder).append_null(),
-        (ColumnType::Binary, Datum::Bytes(b)) => get::<BinaryBuilder>(builder).append_value(b),
-        (ColumnType::Binary, _) => get::<BinaryBuilder>(builder).append_null(),
-        (ColumnType::Decimal { .. } | ColumnType::NumericText { .. }, Datum::Decimal(v)) => {
-            get::<Decimal128Builder>(builder).append_value(*v)
-        }
-        (ColumnType::Decimal { .. } | ColumnType::NumericText { .. }, _) => {
-            get::<Decimal128Builder>(builder).append_null()
-        }
-        (ColumnType::Date, Datum::Int(v)) => get::<Date32Builder>(builder).append_value(*v as i32),
-        (ColumnType::Date, _) => get::<Date32Builder>(builder).append_null(),
-        (ColumnType::LocalTimestamp(_) | ColumnType::ZonedTimestamp, Datum::Int(v)) => {
-            get::<TimestampMicrosecondBuilder>(builder).append_value(*v)
-        }
-        (ColumnType::LocalTimestamp(_) | ColumnType::ZonedTimestamp, _) => {
-            get::<TimestampMicrosecondBuilder>(builder).append_null()
-        }
-        (ColumnType::Time(_), Datum::Int(v)) => get::<Int64Builder>(builder).append_value(*v),
-        (ColumnType::Time(_), _) => get::<Int64Builder>(builder).append_null(),
-        (ColumnType::List(item), Datum::List(items)) => {
-            let list = get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder);
-            for it in items {
-                append(list.values().as_mut(), item, it);
-            }
-            list.append(true);
-        }
-        (ColumnType::List(_), _) => {
-            get::<ListBuilder<Box<dyn ArrayBuilder>>>(builder).append(false)
-        }
     }
 }
 
@@ -259,7 +190,6 @@ impl Segment {
     /// schema (kilobytes) for a row of a few hundred bytes, and it is the
     /// decoded rows that the buffer holds.
     pub fn push(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
-        let bytes = row.decoded_size();
         let date = chrono::DateTime::from_timestamp_millis(row.commit_ts_ms)
             .map(|t| t.date_naive())
             .unwrap_or_default();
@@ -277,9 +207,8 @@ impl Segment {
                 self.groups.len() - 1
             }
         };
-        self.groups[idx].append(row, partition, offset);
+        self.bytes += self.groups[idx].append(row, partition, offset);
         self.cover(offset);
-        self.bytes += bytes;
         self.newest_source_ms = self.newest_source_ms.max(row.commit_ts_ms);
     }
 
@@ -309,6 +238,11 @@ impl Segment {
 
     pub fn roll_reason(&self, policy: &RollPolicy) -> Option<RollReason> {
         policy.check(self.rows(), self.bytes, self.opened.elapsed())
+    }
+
+    /// Whether the segment is full (rows or bytes), not asking its age.
+    pub fn full(&self, policy: &RollPolicy) -> Option<RollReason> {
+        policy.full(self.rows(), self.bytes)
     }
 }
 
