@@ -138,6 +138,17 @@ impl Group {
     }
 }
 
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Which group the last row went to, by its schema and its day since the
+/// epoch (the same day is the same event date).
+#[derive(Clone, Copy)]
+struct LastGroup {
+    schema_id: u64,
+    day: i64,
+    index: usize,
+}
+
 /// The open buffer of one partition: offsets `first..=last`.
 pub struct Segment {
     pub first: i64,
@@ -150,6 +161,8 @@ pub struct Segment {
     /// them; written into each file for the current-state tables.
     pub key: Option<Arc<[String]>>,
     groups: Vec<Group>,
+    /// The group the last row went to.
+    last_group: Option<LastGroup>,
     /// Recovery markers, written as rows of their own file.
     markers: Vec<MarkerRow>,
 }
@@ -164,6 +177,7 @@ impl Segment {
             newest_source_ms: i64::MIN,
             key: None,
             groups: Vec::new(),
+            last_group: None,
             markers: Vec::new(),
         }
     }
@@ -190,12 +204,35 @@ impl Segment {
     /// schema (kilobytes) for a row of a few hundred bytes, and it is the
     /// decoded rows that the buffer holds.
     pub fn push(&mut self, row: &ChangeRow, partition: i32, offset: i64) {
+        // Rows come in runs of one schema and one day: the last row's group
+        // is found by comparing two integers, not by a calendar date.
+        let day = row.commit_ts_ms.div_euclid(MS_PER_DAY);
+        let idx = match self.last_group {
+            Some(last) if last.schema_id == row.schema_id && last.day == day => last.index,
+            _ => {
+                let index = self.group_of(row);
+                self.last_group = Some(LastGroup {
+                    schema_id: row.schema_id,
+                    day,
+                    index,
+                });
+                index
+            }
+        };
+        self.bytes += self.groups[idx].append(row, partition, offset);
+        self.cover(offset);
+        self.newest_source_ms = self.newest_source_ms.max(row.commit_ts_ms);
+    }
+
+    /// The index of the group of `row`'s schema and event date, a new one
+    /// if none is yet.
+    fn group_of(&mut self, row: &ChangeRow) -> usize {
         let date = chrono::DateTime::from_timestamp_millis(row.commit_ts_ms)
             .map(|t| t.date_naive())
             .unwrap_or_default();
         // Groups stay in first-seen order, which makes file numbering
         // within a segment deterministic on replay.
-        let idx = match self
+        match self
             .groups
             .iter()
             .position(|g| g.schema_id == row.schema_id && g.date == date)
@@ -206,10 +243,7 @@ impl Segment {
                     .push(Group::new(row.schema.clone(), row.schema_id, date));
                 self.groups.len() - 1
             }
-        };
-        self.bytes += self.groups[idx].append(row, partition, offset);
-        self.cover(offset);
-        self.newest_source_ms = self.newest_source_ms.max(row.commit_ts_ms);
+        }
     }
 
     /// The segment's rows as record batches, one per group.
@@ -334,6 +368,51 @@ mod tests {
             rows[0].schema.arrow.metadata(),
             "the table's schema metadata kept"
         );
+    }
+
+    /// Rows alternating between two days, one of them before the epoch,
+    /// land in one file per day, each holding exactly its rows.
+    #[test]
+    fn rows_alternating_between_days_land_in_their_days_files() {
+        let mut d = crate::decode::Decoder::new();
+        let mut seg = Segment::new(0);
+        let days = [
+            NaiveDate::from_ymd_opt(2026, 12, 7).unwrap(),
+            NaiveDate::from_ymd_opt(1969, 12, 31).unwrap(),
+        ];
+        let line = crate::decode::tests::TWITTER.lines().next().unwrap();
+        let Ok(crate::decode::Decoded::Row(mut r)) = d.decode(Some(line.as_bytes())) else {
+            panic!("not a row");
+        };
+        // One schema's rows, whose run is broken by the day alone: one
+        // row on one day, then two on the other, and so on.
+        let mut pushed = [0, 0];
+        for i in 0..9 {
+            let which = (i % 3).min(1);
+            // The last millisecond of the day, so a day off by one shows.
+            let end = days[which]
+                .succ_opt()
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap();
+            r.commit_ts_ms = end.and_utc().timestamp_millis() - 1;
+            seg.push(&r, 0, i as i64);
+            pushed[which] += 1;
+        }
+        assert!(pushed.iter().all(|&n| n > 0), "{pushed:?}");
+        let files = seg.into_files().unwrap();
+        let mut landed: Vec<_> = files.iter().map(|f| (f.date, f.batch.num_rows())).collect();
+        landed.sort();
+        assert_eq!(landed.len(), 2, "{landed:?}");
+        let mut by_day = [0, 0];
+        for (date, rows) in landed {
+            let which = days
+                .iter()
+                .position(|d| *d == date)
+                .expect("one of the days");
+            by_day[which] += rows;
+        }
+        assert_eq!(by_day, pushed);
     }
 
     #[test]
