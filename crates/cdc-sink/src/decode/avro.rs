@@ -527,7 +527,6 @@ impl<'a> Reader<'a> {
                     if n == 0 {
                         break;
                     }
-                    items.values.reserve(n);
                     for _ in 0..n {
                         items.push(self.cell(item_shape, item)?, item);
                     }

@@ -126,6 +126,15 @@ const CONNECTED_WITHIN: Duration = Duration::from_secs(15);
 /// (about a millisecond of work at a drain's rate).
 const BURST: usize = 256;
 
+/// How the loop handled a message: in memory, or after waiting on
+/// something (S3, the lake's log, the schema topic, a seek), which ends a
+/// burst so that the loop's other work is not held behind a run of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    InMemory,
+    Waited,
+}
+
 /// What the loop is told besides its source and lake.
 #[derive(Debug, Clone)]
 pub struct LoopSettings {
@@ -276,16 +285,22 @@ pub async fn run_with<S: Source>(
                 }
             }
             Some(received) = messages.next() => {
-                sink.on_received(received, &mut rebalances, &mut tp_names).await?;
+                let mut handled = sink.on_received(received, &mut rebalances, &mut tp_names).await?;
                 // What librdkafka already holds is taken in a burst, not one
                 // select (and its shutdown, commit and timer polls) per
                 // message: at a drain's rate those polls cost more than
-                // decoding. A burst is short enough (well under the tick)
-                // that flushes and health checks wait for none.
+                // decoding. A burst of messages handled in memory is short
+                // (about a millisecond); one that waited on S3, the lake or
+                // the schema topic ends it, so that a run of such messages
+                // (all quarantined, say) still lets the watchdog, shutdown
+                // and commits in between each.
                 for _ in 1..BURST {
+                    if handled == Handled::Waited {
+                        break;
+                    }
                     match messages.next().now_or_never() {
                         Some(Some(received)) => {
-                            sink.on_received(received, &mut rebalances, &mut tp_names).await?
+                            handled = sink.on_received(received, &mut rebalances, &mut tp_names).await?;
                         }
                         _ => break,
                     }
@@ -319,14 +334,14 @@ impl<S: Source> Sink<'_, S> {
         received: KafkaResult<S::Message<'_>>,
         rebalances: &mut Rebalances,
         tp_names: &mut TpNames,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<Handled, PipelineError> {
         let msg = match received {
             Ok(m) => m,
             Err(e) => {
                 // librdkafka reconnects on its own; the tick's health check
                 // decides when to give up.
                 tracing::warn!(error = %e, "kafka receive error");
-                return Ok(());
+                return Ok(Handled::Waited);
             }
         };
         // Buffers of revoked partitions go before anything else.
@@ -343,10 +358,12 @@ impl<S: Source> Sink<'_, S> {
                 _ => {}
             }
         }
-        self.on_message(tp, msg.offset(), msg.key(), msg.payload(), headers)
+        let handled = self
+            .on_message(tp, msg.offset(), msg.key(), msg.payload(), headers)
             .await?;
         drop(msg);
-        self.hold_memory()
+        self.hold_memory()?;
+        Ok(handled)
     }
 
     fn apply_rebalances(&mut self, rebalances: &mut Rebalances) {
@@ -442,28 +459,33 @@ impl<S: Source> Sink<'_, S> {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: MessageHeaders<'_>,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<Handled, PipelineError> {
+        let mut handled = Handled::InMemory;
         loop {
             match self.partitions.admit(&tp, offset) {
                 // A message fetched before a revoke was processed: its new
                 // owner reads it again.
-                None => return Ok(()),
+                None => return Ok(handled),
                 Some(Admit::Accept) => break,
                 Some(Admit::Skip) => {
                     self.stats.skipped += 1;
-                    return Ok(());
+                    return Ok(handled);
                 }
                 Some(Admit::SeekTo(to)) => {
                     self.seek(&tp, to);
-                    return Ok(());
+                    return Ok(Handled::Waited);
                 }
-                Some(Admit::NeedsLakeVersion) => self.learn_position(&tp).await?,
+                Some(Admit::NeedsLakeVersion) => {
+                    self.learn_position(&tp).await?;
+                    handled = Handled::Waited;
+                }
             }
         }
         if let Some(fingerprint) = headers.schema_ref
             && !self.decoder.knows(fingerprint)
         {
             self.learn_schemas(fingerprint).await?;
+            handled = Handled::Waited;
         }
         self.stats.messages += 1;
         let meters = self.meters.table(table_of(&tp.topic));
@@ -524,6 +546,7 @@ impl<S: Source> Sink<'_, S> {
                     .increment(1);
                 tracing::warn!(partition = %tp, offset, %error, quarantined_at = %path,
                     "malformed change event quarantined");
+                handled = Handled::Waited;
             }
         }
         // A full segment goes at once (memory); one merely old enough waits
@@ -533,7 +556,7 @@ impl<S: Source> Sink<'_, S> {
         if let Some(reason) = self.partitions.full(&tp, &self.settings.policy) {
             self.flush(vec![tp], FlushReason::Rolled(reason));
         }
-        Ok(())
+        Ok(handled)
     }
 
     /// Reads the schema topic to its end and registers what it holds. The

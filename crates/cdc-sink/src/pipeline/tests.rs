@@ -56,6 +56,8 @@ struct Log {
     paused: bool,
     seeks: Vec<(Tp, i64)>,
     delivered: usize,
+    /// Shuts the loop down as it is handed this many messages.
+    stop_at: Option<(usize, Arc<watch::Sender<bool>>)>,
 }
 
 /// A Kafka consumer in memory: per-partition logs, an assignment the test
@@ -108,6 +110,12 @@ impl ScriptedSource {
         self.wake.notify_one();
     }
 
+    /// Shuts the loop down (`stop`) from inside the `n`th delivery: what
+    /// the loop does next shows whether it looks at shutdown first.
+    fn stop_at(&self, n: usize, stop: Arc<watch::Sender<bool>>) {
+        self.log.lock().unwrap().stop_at = Some((n, stop));
+    }
+
     fn delivered(&self) -> usize {
         self.log.lock().unwrap().delivered
     }
@@ -146,6 +154,11 @@ impl ScriptedSource {
             Some((tp.clone(), offset, value))
         })?;
         log.delivered += 1;
+        if let Some((n, stop)) = &log.stop_at
+            && *n == log.delivered
+        {
+            stop.send(true).unwrap();
+        }
         Some(OwnedMessage::new(
             value,
             None,
@@ -276,7 +289,7 @@ impl Lake {
 
 /// A sink running the loop over `source`, until [`Running::stop`].
 struct Running {
-    stop: watch::Sender<bool>,
+    stop: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<Stats, PipelineError>>,
 }
 
@@ -313,7 +326,10 @@ impl Running {
             )
             .await
         });
-        Running { stop, task }
+        Running {
+            stop: Arc::new(stop),
+            task,
+        }
     }
 
     /// Shuts down (draining what is buffered) and returns the loop's
@@ -509,4 +525,29 @@ async fn a_revoke_drops_the_buffer_and_a_new_assignment_starts_from_the_lake() {
 fn a_seek_to_an_unassigned_partition_fails() {
     let (source, _rebalances) = ScriptedSource::new();
     assert!(matches!(source.seek(&tp(), 3), Err(KafkaError::Seek(_))));
+}
+
+/// The loop takes the messages librdkafka holds in a burst, but a message
+/// it had to wait on something for (here S3, to quarantine it) ends the
+/// burst: a run of them does not hold shutdown, commits and the watchdog
+/// behind it. Ten are ready; shutdown comes as the second is handed over
+/// (the first waited anyway: for the partition's position in the lake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_ends_at_a_message_the_loop_waited_on() {
+    for (what, malformed, delivered) in [("events", false, 10), ("malformed", true, 2)] {
+        let lake = Lake::new();
+        let (source, rebalances) = ScriptedSource::new();
+        for o in 0..10 {
+            source.append(
+                &tp(),
+                Some(if malformed { b"{}".to_vec() } else { event(o) }),
+            );
+        }
+        let sink = Running::start(&source, rebalances, &lake, policy(1000));
+        source.stop_at(2, sink.stop.clone());
+        source.assign(&tp(), 0);
+        let stats = sink.task.await.unwrap().unwrap();
+        assert_eq!(source.delivered(), delivered, "{what}: {stats:?}");
+        assert_eq!(stats.quarantined, if malformed { 2 } else { 0 }, "{what}");
+    }
 }
