@@ -4,8 +4,9 @@
 //! over any [`Source`] (the tests' is scripted). It owns the assigned
 //! [`Partitions`] (positions and buffers) and selects over shutdown, the
 //! next committed flush, a one-second tick (age-based flushes, health) and
-//! the next Kafka messages (a burst of what librdkafka holds). A flush takes the due segments, groups them by
-//! table and hands them to the [`Committer`], which encodes, uploads and
+//! the next Kafka messages (a burst of what librdkafka holds). A flush
+//! takes the due segments, groups them by table and hands them to the
+//! [`Committer`], which encodes, uploads and
 //! commits them while the loop goes on consuming and decoding. Partitions
 //! whose segment had no rows (tombstones, quarantined messages) need no
 //! Delta commit: replaying them rewrites nothing. Kafka offsets are
