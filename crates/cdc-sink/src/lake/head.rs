@@ -257,7 +257,19 @@ impl LogHead {
 
     /// Loads the table's snapshot again and follows it from there.
     async fn reload(&mut self) -> Result<(), DeltaTableError> {
-        self.table.update_state().await?;
+        if let Err(e) = self.table.update_state().await {
+            // A log that ends before this head's version is another
+            // table's: this one was deleted and one created in its place,
+            // whose versions start over. Its caller sees a new table id.
+            let latest = self.table.log_store().get_latest_version(0).await?;
+            if latest as i64 >= self.version {
+                return Err(e);
+            }
+            tracing::warn!(table = %self.table.table_url(), from = self.version, to = latest,
+                "the table's log ends before the version read: it was created again; \
+                 reading the new one");
+            self.table.load_version(latest).await?;
+        }
         let table = self.table.clone();
         *self = LogHead::open(table)?;
         Ok(())

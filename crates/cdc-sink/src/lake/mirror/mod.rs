@@ -78,6 +78,10 @@ const KEY_MIN: &str = "cdc.key_min";
 const KEY_MAX: &str = "cdc.key_max";
 /// The mirror table's property naming its primary key (a JSON array).
 pub const KEY_PROPERTY: &str = "cdc.primaryKey";
+/// The mirror table's property naming the changelog it reflects: the
+/// changelog's Delta table id, which one deleted and created again in its
+/// place does not keep (its versions start over).
+pub const CHANGELOG_PROPERTY: &str = "cdc.changelogId";
 
 /// Changelog columns a mirror leaves out: they describe a change, not a
 /// row. `_cdc_lsn` and `_cdc_commit_ts` stay: the row's last change.
@@ -360,6 +364,44 @@ pub struct Mirror {
     open: tokio::sync::Mutex<HashMap<String, (Option<LogHead>, DeltaTable)>>,
 }
 
+/// What a mirror commit brings the mirror to: through `version` of the
+/// changelog whose Delta table id is `changelog`.
+#[derive(Clone, Copy)]
+struct Reflects<'a> {
+    changelog: &'a str,
+    version: i64,
+}
+
+/// Whether `mirror`, synced through changelog version `applied`, reflects
+/// another changelog than `changelog`: one deleted since, and another
+/// created in its place, whose versions start over. Its own mirror is
+/// built anew: none of the old rows are its. A mirror written before it
+/// named its changelog tells only when it is past the changelog's version.
+fn replaced(
+    table: &str,
+    changelog: &LogHead,
+    mirror: &DeltaTable,
+    applied: Option<i64>,
+) -> Result<bool, MirrorError> {
+    let state = mirror
+        .snapshot()
+        .map_err(delta_err(&LakeRoot::mirror_of(table)))?;
+    let id = changelog.metadata().id();
+    let replaced = match state.metadata().configuration().get(CHANGELOG_PROPERTY) {
+        Some(named) => named != id,
+        None => applied.is_some_and(|a| a > changelog.version()),
+    };
+    if replaced {
+        tracing::warn!(
+            table,
+            changelog = id,
+            "the changelog is not the one the current-state table reflects (it was deleted \
+             and created again): building the table anew from it"
+        );
+    }
+    Ok(replaced)
+}
+
 /// Brings `t` to its latest version, loading it the first time; `false`
 /// if there is no table there (yet).
 async fn refresh(t: &mut DeltaTable) -> Result<bool, DeltaTableError> {
@@ -537,6 +579,7 @@ impl Mirror {
         } else {
             None
         };
+        let rebuild = rebuild || (exists && replaced(table, changelog, mirror, applied)?);
         if applied == Some(target) && !rebuild {
             return Ok(Synced {
                 through: applied,
@@ -645,6 +688,11 @@ impl Mirror {
             }
         };
 
+        let changelog_id = changelog.metadata().id().to_string();
+        let to = Reflects {
+            changelog: &changelog_id,
+            version: through,
+        };
         // The changes, in Kafka order, reduced to one outcome per key.
         let arrow_err = MirrorError::arrow(table);
         let partition_columns = changelog.metadata().partition_columns().to_vec();
@@ -697,9 +745,7 @@ impl Mirror {
                 ..Synced::default()
             });
         }
-        let mut outcome = self
-            .apply(table, mirror, &order, changes, full, through)
-            .await?;
+        let mut outcome = self.apply(table, mirror, &order, changes, full, to).await?;
         outcome.behind = through < target;
         outcome.rechosen = rechoosing;
         if outcome.conflict {
@@ -1111,7 +1157,10 @@ impl Mirror {
                     staged.clone(),
                     &survey.through,
                     true,
-                    through,
+                    Reflects {
+                        changelog: changelog.metadata().id(),
+                        version: through,
+                    },
                 )
                 .await?;
             synced.ranges = plan.ranges();
@@ -1159,7 +1208,7 @@ impl Mirror {
         order: &Order,
         changes: Changes,
         full: bool,
-        through: i64,
+        to: Reflects<'_>,
     ) -> Result<Synced, MirrorError> {
         let state = mirror
             .snapshot()
@@ -1169,10 +1218,8 @@ impl Mirror {
         let staged = self
             .stage(table, mirror, Some(&state), order, changes, full)
             .await?;
-        self.commit(
-            table, mirror, &state, order, staged, &positions, full, through,
-        )
-        .await
+        self.commit(table, mirror, &state, order, staged, &positions, full, to)
+            .await
     }
 
     /// Writes the files `changes` make of the mirror's (every file anew for
@@ -1371,11 +1418,12 @@ impl Mirror {
         staged: Staged,
         positions: &Through,
         full: bool,
-        through: i64,
+        to: Reflects<'_>,
     ) -> Result<Synced, MirrorError> {
         let key = order.columns.as_slice();
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
+        let through = to.version;
         let Staged {
             adds: mut actions,
             mut removed,
@@ -1418,12 +1466,19 @@ impl Mirror {
         let reordered = full
             && (configuration.get(order::ORDER_PROPERTY) != Some(&order_json)
                 || order::pending(configuration) != order.pending);
-        if evolved != current || reordered {
+        let relinked =
+            configuration.get(CHANGELOG_PROPERTY).map(String::as_str) != Some(to.changelog);
+        if evolved != current || reordered || relinked {
             let mut metadata = state
                 .metadata()
                 .clone()
                 .with_schema(&evolved)
                 .map_err(|e| merr(e.into()))?;
+            if relinked {
+                metadata = metadata
+                    .add_config_key(CHANGELOG_PROPERTY.to_string(), to.changelog.to_string())
+                    .map_err(|e| merr(e.into()))?;
+            }
             if reordered {
                 tracing::info!(table, order = ?order.columns, pending = order.pending,
                     "current-state table's files sorted in a newly chosen order");

@@ -195,6 +195,20 @@ impl Lake {
         assert!(outcome.fenced.is_empty());
     }
 
+    /// Deletes the changelog and starts a new one in its place, as a user
+    /// who captures the table afresh does.
+    fn recreate_changelog(&mut self) {
+        let dir = self.root.table_url(TABLE).to_file_path().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        self.changelog = Changelog::new(
+            self.root.clone(),
+            "g",
+            FileWriter::new(writer_properties(&OutputConfig::default())),
+            &self.config,
+        );
+        self.last.clear();
+    }
+
     /// The mirror's batches, read through its Delta log (its own, not the
     /// writer's) and Parquet files.
     async fn mirror_batches(&self) -> Vec<RecordBatch> {
@@ -507,6 +521,48 @@ async fn a_mirror_far_behind_catches_up_in_bounded_batches() {
     }
     assert_eq!(syncs, [Some(1), Some(2), Some(3)], "one commit per sync");
     assert_eq!(lake.rows().await, expect(&[(1, "one'"), (3, "three")]));
+}
+
+/// A changelog deleted and created again (to capture a table afresh, say)
+/// is a new table whose versions start over: a mirror synced to the old
+/// one is rebuilt from the new one, not taken for being at the new one's
+/// version, whether the new one is short of the old one's version or past
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_deleted_and_created_again_is_mirrored_anew() {
+    let mut lake = Lake::new();
+    lake.commit(
+        &[(0, 1, "c", "one", false), (0, 2, "c", "two", false)],
+        true,
+    )
+    .await;
+    lake.mirror(32 << 20).sync(TABLE, false).await.unwrap();
+    assert_eq!(lake.rows().await, expect(&[(1, "one"), (2, "two")]));
+
+    // Past the old one's version before the mirror looks (a sink
+    // restarted on a lake whose changelog was replaced meanwhile).
+    lake.recreate_changelog();
+    lake.commit(&[(0, 7, "c", "seven", false)], true).await;
+    lake.commit(&[(1, 8, "c", "eight", false)], true).await;
+    lake.commit(&[(0, 7, "u", "seven'", false)], true).await;
+    let s = lake.mirror(32 << 20).sync(TABLE, false).await.unwrap();
+    assert!(s.full, "{s:?}");
+    assert_eq!(s.through, Some(3));
+    assert_eq!(lake.rows().await, expect(&[(7, "seven'"), (8, "eight")]));
+
+    // Short of it, and seen by the same mirror that synced the old one.
+    let mirror = lake.mirror(32 << 20);
+    mirror.sync(TABLE, false).await.unwrap();
+    lake.recreate_changelog();
+    lake.commit(&[(2, 9, "c", "nine", false)], true).await;
+    let s = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(s.through, Some(1), "{s:?}");
+    assert_eq!(lake.rows().await, expect(&[(9, "nine")]));
+    // And from there on, incrementally.
+    lake.commit(&[(2, 10, "c", "ten", false)], true).await;
+    let s = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!s.full, "{s:?}");
+    assert_eq!(lake.rows().await, expect(&[(9, "nine"), (10, "ten")]));
 }
 
 /// A sync rewrites only the files whose key range holds a changed key.
