@@ -666,6 +666,49 @@ async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
     }
 }
 
+/// A mirror whose order stays pending over a changelog too big to
+/// rebuild it from (its first rows were few, and a big batch followed)
+/// is not rebuilt, and its syncs do not bring the changelog's full
+/// snapshot to the head to tell so, sync after sync (a load that parses
+/// every live file's statistics): the snapshot as last loaded is too big
+/// already, and a changelog only grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_order_over_a_big_changelog_costs_a_sync_no_full_load() {
+    let mut lake = Lake::new();
+    // Syncs take an eighth of this: 2 KiB of changelog Parquet.
+    let mirror = lake.mirror(16 << 10);
+    lake.commit_likes(&likes(0, 10)).await;
+    assert!(!mirror.sync(TABLE, false).await.unwrap().rechosen);
+    lake.commit_likes(&likes(10, 400)).await;
+    while mirror.sync(TABLE, false).await.unwrap().behind {}
+    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+    t.load().await.unwrap();
+    assert!(order::pending(
+        t.snapshot().unwrap().metadata().configuration()
+    ));
+
+    let loaded = async || {
+        let open = mirror.open.lock().await;
+        let head = open[TABLE].0.as_ref().unwrap();
+        (
+            head.table_as_loaded().version().unwrap() as i64,
+            head.version(),
+        )
+    };
+    let (before, head_before) = loaded().await;
+    for i in 400..410 {
+        lake.commit_likes(&likes(i, i + 1)).await;
+        let s = mirror.sync(TABLE, false).await.unwrap();
+        assert!(!s.full && !s.rechosen, "{s:?}");
+    }
+    let (after, head) = loaded().await;
+    assert_eq!(head, head_before + 10);
+    assert_eq!(
+        after, before,
+        "the changelog's full snapshot was brought to the head"
+    );
+}
+
 /// A mirror created from too few rows to tell its order (a table captured
 /// empty, its first likes) keeps the key's order pending: while the
 /// changelog is small each sync rebuilds it, and once there are enough
