@@ -360,8 +360,20 @@ pub struct Mirror {
     /// are those of (read from that commit when it is not the last one
     /// this writer made).
     through: std::sync::Mutex<HashMap<String, (i64, Through)>>,
-    /// Each table's changelog and mirror, as of the last sync.
-    open: tokio::sync::Mutex<HashMap<String, (Option<LogHead>, DeltaTable)>>,
+    /// Each table's changelog and mirror, as of its last sync, behind a
+    /// lock of its own: one sync of a table at a time, held throughout;
+    /// tables sync side by side.
+    open: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Opened>>>>>,
+    /// One build from the whole changelog at a time: each takes up to
+    /// `build_bytes` of memory, and takes minutes on a big table, while
+    /// other tables' incremental syncs go on.
+    builds: tokio::sync::Semaphore,
+}
+
+/// A table's changelog and mirror, kept open between its syncs.
+struct Opened {
+    changelog: Option<LogHead>,
+    mirror: DeltaTable,
 }
 
 /// What a mirror commit brings the mirror to: through `version` of the
@@ -449,7 +461,8 @@ impl Mirror {
             ranges: std::sync::Mutex::new(HashMap::new()),
             no_key: std::sync::Mutex::new(HashMap::new()),
             through: std::sync::Mutex::new(HashMap::new()),
-            open: tokio::sync::Mutex::new(HashMap::new()),
+            open: std::sync::Mutex::new(HashMap::new()),
+            builds: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -503,16 +516,28 @@ impl Mirror {
     pub async fn sync(&self, table: &str, rebuild: bool) -> Result<Synced, MirrorError> {
         // The tables stay open between syncs, so that each reads only the
         // log entries since the last (the changelog may go long without a
-        // checkpoint). One sync at a time: a tokio mutex, held throughout.
-        let mut open = self.open.lock().await;
-        let (mut changelog, mut mirror) = match open.remove(table) {
-            Some(pair) => pair,
-            None => (
-                None,
-                self.root
+        // checkpoint). One sync of a table at a time: its tokio mutex,
+        // held throughout.
+        let slot = self
+            .open
+            .lock()
+            .expect("not poisoned")
+            .entry(table.to_string())
+            .or_default()
+            .clone();
+        let mut open = slot.lock().await;
+        let Opened {
+            mut changelog,
+            mut mirror,
+        } = match open.take() {
+            Some(opened) => opened,
+            None => Opened {
+                changelog: None,
+                mirror: self
+                    .root
                     .handle(&LakeRoot::mirror_of(table))
                     .map_err(delta_err(table))?,
-            ),
+            },
         };
         let mut synced = self
             .sync_open(table, &mut changelog, &mut mirror, rebuild)
@@ -540,7 +565,7 @@ impl Mirror {
                 break;
             }
         }
-        open.insert(table.to_string(), (changelog, mirror));
+        *open = Some(Opened { changelog, mirror });
         synced
     }
 
@@ -618,14 +643,20 @@ impl Mirror {
             Some(a) => self.appended(changelog, a, target).await?,
             None => None,
         };
+        // A build from the whole changelog waits its turn (`builds`) and
+        // holds it to the end of this sync.
+        let mut _building = None;
         let (whole, full, through) = match incremental {
             Some(batch) => match self.paired(table, changelog, &store, batch, target).await? {
                 Paired::Files { files, through } => (Whole::Files(files), false, through),
-                Paired::Gone => (
-                    self.whole(table, changelog, mirror, &store).await?,
-                    true,
-                    target,
-                ),
+                Paired::Gone => {
+                    _building = Some(self.builds.acquire().await.expect("never closed"));
+                    (
+                        self.whole(table, changelog, mirror, &store).await?,
+                        true,
+                        target,
+                    )
+                }
                 Paired::Wait => {
                     return Ok(Synced {
                         through: applied,
@@ -636,11 +667,14 @@ impl Mirror {
             },
             None => match rechosen {
                 Some(files) => (Whole::Files(files), true, target),
-                None => (
-                    self.whole(table, changelog, mirror, &store).await?,
-                    true,
-                    target,
-                ),
+                None => {
+                    _building = Some(self.builds.acquire().await.expect("never closed"));
+                    (
+                        self.whole(table, changelog, mirror, &store).await?,
+                        true,
+                        target,
+                    )
+                }
             },
         };
 

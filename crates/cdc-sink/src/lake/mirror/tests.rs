@@ -33,7 +33,9 @@ struct Row<'a> {
 }
 
 struct Lake {
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
+    /// The table this writes and reads: [`TABLE`] but for [`Lake::other`].
+    table: &'static str,
     config: LakeConfig,
     root: LakeRoot,
     changelog: Changelog,
@@ -72,10 +74,30 @@ impl Lake {
             &config,
         );
         Lake {
-            _dir: dir,
+            _dir: Arc::new(dir),
+            table: TABLE,
             config,
             root,
             changelog,
+            last: BTreeMap::new(),
+            lsn: 1000,
+        }
+    }
+
+    /// A writer and reader of another table of the same lake (the
+    /// [`Lake::commit`] and [`Lake::rows`] helpers).
+    fn other(&self, table: &'static str) -> Lake {
+        Lake {
+            _dir: self._dir.clone(),
+            table,
+            config: self.config.clone(),
+            root: self.root.clone(),
+            changelog: Changelog::new(
+                self.root.clone(),
+                "g",
+                FileWriter::new(writer_properties(&OutputConfig::default())),
+                &self.config,
+            ),
             last: BTreeMap::new(),
             lsn: 1000,
         }
@@ -178,7 +200,7 @@ impl Lake {
             }
             let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
             writes.push(PartitionWrite {
-                tp: Tp::new(format!("db.{TABLE}"), p),
+                tp: Tp::new(format!("db.{}", self.table), p),
                 claim: Claim {
                     expected: self.last.get(&p).copied(),
                     last: *offsets.last().unwrap(),
@@ -191,7 +213,7 @@ impl Lake {
             });
             self.last.insert(p, *offsets.last().unwrap());
         }
-        let outcome = self.changelog.write(TABLE, &writes).await.unwrap();
+        let outcome = self.changelog.write(self.table, &writes).await.unwrap();
         assert!(outcome.fenced.is_empty());
     }
 
@@ -212,10 +234,11 @@ impl Lake {
     /// The mirror's batches, read through its Delta log (its own, not the
     /// writer's) and Parquet files.
     async fn mirror_batches(&self) -> Vec<RecordBatch> {
-        let mut t = DeltaTableBuilder::from_url(self.root.table_url(&LakeRoot::mirror_of(TABLE)))
-            .unwrap()
-            .build()
-            .unwrap();
+        let mut t =
+            DeltaTableBuilder::from_url(self.root.table_url(&LakeRoot::mirror_of(self.table)))
+                .unwrap()
+                .build()
+                .unwrap();
         t.load().await.unwrap();
         let store = t.log_store().object_store(None);
         let mut out = Vec::new();
@@ -688,8 +711,9 @@ async fn a_pending_order_over_a_big_changelog_costs_a_sync_no_full_load() {
     ));
 
     let loaded = async || {
-        let open = mirror.open.lock().await;
-        let head = open[TABLE].0.as_ref().unwrap();
+        let slot = mirror.open.lock().unwrap()[TABLE].clone();
+        let open = slot.lock().await;
+        let head = open.as_ref().unwrap().changelog.as_ref().unwrap();
         (
             head.table_as_loaded().version().unwrap() as i64,
             head.version(),
@@ -1492,6 +1516,51 @@ async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replace
     let err = slow.sync(TABLE, true).await.unwrap_err();
     assert!(matches!(err, MirrorError::BuildTooLong { .. }), "{err}");
     assert_eq!(lake.rows().await, want, "not committed");
+}
+
+/// A table's build from its whole changelog (minutes on a big table)
+/// holds only its own table: another table's mirror syncs meanwhile. It
+/// holds the one turn to build, so builds take turns (each may take
+/// `build_bytes` of memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_holds_no_other_tables_sync_and_builds_take_turns() {
+    let mut lake = Lake::new();
+    lake.commit_notes(0..20_000).await;
+    let mut other = lake.other("others");
+    other
+        .commit(
+            &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
+            true,
+        )
+        .await;
+    let gate = Arc::new(crate::lake::Gate::default());
+    let mirror = Arc::new(
+        lake.mirror(256 << 10)
+            .with_build_bytes(256 << 10)
+            .with_build_gate(gate.clone()),
+    );
+    let build = tokio::spawn({
+        let mirror = mirror.clone();
+        async move { mirror.sync(TABLE, true).await }
+    });
+    gate.reached.notified().await;
+    // The build of `items` waits at its gate: `others` syncs, incrementally.
+    let wait = std::time::Duration::from_secs(60);
+    let synced = tokio::time::timeout(wait, mirror.sync("others", false))
+        .await
+        .expect("the other table's sync waited for the build")
+        .unwrap();
+    assert!(!synced.full, "{synced:?}");
+    assert_eq!(other.rows().await, expect(&[(1, "one"), (2, "two")]));
+    // It holds the one turn to build: another build waits for it.
+    assert_eq!(mirror.builds.available_permits(), 0);
+    gate.proceed.notify_one();
+    assert!(build.await.unwrap().unwrap().ranges > 1);
+    assert_eq!(mirror.builds.available_permits(), 1);
+    let second = mirror.sync("others", true).await.unwrap();
+    assert!(second.full, "{second:?}");
+    assert_eq!(lake.rows().await.len(), 20_000);
+    assert_eq!(other.rows().await, expect(&[(1, "one"), (2, "two")]));
 }
 
 /// Whether a Delta table is at `table` under `root`.
