@@ -1,8 +1,9 @@
 //! Keeps the current-state tables in step with the changelogs: a task beside
 //! the loop, told which tables' changelogs just committed, that syncs their
-//! mirrors one table at a time. Notices for a table arriving while it syncs
-//! coalesce into one more sync, so a slow mirror catches up in few commits
-//! instead of queueing one per flush. At start it syncs every changelog
+//! mirrors, a few tables side by side and each table one sync at a time.
+//! Notices for a table arriving while it syncs coalesce into one more sync,
+//! so a slow mirror catches up in few commits instead of queueing one per
+//! flush. At start it syncs every changelog
 //! (a crash between a changelog commit and its mirror's, or a lake written
 //! before mirrors); at shutdown each pending table gets one more sync.
 //!
@@ -14,11 +15,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::lake::mirror::{Mirror, MirrorError};
 use crate::retry::{Dependency, chain, with_retry};
 use crate::telemetry as t;
+
+/// Tables synced side by side at most: one table's build from its whole
+/// changelog (minutes on a big one) does not hold the others' syncs.
+/// Builds themselves take turns ([`Mirror`]), so memory stays bounded.
+const CONCURRENT: usize = 4;
 
 /// Syncs lost to a concurrent writer in a row before a table waits for its
 /// next commit.
@@ -39,6 +46,8 @@ enum Next {
     /// Another sync shortly: it waits for the other half of a primary-key
     /// update.
     Recheck,
+    /// None: the table has no primary key (logged once).
+    NoKey,
 }
 
 pub struct Mirrors {
@@ -87,8 +96,10 @@ impl Pending {
         }
     }
 
-    fn pop(&mut self) -> Option<String> {
-        let table = self.queue.pop_front()?;
+    /// The first table in turn that is not `busy`.
+    fn pop_unless(&mut self, busy: &HashSet<String>) -> Option<String> {
+        let at = self.queue.iter().position(|t| !busy.contains(t))?;
+        let table = self.queue.remove(at).expect("found there");
         self.queued.remove(&table);
         Some(table)
     }
@@ -108,56 +119,60 @@ async fn run(mirror: Arc<Mirror>, give_up: Duration, mut rx: mpsc::UnboundedRece
     // the next start, so that a stop never waits on a long catch-up.
     let mut stopping = false;
     let mut rechecks: HashSet<String> = HashSet::new();
+    let mut recheck_at = None;
+    let mut running: JoinSet<(String, Next)> = JoinSet::new();
+    let mut in_flight: HashSet<String> = HashSet::new();
     loop {
-        if pending.queue.is_empty() {
-            if stopping {
+        // A table in flight stays pending: one more sync once it is done.
+        while running.len() < CONCURRENT {
+            let Some(table) = pending.pop_unless(&in_flight) else {
                 break;
-            }
-            let received = if rechecks.is_empty() {
-                Some(rx.recv().await)
-            } else {
-                tokio::time::timeout(RECHECK, rx.recv()).await.ok()
             };
-            match received {
-                Some(Some(table)) => pending.push(table),
-                Some(None) => stopping = true,
-                None => rechecks.drain().for_each(|t| pending.push(t)),
-            }
+            in_flight.insert(table.clone());
+            let mirror = mirror.clone();
+            running.spawn(async move {
+                let next = sync(&mirror, give_up, &table).await;
+                (table, next)
+            });
         }
-        if !stopping {
-            loop {
-                match rx.try_recv() {
-                    Ok(table) => pending.push(table),
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        stopping = true;
-                        break;
+        if stopping && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            received = rx.recv(), if !stopping => match received {
+                Some(table) => pending.push(table),
+                None => stopping = true,
+            },
+            Some(done) = running.join_next() => {
+                let (table, next) =
+                    done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                in_flight.remove(&table);
+                match next {
+                    // One bounded batch of commits applied: the rest after
+                    // the other tables' turn.
+                    Next::More if !stopping => pending.push(table),
+                    Next::Recheck if !stopping => {
+                        recheck_at.get_or_insert_with(|| Instant::now() + RECHECK);
+                        rechecks.insert(table);
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Next::NoKey if no_key.insert(table.clone()) => tracing::info!(
+                        table,
+                        "no primary key: no current-state table (the changelog is unaffected)"
+                    ),
+                    _ => {}
                 }
-            }
-        }
-        let Some(table) = pending.pop() else {
-            continue;
-        };
-        match sync(&mirror, give_up, &table, &mut no_key).await {
-            // One bounded batch of commits applied: the rest after the
-            // other tables' turn.
-            Next::More if !stopping => pending.push(table),
-            Next::Recheck if !stopping => {
-                rechecks.insert(table);
-            }
-            _ => {}
+            },
+            () = tokio::time::sleep_until(recheck_at.unwrap_or_else(Instant::now)),
+                if recheck_at.is_some() && !stopping => {
+                recheck_at = None;
+                rechecks.drain().for_each(|t| pending.push(t));
+            },
         }
     }
 }
 
 /// Syncs one table's mirror, again while it loses to a concurrent writer.
-async fn sync(
-    mirror: &Mirror,
-    give_up: Duration,
-    table: &str,
-    no_key: &mut HashSet<String>,
-) -> Next {
+async fn sync(mirror: &Mirror, give_up: Duration, table: &str) -> Next {
     for _ in 0..MAX_CONFLICTS {
         let synced = with_retry(Dependency::Lake, give_up, MirrorError::is_retryable, || {
             mirror.sync(table, false)
@@ -177,13 +192,7 @@ async fn sync(
         }
 
         if synced.no_key {
-            if no_key.insert(table.to_string()) {
-                tracing::info!(
-                    table,
-                    "no primary key: no current-state table (the changelog is unaffected)"
-                );
-            }
-            return Next::Done;
+            return Next::NoKey;
         }
         if synced.waiting {
             tracing::debug!(
@@ -238,4 +247,66 @@ async fn sync(
         "the current-state table kept losing to concurrent writers; trying again at its next commit"
     );
     Next::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LakeConfig;
+    use crate::lake::Gate;
+    use crate::lake::mirror::tests::{Lake, TABLE, expect};
+
+    /// A table whose mirror must be built from its whole changelog (the
+    /// log entries it would apply are gone, as after
+    /// `delta.logRetentionDuration`) holds only its own turn: the other
+    /// table's mirror is synced while the build waits before its commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_holds_no_other_tables_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = url::Url::from_directory_path(dir.path()).unwrap();
+        let config = LakeConfig {
+            checkpoint_interval: 5,
+            ..LakeConfig::default()
+        };
+        let mut lake = Lake::at(dir, url, config);
+        lake.commit_notes(0..20_000).await;
+        let log = lake
+            .root
+            .table_url(TABLE)
+            .to_file_path()
+            .unwrap()
+            .join("_delta_log");
+        for v in 0..5 {
+            std::fs::remove_file(log.join(format!("{v:020}.json"))).unwrap();
+        }
+        let mut other = lake.other("others");
+        other
+            .commit(
+                &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
+                true,
+            )
+            .await;
+
+        let gate = Arc::new(Gate::default());
+        let mirror = lake
+            .mirror(256 << 10)
+            .with_build_bytes(256 << 10)
+            .with_build_gate(gate.clone());
+        // At start the task syncs every changelog: `items` first.
+        let mirrors = Mirrors::spawn(Arc::new(mirror), Duration::from_secs(5));
+        gate.reached.notified().await;
+        let want = expect(&[(1, "one"), (2, "two")]);
+        let synced = async {
+            // Polled: the task says nothing of a sync it made.
+            while other.rows_if_any().await != want {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), synced)
+            .await
+            .expect("the other table's mirror waited for the build");
+        gate.proceed.notify_one();
+        mirrors.finish().await;
+        assert_eq!(lake.rows().await.len(), 20_000);
+    }
 }

@@ -496,7 +496,7 @@ impl Mirror {
     }
 
     #[cfg(test)]
-    fn with_build_gate(mut self, gate: Arc<crate::lake::Gate>) -> Mirror {
+    pub(crate) fn with_build_gate(mut self, gate: Arc<crate::lake::Gate>) -> Mirror {
         self.build_gate = Some(gate);
         self
     }
@@ -2064,4 +2064,4 @@ fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Arrow
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -20,10 +20,10 @@ use crate::lake::changelog::{Changelog, DataFile, PartitionWrite};
 use crate::lake::files::writer_properties;
 use crate::source::position::{Claim, Tp};
 
-const TABLE: &str = "items";
+pub(crate) const TABLE: &str = "items";
 
 /// One change: `(partition, id, op, note, unchanged note?)`.
-type Change<'a> = (i32, i64, &'a str, &'a str, bool);
+pub(crate) type Change<'a> = (i32, i64, &'a str, &'a str, bool);
 
 /// A change with its LSN and `_cdc_key_update`.
 struct Row<'a> {
@@ -32,12 +32,12 @@ struct Row<'a> {
     key_update: Option<&'a str>,
 }
 
-struct Lake {
+pub(crate) struct Lake {
     _dir: Arc<tempfile::TempDir>,
     /// The table this writes and reads: [`TABLE`] but for [`Lake::other`].
     table: &'static str,
     config: LakeConfig,
-    root: LakeRoot,
+    pub(crate) root: LakeRoot,
     changelog: Changelog,
     /// The last offset committed per partition.
     last: BTreeMap<i32, i64>,
@@ -65,7 +65,7 @@ impl Lake {
         Lake::at(dir, url, config)
     }
 
-    fn at(dir: tempfile::TempDir, url: url::Url, config: LakeConfig) -> Lake {
+    pub(crate) fn at(dir: tempfile::TempDir, url: url::Url, config: LakeConfig) -> Lake {
         let root = LakeRoot::at(url, Default::default());
         let changelog = Changelog::new(
             root.clone(),
@@ -86,7 +86,7 @@ impl Lake {
 
     /// A writer and reader of another table of the same lake (the
     /// [`Lake::commit`] and [`Lake::rows`] helpers).
-    fn other(&self, table: &'static str) -> Lake {
+    pub(crate) fn other(&self, table: &'static str) -> Lake {
         Lake {
             _dir: self._dir.clone(),
             table,
@@ -103,7 +103,7 @@ impl Lake {
         }
     }
 
-    fn mirror(&self, target_bytes: usize) -> Mirror {
+    pub(crate) fn mirror(&self, target_bytes: usize) -> Mirror {
         Mirror::new(
             self.root.clone(),
             FileWriter::new(writer_properties(&OutputConfig::default())),
@@ -117,7 +117,7 @@ impl Lake {
     /// the next LSN in the order given, but a create with an unchanged
     /// note, which is a primary-key update's: it shares the LSN of the
     /// delete given before it, as PostgreSQL's one WAL record makes them.
-    async fn commit(&mut self, changes: &[Change<'_>], keyed: bool) {
+    pub(crate) async fn commit(&mut self, changes: &[Change<'_>], keyed: bool) {
         let mut last_delete = None;
         let mut rows = Vec::new();
         for c in changes {
@@ -255,8 +255,16 @@ impl Lake {
         out
     }
 
+    /// [`Lake::rows`], or none while there is no mirror yet.
+    pub(crate) async fn rows_if_any(&self) -> BTreeMap<i64, String> {
+        if !table_exists(&self.root, &LakeRoot::mirror_of(self.table)).await {
+            return BTreeMap::new();
+        }
+        self.rows().await
+    }
+
     /// The mirror's rows as `id -> note`; panics on a key held twice.
-    async fn rows(&self) -> BTreeMap<i64, String> {
+    pub(crate) async fn rows(&self) -> BTreeMap<i64, String> {
         let mut out = BTreeMap::new();
         for b in self.mirror_batches().await {
             let ids = b.column_by_name("id").unwrap();
@@ -419,7 +427,7 @@ fn likes(from: i64, to: i64) -> Vec<(i64, i64, &'static str)> {
     (from..to).map(|i| (like(i).0, like(i).1, "c")).collect()
 }
 
-fn expect(rows: &[(i64, &str)]) -> BTreeMap<i64, String> {
+pub(crate) fn expect(rows: &[(i64, &str)]) -> BTreeMap<i64, String> {
     rows.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 
@@ -1336,7 +1344,7 @@ impl Lake {
 
     /// Creates of `ids` noted `note <id>`, over two partitions (odd ids
     /// in 1), 2,500 to a commit.
-    async fn commit_notes(&mut self, ids: std::ops::Range<i64>) {
+    pub(crate) async fn commit_notes(&mut self, ids: std::ops::Range<i64>) {
         let notes: Vec<(i64, String)> = ids.map(|i| (i, format!("note {i}"))).collect();
         for chunk in notes.chunks(2_500) {
             let creates: Vec<Change> = chunk
