@@ -212,6 +212,17 @@ pub(super) async fn read_whole(
             _ => None,
         };
     }
+    // What the build is estimated to take, beside what it took (the
+    // process's peak), is how the estimate is checked on other tables.
+    tracing::info!(
+        table,
+        rows = survey.rows,
+        arrow_bytes = survey.bytes,
+        estimated_peak = peak(survey.bytes, survey.rows),
+        budget,
+        at_once = kept.is_some(),
+        "current-state table to be built from the whole changelog"
+    );
     Ok(Some(match kept {
         Some(files) => Whole::Files(files),
         None => Whole::Ranged(Box::new(survey)),
