@@ -261,10 +261,10 @@ impl LogHead {
             // A log that ends before this head's version is another
             // table's: this one was deleted and one created in its place,
             // whose versions start over. Its caller sees a new table id.
-            let latest = self.table.log_store().get_latest_version(0).await?;
-            if latest as i64 >= self.version {
-                return Err(e);
-            }
+            let latest = match self.table.log_store().get_latest_version(0).await {
+                Ok(latest) if (latest as i64) < self.version => latest,
+                _ => return Err(e),
+            };
             tracing::warn!(table = %self.table.table_url(), from = self.version, to = latest,
                 "the table's log ends before the version read: it was created again; \
                  reading the new one");

@@ -194,6 +194,10 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str) -> Next {
         if synced.no_key {
             return Next::NoKey;
         }
+        if synced.awaits_build {
+            tracing::debug!(table, "waiting for another table's build to end");
+            return Next::Recheck;
+        }
         if synced.waiting {
             tracing::debug!(
                 table,

@@ -218,6 +218,10 @@ pub struct Synced {
     /// primary-key update whose other half is not committed yet. Sync again
     /// shortly, or at the table's next commit.
     pub waiting: bool,
+    /// Nothing applied: the mirror must be built from the whole changelog,
+    /// and another table's build has the turn ([`Mirror::sync`]). Sync
+    /// again shortly.
+    pub awaits_build: bool,
 }
 
 /// Changelog files to apply, and the version they bring the mirror to.
@@ -377,32 +381,42 @@ struct Opened {
 }
 
 /// What a mirror commit brings the mirror to: through `version` of the
-/// changelog whose Delta table id is `changelog`.
+/// changelog whose Delta table id is `changelog`, keyed by `key`.
+/// `anew`: the mirror reflected another changelog (see [`replaced`]), so
+/// its schema, key and positions are this one's, not carried forward.
 #[derive(Clone, Copy)]
 struct Reflects<'a> {
     changelog: &'a str,
     version: i64,
+    key: &'a [String],
+    anew: bool,
 }
 
 /// Whether `mirror`, synced through changelog version `applied`, reflects
 /// another changelog than `changelog`: one deleted since, and another
 /// created in its place, whose versions start over. Its own mirror is
-/// built anew: none of the old rows are its. A mirror written before it
-/// named its changelog tells only when it is past the changelog's version.
-fn replaced(
+/// built anew: none of the old rows, columns or positions are its. A
+/// mirror written before it named its changelog tells only when it is past
+/// the changelog's version, which another sink's commits to both since
+/// this one's head was read also make it: the head is read again first.
+async fn replaced(
     table: &str,
-    changelog: &LogHead,
+    changelog: &mut LogHead,
     mirror: &DeltaTable,
     applied: Option<i64>,
 ) -> Result<bool, MirrorError> {
     let state = mirror
         .snapshot()
         .map_err(delta_err(&LakeRoot::mirror_of(table)))?;
-    let id = changelog.metadata().id();
     let replaced = match state.metadata().configuration().get(CHANGELOG_PROPERTY) {
-        Some(named) => named != id,
-        None => applied.is_some_and(|a| a > changelog.version()),
+        Some(named) => named != changelog.metadata().id(),
+        None if applied.is_some_and(|a| a > changelog.version()) => {
+            changelog.catch_up().await.map_err(delta_err(table))?;
+            applied.is_some_and(|a| a > changelog.version())
+        }
+        None => false,
     };
+    let id = changelog.metadata().id();
     if replaced {
         tracing::warn!(
             table,
@@ -412,6 +426,18 @@ fn replaced(
         );
     }
     Ok(replaced)
+}
+
+/// The Delta schema of a mirror of rows of `schema`: every column nullable.
+fn delta_schema(table: &str, schema: &SchemaRef) -> Result<StructType, MirrorError> {
+    let nullable: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    (&Schema::new(nullable))
+        .try_into_kernel()
+        .map_err(MirrorError::arrow(table))
 }
 
 /// Brings `t` to its latest version, loading it the first time; `false`
@@ -604,7 +630,14 @@ impl Mirror {
         } else {
             None
         };
-        let rebuild = rebuild || (exists && replaced(table, changelog, mirror, applied)?);
+        let anew = exists && replaced(table, changelog, mirror, applied).await?;
+        if anew {
+            self.no_key.lock().expect("not poisoned").remove(table);
+        }
+        // The mirror's own key, schema and positions count only if they
+        // are its changelog's.
+        let known = exists && !anew;
+        let rebuild = rebuild || anew;
         if applied == Some(target) && !rebuild {
             return Ok(Synced {
                 through: applied,
@@ -643,16 +676,27 @@ impl Mirror {
             Some(a) => self.appended(changelog, a, target).await?,
             None => None,
         };
-        // A build from the whole changelog waits its turn (`builds`) and
-        // holds it to the end of this sync.
+        // A build from the whole changelog takes the turn (`builds`) to the
+        // end of this sync, or, another table's build having it, is tried
+        // again shortly: a sync that waited here would hold its caller's
+        // slot, which other tables' small syncs need meanwhile.
         let mut _building = None;
+        let awaits_build = Synced {
+            through: applied,
+            awaits_build: true,
+            ..Synced::default()
+        };
         let (whole, full, through) = match incremental {
             Some(batch) => match self.paired(table, changelog, &store, batch, target).await? {
                 Paired::Files { files, through } => (Whole::Files(files), false, through),
                 Paired::Gone => {
-                    _building = Some(self.builds.acquire().await.expect("never closed"));
+                    let Ok(permit) = self.builds.try_acquire() else {
+                        return Ok(awaits_build);
+                    };
+                    _building = Some(permit);
                     (
-                        self.whole(table, changelog, mirror, &store).await?,
+                        self.whole(table, changelog, known.then_some(&*mirror), &store)
+                            .await?,
                         true,
                         target,
                     )
@@ -668,9 +712,13 @@ impl Mirror {
             None => match rechosen {
                 Some(files) => (Whole::Files(files), true, target),
                 None => {
-                    _building = Some(self.builds.acquire().await.expect("never closed"));
+                    let Ok(permit) = self.builds.try_acquire() else {
+                        return Ok(awaits_build);
+                    };
+                    _building = Some(permit);
                     (
-                        self.whole(table, changelog, mirror, &store).await?,
+                        self.whole(table, changelog, known.then_some(&*mirror), &store)
+                            .await?,
                         true,
                         target,
                     )
@@ -687,7 +735,7 @@ impl Mirror {
                 ..Synced::default()
             });
         }
-        let key = match key_of(table, whole.named_key(), exists.then_some(&*mirror))? {
+        let key = match key_of(table, whole.named_key(), known.then_some(&*mirror))? {
             Some(key) => key,
             None => {
                 self.no_key
@@ -713,8 +761,14 @@ impl Mirror {
         let files = match whole {
             Whole::Files(files) => files,
             Whole::Ranged(survey) => {
+                let to = Reflects {
+                    changelog: changelog.metadata().id(),
+                    version: through,
+                    key: &key,
+                    anew,
+                };
                 let mut synced = self
-                    .build(table, changelog, mirror, exists, survey, &key, through)
+                    .build(table, changelog, mirror, exists, survey, to)
                     .await?;
                 synced.behind = through < target;
                 synced.rechosen = rechoosing;
@@ -726,6 +780,8 @@ impl Mirror {
         let to = Reflects {
             changelog: &changelog_id,
             version: through,
+            key: &key,
+            anew,
         };
         // The changes, in Kafka order, reduced to one outcome per key.
         let arrow_err = MirrorError::arrow(table);
@@ -1018,18 +1074,7 @@ impl Mirror {
         order: &Order,
     ) -> Result<bool, MirrorError> {
         let name = LakeRoot::mirror_of(table);
-        let nullable: Vec<Field> = schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect();
-        let delta: StructType =
-            (&Schema::new(nullable))
-                .try_into_kernel()
-                .map_err(|e: ArrowError| MirrorError::Arrow {
-                    table: table.to_string(),
-                    source: e,
-                })?;
+        let delta = delta_schema(table, schema)?;
         let mut properties = self.properties.clone();
         properties.insert(
             KEY_PROPERTY.to_string(),
@@ -1052,7 +1097,7 @@ impl Mirror {
         &self,
         table: &str,
         changelog: &mut LogHead,
-        mirror: &DeltaTable,
+        mirror: Option<&DeltaTable>,
         store: &ObjectStoreRef,
     ) -> Result<Whole, MirrorError> {
         let files: Vec<LiveFile> = changelog
@@ -1069,7 +1114,7 @@ impl Mirror {
                 rows: f.num_records(),
             })
             .collect();
-        let key = property_key(mirror.version().is_some().then_some(mirror))
+        let key = property_key(mirror.filter(|m| m.version().is_some()))
             .and_then(|k| serde_json::from_str(&k).ok());
         build::read_whole(table, store, files, key, self.build_bytes)
             .await?
@@ -1086,12 +1131,12 @@ impl Mirror {
         mirror: &mut DeltaTable,
         exists: bool,
         mut survey: Box<build::Survey>,
-        key: &[String],
-        through: i64,
+        to: Reflects<'_>,
     ) -> Result<Synced, MirrorError> {
         let name = LakeRoot::mirror_of(table);
         let merr = delta_err(&name);
         let store = changelog.store();
+        let key = to.key;
         survey
             .pair_halves(table, &store, key)
             .await?
@@ -1191,10 +1236,7 @@ impl Mirror {
                     staged.clone(),
                     &survey.through,
                     true,
-                    Reflects {
-                        changelog: changelog.metadata().id(),
-                        version: through,
-                    },
+                    to,
                 )
                 .await?;
             synced.ranges = plan.ranges();
@@ -1488,9 +1530,13 @@ impl Mirror {
             }));
         }
 
-        // Columns the changelog gained since the mirror was created.
+        // Columns the changelog gained since the mirror was created; a
+        // mirror built anew takes its new changelog's columns alone.
         let current = state.schema().as_ref().clone();
-        let mut evolved = current.clone();
+        let mut evolved = match to.anew {
+            false => current.clone(),
+            true => delta_schema(table, &target_schema)?,
+        };
         crate::lake::table::conform(RecordBatch::new_empty(target_schema.clone()), &mut evolved)
             .map_err(&merr)?;
         // A full sync's order (chosen anew) becomes the table's, in the same
@@ -1502,12 +1548,19 @@ impl Mirror {
                 || order::pending(configuration) != order.pending);
         let relinked =
             configuration.get(CHANGELOG_PROPERTY).map(String::as_str) != Some(to.changelog);
-        if evolved != current || reordered || relinked {
+        let key_json = serde_json::to_string(to.key).expect("names serialise");
+        let rekeyed = to.anew && configuration.get(KEY_PROPERTY) != Some(&key_json);
+        if evolved != current || reordered || relinked || rekeyed {
             let mut metadata = state
                 .metadata()
                 .clone()
                 .with_schema(&evolved)
                 .map_err(|e| merr(e.into()))?;
+            if rekeyed {
+                metadata = metadata
+                    .add_config_key(KEY_PROPERTY.to_string(), key_json)
+                    .map_err(|e| merr(e.into()))?;
+            }
             if relinked {
                 metadata = metadata
                     .add_config_key(CHANGELOG_PROPERTY.to_string(), to.changelog.to_string())
@@ -1534,9 +1587,13 @@ impl Mirror {
         // How current the mirror is after this commit, carried forward
         // from the one it builds on (its recovery state too, unless these
         // changes are the whole changelog, which holds every marker again).
-        let base = self
-            .through_at(table, mirror, state.version() as i64)
-            .await?;
+        let base = match to.anew {
+            false => {
+                self.through_at(table, mirror, state.version() as i64)
+                    .await?
+            }
+            true => Through::default(),
+        };
         let base = if full { base.without_recovery() } else { base };
         let positions = base.merged(positions);
         let app = commit_info(through, &positions);

@@ -589,11 +589,32 @@ async fn a_changelog_deleted_and_created_again_is_mirrored_anew() {
     let s = mirror.sync(TABLE, false).await.unwrap();
     assert_eq!(s.through, Some(1), "{s:?}");
     assert_eq!(lake.rows().await, expect(&[(9, "nine")]));
+    // How current it is: by the new changelog's partition alone, not
+    // held back by the old one's partitions 0 and 1.
+    assert_eq!(s.through_commit_us, Some(1_700_000_000_000_000 + lake.lsn));
     // And from there on, incrementally.
     lake.commit(&[(2, 10, "c", "ten", false)], true).await;
     let s = mirror.sync(TABLE, false).await.unwrap();
     assert!(!s.full, "{s:?}");
     assert_eq!(lake.rows().await, expect(&[(9, "nine"), (10, "ten")]));
+
+    // Captured afresh in another shape: other columns, another key. The
+    // mirror takes both; none of the old ones stay.
+    lake.recreate_changelog();
+    let rows = [(1, 1, "c", "x", false, 5001), (1, 2, "c", "y", false, 5002)];
+    lake.commit_ab(&rows, Some(&["a", "b"])).await;
+    let s = lake.mirror(32 << 20).sync(TABLE, false).await.unwrap();
+    assert!(s.full, "{s:?}");
+    let want = BTreeMap::from([((1, 1), "x".to_string()), ((1, 2), "y".to_string())]);
+    assert_eq!(lake.ab_rows().await, want);
+    let mut t = lake.root.handle(&LakeRoot::mirror_of(TABLE)).unwrap();
+    t.load().await.unwrap();
+    let state = t.snapshot().unwrap();
+    assert_eq!(
+        state.metadata().configuration()[KEY_PROPERTY],
+        r#"["a","b"]"#
+    );
+    assert!(state.schema().field("id").is_none(), "{:?}", state.schema());
 }
 
 /// A sync rewrites only the files whose key range holds a changed key.
@@ -1529,7 +1550,8 @@ async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replace
 /// A table's build from its whole changelog (minutes on a big table)
 /// holds only its own table: another table's mirror syncs meanwhile. It
 /// holds the one turn to build, so builds take turns (each may take
-/// `build_bytes` of memory).
+/// `build_bytes` of memory): another build meanwhile waits for its turn
+/// without holding its caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_holds_no_other_tables_sync_and_builds_take_turns() {
     let mut lake = Lake::new();
@@ -1560,13 +1582,17 @@ async fn a_build_holds_no_other_tables_sync_and_builds_take_turns() {
         .unwrap();
     assert!(!synced.full, "{synced:?}");
     assert_eq!(other.rows().await, expect(&[(1, "one"), (2, "two")]));
-    // It holds the one turn to build: another build waits for it.
-    assert_eq!(mirror.builds.available_permits(), 0);
+    // It holds the one turn to build: a build of `others` meanwhile
+    // applies nothing and says so (its caller tries again shortly).
+    let second = mirror.sync("others", true).await.unwrap();
+    assert!(
+        second.awaits_build && second.version.is_none(),
+        "{second:?}"
+    );
     gate.proceed.notify_one();
     assert!(build.await.unwrap().unwrap().ranges > 1);
-    assert_eq!(mirror.builds.available_permits(), 1);
     let second = mirror.sync("others", true).await.unwrap();
-    assert!(second.full, "{second:?}");
+    assert!(second.full && !second.awaits_build, "{second:?}");
     assert_eq!(lake.rows().await.len(), 20_000);
     assert_eq!(other.rows().await, expect(&[(1, "one"), (2, "two")]));
 }
