@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Array, ArrayRef, Int64Array, UInt32Array, new_null_array};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
@@ -106,13 +106,100 @@ pub fn encode_with(
     footer: &[(String, String)],
 ) -> Result<Bytes, ParquetError> {
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
-    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props.clone()))?;
+    let unique = mostly_unique(batch);
+    let props = if unique.is_empty() {
+        props.clone()
+    } else {
+        let mut builder = props.clone().into_builder();
+        for column in unique {
+            builder = builder.set_column_dictionary_enabled(ColumnPath::from(column), false);
+        }
+        builder.build()
+    };
+    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))?;
     for (key, value) in footer {
         writer.append_key_value_metadata(KeyValue::new(key.clone(), value.clone()));
     }
     writer.write(batch)?;
     writer.close()?;
     Ok(Bytes::from(buf))
+}
+
+/// Rows of a batch looked at to tell whether a column is mostly unique,
+/// spread evenly over it.
+const SAMPLE_ROWS: usize = 1024;
+/// Fewer values than this: a column keeps its dictionary (a small file
+/// costs little either way).
+const SAMPLE_MIN: usize = 128;
+
+/// Up to [`SAMPLE_ROWS`] of `rows` row numbers, in order: all of them, or
+/// one at a (fixed) random place in each of as many equal stretches. At
+/// a random place, not the first of each: values that repeat with a
+/// period (a table's rows cycled) would otherwise alias with the stride.
+fn stratified(rows: usize) -> Vec<usize> {
+    if rows <= SAMPLE_ROWS {
+        return (0..rows).collect();
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..SAMPLE_ROWS)
+        .map(|b| {
+            let (start, end) = (b * rows / SAMPLE_ROWS, (b + 1) * rows / SAMPLE_ROWS);
+            // xorshift64: cheap, and the same sample every time.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            start + (state % (end - start) as u64) as usize
+        })
+        .collect()
+}
+
+/// The top-level columns of `batch` whose values are mostly (over three
+/// quarters of a sample) distinct: a primary key, a text, a timestamp. A
+/// Parquet dictionary of such a column costs a hash of every value and
+/// ends up as big as the values, until the writer gives it up at its
+/// page size limit; written plain instead, they compress as well. The
+/// sample is spread over the whole batch ([`stratified`]), so a column
+/// whose values repeat further apart than its first rows keeps its
+/// dictionary. Only strings, binaries and fixed-width primitives are
+/// looked at.
+fn mostly_unique(batch: &RecordBatch) -> Vec<String> {
+    use std::hash::BuildHasher;
+    let sample = stratified(batch.num_rows());
+    let hasher = foldhash::fast::FixedState::default();
+    let mut seen = std::collections::HashSet::with_capacity_and_hasher(SAMPLE_ROWS, hasher.clone());
+    let mut unique = Vec::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let ty = column.data_type();
+        let is_bytes = matches!(ty, DataType::Utf8 | DataType::Binary);
+        let width = ty.primitive_width().filter(|_| ty.is_primitive());
+        if !is_bytes && width.is_none() {
+            continue;
+        }
+        let data = column.to_data();
+        // One value's bytes, as the array holds them.
+        let value = |i: usize| -> &[u8] {
+            match width {
+                None => {
+                    let offsets = data.buffer::<i32>(0);
+                    &data.buffers()[1].as_slice()[offsets[i] as usize..offsets[i + 1] as usize]
+                }
+                Some(width) => {
+                    let at = (data.offset() + i) * width;
+                    &data.buffers()[0].as_slice()[at..at + width]
+                }
+            }
+        };
+        seen.clear();
+        let mut values = 0;
+        for &i in sample.iter().filter(|&&i| column.is_valid(i)) {
+            values += 1;
+            seen.insert(hasher.hash_one(value(i)));
+        }
+        if values >= SAMPLE_MIN && seen.len() * 4 > values * 3 {
+            unique.push(field.name().clone());
+        }
+    }
+    unique
 }
 
 /// A partition directory: `(column, value)` in the table's partition
@@ -409,5 +496,78 @@ mod tests {
             kv.iter().any(|k| k.key == "org.apache.spark.version"),
             "{kv:?}"
         );
+    }
+
+    /// A column whose values are mostly distinct (a key, a text) is
+    /// written without a dictionary, one that repeats keeps it; nulls,
+    /// a slice's offset and every value survive either way.
+    #[test]
+    fn mostly_distinct_columns_are_written_without_a_dictionary() {
+        use arrow::array::{StringArray, TimestampMicrosecondArray};
+        use parquet::basic::Encoding;
+        let n = 3_000i64;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("user_id", DataType::Int64, true),
+            Field::new("text", DataType::Utf8, true),
+            Field::new("op", DataType::Utf8, true),
+            Field::new(
+                "at",
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+                true,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..n)),
+                Arc::new(Int64Array::from_iter(
+                    (0..n).map(|i| (i % 5 != 0).then_some(i % 40)),
+                )),
+                Arc::new(StringArray::from_iter(
+                    (0..n).map(|i| (i % 7 != 0).then(|| format!("tweet number {i}"))),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| ["c", "u", "d"][i as usize % 3]),
+                )),
+                Arc::new(TimestampMicrosecondArray::from_iter_values(
+                    (0..n).map(|i| i * 1_000),
+                )),
+            ],
+        )
+        .unwrap()
+        // A slice whose buffers start before its first row.
+        .slice(500, 2_000);
+        assert_eq!(mostly_unique(&batch), ["id", "text", "at"]);
+        assert!(
+            mostly_unique(&batch.slice(0, 100)).is_empty(),
+            "too few rows to tell"
+        );
+        // Values that repeat further apart than the sample's first rows
+        // (here every 1,002 rows) are not taken for unique.
+        let cycled = Int64Array::from_iter_values((0..20_000).map(|i| i % 1_002));
+        let cycled = RecordBatch::try_from_iter([("c", Arc::new(cycled) as ArrayRef)]).unwrap();
+        assert!(mostly_unique(&cycled).is_empty());
+
+        let bytes = encode(
+            &batch,
+            &writer_properties(&crate::config::SinkConfig::default().output),
+        )
+        .unwrap();
+        let reader = SerializedFileReader::new(bytes.clone()).unwrap();
+        let row_group = reader.metadata().row_group(0);
+        for c in row_group.columns() {
+            let dictionary = c.encodings().any(|e| e == Encoding::RLE_DICTIONARY);
+            let name = c.column_path().string();
+            assert_eq!(
+                dictionary,
+                ["user_id", "op"].contains(&name.as_str()),
+                "{name}"
+            );
+        }
+        let read = ReadFile::read("f".to_string(), bytes).unwrap();
+        let read =
+            arrow::compute::concat_batches(&read.batches[0].schema(), &read.batches).unwrap();
+        assert_eq!(read, batch);
     }
 }
