@@ -257,7 +257,6 @@ async fn sync(mirror: &Mirror, give_up: Duration, table: &str) -> Next {
 mod tests {
     use super::*;
     use crate::config::LakeConfig;
-    use crate::lake::Gate;
     use crate::lake::mirror::tests::{Lake, TABLE, expect};
 
     /// A table whose mirror must be built from its whole changelog (the
@@ -273,7 +272,7 @@ mod tests {
             ..LakeConfig::default()
         };
         let mut lake = Lake::at(dir, url, config);
-        lake.commit_notes(0..20_000).await;
+        let other = lake.with_another_table().await;
         let log = lake
             .root
             .table_url(TABLE)
@@ -283,19 +282,7 @@ mod tests {
         for v in 0..5 {
             std::fs::remove_file(log.join(format!("{v:020}.json"))).unwrap();
         }
-        let mut other = lake.other("others");
-        other
-            .commit(
-                &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
-                true,
-            )
-            .await;
-
-        let gate = Arc::new(Gate::default());
-        let mirror = lake
-            .mirror(256 << 10)
-            .with_build_bytes(256 << 10)
-            .with_build_gate(gate.clone());
+        let (mirror, gate) = lake.gated_mirror();
         // At start the task syncs every changelog: `items` first.
         let mirrors = Mirrors::spawn(Arc::new(mirror), Duration::from_secs(5));
         gate.reached.notified().await;

@@ -680,27 +680,10 @@ impl Mirror {
         // end of this sync, or, another table's build having it, is tried
         // again shortly: a sync that waited here would hold its caller's
         // slot, which other tables' small syncs need meanwhile.
-        let mut _building = None;
-        let awaits_build = Synced {
-            through: applied,
-            awaits_build: true,
-            ..Synced::default()
-        };
-        let (whole, full, through) = match incremental {
+        let picked = match incremental {
             Some(batch) => match self.paired(table, changelog, &store, batch, target).await? {
-                Paired::Files { files, through } => (Whole::Files(files), false, through),
-                Paired::Gone => {
-                    let Ok(permit) = self.builds.try_acquire() else {
-                        return Ok(awaits_build);
-                    };
-                    _building = Some(permit);
-                    (
-                        self.whole(table, changelog, known.then_some(&*mirror), &store)
-                            .await?,
-                        true,
-                        target,
-                    )
-                }
+                Paired::Files { files, through } => Some((Whole::Files(files), false, through)),
+                Paired::Gone => None,
                 Paired::Wait => {
                     return Ok(Synced {
                         through: applied,
@@ -709,21 +692,23 @@ impl Mirror {
                     });
                 }
             },
-            None => match rechosen {
-                Some(files) => (Whole::Files(files), true, target),
-                None => {
-                    let Ok(permit) = self.builds.try_acquire() else {
-                        return Ok(awaits_build);
-                    };
-                    _building = Some(permit);
-                    (
-                        self.whole(table, changelog, known.then_some(&*mirror), &store)
-                            .await?,
-                        true,
-                        target,
-                    )
-                }
-            },
+            None => rechosen.map(|files| (Whole::Files(files), true, target)),
+        };
+        let (whole, full, through, _building) = match picked {
+            Some((whole, full, through)) => (whole, full, through, None),
+            None => {
+                let Ok(permit) = self.builds.try_acquire() else {
+                    return Ok(Synced {
+                        through: applied,
+                        awaits_build: true,
+                        ..Synced::default()
+                    });
+                };
+                let whole = self
+                    .whole(table, changelog, known.then_some(&*mirror), &store)
+                    .await?;
+                (whole, true, target, Some(permit))
+            }
         };
 
         if !exists && !whole.has_changes() {

@@ -84,6 +84,28 @@ impl Lake {
         }
     }
 
+    /// 20,000 notes in this table, a build of which goes by ranges under
+    /// [`Lake::gated_mirror`]'s budget, and two rows in another table,
+    /// whose writer and reader this returns.
+    pub(crate) async fn with_another_table(&mut self) -> Lake {
+        self.commit_notes(0..20_000).await;
+        let mut other = self.other("others");
+        let rows = [(0, 1, "c", "one", false), (1, 2, "c", "two", false)];
+        other.commit(&rows, true).await;
+        other
+    }
+
+    /// A mirror whose builds go by ranges of 256 KiB, each waiting at the
+    /// gate before its commit.
+    pub(crate) fn gated_mirror(&self) -> (Mirror, Arc<crate::lake::Gate>) {
+        let gate = Arc::new(crate::lake::Gate::default());
+        let mirror = self
+            .mirror(256 << 10)
+            .with_build_bytes(256 << 10)
+            .with_build_gate(gate.clone());
+        (mirror, gate)
+    }
+
     /// A writer and reader of another table of the same lake (the
     /// [`Lake::commit`] and [`Lake::rows`] helpers).
     pub(crate) fn other(&self, table: &'static str) -> Lake {
@@ -1506,12 +1528,8 @@ async fn unavailable_values_are_counted_once_by_ranges_and_not_past_a_truncate()
 async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replaces() {
     let mut lake = Lake::new();
     lake.commit_notes(0..20_000).await;
-    let gate = Arc::new(crate::lake::Gate::default());
-    let ranged = Arc::new(
-        lake.mirror(256 << 10)
-            .with_build_bytes(256 << 10)
-            .with_build_gate(gate.clone()),
-    );
+    let (ranged, gate) = lake.gated_mirror();
+    let ranged = Arc::new(ranged);
     let build = tokio::spawn({
         let ranged = ranged.clone();
         async move { ranged.sync(TABLE, true).await }
@@ -1555,20 +1573,9 @@ async fn a_build_by_ranges_commits_over_a_commit_that_changed_nothing_it_replace
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_holds_no_other_tables_sync_and_builds_take_turns() {
     let mut lake = Lake::new();
-    lake.commit_notes(0..20_000).await;
-    let mut other = lake.other("others");
-    other
-        .commit(
-            &[(0, 1, "c", "one", false), (1, 2, "c", "two", false)],
-            true,
-        )
-        .await;
-    let gate = Arc::new(crate::lake::Gate::default());
-    let mirror = Arc::new(
-        lake.mirror(256 << 10)
-            .with_build_bytes(256 << 10)
-            .with_build_gate(gate.clone()),
-    );
+    let other = lake.with_another_table().await;
+    let (mirror, gate) = lake.gated_mirror();
+    let mirror = Arc::new(mirror);
     let build = tokio::spawn({
         let mirror = mirror.clone();
         async move { mirror.sync(TABLE, true).await }
