@@ -1423,6 +1423,73 @@ async fn wait_lake_rows(sink: &SinkProcess, prefix: &str, table: &str, n: usize)
     .unwrap_or_else(|e| panic!("{e}; the sink's log:\n{}", sink.log_text()))
 }
 
+/// A table captured afresh, as docs/operations.md says (the sink
+/// stopped, its changelog deleted, the sink's group sent back to the
+/// topic's start), gets a new changelog written from the topic, and its
+/// current-state table, which reflected the old changelog, is built anew
+/// from the new one: equal to PostgreSQL, the changes made while the sink
+/// was down included. Before the mirror named its changelog, it took the
+/// new changelog's versions for the old one's and stayed as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_captured_afresh_gets_its_current_state_table_built_anew() {
+    let capture = OwnCapture::start(
+        "afresh",
+        "t",
+        "CREATE TABLE t (id bigint PRIMARY KEY, a text);
+         INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 30) g",
+        &[],
+    )
+    .await;
+    let prefix = capture.prefix.clone();
+    let sink = capture.spawn_sink();
+    wait_lake_rows(&sink, &prefix, "t", 30).await;
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE t SET a = 'b' WHERE id <= 10; DELETE FROM t WHERE id > 25;",
+    );
+    // 30 snapshot reads, 10 updates, 5 deletes.
+    wait_lake_rows(&sink, &prefix, "t", 45).await;
+    wait_mirror_rows(&prefix, "t", 25).await;
+    terminate(sink);
+
+    // Captured afresh: the changelog goes, and the group starts the topic
+    // over (the lake, which the sink resumes from, has no position left).
+    let store = store();
+    let objects: Vec<Path> = store
+        .list(Some(&Path::from(format!("{prefix}/t"))))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!objects.is_empty(), "the changelog's objects");
+    for o in &objects {
+        store.delete(o).await.unwrap();
+    }
+    let topic = format!("{}.t", capture.db);
+    let start: Offsets = watermarks(&kafka_consumer(&capture.group), &[&topic])
+        .into_keys()
+        .map(|tp| (tp, 0))
+        .collect();
+    commit_offsets(&capture.group, &start).await;
+    // Changes while the sink is down, which the old current-state table
+    // lacks: one update, one delete, two inserts.
+    OwnCapture::sql(
+        &capture.db,
+        "UPDATE t SET a = 'c' WHERE id = 1; DELETE FROM t WHERE id = 2;
+         INSERT INTO t VALUES (100, 'new'), (101, 'newer');",
+    );
+
+    let sink = capture.spawn_sink();
+    wait_lake_rows(&sink, &prefix, "t", 49).await;
+    wait_log(&sink, "building the table anew", 1, Duration::from_secs(60)).await;
+    wait_mirror_rows(&prefix, "t", 26).await;
+    terminate(sink);
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+    drop(pg);
+    drop(capture);
+}
+
 /// A PostgreSQL table with every kind of value (NaN and ±Infinity in floats
 /// and numerics, scalars, arrays and a domain; numeric wider than 38
 /// digits; bit strings with leading zeros; timetz with an offset; money,
