@@ -24,9 +24,10 @@
 //! Checkpoints are still written every `delta.checkpointInterval` commits,
 //! and expired log entries cleaned up with them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use deltalake::checkpoints::{cleanup_metadata, create_checkpoint};
 use deltalake::kernel::transaction::{CommitData, PROTOCOL, TransactionError};
 use deltalake::kernel::{Action, Metadata, StructType};
@@ -39,6 +40,11 @@ use url::Url;
 /// What `delta.checkpointInterval` is when a table does not set it.
 const DEFAULT_CHECKPOINT_INTERVAL: i64 = 100;
 
+/// Commits [`LogHead::catch_up`] read that it keeps for
+/// [`LogHead::commit_entry`]: a mirror's sync reads the same commits
+/// right after (a batch of them at most), so it need not GET them again.
+const RECENT_COMMITS: usize = 64;
+
 pub struct LogHead {
     /// The table's full snapshot as of its last (re)load: `txn` lookups
     /// for app ids no commit since has named, the protocol check, and
@@ -50,6 +56,8 @@ pub struct LogHead {
     /// `txn` versions as of `version`, by app id: set by the commits read
     /// or written since `table`'s version, or looked up in it.
     txns: HashMap<String, Option<i64>>,
+    /// The last [`RECENT_COMMITS`] commits `catch_up` read, by version.
+    recent: VecDeque<(i64, Bytes)>,
 }
 
 impl LogHead {
@@ -70,6 +78,7 @@ impl LogHead {
             metadata: state.metadata().clone(),
             schema: Arc::new(state.schema().as_ref().clone()),
             txns: HashMap::new(),
+            recent: VecDeque::new(),
             table,
         })
     }
@@ -141,8 +150,24 @@ impl LogHead {
                 return self.reload().await;
             }
             self.apply(version, &actions)?;
+            if self.recent.len() == RECENT_COMMITS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((version, bytes));
         }
         Ok(())
+    }
+
+    /// The bytes of commit `version`: kept from [`LogHead::catch_up`] if it
+    /// read it lately, else read from the log (`None`: not there).
+    pub async fn commit_entry(&self, version: i64) -> Result<Option<Bytes>, DeltaTableError> {
+        if let Some((_, bytes)) = self.recent.iter().find(|(v, _)| *v == version) {
+            return Ok(Some(bytes.clone()));
+        }
+        self.table
+            .log_store()
+            .read_commit_entry(version as u64)
+            .await
     }
 
     /// The `txn` version of `app_id` as of `version`.
@@ -328,5 +353,13 @@ mod tests {
         assert_eq!(a.append(txn("a", 3), operation()).await.unwrap(), Some(2));
         b.catch_up().await.unwrap();
         assert_eq!(b.txn("a").await.unwrap(), Some(3));
+
+        // The commits `b` caught up on are kept: a reader of them after
+        // (a mirror's sync) gets them without reading the log again.
+        let log = dir.path().join("t").join("_delta_log");
+        let second = std::fs::read(log.join(format!("{:020}.json", 2))).unwrap();
+        std::fs::remove_file(log.join(format!("{:020}.json", 2))).unwrap();
+        assert_eq!(b.commit_entry(2).await.unwrap().unwrap(), second);
+        assert_eq!(a.commit_entry(2).await.unwrap(), None, "written, not read");
     }
 }

@@ -894,7 +894,6 @@ impl Mirror {
         target: i64,
     ) -> Result<Option<Appended>, MirrorError> {
         let err = delta_err(changelog.table_url().as_str());
-        let log = changelog.log_store();
         let mut files = Vec::new();
         let mut committed_ms = HashMap::new();
         let mut taken = 0;
@@ -904,7 +903,7 @@ impl Mirror {
                 break;
             }
             through = v;
-            let Some(bytes) = log.read_commit_entry(v as u64).await.map_err(&err)? else {
+            let Some(bytes) = changelog.commit_entry(v).await.map_err(&err)? else {
                 return Ok(None);
             };
             for line in bytes.split(|b| *b == b'\n') {
