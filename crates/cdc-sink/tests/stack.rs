@@ -22,14 +22,14 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 use test_support::compare::{assert_mirror_equals_pg, fold_text_siblings, mirror_diff, pg_state};
 use test_support::kafka::{
     Offsets, PublishedSchemas, RawMessage, SCHEMA_HEADER, admin, commit_offsets, committed,
-    consumer as kafka_consumer, create_topic, header, json_with_schema, producer, read_range, send,
-    send_with_headers, wait_committed, watermarks,
+    consumer as kafka_consumer, create_topic, json_with_schema, producer, read_range, schema_id,
+    send, send_with_headers, wait_committed, watermarks,
 };
 use test_support::lake::{
     LakeRow, lake_rows, lake_schema, latest_by_query, mirror_rows, primary_key, table_exists,
@@ -521,16 +521,14 @@ async fn smoke_insert_shows_up_as_debezium_event() {
         };
         let m = m.unwrap();
         let Some(payload) = m.payload() else { continue };
-        // The schema-id format: the value is the payload alone (JSON, or
-        // Avro by the connector's `value.converter.format`), and its header
-        // names a schema published on the schema topic.
-        assert!(
-            !payload.starts_with(b"{\"schema\""),
-            "no schema in the message"
-        );
-        let id =
-            String::from_utf8_lossy(header(&m, SCHEMA_HEADER).expect("a cdclake.schema header"))
-                .into_owned();
+        // The schema-id format with the stack's `value.converter.format`
+        // avro: the value is the payload in Avro, framed with the
+        // fingerprint of a schema published on the schema topic, and an
+        // insert's record has no header at all.
+        let frame = cdc_wire::Frame::parse(payload).expect("an Avro value in its frame");
+        assert!(!frame.has_headers, "an insert's record has no headers");
+        assert_eq!(m.headers().map_or(0, |h| h.iter().count()), 0);
+        let id = schema_id(&m).expect("a schema named by the value's frame");
         let mut schemas = PublishedSchemas::default();
         let v: Value =
             serde_json::from_slice(&json_with_schema(&m, &mut schemas).unwrap()).unwrap();
@@ -1514,7 +1512,7 @@ async fn special_values_round_trip_and_their_deletes_land() {
 
 /// The same types, special values and TOASTed columns with the converter's
 /// Avro values (`value.converter.format=avro`, the default): the sink reads them by
-/// their header into the same changelog rows and current-state table.
+/// their frame into the same changelog rows and current-state table.
 #[tokio::test(flavor = "multi_thread")]
 async fn avro_values_land_every_type_exactly() {
     let capture = OwnCapture::start_with(
@@ -1526,23 +1524,25 @@ async fn avro_values_land_every_type_exactly() {
     )
     .await;
     assert_zoo_lands(&capture).await;
-    // Every event was Avro: none fell back to JSON.
-    let headers = test_support::kafka::value_headers(&format!("{}.zoo", capture.db));
+    // Every event was Avro in its frame, none fell back to JSON, and none
+    // carries a header: none is a key update.
+    let seen = test_support::kafka::values_seen(&format!("{}.zoo", capture.db));
     drop(capture);
-    assert_eq!(headers.len(), 10, "{headers:?}");
-    for h in &headers {
-        assert!(
-            h.iter()
-                .any(|(k, v)| k == "cdclake.encoding" && v == "avro"),
-            "an event that is not Avro: {h:?}"
+    assert_eq!(seen.len(), 10, "{seen:?}");
+    for v in &seen {
+        assert_eq!(
+            v.frame,
+            Some(false),
+            "an event that is not framed Avro: {v:?}"
         );
+        assert!(v.headers.is_empty(), "{v:?}");
     }
 }
 
 /// A table the Avro rules do not cover (a `point` column: a Connect struct
 /// that is not Debezium's VariableScaleDecimal) stays JSON, message by
 /// message, under the stack's default Avro configuration: no event of its
-/// topic carries the Avro header, and every change lands, the point as the
+/// topic is a framed Avro value, and every change lands, the point as the
 /// JSON text of its struct.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_avro_does_not_cover_falls_back_to_json_and_lands() {
@@ -1567,13 +1567,16 @@ async fn a_table_avro_does_not_cover_falls_back_to_json_and_lands() {
     let rows = wait_lake_rows(&sink, &prefix, "t", 8).await;
     terminate(sink);
     assert_eq!(rows.len(), 8, "{rows:?}");
-    let headers = test_support::kafka::value_headers(&format!("{}.t", capture.db));
-    assert_eq!(headers.len(), 8, "{headers:?}");
-    for h in &headers {
-        assert!(h.iter().any(|(k, _)| k == "cdclake.schema"), "{h:?}");
+    let seen = test_support::kafka::values_seen(&format!("{}.t", capture.db));
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    for v in &seen {
         assert!(
-            !h.iter().any(|(k, _)| k == "cdclake.encoding"),
-            "an event of a table with a point went as Avro: {h:?}"
+            v.headers.iter().any(|(k, _)| k == "cdclake.schema"),
+            "{v:?}"
+        );
+        assert_eq!(
+            v.frame, None,
+            "an event of a table with a point went as Avro: {v:?}"
         );
     }
     // The current-state table: PostgreSQL's rows, the point's x and y in
@@ -1739,6 +1742,14 @@ async fn a_key_update_carries_its_unchanged_toasted_value_to_the_new_key() {
         Some(r#"{"id":1000}"#),
         "{delete:?}"
     );
+    // The frames say which records have headers: the sink reads the
+    // headers of those alone.
+    let seen = test_support::kafka::values_seen(&format!("{}.t", capture.db));
+    let flagged = seen.iter().filter(|v| v.frame == Some(true)).count();
+    assert_eq!(flagged, 8, "the halves of four key updates: {seen:?}");
+    for v in &seen {
+        assert_eq!(v.frame, Some(!v.headers.is_empty()), "{v:?}");
+    }
     let pg = capture.client().await;
     assert_mirror_equals_pg(&pg, &prefix, "t").await;
     drop(pg);

@@ -2,10 +2,13 @@
 //! write them and the one that reads them, kept in one place so the two
 //! sides cannot drift apart:
 //!
-//! - the headers of the schema-id format, which the connector's converter
+//! - the schema-id format of the connector's converter
 //!   (`debezium/converter/.../SchemaIdConverter.java`, which cannot use
-//!   this crate and repeats the names) adds to every value: [`SCHEMA_HEADER`],
-//!   [`ENCODING_HEADER`], and the schema topic's default name;
+//!   this crate and repeats the names and bytes): an Avro value carries its
+//!   schema's fingerprint in a [`Frame`] before the Avro body; a JSON value
+//!   names it in the [`SCHEMA_HEADER`] header (as Avro values did before
+//!   the frame, with [`ENCODING_HEADER`]); and the schema topic's default
+//!   name;
 //! - the recovery marker ([`RecoveryMarker`]) that `cdc-slot-guard` appends
 //!   to every partition once a re-snapshot is wholly in Kafka, and that
 //!   `cdc-sink` writes into the changelog. Its rules (at least one
@@ -25,6 +28,75 @@ pub const ENCODING_HEADER: &str = "cdclake.encoding";
 pub const AVRO: &str = "avro";
 /// Where the converter publishes each schema once, by fingerprint.
 pub const DEFAULT_SCHEMA_TOPIC: &str = "_cdclake.schemas";
+
+/// The first byte of a [`Frame`]. A JSON text never starts with it, and
+/// neither does an unframed Avro value of the converter's earlier versions
+/// (a Debezium envelope starts with a union branch, the optional envelope's
+/// or its `before` field's: 0 or 1, zig-zag encoded as 0x00 or 0x02), so a
+/// framed value is told from every other value the pipeline carries by its
+/// first bytes.
+pub const FRAME_MAGIC: u8 = 0xCD;
+/// The frame's version, its second byte.
+pub const FRAME_VERSION: u8 = 1;
+/// The length of the fingerprint in a frame: 32 hex digits, as under
+/// [`SCHEMA_HEADER`].
+pub const FINGERPRINT_LEN: usize = 32;
+/// The frame's length before the Avro body: magic, version, flags, fingerprint.
+pub const FRAME_LEN: usize = 3 + FINGERPRINT_LEN;
+/// The frame's flag saying the record carries Kafka headers (Debezium's
+/// key-update headers, say): without it a reader need not read them.
+pub const FRAME_HAS_HEADERS: u8 = 1;
+
+/// An Avro value of the schema-id format:
+/// `[FRAME_MAGIC, FRAME_VERSION, flags, fingerprint (32 hex digits), body]`.
+///
+/// Why in the value and not in headers: librdkafka parses a message's
+/// headers into an allocated list when they are first asked for, which
+/// cost the sink about 8% of its CPU per message, and most records have
+/// no other header. The flag tells the reader whether to ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The schema's fingerprint on the schema topic.
+    pub fingerprint: &'a [u8],
+    /// Whether the record carries Kafka headers.
+    pub has_headers: bool,
+    /// The value in the Avro encoding of the schema.
+    pub body: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// The frame of `value`, or `None` when `value` is not a framed value
+    /// (JSON, an unframed Avro value, a marker).
+    pub fn parse(value: &'a [u8]) -> Option<Frame<'a>> {
+        match value {
+            [FRAME_MAGIC, FRAME_VERSION, flags, rest @ ..]
+                if rest.len() >= FINGERPRINT_LEN && flags & !FRAME_HAS_HEADERS == 0 =>
+            {
+                let (fingerprint, body) = rest.split_at(FINGERPRINT_LEN);
+                Some(Frame {
+                    fingerprint,
+                    has_headers: flags & FRAME_HAS_HEADERS != 0,
+                    body,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The value's bytes: what the converter writes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FRAME_LEN + self.body.len());
+        let flags = if self.has_headers {
+            FRAME_HAS_HEADERS
+        } else {
+            0
+        };
+        out.extend_from_slice(&[FRAME_MAGIC, FRAME_VERSION, flags]);
+        out.extend_from_slice(self.fingerprint);
+        out.extend_from_slice(self.body);
+        out
+    }
+}
 
 /// Makes a record a marker, not a Debezium event; its value says which.
 pub const MARKER_HEADER: &str = "cdclake.marker";
@@ -97,6 +169,57 @@ mod tests {
             partitions: 3,
             completed_at_ms: 2_000,
         }
+    }
+
+    const FP: &[u8; 32] = b"4fb6e78bc76c3ec67688269a468a0cb9";
+
+    #[test]
+    fn a_frame_goes_both_ways() {
+        for has_headers in [false, true] {
+            let frame = Frame {
+                fingerprint: FP,
+                has_headers,
+                body: &[0x02, 0x10, 0xff],
+            };
+            let bytes = frame.to_bytes();
+            assert_eq!(bytes.len(), FRAME_LEN + 3);
+            assert_eq!(bytes[2], u8::from(has_headers));
+            assert_eq!(Frame::parse(&bytes), Some(frame));
+        }
+        // A frame with an empty body is still one (the decoder says what is wrong).
+        let empty = Frame {
+            fingerprint: FP,
+            has_headers: false,
+            body: &[],
+        };
+        assert_eq!(Frame::parse(&empty.to_bytes()), Some(empty));
+    }
+
+    #[test]
+    fn what_is_not_framed_is_not_taken_for_a_frame() {
+        let framed = Frame {
+            fingerprint: FP,
+            has_headers: false,
+            body: b"x",
+        }
+        .to_bytes();
+        // JSON, an unframed Avro envelope (`before` null or present), a marker.
+        for value in [
+            &b"{\"before\":null}"[..],
+            &[0x00, 0x02, 0x10],
+            &[0x02, 0x00],
+            b"",
+        ] {
+            assert_eq!(Frame::parse(value), None, "{value:?}");
+        }
+        // Too short for its fingerprint, another version, unknown flags.
+        assert_eq!(Frame::parse(&framed[..FRAME_LEN - 1]), None);
+        let mut other = framed.clone();
+        other[1] = 2;
+        assert_eq!(Frame::parse(&other), None);
+        let mut flags = framed;
+        flags[2] = 0x80;
+        assert_eq!(Frame::parse(&flags), None);
     }
 
     #[test]

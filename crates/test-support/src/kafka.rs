@@ -230,12 +230,28 @@ pub fn header<'a, M: Message>(m: &'a M, key: &str) -> Option<&'a [u8]> {
     m.headers()?.iter().find(|h| h.key == key)?.value
 }
 
+/// The fingerprint a schema-id message names: its Avro value's frame, or
+/// its `cdclake.schema` header. `None` for JSON with schemas.
+pub fn schema_id<M: Message>(m: &M) -> Option<String> {
+    let id = match m.payload().and_then(cdc_wire::Frame::parse) {
+        Some(frame) => frame.fingerprint,
+        None => header(m, SCHEMA_HEADER)?,
+    };
+    Some(String::from_utf8_lossy(id).into_owned())
+}
+
 /// A message's value as JSON with schemas, whatever its format in the log:
-/// JSON with schemas as it is; a schema-id value (a JSON payload, or Avro
-/// when `cdclake.encoding: avro`) with its published schema put back
-/// around its payload. `None` for a tombstone.
+/// JSON with schemas as it is; a schema-id value (a JSON payload, Avro in
+/// a frame, or Avro with the header `cdclake.encoding: avro`) with its
+/// published schema put back around its payload. `None` for a tombstone.
 pub fn json_with_schema<M: Message>(m: &M, schemas: &mut PublishedSchemas) -> Option<Vec<u8>> {
     let payload = m.payload()?;
+    if let Some(frame) = cdc_wire::Frame::parse(payload) {
+        let id = String::from_utf8_lossy(frame.fingerprint);
+        let json = crate::avro::payload_json(schemas.parsed(&id), frame.body);
+        let json = serde_json::to_vec(&json).unwrap();
+        return Some(with_schema(schemas.get(&id), &json));
+    }
     let Some(id) = header(m, SCHEMA_HEADER) else {
         return Some(payload.to_vec());
     };
@@ -279,8 +295,7 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
             let m = m.unwrap();
             let high = until[&(m.topic().to_string(), m.partition())];
             if m.offset() < high {
-                let schema_id =
-                    header(&m, SCHEMA_HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
+                let schema_id = schema_id(&m);
                 let value = json_with_schema(&m, &mut schemas);
                 out.push(RawMessage {
                     topic: m.topic().to_string(),
@@ -296,9 +311,18 @@ pub fn read_range(from: &Offsets, until: &Offsets) -> Vec<RawMessage> {
     out
 }
 
-/// The headers (name, value as text) of every message in `topic` that
-/// has a value (tombstones left out), read from the start to the end.
-pub fn value_headers(topic: &str) -> Vec<Vec<(String, String)>> {
+/// How one message with a value came: framed or not, and its headers.
+#[derive(Debug)]
+pub struct ValueSeen {
+    /// `Some(has_headers)` for a framed (Avro) value: its frame's flag.
+    pub frame: Option<bool>,
+    /// Its headers, name and value as text.
+    pub headers: Vec<(String, String)>,
+}
+
+/// How every message in `topic` that has a value (tombstones left out)
+/// came, read from the start to the end.
+pub fn values_seen(topic: &str) -> Vec<ValueSeen> {
     let c = consumer(&format!("headers-{}", unique()));
     let until = watermarks(&c, &[topic]);
     let mut tpl = TopicPartitionList::new();
@@ -322,17 +346,20 @@ pub fn value_headers(topic: &str) -> Vec<Vec<(String, String)>> {
             continue;
         }
         left -= 1;
-        if m.payload().is_some() {
-            out.push(
-                m.headers()
-                    .iter()
-                    .flat_map(|h| h.iter())
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_string(), value.into_owned())
-                    })
-                    .collect(),
-            );
+        if let Some(value) = m.payload() {
+            let headers = m
+                .headers()
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|h| {
+                    let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_string(), value.into_owned())
+                })
+                .collect();
+            out.push(ValueSeen {
+                frame: cdc_wire::Frame::parse(value).map(|f| f.has_headers),
+                headers,
+            });
         }
     }
     out

@@ -755,6 +755,74 @@ mod tests {
         );
     }
 
+    /// The converter's framed value, as the pipeline hands it over: no
+    /// header at all, the schema and the encoding named by the frame, the
+    /// row the same as from the unframed value with its headers.
+    #[test]
+    fn the_decoder_reads_a_framed_avro_value_without_headers() {
+        use crate::decode::{Decoded, Decoder, Frame, MessageHeaders, needs_headers, schema_ref};
+        const FP: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+        let mut d = Decoder::new();
+        d.register(FP, ENVELOPE);
+        let body = update();
+        let value = Frame {
+            fingerprint: FP,
+            has_headers: false,
+            body: &body,
+        }
+        .to_bytes();
+        let none = MessageHeaders::default();
+        assert!(!needs_headers(Some(&value)));
+        assert_eq!(schema_ref(Some(&value), &none), Some(&FP[..]));
+        let Decoded::Row(framed) = d.decode_message(Some(&value), &none).unwrap() else {
+            panic!("not a row");
+        };
+        let headers = MessageHeaders {
+            schema_ref: Some(FP),
+            encoding: Some(b"avro"),
+            ..MessageHeaders::default()
+        };
+        let Decoded::Row(unframed) = d.decode_message(Some(&body), &headers).unwrap() else {
+            panic!("not a row");
+        };
+        assert_eq!(framed.values, unframed.values);
+        assert_eq!(
+            (framed.op, framed.tx_id, &framed.unchanged),
+            (Op::Update, Some(758), &vec![3])
+        );
+        // A frame saying its record has headers has them read; every
+        // unframed value has.
+        let flagged = Frame {
+            fingerprint: FP,
+            has_headers: true,
+            body: &body,
+        }
+        .to_bytes();
+        assert!(needs_headers(Some(&flagged)));
+        assert!(needs_headers(Some(&body)));
+        assert!(needs_headers(None));
+        // A frame naming a schema the topic does not have is an error, and
+        // one whose body is not the schema's Avro is too: neither is a row.
+        let unknown = Frame {
+            fingerprint: b"ffffffffffffffffffffffffffffffff",
+            has_headers: false,
+            body: &body,
+        };
+        let err = d
+            .decode_message(Some(&unknown.to_bytes()), &none)
+            .unwrap_err();
+        assert_eq!(err.kind(), "schema_topic");
+        let short = Frame {
+            fingerprint: FP,
+            has_headers: false,
+            body: &body[..body.len() - 2],
+        };
+        let err = d
+            .decode_message(Some(&short.to_bytes()), &none)
+            .unwrap_err();
+        assert_eq!(err.kind(), "avro");
+    }
+
     /// A struct column (Debezium's `point`) is not read from Avro: the
     /// schema's plan says so at once, and the converter sends such a table
     /// as JSON.

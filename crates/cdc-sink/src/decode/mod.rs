@@ -6,8 +6,11 @@
 //!   value is P alone, its header [`SCHEMA_HEADER`] names S by fingerprint,
 //!   and S itself is published once on a compacted topic, which the
 //!   pipeline reads and hands to [`Decoder::register`];
-//! - the same with P in S's Avro encoding ([`ENCODING_HEADER`] `avro`, the
-//!   stack's default), read by `avro`.
+//! - the same with P in S's Avro encoding, read by `avro`: the stack's
+//!   default, where the value is a [`Frame`] (S's fingerprint, then P) and
+//!   the record has no header unless the frame says so; the converter's
+//!   earlier versions sent P alone with the headers [`SCHEMA_HEADER`] and
+//!   [`ENCODING_HEADER`] `avro`, which are read as well.
 //!
 //! A row's text and bytes borrow from the message where the format allows,
 //! so a [`ChangeRow`] lives no longer than its Kafka message.
@@ -41,7 +44,7 @@ use self::values::{as_text, exact_number, is_unavailable, plain, to_datum, trunc
 use crate::decode::schema::{ColumnType, ConnectSchema, SchemaError, TableSchema};
 
 /// The headers of the schema-id format (the converter's, see `cdc-wire`).
-pub use cdc_wire::{ENCODING_HEADER, SCHEMA_HEADER};
+pub use cdc_wire::{ENCODING_HEADER, Frame, SCHEMA_HEADER};
 
 /// What Debezium sends for a column whose value it does not have: an
 /// unchanged TOASTed value under REPLICA IDENTITY DEFAULT.
@@ -205,6 +208,21 @@ pub struct MessageHeaders<'a> {
     /// [`OLD_KEY_HEADER`]: on the create of a primary-key update, the old
     /// key.
     pub old_key: Option<&'a [u8]>,
+}
+
+/// Whether a message's headers must be read: a framed value says whether
+/// its record has any ([`Frame`]); any other value may rely on them.
+pub fn needs_headers(value: Option<&[u8]>) -> bool {
+    value.and_then(Frame::parse).is_none_or(|f| f.has_headers)
+}
+
+/// The schema a schema-id message names: its frame's fingerprint, or its
+/// [`SCHEMA_HEADER`]. `None` for JSON with schemas, a marker, a tombstone.
+pub fn schema_ref<'a>(value: Option<&'a [u8]>, headers: &MessageHeaders<'a>) -> Option<&'a [u8]> {
+    match value.and_then(Frame::parse) {
+        Some(frame) => Some(frame.fingerprint),
+        None => headers.schema_ref,
+    }
 }
 
 /// Debezium's header on the delete half of a primary-key update: the new
@@ -502,12 +520,16 @@ impl Decoder {
         self.published.contains_key(fingerprint)
     }
 
-    /// Decodes one Kafka message, in whichever format its headers say.
+    /// Decodes one Kafka message, in whichever format its frame or its
+    /// headers say.
     pub fn decode_message<'a>(
         &mut self,
         value: Option<&'a [u8]>,
         headers: &MessageHeaders<'_>,
     ) -> Result<Decoded<'a>, DecodeError> {
+        if let Some(frame) = value.and_then(Frame::parse) {
+            return self.decode_avro(Some(frame.body), Some(frame.fingerprint));
+        }
         match headers.encoding {
             None | Some(b"json") => self.decode_with(value, headers.schema_ref),
             Some(e) if e == cdc_wire::AVRO.as_bytes() => {

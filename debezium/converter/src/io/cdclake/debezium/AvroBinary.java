@@ -93,6 +93,22 @@ final class AvroBinary {
         return out.toByteArray();
     }
 
+    /**
+     * The value framed as the sink reads it (crates/cdc-wire, `Frame`):
+     * magic 0xCD, version 1, flags (1: the record has Kafka headers), the
+     * fingerprint's 32 hex digits, then the Avro body. Written in one
+     * buffer, so the frame costs no copy.
+     */
+    byte[] framed(Schema schema, Object value, byte[] fingerprint, boolean hasHeaders) {
+        out.reset();
+        out.write(0xCD);
+        out.write(1);
+        out.write(hasHeaders ? 1 : 0);
+        out.write(fingerprint, 0, fingerprint.length);
+        write(schema, value);
+        return out.toByteArray();
+    }
+
     private void write(Schema schema, Object value) {
         if (schema.isOptional()) {
             if (value == null) {

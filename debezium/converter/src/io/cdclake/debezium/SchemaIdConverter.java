@@ -2,7 +2,7 @@
  * A Kafka Connect value converter that writes Connect's JSON without the
  * schema in every message, and stays self-describing: each distinct schema
  * is published once, keyed by its fingerprint, to a compacted topic, and
- * every message names its schema in a header.
+ * every message names its schema (in a header, or in the Avro value's frame).
  *
  *  - value: exactly what JsonConverter writes with schemas.enable=false
  *    (the Debezium envelope's payload: before, after, source, op, ...);
@@ -26,9 +26,13 @@
  * `schema.topic` and `schema.bootstrap.servers` (required), and `format`:
  * `json` (the default, as above) or `avro`, the payload in Avro's binary
  * encoding instead (AvroBinary: its Avro schema follows from the same
- * Connect schema), marked by the header `cdclake.encoding: avro`. A value
- * the rules do not cover (a schema with a map in it, or a value its schema
- * does not describe) is written as JSON, without that header.
+ * Connect schema), framed: 0xCD, 1, flags (1 when the record has Kafka
+ * headers), the fingerprint's 32 hex digits, then the Avro body, with no
+ * header added (crates/cdc-wire, `Frame`, says why). A value the rules do
+ * not cover (a schema with a map in it, or a value its schema does not
+ * describe) is written as JSON, with the `cdclake.schema` header. The sink
+ * still reads the Avro values of earlier versions: unframed, with the
+ * headers `cdclake.schema` and `cdclake.encoding: avro`.
  */
 package io.cdclake.debezium;
 
@@ -60,8 +64,6 @@ import org.apache.kafka.connect.storage.Converter;
 public class SchemaIdConverter implements Converter {
     public static final String HEADER = "cdclake.schema";
     public static final String DEFAULT_TOPIC = "_cdclake.schemas";
-    public static final String ENCODING_HEADER = "cdclake.encoding";
-    private static final byte[] AVRO = "avro".getBytes(StandardCharsets.US_ASCII);
 
     private final JsonConverter payloads = new JsonConverter();
     private final JsonConverter schemas = new JsonConverter();
@@ -139,18 +141,19 @@ public class SchemaIdConverter implements Converter {
             id = publish(schema);
             fingerprints.put(schema, id);
         }
-        headers.add(HEADER, id);
         if (avro != null && avroable.computeIfAbsent(schema, AvroBinary::covers)) {
             try {
-                byte[] encoded = avro.encode(schema, value);
-                headers.add(ENCODING_HEADER, AVRO);
-                return encoded;
+                // The headers Connect converted before this value (Debezium's
+                // key-update headers, say): the frame tells the sink whether
+                // to read any, which costs it an allocation per message.
+                return avro.framed(schema, value, id, headers.iterator().hasNext());
             } catch (ClassCastException | DataException e) {
                 // A value its schema does not describe (none is known from
                 // Debezium; the buffer is reset at the next encode). JSON
                 // carries anything, and the sink reads that message as JSON.
             }
         }
+        headers.add(HEADER, id);
         return payloads.fromConnectData(topic, schema, value);
     }
 
