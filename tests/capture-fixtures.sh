@@ -17,10 +17,11 @@
 # `tests/capture-fixtures.sh avro` captures only
 #   twitter_avro.jsonl  the newest 1,000 events of the stack's own
 #                   twitter.tweets topic as the stack writes them (Avro
-#                   values, schema-id headers), for the decode benchmark:
-#                   first a line per schema they name ({"fingerprint",
-#                   "schema"}), then a line per event ({"fingerprint",
-#                   "avro": the value in base64}). Fill the topic first
+#                   values, framed or with the earlier schema-id headers),
+#                   for the decode benchmark: first a line per schema they
+#                   name ({"fingerprint", "schema"}), then a line per event
+#                   ({"fingerprint", "avro": the Avro body in base64},
+#                   framed again by the bench). Fill the topic first
 #                   (tweetgen's load mode, or tests/bench/drain.sh).
 #
 # Each line is one Kafka message value in Connect's JSON with schemas (the
@@ -86,10 +87,15 @@ while pos < len(data):
     headers = data[nl + 1:hl].decode()
     value = data[hl + 1:hl + 1 + size]
     pos = hl + 1 + max(size, 0)  # a null value's length is -1
-    if "cdclake.encoding=avro" not in headers or size <= 0:
-        continue  # a tombstone, or not the stack's Avro values
-    fingerprint = re.search(r"cdclake\.schema=([^,]+)", headers).group(1)
-    events.append((fingerprint, value))
+    if size <= 0:
+        continue  # a tombstone
+    if value[:2] == b"\xcd\x01":
+        # A framed value (cdc_wire::Frame): flags, fingerprint, Avro body.
+        events.append((value[3:35].decode(), value[35:]))
+    elif "cdclake.encoding=avro" in headers:
+        # The converter's earlier, unframed Avro values.
+        fingerprint = re.search(r"cdclake\.schema=([^,]+)", headers).group(1)
+        events.append((fingerprint, value))
 schemas = dict(line.rstrip("\n").split("\t", 1) for line in open("/tmp/capture-schemas.tsv") if "\t" in line)
 with open(sys.argv[1], "w") as out:
     for fp in sorted({fp for fp, _ in events}):

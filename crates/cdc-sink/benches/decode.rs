@@ -3,9 +3,10 @@
 //! shape of the sink's real traffic. Each in both formats the sink reads:
 //! JSON with schemas, and the schema-id format (the same messages' payloads,
 //! their schemas registered once, as the schema topic gives them). And the
-//! stack's own format, Avro values under schema-id headers, on the newest
-//! 1,000 events of a filled `twitter.tweets` (`tests/capture-fixtures.sh
-//! avro`): the messages `tests/bench/drain.sh` drains.
+//! stack's own format, Avro values in their frame (`cdc_wire::Frame`, no
+//! header), on the newest 1,000 events of a filled `twitter.tweets`
+//! (`tests/capture-fixtures.sh avro`): the messages `tests/bench/drain.sh`
+//! drains.
 //!
 //! `cargo bench -p cdc-sink --bench decode`
 
@@ -15,7 +16,7 @@ use cdc_sink::config::SinkConfig;
 use cdc_sink::decode::{Decoded, Decoder, MessageHeaders};
 use cdc_sink::lake::changelog::segment::Segment;
 use cdc_sink::lake::files::{encode, writer_properties};
-use cdc_wire::AVRO;
+use cdc_wire::Frame;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// The demo tables' events, repeated to a corpus of `n` messages.
@@ -75,9 +76,15 @@ fn avro_corpus(n: usize) -> (Vec<ById>, Decoder) {
             d.register(&fingerprint, schema);
             continue;
         }
-        let payload = base64::engine::general_purpose::STANDARD
+        let body = base64::engine::general_purpose::STANDARD
             .decode(v["avro"].as_str().unwrap())
             .unwrap();
+        let payload = Frame {
+            fingerprint: &fingerprint,
+            has_headers: false,
+            body: &body,
+        }
+        .to_bytes();
         events.push(ById {
             payload,
             fingerprint,
@@ -95,13 +102,14 @@ fn avro_corpus(n: usize) -> (Vec<ById>, Decoder) {
     (msgs, d)
 }
 
-fn avro_headers(m: &ById) -> MessageHeaders<'_> {
-    MessageHeaders {
-        schema_ref: Some(&m.fingerprint),
-        encoding: Some(AVRO.as_bytes()),
-        ..MessageHeaders::default()
-    }
-}
+/// A framed value's record has no header.
+const NO_HEADERS: MessageHeaders<'static> = MessageHeaders {
+    schema_ref: None,
+    marker: None,
+    encoding: None,
+    new_key: None,
+    old_key: None,
+};
 
 fn decode_avro(c: &mut Criterion) {
     let (msgs, mut d) = avro_corpus(10_000);
@@ -111,10 +119,7 @@ fn decode_avro(c: &mut Criterion) {
     g.bench_function(format!("{} msgs, {} MiB", msgs.len(), bytes >> 20), |b| {
         b.iter(|| {
             for m in &msgs {
-                black_box(
-                    d.decode_message(Some(&m.payload), &avro_headers(m))
-                        .unwrap(),
-                );
+                black_box(d.decode_message(Some(&m.payload), &NO_HEADERS).unwrap());
             }
         })
     });
@@ -130,10 +135,7 @@ fn decode_avro_arrow_parquet(c: &mut Criterion) {
         b.iter(|| {
             let mut seg = Segment::new(0);
             for (i, m) in msgs.iter().enumerate() {
-                if let Decoded::Row(r) = d
-                    .decode_message(Some(&m.payload), &avro_headers(m))
-                    .unwrap()
-                {
+                if let Decoded::Row(r) = d.decode_message(Some(&m.payload), &NO_HEADERS).unwrap() {
                     seg.push(&r, 0, i as i64);
                 }
             }

@@ -60,8 +60,9 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
     /// The compacted topic on which the schema-id message format
     /// (debezium/converter's SchemaIdConverter) publishes each value schema
-    /// once. Read only when a message names a schema by its
-    /// `cdclake.schema` header; JSON-with-schemas messages never need it.
+    /// once. Read only when a message names a schema (in its Avro value's
+    /// frame or its `cdclake.schema` header); JSON-with-schemas messages
+    /// never need it.
     pub schema_topic: String,
     /// Extra librdkafka properties (TLS, SASL, tuning). Cannot override the
     /// offset handling the exactly-once design depends on.

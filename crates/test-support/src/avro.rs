@@ -1,5 +1,6 @@
 //! An independent reader of the connector's Avro values
-//! (`cdclake.encoding: avro`, see `debezium/converter/.../AvroBinary.java`):
+//! (the body of a framed value, or of one with `cdclake.encoding: avro`;
+//! see `debezium/converter/.../AvroBinary.java`):
 //! it walks the published Connect schema beside the bytes and gives the
 //! payload back as Kafka Connect's `JsonConverter` writes it, so tests read
 //! every message as JSON with schemas whatever the connector's format.

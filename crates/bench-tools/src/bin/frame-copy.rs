@@ -52,6 +52,7 @@ fn main() {
     }
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
+    let mut done = Vec::new();
     for &p in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(from, p, Duration::from_secs(10))
@@ -59,6 +60,8 @@ fn main() {
         tpl.add_partition_offset(from, p, Offset::Offset(low))
             .expect("offset");
         ends.push(high);
+        // An empty partition has nothing to wait for.
+        done.push(low >= high);
     }
     consumer.assign(&tpl).expect("assign");
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -70,7 +73,6 @@ fn main() {
         .create()
         .expect("kafka producer");
     let (mut copied, mut left_out) = (0u64, 0u64);
-    let mut done = vec![false; partitions.len()];
     while !done.iter().all(|d| *d) {
         let Some(m) = consumer.poll(Duration::from_secs(5)) else {
             continue;

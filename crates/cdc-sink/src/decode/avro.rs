@@ -1,4 +1,5 @@
-//! The schema-id format with Avro values (`cdclake.encoding: avro`): the
+//! The schema-id format with Avro values (framed, or unframed with
+//! `cdclake.encoding: avro` from earlier converters): the
 //! payload in Avro's binary encoding, under the Avro schema that follows
 //! from the published Connect schema by the rules of the converter
 //! (`debezium/converter/.../AvroBinary.java`). So the Connect schema the
@@ -821,6 +822,12 @@ mod tests {
             .decode_message(Some(&short.to_bytes()), &none)
             .unwrap_err();
         assert_eq!(err.kind(), "avro");
+        // A frame of another version is said to be one, not taken for JSON.
+        let mut later = value.clone();
+        later[1] = 2;
+        let err = d.decode_message(Some(&later), &none).unwrap_err();
+        assert_eq!(err.kind(), "encoding");
+        assert!(err.to_string().contains("frame version 2"), "{err}");
     }
 
     /// A struct column (Debezium's `point`) is not read from Avro: the

@@ -71,18 +71,20 @@ pub enum DecodeError {
     #[error("unsupported op `{0}`")]
     Op(String),
     #[error(
-        "schema `{0}`, named by the message's `cdclake.schema` header, is not on the schema topic"
+        "schema `{0}`, named by the message (its frame or `cdclake.schema` header), is not on the schema topic"
     )]
     UnknownSchema(String),
     #[error(
-        "schema `{fingerprint}`, named by the message's `cdclake.schema` header, is not usable: {reason}"
+        "schema `{fingerprint}`, named by the message (its frame or `cdclake.schema` header), is not usable: {reason}"
     )]
     BadSchema { fingerprint: String, reason: String },
     #[error("a record with the `cdclake.marker` header that is not a valid marker: {0}")]
     Marker(String),
     #[error("not a change event in the Avro encoding of its schema: {0}")]
     Avro(String),
-    #[error("encoding `{0}` (the `cdclake.encoding` header) is not one this sink reads")]
+    #[error(
+        "encoding `{0}` (the `cdclake.encoding` header, or the value's frame) is not one this sink reads"
+    )]
     Encoding(String),
 }
 
@@ -529,6 +531,14 @@ impl Decoder {
     ) -> Result<Decoded<'a>, DecodeError> {
         if let Some(frame) = value.and_then(Frame::parse) {
             return self.decode_avro(Some(frame.body), Some(frame.fingerprint));
+        }
+        // No other value starts with the frame's first byte: this is a
+        // frame of a later converter, or a broken one.
+        if let Some(&[cdc_wire::FRAME_MAGIC, version, ..]) = value.map(|v| v.get(..2).unwrap_or(v))
+        {
+            return Err(DecodeError::Encoding(format!(
+                "frame version {version} (or flags, or a value shorter than its frame)"
+            )));
         }
         match headers.encoding {
             None | Some(b"json") => self.decode_with(value, headers.schema_ref),

@@ -1,7 +1,7 @@
 //! The schema topic of the schema-id format: a compacted topic on which
 //! `debezium/converter`'s SchemaIdConverter publishes each distinct value
 //! schema once, keyed by its fingerprint, before the first message that
-//! names it (in the `cdclake.schema` header).
+//! names it (in an Avro value's frame, or the `cdclake.schema` header).
 //!
 //! Read whole, to its end, whenever a message names a fingerprint the
 //! decoder does not know: the topic holds one small record per schema

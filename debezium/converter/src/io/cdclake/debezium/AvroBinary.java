@@ -87,12 +87,6 @@ final class AvroBinary {
     }
 
     /** The value's encoding. Not thread-safe: one per converter, and Connect calls a converter from one thread. */
-    byte[] encode(Schema schema, Object value) {
-        out.reset();
-        write(schema, value);
-        return out.toByteArray();
-    }
-
     /**
      * The value framed as the sink reads it (crates/cdc-wire, `Frame`):
      * magic 0xCD, version 1, flags (1: the record has Kafka headers), the
@@ -100,6 +94,9 @@ final class AvroBinary {
      * buffer, so the frame costs no copy.
      */
     byte[] framed(Schema schema, Object value, byte[] fingerprint, boolean hasHeaders) {
+        if (fingerprint.length != 32) {
+            throw new IllegalStateException("a frame's fingerprint is 32 hex digits, not " + fingerprint.length + " bytes");
+        }
         out.reset();
         out.write(0xCD);
         out.write(1);
