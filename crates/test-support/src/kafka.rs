@@ -246,22 +246,19 @@ pub fn schema_id<M: Message>(m: &M) -> Option<String> {
 /// published schema put back around its payload. `None` for a tombstone.
 pub fn json_with_schema<M: Message>(m: &M, schemas: &mut PublishedSchemas) -> Option<Vec<u8>> {
     let payload = m.payload()?;
-    if let Some(frame) = cdc_wire::Frame::parse(payload) {
-        let id = String::from_utf8_lossy(frame.fingerprint);
-        let json = crate::avro::payload_json(schemas.parsed(&id), frame.body);
-        let json = serde_json::to_vec(&json).unwrap();
-        return Some(with_schema(schemas.get(&id), &json));
-    }
-    let Some(id) = header(m, SCHEMA_HEADER) else {
+    let Some(id) = schema_id(m) else {
         return Some(payload.to_vec());
     };
-    let id = String::from_utf8_lossy(id);
-    if header(m, ENCODING_HEADER) == Some(cdc_wire::AVRO.as_bytes()) {
-        let json = crate::avro::payload_json(schemas.parsed(&id), payload);
-        let json = serde_json::to_vec(&json).unwrap();
-        return Some(with_schema(schemas.get(&id), &json));
-    }
-    Some(with_schema(schemas.get(&id), payload))
+    let avro = match cdc_wire::Frame::parse(payload) {
+        Some(frame) => Some(frame.body),
+        None => (header(m, ENCODING_HEADER) == Some(cdc_wire::AVRO.as_bytes())).then_some(payload),
+    };
+    let Some(body) = avro else {
+        return Some(with_schema(schemas.get(&id), payload));
+    };
+    let json = crate::avro::payload_json(schemas.parsed(&id), body);
+    let json = serde_json::to_vec(&json).unwrap();
+    Some(with_schema(schemas.get(&id), &json))
 }
 
 /// Every message from `from` (the log start where absent) up to `until`

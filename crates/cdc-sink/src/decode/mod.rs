@@ -534,8 +534,7 @@ impl Decoder {
         }
         // No other value starts with the frame's first byte: this is a
         // frame of a later converter, or a broken one.
-        if let Some(&[cdc_wire::FRAME_MAGIC, version, ..]) = value.map(|v| v.get(..2).unwrap_or(v))
-        {
+        if let Some([cdc_wire::FRAME_MAGIC, version, ..]) = value {
             return Err(DecodeError::Encoding(format!(
                 "frame version {version} (or flags, or a value shorter than its frame)"
             )));
