@@ -1947,14 +1947,15 @@ async fn a_current_state_table_sorts_a_composite_key_by_time_until_rebuilt_by_ke
     drop(capture);
 }
 
-/// A primary key whose type changes (`integer` to `bigint`) goes on in the
-/// changelog in a sibling column (`id__long`, the lossless rule for any
-/// changed type), so new changes leave `id` empty. The current-state table
-/// cannot follow a key whose type changed yet: it stops at the change with
-/// an error that names the key column and its sibling, and never takes a
-/// row without its key. The changelog goes on.
+/// A primary key whose type changes (`integer` to `bigint`, as a table
+/// whose ids run out is mended) goes on in the changelog in a sibling
+/// column (`id__long`, the lossless rule for any changed type), so new
+/// changes leave `id` empty. The current-state table follows: rebuilt once
+/// with `id` as `bigint`, an update and a delete of keys written before
+/// the change find their rows, a new key past `integer`'s range and a
+/// primary-key update land, and it equals PostgreSQL through every reader.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_key_type_change_stops_the_current_state_table_with_a_clear_error() {
+async fn a_key_type_change_is_followed_by_the_current_state_table() {
     let capture = OwnCapture::start(
         "keytype",
         "t",
@@ -1971,38 +1972,54 @@ async fn a_key_type_change_stops_the_current_state_table_with_a_clear_error() {
         &capture.db,
         "ALTER TABLE t ALTER COLUMN id TYPE bigint;
          INSERT INTO t VALUES (3000000000, 'big');
-         UPDATE t SET a = 'b5' WHERE id = 5;",
+         UPDATE t SET a = 'b5' WHERE id = 5;
+         DELETE FROM t WHERE id = 6;
+         UPDATE t SET id = 4000000000 WHERE id = 7;",
     );
-    wait_lake_rows(&sink, &prefix, "t", 22).await;
+    // 20 reads, an insert, an update, a delete, and a key update's delete
+    // and create.
+    wait_lake_rows(&sink, &prefix, "t", 25).await;
     wait_log(
         &sink,
-        "key column `id` of `t` is empty",
+        "a primary-key column changed type",
         1,
         Duration::from_secs(60),
     )
     .await;
+    // The mirror has caught up once it holds the new key.
+    wait_until(
+        "the key update in the current-state table",
+        Duration::from_secs(60),
+        async || {
+            let rows = mirror_rows("deltalake", &prefix, "t");
+            match rows
+                .iter()
+                .any(|r| r.values.get("id") == Some(&Some("4000000000".to_string())))
+            {
+                true => Ok(()),
+                false => Err(format!("{} rows", rows.len())),
+            }
+        },
+    )
+    .await;
     terminate(sink);
 
-    // The changelog has both changes, the key in its sibling column.
+    // The changelog has the new changes' keys in the sibling column.
     let rows = lake_rows("deltalake", &prefix, &["t"]);
     let big = rows
         .iter()
         .find(|r| r.values.get("id__long") == Some(&Some("3000000000".to_string())))
         .unwrap_or_else(|| panic!("no row with id__long 3000000000: {rows:?}"));
     assert_eq!(big.values["id"], None);
-    // The current-state table stopped before the change: the 20 rows as
-    // they were, each with its key.
+    // The current-state table has one `id`, of the new type.
     let mirror = mirror_rows("deltalake", &prefix, "t");
-    assert_eq!(mirror.len(), 20, "{mirror:?}");
     assert!(
-        mirror.iter().all(|r| r.values["id"].is_some()),
-        "a row without its key: {mirror:?}"
+        mirror.iter().all(|r| !r.values.contains_key("id__long")),
+        "{mirror:?}"
     );
-    assert!(
-        mirror
-            .iter()
-            .any(|r| r.values["a"] == Some("a5".to_string()))
-    );
+    let pg = capture.client().await;
+    assert_mirror_equals_pg(&pg, &prefix, "t").await;
+    drop(pg);
     drop(capture);
 }
 

@@ -435,8 +435,18 @@ pub fn conform(batch: RecordBatch, table: &mut StructType) -> Result<RecordBatch
     )?)
 }
 
+/// Whether `field` is where [`conform`] put `column`'s values of a type
+/// the column cannot hold: `<column>__<its own type>`.
+pub fn is_sibling(column: &str, field: &StructField) -> bool {
+    field
+        .name()
+        .strip_prefix(column)
+        .and_then(|rest| rest.strip_prefix("__"))
+        .is_some_and(|suffix| suffix == type_suffix(field))
+}
+
 /// Whether every value of `from` is exactly representable in `to`.
-fn widens(from: &DataType, to: &DataType) -> bool {
+pub fn widens(from: &DataType, to: &DataType) -> bool {
     use DataType::*;
     match (from, to) {
         (Int8, Int16 | Int32 | Int64) | (Int16, Int32 | Int64) | (Int32, Int64) => true,
@@ -459,7 +469,7 @@ fn type_suffix(field: &StructField) -> String {
         .collect()
 }
 
-fn to_arrow(field: &StructField) -> Result<Field, DeltaTableError> {
+pub fn to_arrow(field: &StructField) -> Result<Field, DeltaTableError> {
     Ok(TryIntoArrow::<Field>::try_into_arrow(field)?)
 }
 

@@ -54,7 +54,9 @@ use crate::lake::files::{ReadFile, align, output_schema_of, sort_by_kafka_positi
 use crate::lake::mirror::MirrorError;
 use crate::lake::mirror::changes::key_converter;
 use crate::lake::mirror::order::{self, Order};
+use crate::lake::mirror::retype::KeyTypes;
 use crate::lake::mirror::through::{self, Through};
+use crate::lake::table::delta_err;
 
 /// Rows sampled, about: enough for the order's choice (which looks at up
 /// to 65,536 rows per partition) and for the quantiles of a few hundred
@@ -128,12 +130,15 @@ struct Surveyed {
 /// Reads every file of `files`, keeping them while the [`peak`] of
 /// applying them is at most `budget`, surveying them all. `key`: the
 /// primary key as known before the first file names one (the mirror's
-/// property). `None` if a file is gone.
+/// property); each file is read with its key columns folded by it
+/// ([`KeyTypes`], from `table_schema`, the changelog's). `None` if a file
+/// is gone.
 pub(super) async fn read_whole(
     table: &str,
     store: &ObjectStoreRef,
     files: Vec<LiveFile>,
     key: Option<Vec<String>>,
+    table_schema: &StructType,
     budget: usize,
 ) -> Result<Option<Whole>, MirrorError> {
     let arrow_err = MirrorError::arrow(table);
@@ -167,6 +172,12 @@ pub(super) async fn read_whole(
                 .filter(|k| !k.is_empty())
                 .or(key);
         }
+        let file = match &key {
+            Some(key) => key_types(table, table_schema, key)?
+                .file(file)
+                .map_err(arrow_err)?,
+            None => file,
+        };
         let mut file_halves = Vec::new();
         survey.has_changes |= has_changes(&file);
         let mut bounds = Bounds::default();
@@ -291,6 +302,33 @@ pub(super) async fn fetch_file(
     ReadFile::read(path.to_string(), bytes)
         .map(Some)
         .map_err(MirrorError::file(table))
+}
+
+/// The folds of `key`'s columns in the changelog of Delta schema
+/// `table_schema` ([`KeyTypes`]).
+fn key_types(
+    table: &str,
+    table_schema: &StructType,
+    key: &[String],
+) -> Result<KeyTypes, MirrorError> {
+    KeyTypes::of(table_schema, key).map_err(|e| MirrorError::from(delta_err(table)(e)))
+}
+
+/// Reads the changelog file at `path` with its key columns folded by
+/// `types`; `None` if it is gone.
+async fn fetch_keyed(
+    table: &str,
+    store: &ObjectStoreRef,
+    path: &Path,
+    types: &KeyTypes,
+) -> Result<Option<ReadFile>, MirrorError> {
+    let Some(file) = fetch_file(table, store, path).await? else {
+        return Ok(None);
+    };
+    types
+        .file(file)
+        .map(Some)
+        .map_err(MirrorError::arrow(table))
 }
 
 /// Whether `file` holds a change of a row (not only recovery markers).
@@ -476,6 +514,8 @@ pub(super) fn at_most(key: &[u8], bound: &[u8]) -> bool {
 /// The ranges a survey's build goes through, and how to read each.
 pub(super) struct Plan {
     pub schema: SchemaRef,
+    /// How the changelog's files are read (see [`KeyTypes`]).
+    key_types: KeyTypes,
     pub order: Order,
     /// The whole key's encoding, in the order's columns.
     converter: RowConverter,
@@ -532,12 +572,15 @@ impl Survey {
         table: &str,
         store: &ObjectStoreRef,
         key: &[String],
+        table_schema: &StructType,
     ) -> Result<Option<()>, MirrorError> {
         let arrow_err = MirrorError::arrow(table);
+        let types = key_types(table, table_schema, key)?;
         for f in self.files.iter_mut().filter(|f| !same_key(&f.key, key)) {
-            let Some(file) = fetch_file(table, store, &f.path).await? else {
+            let Some(file) = fetch_keyed(table, store, &f.path, &types).await? else {
                 return Ok(None);
             };
+            f.schema = file.schema.clone();
             f.halves.clear();
             for batch in &file.batches {
                 if let Some(found) = halves(batch, key, None).map_err(arrow_err)? {
@@ -566,7 +609,7 @@ impl Survey {
             return Ok(Some(()));
         }
         for f in &mut self.files {
-            let Some(file) = fetch_file(table, store, &f.path).await? else {
+            let Some(file) = fetch_keyed(table, store, &f.path, &types).await? else {
                 return Ok(None);
             };
             for batch in &file.batches {
@@ -595,7 +638,11 @@ impl Survey {
             .iter()
             .map(|f| (f.path.as_ref(), f.schema.as_ref()))
             .collect();
-        let schema = output_schema_of(table_schema, partition_columns, &schemas)
+        let key_types = key_types(table, table_schema, key)?;
+        let read_as = key_types
+            .table(table_schema)
+            .map_err(|e| MirrorError::from(delta_err(table)(e)))?;
+        let schema = output_schema_of(&read_as, partition_columns, &schemas)
             .map_err(MirrorError::file(table))?;
         let project = |names: &[String]| -> Result<SchemaRef, ArrowError> {
             let fields = names
@@ -699,6 +746,7 @@ impl Survey {
         }
         Ok(Plan {
             schema,
+            key_types,
             order,
             converter,
             cuts,
@@ -756,7 +804,7 @@ impl Plan {
             if !range.meets(bounds) {
                 continue;
             }
-            let Some(file) = fetch_file(table, store, path).await? else {
+            let Some(file) = fetch_keyed(table, store, path, &self.key_types).await? else {
                 return Ok(None);
             };
             for batch in &file.batches {

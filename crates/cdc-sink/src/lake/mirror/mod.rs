@@ -31,6 +31,7 @@ pub mod changes;
 mod halves;
 pub mod order;
 mod reconcile;
+mod retype;
 mod rewrite;
 pub mod through;
 
@@ -65,6 +66,7 @@ use crate::lake::head::LogHead;
 use crate::lake::mirror::build::{LiveFile, Whole, fetch_file};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
 use crate::lake::mirror::order::Order;
+use crate::lake::mirror::retype::KeyTypes;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::{Through, TruncateState};
 use crate::lake::table::{LakeRoot, commit_properties, create_table, delta_err};
@@ -127,7 +129,8 @@ pub enum MirrorError {
     },
     #[error(
         "key column `{column}` of `{table}` is empty in the change at {at}; its type or name \
-         changed ({siblings}), which the current-state table cannot follow yet: it stays \
+         changed ({siblings}) in a way the current-state table cannot follow (it follows a \
+         type that holds every old value, such as `integer` to `bigint`): it stays \
          at the change before, and the changelog goes on"
     )]
     KeyChanged {
@@ -384,12 +387,15 @@ struct Opened {
 /// changelog whose Delta table id is `changelog`, keyed by `key`.
 /// `anew`: the mirror reflected another changelog (see [`replaced`]), so
 /// its schema, key and positions are this one's, not carried forward.
+/// `retyped`: a key column changed type ([`retype`]), so its schema is the
+/// rows', not the old one grown.
 #[derive(Clone, Copy)]
 struct Reflects<'a> {
     changelog: &'a str,
     version: i64,
     key: &'a [String],
     anew: bool,
+    retyped: bool,
 }
 
 /// Whether `mirror`, synced through changelog version `applied`, reflects
@@ -637,7 +643,10 @@ impl Mirror {
         // The mirror's own key, schema and positions count only if they
         // are its changelog's.
         let known = exists && !anew;
-        let rebuild = rebuild || anew;
+        // A key column whose type changed since the mirror was written:
+        // its files' key ranges are encodings of the old type.
+        let retyped = known && retyped(table, changelog, mirror)?;
+        let rebuild = rebuild || anew || retyped;
         if applied == Some(target) && !rebuild {
             return Ok(Synced {
                 through: applied,
@@ -751,6 +760,7 @@ impl Mirror {
                     version: through,
                     key: &key,
                     anew,
+                    retyped,
                 };
                 let mut synced = self
                     .build(table, changelog, mirror, exists, survey, to)
@@ -767,17 +777,24 @@ impl Mirror {
             version: through,
             key: &key,
             anew,
+            retyped,
         };
         // The changes, in Kafka order, reduced to one outcome per key.
         let arrow_err = MirrorError::arrow(table);
         let partition_columns = changelog.metadata().partition_columns().to_vec();
-        let schema =
-            output_schema(changelog.schema(), &partition_columns, &files).map_err(|source| {
-                MirrorError::File {
-                    table: table.to_string(),
-                    source,
-                }
-            })?;
+        let key_types = KeyTypes::of(changelog.schema(), &key).map_err(&err)?;
+        let files = files
+            .into_iter()
+            .map(|f| key_types.file(f))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_err)?;
+        let read_as = key_types.table(changelog.schema()).map_err(&err)?;
+        let schema = output_schema(&read_as, &partition_columns, &files).map_err(|source| {
+            MirrorError::File {
+                table: table.to_string(),
+                source,
+            }
+        })?;
         // Each intermediate goes as soon as the next is made: the peak is
         // about twice the changes, not four times.
         let mut batches = Vec::new();
@@ -1100,9 +1117,16 @@ impl Mirror {
             .collect();
         let key = property_key(mirror.filter(|m| m.version().is_some()))
             .and_then(|k| serde_json::from_str(&k).ok());
-        build::read_whole(table, store, files, key, self.build_bytes)
-            .await?
-            .ok_or_else(|| missing_live_file(table))
+        build::read_whole(
+            table,
+            store,
+            files,
+            key,
+            changelog.schema(),
+            self.build_bytes,
+        )
+        .await?
+        .ok_or_else(|| missing_live_file(table))
     }
 
     /// A full sync from a survey of the whole changelog: the mirror built
@@ -1122,7 +1146,7 @@ impl Mirror {
         let store = changelog.store();
         let key = to.key;
         survey
-            .pair_halves(table, &store, key)
+            .pair_halves(table, &store, key, changelog.schema())
             .await?
             .ok_or_else(|| missing_live_file(table))?;
         let plan = survey.plan(
@@ -1515,9 +1539,10 @@ impl Mirror {
         }
 
         // Columns the changelog gained since the mirror was created; a
-        // mirror built anew takes its new changelog's columns alone.
+        // mirror built anew takes its new changelog's columns alone, and
+        // one whose key changed type the rows' columns.
         let current = state.schema().as_ref().clone();
-        let mut evolved = match to.anew {
+        let mut evolved = match to.anew || to.retyped {
             false => current.clone(),
             true => delta_schema(table, &target_schema)?,
         };
@@ -1877,6 +1902,28 @@ async fn read_all(
         }
     }
     Ok(Some(files))
+}
+
+/// Whether a key column of `mirror`'s changelog changed type since the
+/// mirror was written ([`retype`]).
+fn retyped(table: &str, changelog: &LogHead, mirror: &DeltaTable) -> Result<bool, MirrorError> {
+    let Some(key) = key_of(table, None, Some(mirror))? else {
+        return Ok(false);
+    };
+    let types = KeyTypes::of(changelog.schema(), &key).map_err(delta_err(table))?;
+    let name = LakeRoot::mirror_of(table);
+    let state = mirror.snapshot().map_err(delta_err(&name))?;
+    let changed = types
+        .changes(state.schema().as_ref())
+        .map_err(delta_err(&name))?;
+    if changed {
+        tracing::info!(
+            table,
+            key = %types.describe(),
+            "a primary-key column changed type: building the current-state table anew"
+        );
+    }
+    Ok(changed)
 }
 
 /// The mirror's own record of its primary key (JSON).

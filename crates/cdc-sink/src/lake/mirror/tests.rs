@@ -42,6 +42,9 @@ pub(crate) struct Lake {
     /// The last offset committed per partition.
     last: BTreeMap<i32, i64>,
     lsn: i64,
+    /// The type of `id` in the rows committed: Int64 unless a test
+    /// changes it (a key column's type change).
+    id_type: DataType,
 }
 
 impl Lake {
@@ -81,6 +84,7 @@ impl Lake {
             changelog,
             last: BTreeMap::new(),
             lsn: 1000,
+            id_type: DataType::Int64,
         }
     }
 
@@ -122,6 +126,7 @@ impl Lake {
             ),
             last: BTreeMap::new(),
             lsn: 1000,
+            id_type: DataType::Int64,
         }
     }
 
@@ -186,7 +191,7 @@ impl Lake {
             let n = cs.len();
             let offsets: Vec<i64> = (first..first + n as i64).collect();
             let mut fields = vec![
-                Field::new("id", DataType::Int64, true),
+                Field::new("id", self.id_type.clone(), true),
                 Field::new("note", DataType::Utf8, true),
                 Field::new(meta::OP, DataType::Utf8, true),
                 Field::new(meta::COMMIT_TS, utc_micros(), true),
@@ -200,8 +205,9 @@ impl Lake {
                     true,
                 ),
             ];
+            let ids = Int64Array::from_iter_values(cs.iter().map(|c| c.1));
             let mut columns: Vec<ArrayRef> = vec![
-                Arc::new(Int64Array::from_iter_values(cs.iter().map(|c| c.1))),
+                arrow::compute::cast(&ids, &self.id_type).unwrap(),
                 Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.3))),
                 Arc::new(StringArray::from_iter_values(cs.iter().map(|c| c.2))),
                 Arc::new(
@@ -290,6 +296,7 @@ impl Lake {
         let mut out = BTreeMap::new();
         for b in self.mirror_batches().await {
             let ids = b.column_by_name("id").unwrap();
+            let ids = arrow::compute::cast(ids, &DataType::Int64).unwrap();
             let ids = ids.as_primitive::<Int64Type>();
             let notes = b.column_by_name("note").unwrap();
             let notes = notes.as_string::<i32>();
@@ -514,6 +521,82 @@ async fn a_mirror_holds_the_last_image_of_every_key_and_no_deleted_one() {
     let rebuilt = mirror.sync(TABLE, true).await.unwrap();
     assert!(rebuilt.full);
     assert_eq!(lake.rows().await, want);
+}
+
+/// `ALTER TABLE items ALTER COLUMN id TYPE bigint`: the changelog keeps
+/// the new changes' keys in `id__long` (files written since have no `id`).
+/// The first sync after it builds the mirror anew with `id` as Int64
+/// and no `id__long`; an update of a key written as Int32 replaces its
+/// row; later syncs go on incrementally; a build by ranges ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_widened_by_its_table_keeps_its_rows_and_takes_the_new_type() {
+    let mut lake = Lake::new();
+    let mirror = lake.mirror(32 << 20);
+    lake.id_type = DataType::Int32;
+    lake.commit(
+        &[
+            (0, 1, "c", "one", false),
+            (0, 2, "c", "two", false),
+            (1, 3, "c", "three", false),
+        ],
+        true,
+    )
+    .await;
+    mirror.sync(TABLE, false).await.unwrap();
+    let id_type = async |lake: &Lake| {
+        let batches = lake.mirror_batches().await;
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.column_by_name("id__long").is_none())
+        );
+        batches[0].column_by_name("id").unwrap().data_type().clone()
+    };
+    assert_eq!(id_type(&lake).await, DataType::Int32);
+
+    lake.id_type = DataType::Int64;
+    lake.commit(
+        &[
+            (0, 2, "u", "two'", false),
+            (1, 3_000_000_000, "c", "big", false),
+            (0, 1, "d", "one", false),
+        ],
+        true,
+    )
+    .await;
+    let changelog = lake.root.handle(TABLE).unwrap();
+    let mut changelog = changelog;
+    changelog.load().await.unwrap();
+    let columns: Vec<String> = changelog
+        .snapshot()
+        .unwrap()
+        .schema()
+        .fields()
+        .map(|f| f.name().clone())
+        .collect();
+    assert!(columns.contains(&"id__long".to_string()), "{columns:?}");
+
+    let retyped = mirror.sync(TABLE, false).await.unwrap();
+    assert!(retyped.full, "{retyped:?}");
+    let want = expect(&[(2, "two'"), (3, "three"), (3_000_000_000, "big")]);
+    assert_eq!(lake.rows().await, want);
+    assert_eq!(id_type(&lake).await, DataType::Int64);
+
+    lake.commit(
+        &[(1, 3, "u", "three'", false), (0, 2, "d", "two'", false)],
+        true,
+    )
+    .await;
+    let next = mirror.sync(TABLE, false).await.unwrap();
+    assert!(!next.full, "{next:?}");
+    let want = expect(&[(3, "three'"), (3_000_000_000, "big")]);
+    assert_eq!(lake.rows().await, want);
+
+    let ranged = lake.mirror(32 << 20).with_build_bytes(1);
+    let rebuilt = ranged.sync(TABLE, true).await.unwrap();
+    assert!(rebuilt.ranges > 1, "{rebuilt:?}");
+    assert_eq!(lake.rows().await, want);
+    assert_eq!(id_type(&lake).await, DataType::Int64);
 }
 
 /// A sync's requests do not grow with the mirror's history: its commit
