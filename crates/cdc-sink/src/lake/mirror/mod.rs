@@ -508,6 +508,9 @@ impl Mirror {
         )
         .with_clustering(cfg.mirror.clustering)
         .with_build_bytes(cfg.mirror.build_memory_bytes);
+        if let Some(bytes) = cfg.mirror.sync_max_bytes {
+            mirror.sync_bytes = bytes;
+        }
         mirror.vacuum_retention =
             std::time::Duration::from_secs(cfg.lake.vacuum_retention_hours * 3600);
         mirror

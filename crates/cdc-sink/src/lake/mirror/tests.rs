@@ -659,6 +659,24 @@ async fn a_mirror_far_behind_catches_up_in_bounded_batches() {
     assert_eq!(lake.rows().await, expect(&[(1, "one'"), (3, "three")]));
 }
 
+/// `mirror.sync_max_bytes` sets how much one sync takes: the three
+/// commits that files of one byte would take one at a time go in one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_far_behind_takes_up_to_sync_max_bytes_in_one_sync() {
+    let mut lake = Lake::new();
+    lake.commit(&[(0, 1, "c", "one", false)], true).await;
+    lake.commit(&[(0, 1, "u", "one'", false)], true).await;
+    lake.commit(&[(0, 2, "c", "two", false)], true).await;
+    let mut cfg = crate::config::SinkConfig::default();
+    cfg.mirror.target_file_bytes = 1;
+    cfg.mirror.sync_max_bytes = Some(1 << 20);
+    let mirror = Mirror::configured(lake.root.clone(), &cfg);
+    let s = mirror.sync(TABLE, false).await.unwrap();
+    assert_eq!(s.through, Some(3), "{s:?}");
+    assert!(!s.behind, "{s:?}");
+    assert_eq!(lake.rows().await, expect(&[(1, "one'"), (2, "two")]));
+}
+
 /// A changelog deleted and created again (to capture a table afresh, say)
 /// is a new table whose versions start over: a mirror synced to the old
 /// one is rebuilt from the new one, not taken for being at the new one's
