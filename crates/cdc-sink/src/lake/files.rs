@@ -312,6 +312,7 @@ impl FileWriter {
 
 /// One data file, read whole (files are bounded: compaction reads small
 /// ones, the current-state writer the changelog's and its own).
+#[derive(Clone)]
 pub struct ReadFile {
     pub path: String,
     pub schema: SchemaRef,

@@ -172,16 +172,19 @@ pub(super) async fn read_whole(
                 .filter(|k| !k.is_empty())
                 .or(key);
         }
-        let file = match &key {
+        // Surveyed with its key columns folded by the key known here, and
+        // kept as read: a sync folds what it applies by the key it
+        // settles on, which a later file may name.
+        let surveyed = match &key {
             Some(key) => key_types(table, table_schema, key)?
-                .file(file)
+                .file(file.clone())
                 .map_err(arrow_err)?,
-            None => file,
+            None => file.clone(),
         };
         let mut file_halves = Vec::new();
         survey.has_changes |= has_changes(&file);
         let mut bounds = Bounds::default();
-        for batch in &file.batches {
+        for batch in &surveyed.batches {
             survey.bytes += batch.get_array_memory_size();
             survey.rows += batch.num_rows();
             survey.through = survey.through.merged(&Through::of_rows(batch));
@@ -212,7 +215,7 @@ pub(super) async fn read_whole(
             path: live.path,
             key: key.clone(),
             halves: file_halves,
-            schema: file.schema.clone(),
+            schema: surveyed.schema.clone(),
             bounds: bounds.finish().map_err(arrow_err)?,
         });
         kept = match kept {
@@ -830,7 +833,7 @@ impl Plan {
         }
         let rows = arrow::compute::concat_batches(&self.schema, &kept).map_err(arrow_err)?;
         drop(kept);
-        Ok(Some(sort_by_kafka_position(&rows).map_err(arrow_err)?))
+        Ok(Some(self.key_types.order(&rows).map_err(arrow_err)?))
     }
 }
 

@@ -59,9 +59,7 @@ use crate::config::{Clustering, MirrorConfig};
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::changelog::KEY_METADATA;
-use crate::lake::files::{
-    FileError, FileWriter, ReadFile, align, now_ms, output_schema, sort_by_kafka_position,
-};
+use crate::lake::files::{FileError, FileWriter, ReadFile, align, now_ms, output_schema};
 use crate::lake::head::LogHead;
 use crate::lake::mirror::build::{LiveFile, Whole, fetch_file};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
@@ -130,7 +128,8 @@ pub enum MirrorError {
     #[error(
         "key column `{column}` of `{table}` is empty in the change at {at}; its type or name \
          changed ({siblings}) in a way the current-state table cannot follow (it follows a \
-         type that holds every old value, such as `integer` to `bigint`): it stays \
+         wider integer or float type, or a decimal of more digits, such as `integer` to \
+         `bigint`): it stays \
          at the change before, and the changelog goes on"
     )]
     KeyChanged {
@@ -809,7 +808,7 @@ impl Mirror {
         let rows = {
             let unsorted = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
             drop(batches);
-            sort_by_kafka_position(&unsorted).map_err(arrow_err)?
+            key_types.order(&unsorted).map_err(arrow_err)?
         };
         // The newest TRUNCATE, seen before or among these rows: the
         // changes before it are skipped.

@@ -19,15 +19,16 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::kernels::zip::zip;
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use arrow::error::ArrowError;
 use deltalake::DeltaTableError;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::{StructField, StructType};
 
-use crate::lake::files::ReadFile;
+use crate::decode::schema::meta;
+use crate::lake::files::{ReadFile, sort_by_kafka_position};
 use crate::lake::table::{is_sibling, to_arrow, widens};
 
 /// How a mirror reads its changelog's key columns: for each that changed
@@ -36,6 +37,10 @@ use crate::lake::table::{is_sibling, to_arrow, widens};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyTypes {
     folds: Vec<Fold>,
+    /// A key column has siblings no type of it holds: the mirror cannot
+    /// follow it, so it is not rebuilt for the others either (each
+    /// rebuild would end at the same error).
+    blocked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +57,7 @@ impl KeyTypes {
     /// `table`.
     pub fn of(table: &StructType, key: &[String]) -> Result<KeyTypes, DeltaTableError> {
         let mut folds = Vec::new();
+        let mut blocked = false;
         for column in key {
             let Some(own) = table.field(column) else {
                 continue;
@@ -67,20 +73,25 @@ impl KeyTypes {
             }
             // The one type every other widens into, if there is one.
             let holds_all = |t: &DataType| types.iter().all(|o| o == t || widens(o, t));
-            if let Some(to) = types.iter().find(|t| holds_all(t)) {
-                folds.push(Fold {
+            match types.iter().find(|t| holds_all(t)) {
+                Some(to) => folds.push(Fold {
                     column: column.clone(),
                     siblings: siblings.iter().map(|s| s.name().clone()).collect(),
                     to: to.clone(),
-                });
+                }),
+                None => blocked = true,
             }
         }
-        Ok(KeyTypes { folds })
+        Ok(KeyTypes { folds, blocked })
     }
 
     /// Whether a mirror of Delta schema `mirror` was written before a fold:
     /// a key column of another type, or one of its siblings as a column.
+    /// Never while a key column cannot be followed.
     pub fn changes(&self, mirror: &StructType) -> Result<bool, DeltaTableError> {
+        if self.blocked {
+            return Ok(false);
+        }
         for fold in &self.folds {
             if fold.siblings.iter().any(|s| mirror.field(s).is_some()) {
                 return Ok(true);
@@ -161,6 +172,33 @@ impl KeyTypes {
             }
         }
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    }
+
+    /// `rows` (changelog rows) in the order a key's changes apply in.
+    /// Debezium puts a key's changes in the partition its key's bytes
+    /// choose, so Kafka order is a key's source order, but a key column's
+    /// new type changes those bytes: a row's changes before and after the
+    /// change can sit in different partitions. So with a fold, rows are
+    /// ordered by LSN, which is source order for any one row (a second
+    /// change of a row waits for the first's commit), and by Kafka position
+    /// among equal LSNs (a primary-key update's halves) and rows without
+    /// one (markers).
+    pub fn order(&self, rows: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+        let by_position = sort_by_kafka_position(rows)?;
+        if self.folds.is_empty() {
+            return Ok(by_position);
+        }
+        let Some(lsn) = by_position
+            .column_by_name(meta::LSN)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        else {
+            return Ok(by_position);
+        };
+        let at = |i: u32| lsn.is_valid(i as usize).then(|| lsn.value(i as usize));
+        let mut order: Vec<u32> = (0..by_position.num_rows() as u32).collect();
+        // Stable: equal LSNs keep Kafka order.
+        order.sort_by_key(|&i| at(i));
+        arrow::compute::take_record_batch(&by_position, &UInt32Array::from(order))
     }
 
     /// `file` with every batch folded.
@@ -316,8 +354,24 @@ mod tests {
             Field::new("id", DataType::Int32, true),
             Field::new("id__string", DataType::Utf8, true),
         ]);
-        assert_eq!(KeyTypes::of(&table, &key()).unwrap(), KeyTypes::default());
+        let types = KeyTypes::of(&table, &key()).unwrap();
+        assert!(types.folds.is_empty() && types.blocked);
         // Nor is a column that only looks like a sibling.
+        // A composite key with one column widened and one changed to an
+        // unrelated type: the mirror is not rebuilt for the first, as it
+        // could not follow the second.
+        let composite = delta(vec![
+            Field::new("a", DataType::Int32, true),
+            Field::new("b", DataType::Int32, true),
+            Field::new("a__long", DataType::Int64, true),
+            Field::new("b__string", DataType::Utf8, true),
+        ]);
+        let types = KeyTypes::of(&composite, &["a".to_string(), "b".to_string()]).unwrap();
+        let old_mirror = delta(vec![
+            Field::new("a", DataType::Int32, true),
+            Field::new("b", DataType::Int32, true),
+        ]);
+        assert!(!types.changes(&old_mirror).unwrap());
         let table = delta(vec![
             Field::new("id", DataType::Int32, true),
             Field::new("id__old", DataType::Int64, true),
