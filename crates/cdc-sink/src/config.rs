@@ -193,7 +193,7 @@ pub struct MirrorConfig {
     /// that would take more is built range by range of the table's order.
     pub build_memory_bytes: usize,
     /// Changelog Parquet bytes one sync applies at most (at least one
-    /// commit's); unset, an eighth of `target_file_bytes`. A mirror that
+    /// commit's); unset, a quarter of `target_file_bytes`. A mirror that
     /// is behind catches up in syncs of this size: each costs about a
     /// rewrite of the files its updates touch, so bigger syncs catch up
     /// with less CPU and more memory (docs/benchmarks.md).

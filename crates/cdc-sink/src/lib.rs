@@ -14,12 +14,14 @@
 //!   partitions it keeps ([`pipeline::partition`]).
 //!
 //! Beside the flow: [`retry`] waits out failing dependencies; [`telemetry`]
-//! reports to operators; [`config`] and [`cli`] configure it.
+//! reports to operators; [`config`] and [`cli`] configure it; [`memory`]
+//! sets the allocator up.
 
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod lake;
+pub mod memory;
 pub mod pipeline;
 pub mod retry;
 pub mod source;

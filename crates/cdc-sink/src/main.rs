@@ -3,19 +3,13 @@ use std::process::ExitCode;
 use cdc_sink::cli::{Cli, Command};
 use cdc_sink::config::SinkConfig;
 use cdc_sink::lake::{mirror, upkeep};
-use cdc_sink::{pipeline, telemetry};
+use cdc_sink::{memory, pipeline, telemetry};
 use cdc_telemetry::Readiness;
 use clap::Parser;
 use tokio::sync::watch;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    cdc_telemetry::init();
-    // Test builds only: the failpoints named in FAILPOINTS.
-    #[cfg(feature = "failpoints")]
-    let _failpoints = fail::FailScenario::setup();
-    let cli = Cli::parse();
-    match run(cli).await {
+fn main() -> ExitCode {
+    match start(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // Once, with its causes; systemd puts stderr in the journal too.
@@ -25,8 +19,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn start(cli: Cli) -> anyhow::Result<()> {
     let config = SinkConfig::from_figment(cli.figment())?;
+    // Before the runtime's threads (see `memory`); only with current-state
+    // tables, whose rewrites are what the extra arenas hold.
+    if config.mirror.enabled {
+        memory::limit_malloc_arenas();
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, config: SinkConfig) -> anyhow::Result<()> {
+    cdc_telemetry::init();
+    // Test builds only: the failpoints named in FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if cli.check_config {
         config.s3.resolve_secret()?;
         println!("configuration OK\n{config:#?}");

@@ -484,7 +484,7 @@ impl Mirror {
             target_bytes: target_bytes.max(1),
             clustering: Clustering::Time,
             tail_bytes: target_bytes / 4,
-            sync_bytes: (target_bytes / 8).max(1),
+            sync_bytes: (target_bytes / 4).max(1),
             build_bytes: MirrorConfig::default().build_memory_bytes,
             vacuum_retention: std::time::Duration::from_secs(168 * 3600),
             #[cfg(test)]

@@ -855,8 +855,8 @@ async fn a_composite_key_is_clustered_by_its_column_that_grows_with_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_order_over_a_big_changelog_costs_a_sync_no_full_load() {
     let mut lake = Lake::new();
-    // Syncs take an eighth of this: 2 KiB of changelog Parquet.
-    let mirror = lake.mirror(16 << 10);
+    // Syncs take a quarter of this: 2 KiB of changelog Parquet.
+    let mirror = lake.mirror(8 << 10);
     lake.commit_likes(&likes(0, 10)).await;
     assert!(!mirror.sync(TABLE, false).await.unwrap().rechosen);
     lake.commit_likes(&likes(10, 400)).await;
