@@ -9,24 +9,30 @@ use clap::Parser;
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
-    match start(Cli::parse()) {
+    let cli = Cli::parse();
+    let config = match SinkConfig::from_figment(cli.figment()) {
+        Ok(config) => config,
+        Err(err) => return fail(err.into()),
+    };
+    // Before the runtime's threads; see `memory`.
+    if config.mirror.enabled || matches!(cli.command, Some(Command::Mirror { .. })) {
+        memory::limit_malloc_arenas();
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(err.into()),
+    };
+    // The error is printed before the runtime waits for its blocking tasks.
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // Once, with its causes; systemd puts stderr in the journal too.
-            eprintln!("cdc-sink: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => fail(err),
     }
 }
 
-fn start(cli: Cli) -> anyhow::Result<()> {
-    let config = SinkConfig::from_figment(cli.figment())?;
-    // Before the runtime's threads (see `memory`); only with current-state
-    // tables, whose rewrites are what the extra arenas hold.
-    if config.mirror.enabled {
-        memory::limit_malloc_arenas();
-    }
-    tokio::runtime::Runtime::new()?.block_on(run(cli, config))
+/// Once, with its causes; systemd puts stderr in the journal too.
+fn fail(err: anyhow::Error) -> ExitCode {
+    eprintln!("cdc-sink: {err:#}");
+    ExitCode::FAILURE
 }
 
 async fn run(cli: Cli, config: SinkConfig) -> anyhow::Result<()> {
