@@ -28,6 +28,7 @@ use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
+use crate::FastMap;
 use crate::decode::marker::RECOVERY;
 use crate::decode::schema::meta;
 use crate::lake::mirror::through::{self, TruncateState};
@@ -65,7 +66,7 @@ pub struct Changes {
     /// The changelog rows, in Kafka order.
     pub rows: RecordBatch,
     /// Each key's outcome, by the key's row encoding.
-    pub outcomes: HashMap<OwnedRow, Outcome>,
+    pub outcomes: FastMap<OwnedRow, Outcome>,
     /// The key's columns, in the order the keys are encoded and compared.
     pub key: Vec<String>,
     /// Shared with the file rewrites, which run on blocking threads.
@@ -250,7 +251,7 @@ impl Changes {
             })
         };
 
-        let mut outcomes: HashMap<OwnedRow, Outcome> = HashMap::new();
+        let mut outcomes: FastMap<OwnedRow, Outcome> = FastMap::default();
         // Old keys' images just before their deletes, by the create's row.
         let mut images: HashMap<usize, Image> = HashMap::new();
         let mut moved: Vec<OwnedRow> = Vec::new();

@@ -1365,7 +1365,9 @@ impl Mirror {
         // move into their buckets: a full sync has one per key.
         let mut keys: Vec<(OwnedRow, Outcome)> =
             std::mem::take(&mut changes.outcomes).into_iter().collect();
-        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        // Keys are unique: an unstable sort orders them the same, without
+        // the stable sort's buffer of these wide pairs.
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut buckets: BTreeMap<Option<usize>, Bucket> = BTreeMap::new();
         let mut removed = Vec::new();
         for (k, outcome) in keys {
