@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{CompressionCodec, OutputConfig};
 use crate::decode::schema::meta;
+use crate::lake::recent::Recent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -243,6 +244,9 @@ pub struct FileWriter {
     /// Files being encoded at once, across all tables and flushes: one per
     /// core. Each holds an encoder's buffers, so more would only add memory.
     encoders: Arc<Semaphore>,
+    /// Where the files put are kept as rows for their next reader, if
+    /// anywhere ([`Recent`]).
+    recent: Option<Arc<Recent>>,
 }
 
 impl FileWriter {
@@ -252,7 +256,14 @@ impl FileWriter {
             encoders: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            recent: None,
         }
+    }
+
+    /// Keeps every file this puts in `recent` as well.
+    pub fn with_recent(mut self, recent: Arc<Recent>) -> FileWriter {
+        self.recent = Some(recent);
+        self
     }
 
     /// Encodes `batch` (with `footer` in its key-value metadata) and puts
@@ -280,17 +291,22 @@ impl FileWriter {
         // thread that consumes and decodes. The batch is shared, not copied.
         let rows = batch.num_rows();
         let to_encode = batch.clone();
-        let bytes = match tokio::task::spawn_blocking(move || {
+        let path = new_file_path(&partition);
+        let keep = self.recent.is_some().then(|| path.clone());
+        let (bytes, kept) = match tokio::task::spawn_blocking(move || {
             let bytes = encode_with(&to_encode, &props, &footer);
+            let kept = match (&bytes, keep) {
+                (Ok(bytes), Some(path)) => ReadFile::written(path, bytes, &to_encode),
+                _ => None,
+            };
             drop(permit);
-            bytes
+            bytes.map(|b| (b, kept))
         })
         .await
         {
             Ok(done) => done?,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
-        let path = new_file_path(&partition);
         let size = bytes.len();
         upload(store, &Path::from(path.as_str()), bytes)
             .await
@@ -298,6 +314,9 @@ impl FileWriter {
                 path: path.clone(),
                 source,
             })?;
+        if let (Some(recent), Some(kept)) = (&self.recent, kept) {
+            recent.keep(kept);
+        }
         Ok(Add {
             path,
             partition_values: partition.into_iter().collect::<HashMap<_, _>>(),
@@ -322,20 +341,38 @@ pub struct ReadFile {
 }
 
 impl ReadFile {
+    /// What [`ReadFile::read`] of `bytes`, the encoding of `batch`, would
+    /// give, without decoding it: the footer and the schema are read from
+    /// `bytes`, the rows are `batch`'s. `None` if `batch`'s columns do not
+    /// fit the schema read back (then the file is read, not kept).
+    pub fn written(path: String, bytes: &Bytes, batch: &RecordBatch) -> Option<ReadFile> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).ok()?;
+        let footer = footer_of(&builder);
+        // The reader's batches carry its fields alone, not the file's
+        // metadata (which is the footer).
+        let schema = Arc::new(Schema::new(builder.schema().fields().clone()));
+        let mut rows = RecordBatch::try_new(schema.clone(), batch.columns().to_vec()).ok()?;
+        // A slice of a bigger batch (a file cut from a rewrite) would keep
+        // the whole batch alive: kept, it holds its own rows alone.
+        if rows.get_array_memory_size() > 2 * sliced_memory(&rows) {
+            let all = UInt32Array::from_iter_values(0..rows.num_rows() as u32);
+            rows = arrow::compute::take_record_batch(&rows, &all).ok()?;
+        }
+        Some(ReadFile {
+            path,
+            schema,
+            batches: vec![rows],
+            footer,
+        })
+    }
+
     pub fn read(path: String, bytes: Bytes) -> Result<ReadFile, FileError> {
         let read_err = |source| FileError::Read {
             path: path.clone(),
             source,
         };
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(read_err)?;
-        let footer = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .into_iter()
-            .flatten()
-            .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
-            .collect();
+        let footer = footer_of(&builder);
         let reader = builder.build().map_err(read_err)?;
         let schema = arrow::record_batch::RecordBatchReader::schema(&reader);
         let batches = reader
@@ -348,6 +385,30 @@ impl ReadFile {
             footer,
         })
     }
+}
+
+/// The Arrow memory of `batch`'s rows as sliced (not the buffers they
+/// are a slice of).
+pub fn sliced_memory(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+        .sum()
+}
+
+/// A Parquet file's key-value metadata.
+fn footer_of<T>(
+    builder: &parquet::arrow::arrow_reader::ArrowReaderBuilder<T>,
+) -> HashMap<String, String> {
+    builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .into_iter()
+        .flatten()
+        .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+        .collect()
 }
 
 /// The schema of rows read from several files of a table: the table's data
@@ -475,6 +536,102 @@ mod tests {
         );
         assert!(a.ends_with(".parquet"));
         assert_ne!(a, new_file_path(&part));
+    }
+
+    /// A file kept as it was put ([`ReadFile::written`]) is what reading
+    /// it gives: the same schema, footer and rows, for every kind of
+    /// column the sink writes, from a slice too.
+    #[test]
+    fn a_file_kept_as_written_is_the_file_as_read() {
+        use arrow::array::{
+            BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array,
+            ListBuilder, StringArray, StringBuilder, TimestampMicrosecondArray,
+        };
+        use arrow::datatypes::TimeUnit;
+        let n = 500usize;
+        let mut tags = ListBuilder::new(StringBuilder::new());
+        for i in 0..n {
+            if i % 7 == 0 {
+                tags.append_null();
+            } else {
+                tags.values().append_value(format!("t{i}"));
+                tags.values().append_null();
+                tags.append(true);
+            }
+        }
+        let tz: Arc<str> = "+00:00".into();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false)
+                .with_metadata(HashMap::from([("cdc.key".to_string(), "1".to_string())])),
+            Field::new("n", DataType::Int32, true),
+            Field::new("text", DataType::Utf8, true),
+            Field::new(
+                "at",
+                DataType::Timestamp(TimeUnit::Microsecond, Some(tz)),
+                true,
+            ),
+            Field::new("amount", DataType::Decimal128(38, 10), true),
+            Field::new("ratio", DataType::Float64, true),
+            Field::new("flag", DataType::Boolean, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new("blob", DataType::Binary, true),
+            Field::new("tags", tags.finish().data_type().clone(), true),
+        ]));
+        let mut tags = ListBuilder::new(StringBuilder::new());
+        for i in 0..n {
+            tags.values().append_value(format!("t{i}"));
+            tags.append(i % 7 != 0);
+        }
+        let special = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1.5];
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                Arc::new(Int32Array::from_iter(
+                    (0..n as i32).map(|i| (i % 3 != 0).then_some(i)),
+                )),
+                Arc::new(StringArray::from_iter(
+                    (0..n).map(|i| (i % 5 != 0).then(|| format!("row {i} ✓"))),
+                )),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter(
+                        (0..n as i64).map(|i| Some(i * 1_000_003)),
+                    )
+                    .with_timezone("+00:00"),
+                ),
+                Arc::new(
+                    Decimal128Array::from_iter((0..n as i128).map(|i| Some(i * 10_i128.pow(12))))
+                        .with_precision_and_scale(38, 10)
+                        .unwrap(),
+                ),
+                Arc::new(Float64Array::from_iter_values(
+                    (0..n).map(|i| special[i % special.len()]),
+                )),
+                Arc::new(BooleanArray::from_iter((0..n).map(|i| Some(i % 2 == 0)))),
+                Arc::new(Date32Array::from_iter_values(0..n as i32)),
+                Arc::new(BinaryArray::from_iter(
+                    (0..n).map(|i| Some(vec![i as u8; i % 4])),
+                )),
+                Arc::new(tags.finish()),
+            ],
+        )
+        .unwrap();
+        let props = writer_properties(&crate::config::SinkConfig::default().output);
+        let footer = [("cdc.key".to_string(), r#"["id"]"#.to_string())];
+        for rows in [batch.clone(), batch.slice(37, 300)] {
+            let bytes = encode_with(&rows, &props, &footer).unwrap();
+            let kept = ReadFile::written("p".into(), &bytes, &rows).unwrap();
+            let read = ReadFile::read("p".into(), bytes).unwrap();
+            assert_eq!(kept.schema, read.schema);
+            assert_eq!(kept.footer, read.footer);
+            let all = |f: &ReadFile| arrow::compute::concat_batches(&f.schema, &f.batches).unwrap();
+            // Arrow's equality compares floats by their bits: NaN included.
+            let (k, r) = (all(&kept), all(&read));
+            assert_eq!(k.schema(), r.schema());
+            for (a, b) in k.columns().iter().zip(r.columns()) {
+                assert!(a.to_data() == b.to_data(), "{} differs", a.data_type());
+            }
+        }
     }
 
     #[test]

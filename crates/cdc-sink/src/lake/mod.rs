@@ -12,6 +12,8 @@
 //!   ahead and committed in order.
 //! - [`upkeep`]: compaction, vacuum and checkpoints.
 //! - [`quarantine`]: messages that could not be read, kept whole.
+//! - [`recent`]: files just put, kept as rows for the current-state
+//!   writer, which reads them next.
 //!
 //! Exactly once: every commit carries, per Kafka partition it covers, a
 //! `txn` action (`app_id` = `cdc-sink:<group>:<topic>:<partition>`,
@@ -24,6 +26,7 @@ pub mod files;
 pub mod head;
 pub mod mirror;
 pub mod quarantine;
+pub mod recent;
 pub mod storage;
 pub mod table;
 pub mod upkeep;

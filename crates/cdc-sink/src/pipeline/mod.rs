@@ -195,15 +195,21 @@ pub async fn run(
     readiness: Readiness,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Stats, PipelineError> {
-    let lake = Arc::new(Changelog::from_config(cfg).map_err(|source| LakeFailed {
+    let changelog = Changelog::from_config(cfg).map_err(|source| LakeFailed {
         secs: 0,
         source: Box::new(source),
-    })?);
+    })?;
     let quarantine = Quarantine::new(s3_store(&cfg.s3)?, &cfg.output.prefix);
     let mirror = cfg
         .mirror
         .enabled
-        .then(|| Arc::new(Mirror::configured(lake.root().clone(), cfg)));
+        .then(|| Arc::new(Mirror::configured(changelog.root().clone(), cfg)));
+    // The mirrors read each changelog file just after it is put: they take
+    // it from memory while it is kept.
+    let lake = Arc::new(match &mirror {
+        Some(mirror) => changelog.keeping_files_in(mirror.recent()),
+        None => changelog,
+    });
     let (source, rebalances) = KafkaSource::connect(&cfg.kafka)?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, bucket = %cfg.s3.bucket,
         mirrors = cfg.mirror.enabled, "sink started");

@@ -40,6 +40,7 @@ use crate::config::SinkConfig;
 use crate::decode::schema::meta;
 use crate::lake::files::{FileWriter, PartitionValues, now_ms, writer_properties};
 use crate::lake::head::LogHead;
+use crate::lake::recent::Recent;
 use crate::lake::table::{LakeRoot, Tables, conform, delta_err};
 use crate::lake::{LakeError, app_id};
 use crate::source::position::{Claim, Tp, Verdict};
@@ -174,6 +175,13 @@ impl Changelog {
             #[cfg(test)]
             commit_gate: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Keeps every file this puts in `recent` too, for the current-state
+    /// writer that reads it next.
+    pub fn keeping_files_in(mut self, recent: Arc<Recent>) -> Changelog {
+        self.files = self.files.with_recent(recent);
+        self
     }
 
     pub fn root(&self) -> &LakeRoot {

@@ -67,6 +67,7 @@ use crate::lake::mirror::order::Order;
 use crate::lake::mirror::retype::KeyTypes;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::{Through, TruncateState};
+use crate::lake::recent::Recent;
 use crate::lake::table::{LakeRoot, commit_properties, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
@@ -268,6 +269,11 @@ const PAIR_WAIT_MS: i64 = 30_000;
 /// least, looking for the other halves of its primary-key updates.
 const PAIR_READ_BYTES: usize = 64 << 20;
 
+/// Arrow memory of the files just put kept for the next sync ([`Recent`]),
+/// the changelog's and the mirrors' own each: about two files of the
+/// default target size.
+const RECENT_BYTES: usize = 32 << 20;
+
 /// How many times a build's commit goes on top of commits that changed
 /// nothing it replaces ([`Mirror::content`]).
 const MAX_REBASES: usize = 5;
@@ -353,6 +359,12 @@ pub struct Mirror {
     /// Upkeep's vacuum deletes unreferenced files older than this: files
     /// a build put must be committed well within it.
     vacuum_retention: std::time::Duration,
+    /// Files just put as rows ([`Recent`]): the changelog writer's, which a
+    /// sync applies, and this writer's own, which the next sync rewrites
+    /// (the newest keys' file, most often). Apart, so that a mirror far
+    /// behind its changelog does not push its own files out.
+    recent: Arc<Recent>,
+    own: Arc<Recent>,
     /// Tests: where a build waits before its commit.
     #[cfg(test)]
     build_gate: Option<Arc<crate::lake::Gate>>,
@@ -477,9 +489,12 @@ impl Mirror {
         properties: BTreeMap<String, String>,
         target_bytes: usize,
     ) -> Mirror {
+        let own = Arc::new(Recent::new(RECENT_BYTES));
         Mirror {
             root,
-            files,
+            files: files.with_recent(own.clone()),
+            recent: Arc::new(Recent::new(RECENT_BYTES)),
+            own,
             properties,
             target_bytes: target_bytes.max(1),
             clustering: Clustering::Time,
@@ -495,6 +510,19 @@ impl Mirror {
             open: std::sync::Mutex::new(HashMap::new()),
             builds: tokio::sync::Semaphore::new(1),
         }
+    }
+
+    /// Where files just put are kept for this writer's syncs: the
+    /// changelog writer of the same process keeps its files there too.
+    pub fn recent(&self) -> Arc<Recent> {
+        self.recent.clone()
+    }
+
+    /// Tests: forgets the files kept, as if none had been put here.
+    #[cfg(test)]
+    pub(crate) fn forget_kept(&self) {
+        self.recent.clear();
+        self.own.clear();
     }
 
     /// The mirrors of the lake at `root`, as `cfg` configures them.
@@ -974,7 +1002,7 @@ impl Mirror {
         mut batch: Appended,
         target: i64,
     ) -> Result<Paired, MirrorError> {
-        let Some(mut files) = read_all(table, store, &batch.paths()).await? else {
+        let Some(mut files) = read_all(table, store, &batch.paths(), &self.recent).await? else {
             return Ok(Paired::Gone);
         };
         let first = batch.files.first().map_or(batch.through, |f| f.version);
@@ -994,7 +1022,7 @@ impl Mirror {
                 else {
                     return Ok(Paired::Gone);
                 };
-                let Some(read) = read_all(table, store, &more.paths()).await? else {
+                let Some(read) = read_all(table, store, &more.paths(), &self.recent).await? else {
                     return Ok(Paired::Gone);
                 };
                 for (file, added) in read.iter().zip(&more.files) {
@@ -1059,7 +1087,7 @@ impl Mirror {
             .iter()
             .map(|f| f.object_store_path())
             .collect();
-        read_all(table, store, &paths)
+        read_all(table, store, &paths, &self.recent)
             .await?
             .ok_or_else(|| missing_live_file(table))
     }
@@ -1447,14 +1475,16 @@ impl Mirror {
         for bucket in buckets.into_values() {
             let old = match bucket.file {
                 Some(i) => {
-                    let bytes = match fetched.remove(&ranges[i].path) {
-                        Some(bytes) => bytes,
-                        None => fetch(&store, &ranges[i].path).await?,
-                    };
-                    removed.push(ranges[i].path.clone());
-                    Some(OldFile {
-                        path: ranges[i].path.clone(),
-                        bytes,
+                    let path = ranges[i].path.clone();
+                    let fetched = fetched.remove(&path);
+                    removed.push(path.clone());
+                    Some(match (self.own.take(&path), fetched) {
+                        (Some(kept), _) => OldFile::Kept(kept),
+                        (None, Some(bytes)) => OldFile::Fetched { path, bytes },
+                        (None, None) => OldFile::Fetched {
+                            bytes: fetch(&store, &path).await?,
+                            path,
+                        },
                     })
                 }
                 None => None,
@@ -1892,14 +1922,20 @@ fn missing_live_file(table: &str) -> MirrorError {
     ))))
 }
 
-/// Reads `paths`; `None` if one is gone.
+/// Reads `paths` (those still kept in `recent` from there); `None` if one
+/// is gone.
 async fn read_all(
     table: &str,
     store: &ObjectStoreRef,
     paths: &[Path],
+    recent: &Recent,
 ) -> Result<Option<Vec<ReadFile>>, MirrorError> {
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
+        if let Some(kept) = recent.take(p.as_ref()) {
+            files.push(kept);
+            continue;
+        }
         match fetch_file(table, store, p).await? {
             Some(file) => files.push(file),
             None => return Ok(None),

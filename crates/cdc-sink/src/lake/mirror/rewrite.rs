@@ -36,10 +36,11 @@ impl RewriteError {
     }
 }
 
-/// A live mirror file, as fetched.
-pub(super) struct OldFile {
-    pub path: String,
-    pub bytes: Bytes,
+/// A live mirror file: as fetched, or as kept when this process wrote it
+/// ([`crate::lake::recent`]).
+pub(super) enum OldFile {
+    Fetched { path: String, bytes: Bytes },
+    Kept(ReadFile),
 }
 
 /// One file's rewrite (or a new file, without `old`).
@@ -62,8 +63,15 @@ impl Rewrite {
     pub fn run(self) -> Result<RecordBatch, RewriteError> {
         let old = match &self.old {
             Some(file) => {
-                let f = ReadFile::read(file.path.clone(), file.bytes.clone())
-                    .map_err(RewriteError::File)?;
+                let read;
+                let f = match file {
+                    OldFile::Fetched { path, bytes } => {
+                        read = ReadFile::read(path.clone(), bytes.clone())
+                            .map_err(RewriteError::File)?;
+                        &read
+                    }
+                    OldFile::Kept(f) => f,
+                };
                 let aligned = f
                     .batches
                     .iter()
