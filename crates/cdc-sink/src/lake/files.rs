@@ -6,8 +6,8 @@
 //! that commits it. Nothing here commits: a file put and never committed is
 //! invisible to readers and left for vacuum.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Array, ArrayRef, Int64Array, UInt32Array, new_null_array};
@@ -30,7 +30,6 @@ use tokio::sync::Semaphore;
 
 use crate::config::{CompressionCodec, OutputConfig};
 use crate::decode::schema::meta;
-use crate::lake::recent::Recent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -292,15 +291,15 @@ impl FileWriter {
         let rows = batch.num_rows();
         let to_encode = batch.clone();
         let path = new_file_path(&partition);
-        let keep = self.recent.is_some().then(|| path.clone());
-        let (bytes, kept) = match tokio::task::spawn_blocking(move || {
+        let keep_as = self.recent.is_some().then(|| path.clone());
+        let (bytes, as_read) = match tokio::task::spawn_blocking(move || {
             let bytes = encode_with(&to_encode, &props, &footer);
-            let kept = match (&bytes, keep) {
+            let as_read = match (&bytes, keep_as) {
                 (Ok(bytes), Some(path)) => ReadFile::written(path, bytes, &to_encode),
                 _ => None,
             };
             drop(permit);
-            bytes.map(|b| (b, kept))
+            bytes.map(|b| (b, as_read))
         })
         .await
         {
@@ -314,8 +313,9 @@ impl FileWriter {
                 path: path.clone(),
                 source,
             })?;
-        if let (Some(recent), Some(kept)) = (&self.recent, kept) {
-            recent.keep(kept);
+        // Only once it is there: a file whose put failed is never read.
+        if let (Some(recent), Some(file)) = (&self.recent, as_read) {
+            recent.keep(file);
         }
         Ok(Add {
             path,
@@ -327,6 +327,95 @@ impl FileWriter {
             ..Default::default()
         })
     }
+}
+
+/// Files this process just put, kept as the rows they hold, for a while.
+///
+/// With current-state tables on, the mirror writer reads every changelog
+/// file a moment after the changelog writer put it, and rewrites its own
+/// newest file at its next sync. Reading them back cost a GET and a Parquet
+/// decode of rows the process had just held: about 7% of the sink's CPU
+/// in a drain with current-state tables (docs/benchmarks.md). So a [`FileWriter`] given a
+/// [`Recent`] keeps each file it puts here, and a reader takes a file from
+/// here when it is still kept, else reads it from the store as before.
+///
+/// A kept file is exactly the file: data files are never changed and never
+/// reuse a name, and what is kept is the batch that was encoded, under the
+/// schema read back from the encoded file's own footer (a batch whose
+/// columns do not fit it is not kept). Memory is bounded by a budget; the
+/// oldest files go first, so a reader that falls far behind reads from the
+/// store again.
+///
+/// The files are kept by path within their table (names are fresh UUIDs,
+/// so two tables never share one).
+pub struct Recent {
+    budget: usize,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    files: HashMap<String, (ReadFile, usize)>,
+    /// Paths in the order they were kept: the oldest is dropped first.
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Recent {
+    /// Keeps files up to `budget` bytes of Arrow memory in all.
+    pub fn new(budget: usize) -> Recent {
+        Recent {
+            budget,
+            kept: Mutex::new(Kept::default()),
+        }
+    }
+
+    /// Keeps `file`, dropping the oldest files kept until it fits; a file
+    /// bigger than the whole budget is not kept.
+    pub fn keep(&self, file: ReadFile) {
+        let bytes = memory(&file);
+        if bytes > self.budget {
+            return;
+        }
+        let mut kept = self.kept.lock().expect("not poisoned");
+        while kept.bytes + bytes > self.budget {
+            let Some(oldest) = kept.order.pop_front() else {
+                break;
+            };
+            if let Some((_, b)) = kept.files.remove(&oldest) {
+                kept.bytes -= b;
+            }
+        }
+        kept.bytes += bytes;
+        kept.order.push_back(file.path.clone());
+        if let Some((_, replaced)) = kept.files.insert(file.path.clone(), (file, bytes)) {
+            kept.bytes -= replaced;
+        }
+    }
+
+    /// Tests: drops every file kept.
+    #[cfg(test)]
+    pub(crate) fn clear(&self) {
+        *self.kept.lock().expect("not poisoned") = Kept::default();
+    }
+
+    /// The file at `path`, if it is still kept; taken out, as each is read
+    /// once.
+    pub fn take(&self, path: &str) -> Option<ReadFile> {
+        let mut kept = self.kept.lock().expect("not poisoned");
+        let (file, bytes) = kept.files.remove(path)?;
+        kept.bytes -= bytes;
+        // Files are taken about in the order they were kept: near the front.
+        if let Some(at) = kept.order.iter().position(|p| p == path) {
+            kept.order.remove(at);
+        }
+        Some(file)
+    }
+}
+
+/// The Arrow memory a kept file holds (buffers it shares count whole).
+fn memory(file: &ReadFile) -> usize {
+    file.batches.iter().map(|b| b.get_array_memory_size()).sum()
 }
 
 /// One data file, read whole (files are bounded: compaction reads small
@@ -354,7 +443,7 @@ impl ReadFile {
         let mut rows = RecordBatch::try_new(schema.clone(), batch.columns().to_vec()).ok()?;
         // A slice of a bigger batch (a file cut from a rewrite) would keep
         // the whole batch alive: kept, it holds its own rows alone.
-        if rows.get_array_memory_size() > 2 * sliced_memory(&rows) {
+        if rows.get_array_memory_size() > sliced_memory(&rows) * 5 / 4 {
             let all = UInt32Array::from_iter_values(0..rows.num_rows() as u32);
             rows = arrow::compute::take_record_batch(&rows, &all).ok()?;
         }
@@ -393,7 +482,11 @@ pub fn sliced_memory(batch: &RecordBatch) -> usize {
     batch
         .columns()
         .iter()
-        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
         .sum()
 }
 
@@ -518,6 +611,41 @@ pub fn sort_by_kafka_position(batch: &RecordBatch) -> Result<RecordBatch, ArrowE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(path: &str, rows: i64) -> ReadFile {
+        let batch = RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(Int64Array::from_iter_values(0..rows)) as _,
+        )])
+        .unwrap();
+        ReadFile {
+            path: path.to_string(),
+            schema: batch.schema(),
+            batches: vec![batch],
+            footer: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_oldest_files_go_first_when_the_budget_is_full() {
+        // Room for two files of 100 rows.
+        let one = memory(&file("x", 100));
+        let recent = Recent::new(2 * one + one / 2);
+        recent.keep(file("a", 100));
+        recent.keep(file("b", 100));
+        recent.keep(file("c", 100));
+        assert!(recent.take("a").is_none());
+        assert_eq!(recent.take("b").unwrap().batches[0].num_rows(), 100);
+        // Taken once.
+        assert!(recent.take("b").is_none());
+        // Taking frees its room: `d` fits beside `c`.
+        recent.keep(file("d", 100));
+        assert!(recent.take("c").is_some());
+        assert!(recent.take("d").is_some());
+        // Bigger than the budget: not kept.
+        recent.keep(file("e", 10_000));
+        assert!(recent.take("e").is_none());
+    }
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
     use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -544,8 +672,9 @@ mod tests {
     #[test]
     fn a_file_kept_as_written_is_the_file_as_read() {
         use arrow::array::{
-            BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array,
-            ListBuilder, StringArray, StringBuilder, TimestampMicrosecondArray,
+            BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array,
+            Int8Array, Int16Array, Int32Array, Int64Builder, ListBuilder, StringArray,
+            StringBuilder, TimestampMicrosecondArray,
         };
         use arrow::datatypes::TimeUnit;
         let n = 500usize;
@@ -576,7 +705,27 @@ mod tests {
             Field::new("day", DataType::Date32, true),
             Field::new("blob", DataType::Binary, true),
             Field::new("tags", tags.finish().data_type().clone(), true),
+            Field::new("tiny", DataType::Int8, true),
+            Field::new("small", DataType::Int16, true),
+            Field::new("real", DataType::Float32, true),
+            Field::new(
+                "local",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                true,
+            ),
+            Field::new("price", DataType::Decimal128(9, 2), true),
+            Field::new(
+                "ids",
+                DataType::List(Arc::new(Field::new("item", DataType::Int64, true))),
+                true,
+            ),
         ]));
+        let mut ids = ListBuilder::new(Int64Builder::new());
+        for i in 0..n as i64 {
+            ids.values().append_value(i);
+            ids.values().append_null();
+            ids.append(i % 3 != 0);
+        }
         let mut tags = ListBuilder::new(StringBuilder::new());
         for i in 0..n {
             tags.values().append_value(format!("t{i}"));
@@ -613,14 +762,39 @@ mod tests {
                     (0..n).map(|i| Some(vec![i as u8; i % 4])),
                 )),
                 Arc::new(tags.finish()),
+                Arc::new(Int8Array::from_iter(
+                    (0..n).map(|i| (i % 4 != 0).then_some(i as i8)),
+                )),
+                Arc::new(Int16Array::from_iter_values((0..n).map(|i| i as i16 - 250))),
+                Arc::new(Float32Array::from_iter_values(
+                    (0..n).map(|i| special[i % special.len()] as f32),
+                )),
+                Arc::new(TimestampMicrosecondArray::from_iter_values(
+                    (0..n as i64).map(|i| i * -7_000_001),
+                )),
+                Arc::new(
+                    Decimal128Array::from_iter(
+                        (0..n as i128).map(|i| (i % 6 != 0).then_some(i * 101)),
+                    )
+                    .with_precision_and_scale(9, 2)
+                    .unwrap(),
+                ),
+                Arc::new(ids.finish()),
             ],
         )
         .unwrap();
         let props = writer_properties(&crate::config::SinkConfig::default().output);
         let footer = [("cdc.key".to_string(), r#"["id"]"#.to_string())];
-        for rows in [batch.clone(), batch.slice(37, 300)] {
+        for rows in [batch.clone(), batch.slice(37, 300), batch.slice(37, 50)] {
             let bytes = encode_with(&rows, &props, &footer).unwrap();
             let kept = ReadFile::written("p".into(), &bytes, &rows).unwrap();
+            // A small slice is copied: kept, it holds its own rows alone.
+            let held = kept.batches[0].get_array_memory_size();
+            assert!(
+                held < batch.get_array_memory_size() / 4 || rows.num_rows() > 50,
+                "{held} bytes held for {} rows",
+                rows.num_rows()
+            );
             let read = ReadFile::read("p".into(), bytes).unwrap();
             assert_eq!(kept.schema, read.schema);
             assert_eq!(kept.footer, read.footer);

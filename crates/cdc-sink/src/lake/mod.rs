@@ -4,7 +4,8 @@
 //!   policy for its requests.
 //! - [`table`]: one table as a writer knows it (open, create, schema fit
 //!   and evolution, `txn` versions), shared by every writer and upkeep.
-//! - [`files`]: Parquet files: encode, name, put, and the `Add` action.
+//! - [`files`]: Parquet files: encode, name, put, and the `Add` action;
+//!   files just put, kept as rows for the current-state writer.
 //! - [`changelog`]: the append writer of the per-table changelog, and the
 //!   rows ([`changelog::segment`]) and rolling policy
 //!   ([`changelog::roll`]) it is fed by.
@@ -12,8 +13,6 @@
 //!   ahead and committed in order.
 //! - [`upkeep`]: compaction, vacuum and checkpoints.
 //! - [`quarantine`]: messages that could not be read, kept whole.
-//! - [`recent`]: files just put, kept as rows for the current-state
-//!   writer, which reads them next.
 //!
 //! Exactly once: every commit carries, per Kafka partition it covers, a
 //! `txn` action (`app_id` = `cdc-sink:<group>:<topic>:<partition>`,
@@ -26,7 +25,6 @@ pub mod files;
 pub mod head;
 pub mod mirror;
 pub mod quarantine;
-pub mod recent;
 pub mod storage;
 pub mod table;
 pub mod upkeep;

@@ -38,9 +38,8 @@ use object_store::ObjectStore;
 
 use crate::config::SinkConfig;
 use crate::decode::schema::meta;
-use crate::lake::files::{FileWriter, PartitionValues, now_ms, writer_properties};
+use crate::lake::files::{FileWriter, PartitionValues, Recent, now_ms, writer_properties};
 use crate::lake::head::LogHead;
-use crate::lake::recent::Recent;
 use crate::lake::table::{LakeRoot, Tables, conform, delta_err};
 use crate::lake::{LakeError, app_id};
 use crate::source::position::{Claim, Tp, Verdict};

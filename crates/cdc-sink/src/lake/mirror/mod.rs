@@ -59,7 +59,7 @@ use crate::config::{Clustering, MirrorConfig};
 use crate::decode::schema::meta;
 use crate::lake::LakeError;
 use crate::lake::changelog::KEY_METADATA;
-use crate::lake::files::{FileError, FileWriter, ReadFile, align, now_ms, output_schema};
+use crate::lake::files::{FileError, FileWriter, ReadFile, Recent, align, now_ms, output_schema};
 use crate::lake::head::LogHead;
 use crate::lake::mirror::build::{LiveFile, Whole, fetch_file};
 use crate::lake::mirror::changes::{Changes, Outcome, Source, key_rows};
@@ -67,7 +67,6 @@ use crate::lake::mirror::order::Order;
 use crate::lake::mirror::retype::KeyTypes;
 use crate::lake::mirror::rewrite::{OldFile, Rewrite, RewriteError};
 use crate::lake::mirror::through::{Through, TruncateState};
-use crate::lake::recent::Recent;
 use crate::lake::table::{LakeRoot, commit_properties, create_table, delta_err};
 
 /// The `txn` app id of mirror commits: its version is the changelog
@@ -363,8 +362,11 @@ pub struct Mirror {
     /// sync applies, and this writer's own, which the next sync rewrites
     /// (the newest keys' file, most often). Apart, so that a mirror far
     /// behind its changelog does not push its own files out.
-    recent: Arc<Recent>,
-    own: Arc<Recent>,
+    changelog_files: Arc<Recent>,
+    own_files: Arc<Recent>,
+    /// [`Mirror::files`], keeping what it puts in `own_files`: for an
+    /// incremental sync's files (a build's are not rewritten soon).
+    kept_files: FileWriter,
     /// Tests: where a build waits before its commit.
     #[cfg(test)]
     build_gate: Option<Arc<crate::lake::Gate>>,
@@ -489,12 +491,13 @@ impl Mirror {
         properties: BTreeMap<String, String>,
         target_bytes: usize,
     ) -> Mirror {
-        let own = Arc::new(Recent::new(RECENT_BYTES));
+        let own_files = Arc::new(Recent::new(RECENT_BYTES));
         Mirror {
             root,
-            files: files.with_recent(own.clone()),
-            recent: Arc::new(Recent::new(RECENT_BYTES)),
-            own,
+            kept_files: files.clone().with_recent(own_files.clone()),
+            files,
+            changelog_files: Arc::new(Recent::new(RECENT_BYTES)),
+            own_files,
             properties,
             target_bytes: target_bytes.max(1),
             clustering: Clustering::Time,
@@ -515,14 +518,14 @@ impl Mirror {
     /// Where files just put are kept for this writer's syncs: the
     /// changelog writer of the same process keeps its files there too.
     pub fn recent(&self) -> Arc<Recent> {
-        self.recent.clone()
+        self.changelog_files.clone()
     }
 
     /// Tests: forgets the files kept, as if none had been put here.
     #[cfg(test)]
     pub(crate) fn forget_kept(&self) {
-        self.recent.clear();
-        self.own.clear();
+        self.changelog_files.clear();
+        self.own_files.clear();
     }
 
     /// The mirrors of the lake at `root`, as `cfg` configures them.
@@ -1002,7 +1005,8 @@ impl Mirror {
         mut batch: Appended,
         target: i64,
     ) -> Result<Paired, MirrorError> {
-        let Some(mut files) = read_all(table, store, &batch.paths(), &self.recent).await? else {
+        let Some(mut files) = read_all(table, store, &batch.paths(), &self.changelog_files).await?
+        else {
             return Ok(Paired::Gone);
         };
         let first = batch.files.first().map_or(batch.through, |f| f.version);
@@ -1022,7 +1026,9 @@ impl Mirror {
                 else {
                     return Ok(Paired::Gone);
                 };
-                let Some(read) = read_all(table, store, &more.paths(), &self.recent).await? else {
+                let Some(read) =
+                    read_all(table, store, &more.paths(), &self.changelog_files).await?
+                else {
                     return Ok(Paired::Gone);
                 };
                 for (file, added) in read.iter().zip(&more.files) {
@@ -1087,7 +1093,7 @@ impl Mirror {
             .iter()
             .map(|f| f.object_store_path())
             .collect();
-        read_all(table, store, &paths, &self.recent)
+        read_all(table, store, &paths, &self.changelog_files)
             .await?
             .ok_or_else(|| missing_live_file(table))
     }
@@ -1476,9 +1482,9 @@ impl Mirror {
             let old = match bucket.file {
                 Some(i) => {
                     let path = ranges[i].path.clone();
-                    let fetched = fetched.remove(&path);
+                    let prefetched = fetched.remove(&path);
                     removed.push(path.clone());
-                    Some(match (self.own.take(&path), fetched) {
+                    Some(match (self.own_files.take(&path), prefetched) {
                         (Some(kept), _) => OldFile::Kept(kept),
                         (None, Some(bytes)) => OldFile::Fetched { path, bytes },
                         (None, None) => OldFile::Fetched {
@@ -1504,7 +1510,7 @@ impl Mirror {
             rows_written += merged.num_rows();
             for chunk in self.chunks(&merged) {
                 let add = self
-                    .put(&store, &chunk, key, converter)
+                    .put(&store, &chunk, key, converter, !full)
                     .await
                     .map_err(|e| e.into_mirror(table))?;
                 bytes_written += add.size as usize;
@@ -1754,13 +1760,14 @@ impl Mirror {
     }
 
     /// Puts one mirror file (rows sorted by key) with its key range in its
-    /// footer.
+    /// footer; kept as rows for the next sync if `keep`.
     async fn put(
         &self,
         store: &ObjectStoreRef,
         batch: &RecordBatch,
         key: &[String],
         converter: &RowConverter,
+        keep: bool,
     ) -> Result<deltalake::kernel::Add, RewriteError> {
         // The batch is sorted by key: its first and last rows bound it.
         let bound = |row| {
@@ -1778,8 +1785,8 @@ impl Mirror {
             (KEY_MIN.to_string(), hex(&min)),
             (KEY_MAX.to_string(), hex(&max)),
         ];
-        let add = self
-            .files
+        let files = if keep { &self.kept_files } else { &self.files };
+        let add = files
             .put(store.as_ref(), Vec::new(), batch, true, &footer)
             .await
             .map_err(RewriteError::File)?;

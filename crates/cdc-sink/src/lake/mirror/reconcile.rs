@@ -197,7 +197,7 @@ impl Mirror {
                 // Still sorted by key, its range within the old one.
                 let converter = key_converter(&kept.schema(), &key).map_err(arrow_err)?;
                 let add = self
-                    .put(&store, &kept, &key, &converter)
+                    .put(&store, &kept, &key, &converter, false)
                     .await
                     .map_err(|e| e.into_mirror(table))?;
                 actions.push(Action::Add(add));

@@ -37,7 +37,7 @@ impl RewriteError {
 }
 
 /// A live mirror file: as fetched, or as kept when this process wrote it
-/// ([`crate::lake::recent`]).
+/// ([`crate::lake::files::Recent`]).
 pub(super) enum OldFile {
     Fetched { path: String, bytes: Bytes },
     Kept(ReadFile),

@@ -1717,7 +1717,7 @@ async fn table_exists(root: &LakeRoot, table: &str) -> bool {
 
 /// A sync takes the changelog files it applies, and the mirror file it
 /// rewrites, from memory when this process just put them
-/// ([`crate::lake::recent`]): fewer GETs than the same sync with them
+/// ([`crate::lake::files::Recent`]): fewer GETs than the same sync with them
 /// forgotten, and the same rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_just_put_are_taken_from_memory_not_read_again() {
