@@ -1,10 +1,15 @@
-//! Data files: what the changelog writer and upkeep both put in a table.
+//! Data files: what the changelog writer, the current-state writer and
+//! upkeep put in a table, and read back.
 //!
 //! One [`FileWriter`] encodes a batch as Parquet (off the async runtime, a
 //! bounded number at once), names it afresh in its Hive-style partition
 //! directory, puts it (multipart when large) and returns the `Add` action
 //! that commits it. Nothing here commits: a file put and never committed is
 //! invisible to readers and left for vacuum.
+//!
+//! Reading is here too: [`ReadFile`] is one file read whole, and
+//! [`Recent`] keeps files just put as rows for the current-state writer,
+//! which reads them next.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -569,8 +569,7 @@ async fn a_key_column_widened_by_its_table_keeps_its_rows_and_takes_the_new_type
         true,
     )
     .await;
-    let changelog = lake.root.handle(TABLE).unwrap();
-    let mut changelog = changelog;
+    let mut changelog = lake.root.handle(TABLE).unwrap();
     changelog.load().await.unwrap();
     let columns: Vec<String> = changelog
         .snapshot()
